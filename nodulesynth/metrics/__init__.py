@@ -1,0 +1,1 @@
+"""Quality measures: paired image metrics and mask/nodule statistics."""
