@@ -1,0 +1,393 @@
+"""Prepare a training slice dataset from LUNA16 or LIDC-IDRI CT: slices through nodules, masks, boxes.
+
+Per scan: load and reorient (radiological display), pick every axial slice crossing a nodule
+(LUNA16: the annotated sphere; LIDC: the slices radiologists outlined, ≥50 % reader vote) plus a
+fraction of nodule-free lung slices (≥ 5 mm from any nodule), build the 6-class mask on the native
+grid, then resample image (linear) and mask (nearest) to a fixed in-plane spacing and centre-crop /
+pad (−1024 HU) to size×size around the body. Boxes come from the resampled mask.
+
+Resumable: each finished scan is a shard in ``.<out>.shards/`` beside ``--out`` (written atomically,
+skipped when present with the same settings); the shards are then streamed into the final
+``SliceDataset`` folder (see ``nodulesynth.data.slices``), which appears under ``--out`` by one
+atomic rename, and the shards are removed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+from tqdm import tqdm
+
+from ..errors import NoduleSynthError
+from ..io import atomic_dir, atomic_file, check_out_dir, write_json
+from ..masks.boxes import mask_to_boxes
+from ..masks.classes import MaskClass
+from ..masks.semantic import nodules_in_slice, semantic_mask
+from .ct import AIR_HU, CTVolume, load_ct
+from .lidc import lidc_series_uid, nodules_from_lidc, reframe_contours
+from .luna16 import discover_luna16, read_lung_seg
+from .records import Nodule
+from .slices import SliceRecord, write_slice_dataset
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_MARGIN_MM = 5.0
+MIN_LUNG_MM2 = 1000.0  # a nodule-free slice must show at least this much lung
+
+
+@dataclass
+class PrepareConfig:
+    out: Path
+    luna16: Path | None = None
+    lidc: Path | None = None
+    size: int = 512
+    spacing_mm: float = 0.8
+    negatives: float = 0.1  # nodule-free slices per nodule slice (expected value, per scan)
+    seed: int = 0
+    preview: bool = False
+    overwrite: bool = False
+    max_scans: int | None = None
+    include_small: bool = False  # LIDC < 3 mm point marks as 3 mm spheres
+    min_section_mm: float = 1.0  # smallest sphere cross-section radius that counts as a nodule slice
+
+    def validate(self) -> None:
+        if (self.luna16 is None) == (self.lidc is None):
+            raise NoduleSynthError("prepare: give exactly one of --luna16 ROOT or --lidc ROOT")
+        if not 16 <= self.size <= 4096:
+            raise NoduleSynthError(f"--size {self.size}: must be between 16 and 4096")
+        if not 0.05 <= self.spacing_mm <= 10:
+            raise NoduleSynthError(f"--spacing {self.spacing_mm}: must be between 0.05 and 10 mm")
+        if not 0 <= self.negatives <= 10:
+            raise NoduleSynthError(f"--negatives {self.negatives}: must be between 0 and 10")
+        if self.max_scans is not None and self.max_scans < 1:
+            raise NoduleSynthError(f"--max-scans {self.max_scans}: must be ≥ 1")
+
+    def fingerprint(self) -> dict:
+        """Settings a shard depends on (resume only reuses shards made with the same ones)."""
+        d = asdict(self)
+        for k in ("out", "preview", "overwrite", "max_scans"):
+            d.pop(k)
+        return {k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+@dataclass
+class ScanJob:
+    key: str  # unique shard name
+    source: str  # "luna16" | "lidc"
+    path: Path  # .mhd or DICOM folder
+    nodules: list[Nodule] | None = None  # LUNA16 (world spheres)
+    seg: Path | None = None
+    xml: Path | None = None
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def discover_lidc(root: Path) -> tuple[list[ScanJob], int]:
+    """DICOM series folders under ``root`` paired with their LIDC XML (same folder, else a parent
+    folder up to ``root``, matched by SeriesInstanceUid). Returns (jobs, series skipped without XML)."""
+    import pydicom
+
+    root = Path(root)
+    if not root.is_dir():
+        raise NoduleSynthError(f"--lidc {root}: not a folder")
+    xml_by_uid: dict[str, Path] = {}
+    series_dirs: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for f in sorted(filenames):
+            if f.lower().endswith(".xml"):
+                uid = lidc_series_uid(Path(dirpath) / f)
+                if uid:
+                    xml_by_uid.setdefault(uid, Path(dirpath) / f)
+        if sum(f.lower().endswith(".dcm") for f in filenames) >= 2:
+            series_dirs.append(Path(dirpath))
+    if not series_dirs:
+        raise NoduleSynthError(f"--lidc {root}: no DICOM series folders (.dcm files) found")
+    jobs, skipped = [], 0
+    for d in series_dirs:
+        first = next(p for p in sorted(d.iterdir()) if p.suffix.lower() == ".dcm")
+        try:
+            ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Modality"])
+        except Exception as e:  # pydicom raises many types for broken files
+            raise NoduleSynthError(f"{first}: unreadable DICOM file ({e})") from e
+        uid = str(getattr(ds, "SeriesInstanceUID", ""))
+        if getattr(ds, "Modality", "CT") != "CT" or uid not in xml_by_uid:
+            skipped += 1
+            continue
+        jobs.append(ScanJob(uid, "lidc", d, xml=xml_by_uid[uid]))
+    return jobs, skipped
+
+
+def _jobs(cfg: PrepareConfig) -> tuple[list[ScanJob], dict]:
+    if cfg.luna16 is not None:
+        index = discover_luna16(cfg.luna16)
+        log.info(index.summary())
+        jobs = [ScanJob(s.series_uid, "luna16", s.mhd, s.nodules, s.seg) for s in index.scans]
+        summary = {
+            "scans_found": index.n_scans_found,
+            "scans_with_nodules": len(index.scans),
+            "scans_skipped_no_nodules": index.n_skipped_no_nodules,
+            "annotated_scans_missing": index.n_annotated_missing,
+        }
+    else:
+        jobs, skipped = discover_lidc(cfg.lidc)
+        summary = {"scans_found": len(jobs) + skipped, "scans_with_xml": len(jobs), "scans_skipped_no_xml": skipped}
+    if not jobs:
+        raise NoduleSynthError(f"{cfg.luna16 or cfg.lidc}: no scans with nodule annotations found")
+    if cfg.max_scans is not None:
+        jobs = jobs[: cfg.max_scans]
+    return jobs, summary
+
+
+# ---------------------------------------------------------------- per scan
+
+
+def resample_slice(
+    hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], center_yx: tuple[float, float], size: int, target: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample to ``target`` mm pixels, size×size, centred on ``center_yx`` (native pixels);
+    outside the scan is air (image) / background (mask)."""
+    scale = np.array([target / spacing[0], target / spacing[1]])
+    offset = np.asarray(center_yx, dtype=np.float64) - scale * (size - 1) / 2.0
+    img = ndi.affine_transform(
+        hu.astype(np.float32), scale, offset=offset, output_shape=(size, size), order=1, mode="constant", cval=AIR_HU
+    )
+    msk = ndi.affine_transform(mask, scale, offset=offset, output_shape=(size, size), order=0, mode="constant", cval=0)
+    return np.clip(np.rint(img), -32768, 32767).astype(np.int16), msk.astype(np.uint8)
+
+
+def _body_center(mask: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return ((mask.shape[0] - 1) / 2.0, (mask.shape[1] - 1) / 2.0)
+    return ((ys.min() + ys.max()) / 2.0, (xs.min() + xs.max()) / 2.0)
+
+
+def _load_job(job: ScanJob, cfg: PrepareConfig) -> tuple[CTVolume, list[Nodule], np.ndarray | None]:
+    raw = load_ct(job.path)
+    ct = raw.canonical()
+    seg = None
+    if job.source == "luna16":
+        nodules = job.nodules or []
+        if job.seg is not None:
+            seg_raw = read_lung_seg(job.seg)
+            if seg_raw.shape != raw.hu.shape:
+                raise NoduleSynthError(f"{job.seg}: lung segmentation shape {seg_raw.shape} != CT {raw.hu.shape}")
+            seg = raw.reorient(seg_raw)
+    else:
+        nodules = reframe_contours(nodules_from_lidc(job.xml, raw, include_small=cfg.include_small), raw, ct)
+    return ct, nodules, seg
+
+
+def process_scan(job: ScanJob, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarray, list[SliceRecord], int]:
+    """One scan → (images (n,S,S) int16, masks (n,S,S) uint8, records, nodules seen on them)."""
+    ct, nodules, seg = _load_job(job, cfg)
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(job.key.encode())])
+    zs = ct.slice_z_mm()
+    sp = (ct.spacing[1], ct.spacing[2])
+    picked: list[tuple[int, np.ndarray, int]] = []  # (k, native mask, n nodules)
+    for k in range(ct.shape[0]):
+        sns = nodules_in_slice(ct, k, nodules, cfg.min_section_mm)
+        if not sns:
+            continue
+        m = semantic_mask(ct.hu[k], sp, sns, None if seg is None else seg[k])
+        if (m == MaskClass.NODULE).any():  # else readers disagree here: neither positive nor negative
+            picked.append((k, m, len(sns)))
+    n_pos = len(picked)
+    pos_k = [k for k, _, _ in picked]
+    n_seen = sum(any(nodules_in_slice(ct, k, [n], cfg.min_section_mm) for k in pos_k) for n in nodules)
+    n_neg = int(np.floor(cfg.negatives * n_pos + rng.random())) if n_pos else 0
+    if n_neg:
+        near = np.zeros(len(zs), dtype=bool)
+        for n in nodules:
+            lo, hi = n.z_range_mm
+            near |= (zs >= lo - NEGATIVE_MARGIN_MM) & (zs <= hi + NEGATIVE_MARGIN_MM)
+        cands = rng.permutation(np.flatnonzero(~near))[: 3 * n_neg + 3]
+        px_mm2 = sp[0] * sp[1]
+        for k in cands:
+            m = semantic_mask(ct.hu[k], sp, (), None if seg is None else seg[k])
+            if np.isin(m, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)).sum() * px_mm2 >= MIN_LUNG_MM2:
+                picked.append((int(k), m, 0))
+                n_neg -= 1
+                if n_neg == 0:
+                    break
+    picked.sort(key=lambda t: t[0])
+    s = cfg.size
+    images = np.empty((len(picked), s, s), dtype=np.int16)
+    masks = np.empty((len(picked), s, s), dtype=np.uint8)
+    records = []
+    for i, (k, m, nn) in enumerate(picked):
+        center = _body_center(m)
+        images[i], masks[i] = resample_slice(ct.hu[k], m, sp, center, s, cfg.spacing_mm)
+        boxes = mask_to_boxes(masks[i])
+        records.append(
+            SliceRecord(
+                series_uid=ct.series_uid,
+                z_mm=float(zs[k]),
+                slice_index=int(k),
+                spacing_mm=(cfg.spacing_mm, cfg.spacing_mm),
+                boxes=boxes,
+                source=job.source,
+                has_nodule=bool(len(boxes)),
+                scan_path=str(job.path),
+                crop_center_yx=center,
+                n_nodules=nn,
+            )
+        )
+    return images, masks, records, n_seen
+
+
+# ---------------------------------------------------------------- shards and driver
+
+
+def _shard_dir(cfg: PrepareConfig) -> Path:
+    out = Path(cfg.out)
+    return out.parent / f".{out.name}.shards"
+
+
+def _safe(key: str) -> str:
+    return key if key.replace(".", "").replace("-", "").replace("_", "").isalnum() else hashlib.sha1(key.encode()).hexdigest()
+
+
+def _open_shards(cfg: PrepareConfig) -> Path:
+    """The shard folder for these settings; shards made with other settings are discarded."""
+    d = _shard_dir(cfg)
+    fp = cfg.fingerprint()
+    stamp = d / "settings.json"
+    if d.exists():
+        try:
+            same = json.loads(stamp.read_text()) == fp
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if not same:
+            shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    if not stamp.exists():
+        write_json(stamp, fp)
+    return d
+
+
+def _write_shard(d: Path, key: str, images: np.ndarray, masks: np.ndarray, records: list[SliceRecord], n_nodules: int) -> None:
+    name = _safe(key)
+    for suffix, arr in ((".images.npy", images), (".masks.npy", masks)):
+        with atomic_file(d / f"{name}{suffix}", "wb") as fh:
+            np.save(fh, arr)
+    write_json(  # last: marks the shard done
+        d / f"{name}.json", {"key": key, "n_nodules": n_nodules, "records": [r.to_json() for r in records]}
+    )
+
+
+def _read_shard(d: Path, key: str) -> tuple[np.ndarray, np.ndarray, list[SliceRecord], int] | None:
+    name = _safe(key)
+    j = d / f"{name}.json"
+    if not j.is_file():
+        return None
+    info = json.loads(j.read_text())
+    recs = [SliceRecord.from_json(r) for r in info["records"]]
+    images = np.load(d / f"{name}.images.npy", mmap_mode="r")
+    masks = np.load(d / f"{name}.masks.npy", mmap_mode="r")
+    return images, masks, recs, int(info["n_nodules"])
+
+
+def _preview(folder: Path, records: list[SliceRecord], n: int = 16) -> Path:
+    from ..viz import preview_grid
+
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    masks = np.load(folder / "masks.npy", mmap_mode="r")
+    pos = [i for i, r in enumerate(records) if r.has_nodule]
+    neg = [i for i, r in enumerate(records) if not r.has_nodule]
+    take_pos = [pos[int(j)] for j in np.linspace(0, len(pos) - 1, min(len(pos), n - min(len(neg), n // 4)))] if pos else []
+    take = sorted(set(take_pos) | set(neg[: n - len(take_pos)]))
+    path = folder / "preview.png"
+    preview_grid(path, [images[i] for i in take], [masks[i] for i in take], [records[i].boxes for i in take], columns=4)
+    return path
+
+
+def prepare(cfg: PrepareConfig) -> Path:
+    """Run the whole preparation; returns the dataset folder (``cfg.out``)."""
+    cfg.validate()
+    out = check_out_dir(cfg.out, cfg.overwrite)
+    t0 = time.time()
+    jobs, summary = _jobs(cfg)
+    shards = _open_shards(cfg)
+    parts = []
+    for job in tqdm(jobs, desc="prepare", unit="scan"):
+        got = _read_shard(shards, job.key)
+        if got is None:
+            _write_shard(shards, job.key, *process_scan(job, cfg))
+            got = _read_shard(shards, job.key)
+        parts.append(got)
+    parts = [p for p in parts if len(p[2])]
+    if not parts:
+        raise NoduleSynthError(f"{cfg.luna16 or cfg.lidc}: no slice crossed an annotated nodule; nothing to write")
+    records = [r for p in parts for r in p[2]]
+    n_nodule_series = len({r.series_uid for r in records if r.has_nodule})
+    meta = {
+        "source": "luna16" if cfg.luna16 is not None else "lidc",
+        "root": str(cfg.luna16 or cfg.lidc),
+        "classes": {c.name.lower(): int(c) for c in MaskClass},
+        "box_format": "xyxy pixel edges",
+        "settings": cfg.fingerprint(),
+        "scans": {**summary, "scans_prepared": len(jobs), "scans_with_nodule_slices": n_nodule_series},
+        "n_nodules": int(sum(p[3] for p in parts)),
+        "seconds": round(time.time() - t0, 2),  # scan processing (shards reused on resume are not re-timed)
+    }
+    with atomic_dir(out, cfg.overwrite) as tmp:
+        write_slice_dataset(tmp, [p[0] for p in parts], [p[1] for p in parts], records, meta)
+        if cfg.preview:
+            _preview(tmp, records)
+    shutil.rmtree(shards, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--luna16", type=Path, metavar="ROOT", help="LUNA16 root: subset*/, annotations.csv, [seg-lungs-LUNA16/]")
+    src.add_argument("--lidc", type=Path, metavar="ROOT", help="LIDC-IDRI root: DICOM series folders with their XML")
+    p.add_argument("--out", type=Path, required=True, help="output dataset folder")
+    p.add_argument("--size", type=int, default=512, help="output slice size in pixels (default 512)")
+    p.add_argument("--spacing", type=float, default=0.8, help="output in-plane pixel spacing in mm (default 0.8)")
+    p.add_argument("--negatives", type=float, default=0.1, help="nodule-free slices per nodule slice (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-scans", type=int, default=None, help="only the first N scans (quick looks)")
+    p.add_argument("--include-small", action="store_true", help="LIDC: keep <3 mm point marks as 3 mm nodules")
+    p.add_argument("--preview", action="store_true", help="also write preview.png (slices, masks, boxes)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = PrepareConfig(
+        out=args.out,
+        luna16=args.luna16,
+        lidc=args.lidc,
+        size=args.size,
+        spacing_mm=args.spacing,
+        negatives=args.negatives,
+        seed=args.seed,
+        preview=args.preview,
+        overwrite=args.overwrite,
+        max_scans=args.max_scans,
+        include_small=args.include_small,
+    )
+    out = prepare(cfg)
+    meta = json.loads((out / "index.json").read_text())["meta"]
+    print(
+        f"prepared {meta['n_slices']} slices ({meta['n_nodule_slices']} with nodules, {meta['n_boxes']} boxes, "
+        f"{meta['n_nodules']} nodules) from {meta['n_series']} scans in {meta['seconds']:.1f} s → {out}"
+        + (f" (preview: {out / 'preview.png'})" if cfg.preview else "")
+    )
+    return 0

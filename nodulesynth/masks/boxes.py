@@ -1,0 +1,126 @@
+"""Nodule boxes = bounding boxes of the connected components (8-connected) of class NODULE.
+
+Boxes are xyxy in pixel EDGE coordinates: x0 = min col, x1 = max col + 1, so x1 - x0 is the pixel
+extent (COCO's w); sorted by (y0, x0). Converters to COCO xywh and YOLO normalised cxcywh.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+
+from .classes import MaskClass
+
+STRUCT8 = np.ones((3, 3), dtype=bool)
+
+
+def _sort_boxes(b: np.ndarray) -> np.ndarray:
+    order = np.lexsort((b[:, 0], b[:, 1]))
+    return b[order]
+
+
+def mask_to_boxes(mask, cls: int = MaskClass.NODULE) -> np.ndarray:
+    """(H, W) label mask (numpy or torch) → (K, 4) float32 xyxy boxes of class ``cls`` components."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask_to_boxes: expected (H, W), got shape {mask.shape}")
+    lab, n = ndi.label(mask == cls, structure=STRUCT8)
+    if n == 0:
+        return np.zeros((0, 4), dtype=np.float32)
+    objs = ndi.find_objects(lab)
+    b = np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in objs], dtype=np.float32)
+    return _sort_boxes(b)
+
+
+def label_components_torch(fg: torch.Tensor) -> torch.Tensor:
+    """8-connected component labels of a boolean (B, H, W) tensor, on its own device: every
+    foreground pixel starts with a unique id and takes the max over its 3×3 neighbourhood until
+    nothing changes. Items never mix (the pooling is 2-D per item). Background = 0."""
+    b, h, w = fg.shape
+    ids = torch.arange(1, b * h * w + 1, device=fg.device, dtype=torch.float64 if b * h * w > 2**24 else torch.float32)
+    lab = torch.where(fg, ids.view(b, h, w), torch.zeros((), device=fg.device, dtype=ids.dtype))
+    lab = lab.unsqueeze(1)
+    fgf = fg.unsqueeze(1)
+    while True:
+        prev = lab
+        for _ in range(8):
+            lab = torch.where(fgf, F.max_pool2d(lab, 3, stride=1, padding=1), lab)
+        if torch.equal(lab, prev):
+            break
+    return lab.squeeze(1).long()
+
+
+def masks_to_boxes_batch(masks: torch.Tensor, cls: int = MaskClass.NODULE) -> list[torch.Tensor]:
+    """(B, H, W) label masks on any device → per item (K_i, 4) float32 xyxy boxes on that device.
+    Components and their extents are computed for the whole batch at once (scatter min/max)."""
+    if masks.ndim != 3:
+        raise ValueError(f"masks_to_boxes_batch: expected (B, H, W), got shape {tuple(masks.shape)}")
+    bsz, h, w = masks.shape
+    dev = masks.device
+    lab = label_components_torch(masks == cls)
+    nz = lab > 0
+    if not bool(nz.any()):
+        return [torch.zeros((0, 4), dtype=torch.float32, device=dev) for _ in range(bsz)]
+    bi, yi, xi = torch.nonzero(nz, as_tuple=True)
+    uniq, inv = torch.unique(lab[bi, yi, xi], return_inverse=True)
+    k = len(uniq)
+    big = torch.full((k,), h + w + 1, dtype=torch.long, device=dev)
+    small = torch.full((k,), -1, dtype=torch.long, device=dev)
+    x0 = big.scatter_reduce(0, inv, xi, "amin")
+    y0 = big.scatter_reduce(0, inv, yi, "amin")
+    x1 = small.scatter_reduce(0, inv, xi, "amax") + 1
+    y1 = small.scatter_reduce(0, inv, yi, "amax") + 1
+    item = (uniq - 1) // (h * w)  # ids were assigned in item-major order
+    boxes = torch.stack([x0, y0, x1, y1], dim=1)
+    # sort by (item, y0, x0) with one composite key
+    key = (item * (h + 1) + y0) * (w + 1) + x0
+    order = torch.argsort(key)
+    boxes, item = boxes[order].float(), item[order]
+    counts = torch.bincount(item, minlength=bsz).tolist()
+    return list(torch.split(boxes, counts))
+
+
+def _cat(parts, like):
+    if isinstance(like, torch.Tensor):
+        return torch.stack(parts, dim=-1)
+    return np.stack(parts, axis=-1).astype(np.float32)
+
+
+def _asarray(b):
+    return b if isinstance(b, torch.Tensor) else np.asarray(b, dtype=np.float32).reshape(-1, 4)
+
+
+def xyxy_to_coco(b):
+    """xyxy → COCO [x, y, w, h] (numpy or torch)."""
+    b = _asarray(b)
+    return _cat([b[..., 0], b[..., 1], b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]], b)
+
+
+def coco_to_xyxy(b):
+    """COCO [x, y, w, h] → xyxy."""
+    b = _asarray(b)
+    return _cat([b[..., 0], b[..., 1], b[..., 0] + b[..., 2], b[..., 1] + b[..., 3]], b)
+
+
+def xyxy_to_yolo(b, width: int, height: int):
+    """xyxy pixels → YOLO [cx, cy, w, h] normalised to the image size."""
+    b = _asarray(b)
+    return _cat(
+        [
+            (b[..., 0] + b[..., 2]) / 2 / width,
+            (b[..., 1] + b[..., 3]) / 2 / height,
+            (b[..., 2] - b[..., 0]) / width,
+            (b[..., 3] - b[..., 1]) / height,
+        ],
+        b,
+    )
+
+
+def yolo_to_xyxy(b, width: int, height: int):
+    """YOLO normalised [cx, cy, w, h] → xyxy pixels."""
+    b = _asarray(b)
+    cx, cy, w, h = b[..., 0] * width, b[..., 1] * height, b[..., 2] * width, b[..., 3] * height
+    return _cat([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], b)
