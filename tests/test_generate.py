@@ -1,0 +1,174 @@
+"""`nodulesynth generate` end to end on CPU with a tiny TSGAN saved by the test (no shipped weights yet)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nodulesynth.cli import main
+from nodulesynth.masks.classes import MaskClass as C
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a busy shared CPU (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    from nodulesynth.models.pix2pix import TranslatorConfig
+    from nodulesynth.models.stylegan import MaskGANConfig
+    from nodulesynth.models.tsgan import TSGAN
+
+    torch.manual_seed(4)  # ≈ a third of this random model's masks pass the default quality gate
+    model = TSGAN.from_configs(
+        MaskGANConfig(resolution=16, z_dim=32, w_dim=32, mapping_layers=2, fmap_base=256, fmap_max=32),
+        TranslatorConfig(ngf=8, ndf=8, num_downs=6, dwmh_depth=3, dwmh_window=4, dwmh_heads=2), image_size=64)
+    return str(model.save_pretrained(tmp_path_factory.mktemp("w") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, weights):
+    out = tmp_path_factory.mktemp("runs") / "coco"
+    rc = main(["generate", "--n", "6", "--out", str(out), "--weights", weights, "--device", "cpu",
+               "--batch-size", "4", "--seed", "3", "--preview"])
+    assert rc == 0
+    return out
+
+
+def _scene(nodules, size=64):
+    m = np.zeros((size, size), np.uint8)
+    m[8:56, 4:60] = C.BODY
+    m[14:50, 8:28] = C.RIGHT_LUNG
+    m[14:50, 36:56] = C.LEFT_LUNG
+    yy, xx = np.mgrid[:size, :size]
+    for cx, cy, r in nodules:
+        m[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = C.NODULE
+    return m
+
+
+def test_generate_coco_with_preview(first_run, weights, capsys):
+    out = first_run
+    data = json.loads((out / "annotations.json").read_text())
+    assert [im["file_name"] for im in data["images"]] == [f"synth_{k:06d}.png" for k in range(6)]
+    assert all((out / "images" / im["file_name"]).is_file() for im in data["images"])
+    assert data["info"]["seed"] == 3 and data["info"]["weights"].startswith("local:")
+    assert "accepted" in data["info"]["quality_gate"]
+    assert len(data["annotations"]) >= 6  # the gate guarantees ≥ 1 nodule per synthetic slice
+    assert Image.open(out / "preview.png").size[0] > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [m["index"] for m in manifest["items"]] == list(range(6))
+    assert not list(out.parent.glob(".coco.tmp-*"))
+
+
+def test_both_formats_same_samples_other_batch_size(first_run, tmp_path, weights, capsys):
+    out = tmp_path / "both"
+    assert main(["generate", "--n", "3", "--out", str(out), "--weights", weights, "--device", "cpu",
+                 "--batch-size", "3", "--seed", "3", "--format", "both", "--val-fraction", "0.34"]) == 0
+    assert "weights: local:" in capsys.readouterr().out
+    for k in range(3):  # identical bytes whatever the batch size
+        assert (out / "coco" / "images" / f"synth_{k:06d}.png").read_bytes() == \
+            (first_run / "images" / f"synth_{k:06d}.png").read_bytes()
+    assert len(list((out / "yolo" / "images" / "val").glob("*.png"))) == 1
+    assert len(list((out / "yolo" / "labels" / "train").glob("*.txt"))) == 2
+    assert f"path: {(out / 'yolo').resolve().as_posix()}" in (out / "yolo" / "data.yaml").read_text()
+
+
+def test_mixing_real_and_mask_in(tmp_path, weights):
+    from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+    from nodulesynth.masks.boxes import mask_to_boxes
+
+    masks = np.stack([_scene([(18, 30, 3)])] * 5)
+    recs = [SliceRecord(series_uid="1.2.3", z_mm=float(k), slice_index=k, spacing_mm=(6.4, 6.4),
+                        boxes=mask_to_boxes(masks[k]), source="phantom", has_nodule=True) for k in range(5)]
+    real = write_slice_dataset(tmp_path / "real", np.full(masks.shape, -800, np.int16), masks, recs)
+    out = tmp_path / "mixed"
+    assert main(["generate", "--real", str(real), "--ratio", "0.4", "--out", str(out), "--weights", weights,
+                 "--device", "cpu"]) == 0
+    data = json.loads((out / "annotations.json").read_text())
+    assert [im["source"] for im in data["images"]] == ["real"] * 5 + ["synthetic"] * 2  # round(0.4 · 5) = 2
+
+    mdir = tmp_path / "masks"
+    mdir.mkdir()
+    Image.fromarray(_scene([(18, 30, 3), (46, 30, 2)])).save(mdir / "two.png")
+    np.save(mdir / "none.npy", _scene([]))
+    out = tmp_path / "maskin"
+    assert main(["generate", "--masks", str(mdir), "--out", str(out), "--weights", weights, "--device", "cpu"]) == 0
+    data = json.loads((out / "annotations.json").read_text())
+    assert [im["file_name"] for im in data["images"]] == ["mask_none.png", "mask_two.png"]
+    assert len(data["annotations"]) == 2
+
+
+def test_refuses_existing_out_unless_overwrite(tmp_path, weights, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["generate", "--n", "2", "--out", str(out), "--weights", weights, "--device", "cpu"]
+    assert main(args) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert main(args + ["--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "annotations.json").is_file()
+
+
+def test_interrupt_leaves_nothing_behind(tmp_path, weights, monkeypatch, capsys):
+    from nodulesynth.export import coco
+
+    real_add, calls = coco.CocoWriter.add, []
+
+    def add(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(coco.CocoWriter, "add", add)
+    out = tmp_path / "new"
+    assert main(["generate", "--n", "4", "--out", str(out), "--weights", weights, "--device", "cpu",
+                 "--batch-size", "2"]) == 130
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    old = tmp_path / "old"  # an --overwrite that is interrupted keeps the previous dataset intact
+    old.mkdir()
+    (old / "a.txt").write_text("x")
+    calls.clear()
+    assert main(["generate", "--n", "4", "--out", str(old), "--weights", weights, "--device", "cpu",
+                 "--batch-size", "2", "--overwrite"]) == 130
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and [p.name for p in old.iterdir()] == ["a.txt"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n", "0"], "--n: must be"),
+    (["--n", "-3"], "--n: must be"),
+    (["--n", "2", "--device", "tpu"], "--device"),
+    (["--n", "2", "--device", "cuda:7"], "--device"),
+    (["--n", "2", "--weights", "/no/such/weights"], "--weights /no/such/weights"),
+    (["--n", "2", "--out", "/proc/nodulesynth-out"], "--out"),
+    (["--n", "2", "--ratio", "2"], "--ratio: needs --real"),
+    (["--ratio", "-1", "--real", "."], "--ratio: must be > 0"),
+    (["--n", "2", "--real", "/no/such/dir"], "--real"),
+    (["--n", "2", "--format", "yolo", "--image-format", "png16"], "--image-format"),
+    (["--n", "2", "--min-size-mm", "9", "--max-size-mm", "3"], "min-size-mm"),
+    (["--n", "2", "--batch-size", "0"], "--batch-size"),
+    (["--masks", "/no/such/masks"], "--masks"),
+])
+def test_bad_arguments_give_one_clear_line(tmp_path, weights, capsys, extra, message):
+    args = ["generate", "--out", str(tmp_path / "o"), "--device", "cpu", "--weights", weights]
+    args = args[:1] + [a for a in args[1:]] + extra  # later options win
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_mask_files(tmp_path, weights, capsys):
+    mdir = tmp_path / "m"
+    mdir.mkdir()
+    np.save(mdir / "bad.npy", np.full((64, 64), 9, np.uint8))
+    assert main(["generate", "--masks", str(mdir), "--out", str(tmp_path / "o"), "--weights", weights, "--device", "cpu"]) == 2
+    assert "bad.npy: label values must be in 0..5" in capsys.readouterr().err
