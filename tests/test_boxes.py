@@ -77,3 +77,16 @@ def test_batch_on_cuda():
     got = masks_to_boxes_batch(masks)
     assert got[0].device.type == "cuda"
     np.testing.assert_array_equal(got[1].cpu().numpy(), EXPECTED)
+
+
+def test_device_labelling_matches_scipy_labelling():
+    """The max-pool labeller (used on GPU) partitions pixels exactly like scipy (used on CPU)."""
+    from nodulesynth.masks.boxes import _label_maxpool, label_components_torch
+
+    g = torch.Generator().manual_seed(3)
+    fg = torch.rand(3, 40, 40, generator=g) > 0.6
+    a, b = label_components_torch(fg), _label_maxpool(fg)
+    assert torch.equal(a > 0, b > 0)
+    # same partition: a bijection between the two label sets over foreground pixels
+    pairs = torch.unique(torch.stack([a[fg], b[fg]], 1), dim=0)
+    assert len(pairs) == len(torch.unique(a[fg])) == len(torch.unique(b[fg]))

@@ -36,9 +36,20 @@ def mask_to_boxes(mask, cls: int = MaskClass.NODULE) -> np.ndarray:
 
 
 def label_components_torch(fg: torch.Tensor) -> torch.Tensor:
-    """8-connected component labels of a boolean (B, H, W) tensor, on its own device: every
-    foreground pixel starts with a unique id and takes the max over its 3×3 neighbourhood until
-    nothing changes. Items never mix (the pooling is 2-D per item). Background = 0."""
+    """8-connected component labels (0 = background) of a boolean (B, H, W) tensor, on its own
+    device; items never connect to each other. CPU uses scipy's one-pass labelling (far faster
+    there); other devices use iterative max-pool propagation, which never leaves the device."""
+    if fg.device.type == "cpu":
+        structure = np.zeros((3, 3, 3), bool)
+        structure[1] = STRUCT8
+        lab, _ = ndi.label(fg.numpy(), structure=structure)
+        return torch.from_numpy(lab.astype(np.int64))
+    return _label_maxpool(fg)
+
+
+def _label_maxpool(fg: torch.Tensor) -> torch.Tensor:
+    """Every foreground pixel starts with a unique id and takes the max over its 3×3
+    neighbourhood until nothing changes (the pooling is 2-D per item)."""
     b, h, w = fg.shape
     ids = torch.arange(1, b * h * w + 1, device=fg.device, dtype=torch.float64 if b * h * w > 2**24 else torch.float32)
     lab = torch.where(fg, ids.view(b, h, w), torch.zeros((), device=fg.device, dtype=ids.dtype))
@@ -73,7 +84,7 @@ def masks_to_boxes_batch(masks: torch.Tensor, cls: int = MaskClass.NODULE) -> li
     y0 = big.scatter_reduce(0, inv, yi, "amin")
     x1 = small.scatter_reduce(0, inv, xi, "amax") + 1
     y1 = small.scatter_reduce(0, inv, yi, "amax") + 1
-    item = (uniq - 1) // (h * w)  # ids were assigned in item-major order
+    item = small.scatter_reduce(0, inv, bi, "amax")  # the batch item each component lies in
     boxes = torch.stack([x0, y0, x1, y1], dim=1)
     # sort by (item, y0, x0) with one composite key
     key = (item * (h + 1) + y0) * (w + 1) + x0
