@@ -1,0 +1,272 @@
+"""Trainers (CPU, tiny nets): exact resume, progressive growing, L1 descent, outputs, export, CLI."""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+from nodulesynth.errors import NoduleSynthError
+from nodulesynth.masks.classes import MaskClass
+from nodulesynth.models.pix2pix import TranslatorConfig
+from nodulesynth.models.stylegan import MaskGANConfig
+from nodulesynth.train import MaskTrainConfig, TranslatorTrainConfig, engine, train_masks, train_translator
+from nodulesynth.train.masks import fade_reals, masks_to_fractions, schedule
+
+
+def synth_slices(n: int, size: int, seed: int = 0, nodule_every: int = 2):
+    """Ellipse 'chests' (body, two lungs, trachea) with a round nodule in every ``nodule_every``-th slice."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    masks = np.zeros((n, size, size), np.uint8)
+    images = np.zeros((n, size, size), np.int16)
+    records = []
+    for i in range(n):
+        cx, cy = 0.5 + rng.uniform(-0.03, 0.03, 2)
+        m = np.zeros((size, size), np.uint8)
+        m[((xx - cx) / 0.42) ** 2 + ((yy - cy) / 0.33) ** 2 < 1] = MaskClass.BODY
+        m[((xx - cx + 0.17) / 0.13) ** 2 + ((yy - cy) / 0.22) ** 2 < 1] = MaskClass.RIGHT_LUNG  # image left
+        m[((xx - cx - 0.17) / 0.13) ** 2 + ((yy - cy) / 0.22) ** 2 < 1] = MaskClass.LEFT_LUNG
+        m[((xx - cx) / 0.03) ** 2 + ((yy - cy + 0.12) / 0.03) ** 2 < 1] = MaskClass.TRACHEA
+        has = i % nodule_every == 0
+        if has:
+            nx, ny = cx + rng.choice([-0.17, 0.17]), cy + rng.uniform(-0.1, 0.1)
+            m[(xx - nx) ** 2 + (yy - ny) ** 2 < 0.09**2] = MaskClass.NODULE
+        hu = np.array([-1024, 40, -850, -850, -1000, 30], np.float32)[m] + rng.normal(0, 20, (size, size))
+        masks[i], images[i] = m, hu.clip(-1024, 3000).astype(np.int16)
+        records.append(SliceRecord("1.2.3", float(i), i, (0.8, 0.8), np.zeros((0, 4), np.float32), "phantom", has))
+    return images, masks, records
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    images, masks, records = synth_slices(8, 64)
+    return str(write_slice_dataset(tmp_path_factory.mktemp("slices"), images, masks, records))
+
+
+MASK_MODEL = dict(resolution=8, z_dim=16, w_dim=16, mapping_layers=2, fmap_base=64, fmap_max=16, fmap_min=8)
+TR_MODEL = dict(ngf=4, ndf=4, num_downs=5, dwmh_depth=2, dwmh_window=4, dwmh_heads=2)
+
+
+def mask_cfg(data, out, **kw) -> MaskTrainConfig:
+    base = dict(data=data, out=str(out), model=MaskGANConfig(**MASK_MODEL), steps_per_level=4, batch_sizes=(4,),
+                checkpoint_every=100, sample_every=3, log_every=1, eval_samples=8, device="cpu")
+    return MaskTrainConfig(**{**base, **kw})
+
+
+def tr_cfg(data, out, **kw) -> TranslatorTrainConfig:
+    base = dict(data=data, out=str(out), model=TranslatorConfig(**TR_MODEL), epochs=2, batch_size=2, crop_size=32,
+                checkpoint_every=100, log_every=1, num_workers=0, num_samples=2, device="cpu")
+    return TranslatorTrainConfig(**{**base, **kw})
+
+
+def read_metrics(run) -> list[dict]:
+    with open(os.path.join(run, "metrics.csv"), newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def assert_same_state(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}.{i}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"tensor {path} differs"
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def final_state(run):
+    st = engine.load_checkpoint(engine.latest_checkpoint(run))
+    st.pop("rng")  # RNG equality is implied by the weights; keep the comparison on training state
+    return st
+
+
+# ----------------------------------------------------------------------------- unit pieces
+def test_schedule_fades_in_each_level():
+    assert schedule(0, 10, 3) == (0, 1.0)
+    assert schedule(10, 10, 3) == (1, 0.0)
+    assert schedule(12, 10, 3) == (1, 0.4)
+    assert schedule(15, 10, 3) == (1, 1.0)
+    assert schedule(29, 10, 3) == (2, 1.0)
+    assert schedule(99, 10, 3) == (2, 1.0)  # past the end: stays at the last level
+
+
+def test_real_masks_become_class_fractions_and_fade():
+    labels = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    labels[0, :2, :2] = MaskClass.NODULE
+    frac = masks_to_fractions(labels, 4)
+    assert frac.shape == (1, 6, 4, 4) and torch.allclose(frac.sum(1), torch.ones(1, 4, 4))
+    assert frac[0, MaskClass.NODULE, 0, 0] == 1 and frac[0, MaskClass.NODULE].sum() == 1
+    assert torch.equal(fade_reals(frac, 1.0), frac)
+    low = fade_reals(frac, 0.0)
+    assert torch.allclose(low[0, MaskClass.NODULE, :2, :2], torch.full((2, 2), 0.25))
+
+
+def test_checkpoint_state_round_trip_and_corrupt(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), betas=(0.0, 0.99))
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"opt": opt.state_dict(), "net": net.state_dict(), "rng": engine.rng_state(), "step": 7}
+    path = engine.save_checkpoint(tmp_path, 7, state)
+    back = engine.load_checkpoint(path)
+    assert_same_state(state, back)
+    opt2 = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    opt2.load_state_dict(back["opt"])  # loads into a real optimiser
+    engine.set_rng_state(back["rng"])
+    assert engine.latest_checkpoint(tmp_path) == path
+    (path / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(NoduleSynthError, match="checkpoint"):
+        engine.load_checkpoint(path)
+
+
+def test_index_stream_resumes_mid_epoch():
+    info = engine.DistInfo()
+    a = engine.IndexStream(np.arange(5), seed=3, info=info)
+    first = a.take(7)  # crosses an epoch boundary
+    b = engine.IndexStream(np.arange(5), seed=3, info=info)
+    b.load_state_dict(a.state_dict())
+    assert a.take(6) == b.take(6)
+    assert sorted(i for i, _ in first[:5]) == list(range(5))  # an epoch is a permutation
+
+
+def test_augment_flip_swaps_lungs_and_is_seeded():
+    from nodulesynth.train.augment import AugmentConfig, PairAugment
+
+    images, masks, _ = synth_slices(1, 32)
+    flip_only = PairAugment(AugmentConfig(p_flip=1.0, p_affine=0, p_intensity=0, p_noise=0))
+    img, m = flip_only(images[0].astype(np.float32), masks[0], seed=1)
+    expect = masks[0][:, ::-1].copy()
+    left, right = expect == MaskClass.LEFT_LUNG, expect == MaskClass.RIGHT_LUNG
+    expect[left], expect[right] = MaskClass.RIGHT_LUNG, MaskClass.LEFT_LUNG
+    assert np.array_equal(m, expect)
+    assert np.allclose(img, images[0][:, ::-1], atol=0.05)  # HU survives the [0, 1] round trip
+    full = PairAugment()
+    a, b = full(images[0].astype(np.float32), masks[0], 5), full(images[0].astype(np.float32), masks[0], 5)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert set(np.unique(a[1])) <= set(range(6))
+
+
+# ----------------------------------------------------------------------------- mask StyleGAN
+@pytest.fixture(scope="module")
+def mask_runs(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("maskruns")
+    full = train_masks(mask_cfg(data_dir, root / "full"))
+    part = train_masks(mask_cfg(data_dir, root / "part", max_steps=5))
+    part_done = part.joinpath("export").exists()
+    resumed = train_masks(mask_cfg(data_dir, root / "part", resume=True))
+    return full, resumed, part_done
+
+
+def test_mask_resume_is_bit_identical(mask_runs):
+    full, resumed, part_done = mask_runs
+    assert part_done  # max_steps is a normal stop: export written
+    assert_same_state(final_state(full), final_state(resumed))
+
+
+def test_mask_run_grows_and_logs_nodule_rate(mask_runs):
+    full, _, _ = mask_runs
+    rows = read_metrics(full)
+    assert [int(r["level"]) for r in rows] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [float(r["alpha"]) for r in rows[4:]] == [0.0, 0.5, 1.0, 1.0]
+    measured = [r for r in rows if r["ema_nodule_rate"]]
+    assert measured and all(0 <= float(r["ema_nodule_rate"]) <= 1 for r in measured)
+    assert float(measured[-1]["real_nodule_rate"]) > 0  # nodule slices only: nodules visible at 8×8
+    assert list((full / "samples").glob("step-*.png"))
+    assert (full / "export" / "mask_generator.safetensors").is_file()
+
+
+def test_sigint_checkpoints_and_exits(data_dir, tmp_path):
+    cfg = mask_cfg(data_dir, tmp_path / "run", steps_per_level=10_000, time_budget_s=120)
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        out = train_masks(cfg)
+    finally:
+        timer.cancel()
+    ckpt = engine.latest_checkpoint(out)
+    assert ckpt is not None and 0 < int(ckpt.name.split("-")[1]) < 20_000
+    assert not (out / "export").exists()  # interrupted: checkpoint only
+    with pytest.raises(NoduleSynthError, match="not empty"):
+        train_masks(cfg)  # refuses to clobber a run without --resume/--overwrite
+
+
+# ----------------------------------------------------------------------------- translator
+@pytest.fixture(scope="module")
+def translator_runs(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trruns")
+    full = train_translator(tr_cfg(data_dir, root / "full"))
+    train_translator(tr_cfg(data_dir, root / "part", max_steps=3))
+    resumed = train_translator(tr_cfg(data_dir, root / "part", resume=True))
+    return full, resumed
+
+
+def test_translator_resume_is_bit_identical(translator_runs):
+    full, resumed = translator_runs
+    assert_same_state(final_state(full), final_state(resumed))
+    rows = read_metrics(full)
+    assert len(rows) == 8 and float(rows[-1]["lr"]) < float(rows[0]["lr"])  # linear decay in the 2nd half
+    assert "feature_matching" in (full / "run.json").read_text() or "vgg19" in (full / "run.json").read_text()
+    assert list((full / "samples").glob("step-*.png"))
+
+
+def test_translator_steps_lower_l1(data_dir, tmp_path):
+    cfg = tr_cfg(data_dir, tmp_path / "run", epochs=10, batch_size=8, augment=False, lr=5e-3, checkpoint_every=1000)
+    rows = read_metrics(train_translator(cfg))
+    l1 = [float(r["l1"]) for r in rows]
+    assert np.mean(l1[-3:]) < 0.8 * np.mean(l1[:3]), l1
+
+
+def test_export_loads_as_tsgan(mask_runs, translator_runs, tmp_path):
+    from nodulesynth.models.tsgan import TSGAN
+
+    folder = engine.export_tsgan(mask_runs[0], translator_runs[0], tmp_path / "tsgan", "test card")
+    model = TSGAN.from_pretrained(str(folder))
+    assert model.image_size == 64 and "test card" in (folder / "README.md").read_text()
+    masks, images = model(torch.randn(2, 16))
+    assert masks.shape == (2, 64, 64) and images.shape == (2, 1, 64, 64)
+
+
+def test_cli_train_and_errors(data_dir, mask_runs, translator_runs, tmp_path, capsys):
+    from nodulesynth.train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    out = tmp_path / "exp"
+    args = parser.parse_args(["export", "--masks", str(mask_runs[0]), "--translator", str(translator_runs[0]),
+                              "--out", str(out)])
+    assert cli.run(args) == 0 and (out / "tsgan.json").is_file()
+    args = parser.parse_args(["masks", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
+                              "--resolution", "8", "--device", "cpu"])
+    with pytest.raises(NoduleSynthError, match="nope"):
+        cli.run(args)
+    args = parser.parse_args(["translator", "--data", data_dir, "--out", str(tmp_path / "r2"), "--resume"])
+    with pytest.raises(NoduleSynthError, match="multiple of 2\\*\\*num_downs = 256"):
+        cli.run(args)  # 64-px slices cannot go through the default 8-down UNet
+    args = parser.parse_args(["translator", "--data", data_dir, "--out", str(tmp_path / "r2"), "--resume",
+                              "--num-downs", "5", "--crop-size", "32"])
+    with pytest.raises(NoduleSynthError, match="no checkpoint"):
+        cli.run(args)
+    assert not (tmp_path / "r" / "config.json").exists()  # failed runs leave no folder behind
+
+
+def test_cli_main_reports_one_line_error(tmp_path, capsys):
+    from nodulesynth.cli import main
+
+    rc = main(["train", "masks", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "missing" in err[0]
+    assert not (tmp_path / "run").exists()
