@@ -112,3 +112,25 @@ def test_prepare_real_lidc(lidc_sample, tmp_path, capsys):
             x0, y0, x1, y1 = r.boxes[0]
             assert 128 < (x0 + x1) / 2 < 200  # both nodules are in the patient's left (image right) lung
             assert 2 <= x1 - x0 <= 30  # ≤ ~4.8 cm at 1.6 mm pixels
+
+
+def test_subset_and_series_split(tmp_path):
+    """Slices picked (and repeated) from a dataset are written with their records; a series split
+    never puts one patient on both sides."""
+    from nodulesynth.data.slices import SliceDataset, SliceRecord, split_by_series, write_slice_dataset, write_slice_subset
+
+    rng = np.random.default_rng(0)
+    recs = [
+        SliceRecord(f"uid{i // 3}", float(i), i, (0.8, 0.8), np.zeros((0, 4), np.float32), "phantom", False)
+        for i in range(9)
+    ]
+    imgs = rng.integers(-1000, 400, (9, 16, 16)).astype(np.int16)
+    masks = rng.integers(0, 6, (9, 16, 16)).astype(np.uint8)
+    ds = SliceDataset(write_slice_dataset(tmp_path / "a", imgs, masks, recs))
+    train, held = split_by_series(ds, holdout_series=1, seed=0)
+    assert sorted(train + held) == list(range(9)) and len(held) == 3
+    assert not {ds.records[i].series_uid for i in train} & {ds.records[i].series_uid for i in held}
+    sub = SliceDataset(write_slice_subset(tmp_path / "b", [(ds, [held[0], held[0]]), (ds, train[:2])]))
+    assert len(sub) == 4
+    assert np.array_equal(sub.images[1], imgs[held[0]]) and np.array_equal(sub.masks[3], masks[train[1]])
+    assert sub.records[2].series_uid == ds.records[train[0]].series_uid

@@ -133,3 +133,25 @@ class SliceDataset:
 
     def __repr__(self) -> str:
         return f"SliceDataset({str(self.root)!r}, n={len(self)}, {self.meta.get('height')}x{self.meta.get('width')})"
+
+
+def write_slice_subset(
+    folder: str | Path, parts: Sequence[tuple["SliceDataset", Sequence[int]]], meta: dict | None = None
+) -> Path:
+    """Combine picked slices of prepared datasets into one new dataset (indices may repeat, which
+    is how a small real set is over-sampled next to a large phantom set). All parts must share
+    the slice size."""
+    images = [ds.images[np.asarray(idx, dtype=np.int64)] for ds, idx in parts if len(idx)]
+    masks = [ds.masks[np.asarray(idx, dtype=np.int64)] for ds, idx in parts if len(idx)]
+    records = [ds.records[i] for ds, idx in parts for i in idx]
+    sources = {str(ds.root): len(idx) for ds, idx in parts}
+    return write_slice_dataset(folder, images, masks, records, {**(meta or {}), "built_from": sources})
+
+
+def split_by_series(ds: "SliceDataset", holdout_series: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train, holdout) slice indices with whole series held out, so no patient is in both."""
+    uids = sorted({r.series_uid for r in ds.records})
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(uids, size=min(holdout_series, len(uids)), replace=False).tolist())
+    train = [i for i, r in enumerate(ds.records) if r.series_uid not in held]
+    return train, [i for i, r in enumerate(ds.records) if r.series_uid in held]

@@ -129,9 +129,25 @@ class _Critic:
         return self.d(x, level=level, alpha=alpha).float().view(-1)
 
 
-def _load_masks(ds, idx: list[int], device: torch.device) -> torch.Tensor:
-    arr = np.stack([np.asarray(ds.masks[i]) for i in idx])
-    return torch.from_numpy(arr).to(device, non_blocking=True)
+class _RealMasks:
+    """The training masks as class fractions at the model's resolution, pooled once up front:
+    one-hot pooling 512² masks at every step dominated CPU training time. Pooling these further
+    equals pooling the full-size one-hot directly (power-of-two sizes), and the fractions are
+    dyadic, so fp16 stores them exactly while the pooling factor² ≤ 2048."""
+
+    def __init__(self, ds, indices: np.ndarray, resolution: int, device: torch.device, chunk: int = 64) -> None:
+        factor = ds.masks.shape[-1] // resolution
+        dtype = torch.float16 if factor * factor <= 2048 else torch.float32
+        self.row = np.full(len(ds), -1, dtype=np.int64)
+        self.row[indices] = np.arange(len(indices))
+        self.bank = torch.cat([
+            masks_to_fractions(torch.from_numpy(np.asarray(ds.masks[c])), resolution).to(dtype)
+            for c in np.array_split(indices, max(1, len(indices) // chunk))
+        ]).to(device)
+
+    def fractions(self, idx, size: int) -> torch.Tensor:
+        x = self.bank[torch.from_numpy(self.row[np.asarray(idx, dtype=np.int64)]).to(self.bank.device)].float()
+        return x if x.shape[-1] == size else F.adaptive_avg_pool2d(x, size)
 
 
 def train_masks(cfg: MaskTrainConfig) -> Path:
@@ -153,6 +169,7 @@ def train_masks(cfg: MaskTrainConfig) -> Path:
     if ds.masks.shape[-1] < cfg.model.resolution:
         raise NoduleSynthError(f"--resolution {cfg.model.resolution}: larger than the dataset's {ds.masks.shape[-1]} px masks")
     out, ckpt = engine.prepare_run(cfg.out, cfg, cfg.resume, cfg.overwrite, info)
+    reals = _RealMasks(ds, indices, cfg.model.resolution, device)
 
     engine.seed_everything(cfg.seed)  # same initial weights on every rank
     G = MaskGenerator(cfg.model).to(device)
@@ -192,8 +209,7 @@ def train_masks(cfg: MaskTrainConfig) -> Path:
                 autocast(device, cfg.amp):
             fake = torch.cat([G_ema(z.to(device), level=level, alpha=alpha, noise_mode="const").float().softmax(1)
                               for z in eval_z.split(64)])
-        real = torch.cat([masks_to_fractions(_load_masks(ds, list(c), device), r)
-                          for c in np.array_split(eval_real_idx, max(1, len(eval_real_idx) // 64))])
+        real = torch.cat([reals.fractions(c, r) for c in np.array_split(eval_real_idx, max(1, len(eval_real_idx) // 64))])
         return {"real_nodule_rate": nodule_rate(real.argmax(1)), "ema_nodule_rate": nodule_rate(fake.argmax(1)),
                 "real_nodule_frac": real[:, MaskClass.NODULE].mean().item(),
                 "ema_nodule_frac": fake[:, MaskClass.NODULE].mean().item()}
@@ -221,7 +237,7 @@ def train_masks(cfg: MaskTrainConfig) -> Path:
             level, alpha = schedule(step, cfg.steps_per_level, levels)
             res, bs = 4 * 2**level, cfg.batch_sizes[min(level, len(cfg.batch_sizes) - 1)]
             G.train(); D.train()
-            real = fade_reals(masks_to_fractions(_load_masks(ds, [i for i, _ in stream.take(bs)], device), res), alpha)
+            real = fade_reals(reals.fractions([i for i, _ in stream.take(bs)], res), alpha)
             # --- critic step (eq. 1)
             z = torch.randn(bs, cfg.model.z_dim, device=device)
             with torch.no_grad(), autocast(device, cfg.amp):

@@ -1,0 +1,100 @@
+"""Recipe and evaluation of the shipped default weights (pretrained/).
+
+    python benchmarks/default_weights.py data  --phantom P --lidc L --out DIR   # train/holdout sets
+    python benchmarks/default_weights.py eval  --weights pretrained --data DIR   # held-out quality
+
+`data` splits the prepared phantom slices by series (whole scans held out) and the real LIDC-IDRI
+slices by slice (only 2 real patients exist here; every 4th slice is held out, and adjacent slices
+are correlated, so the real held-out figures are optimistic), then writes:
+  masks-train/       phantom train + real train ×4       (stage 1)
+  translator-train/  phantom train + real train ×15      (stage 2: real texture over-sampled)
+  holdout-real/, holdout-phantom/
+`eval` translates the held-out real masks and reports PSNR/SSIM on the lung window, and samples
+masks from the StyleGAN to compare nodule rate and size with the training masks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def build_data(args) -> None:
+    from nodulesynth.data.slices import SliceDataset, split_by_series, write_slice_subset
+
+    out = Path(args.out)
+    ph, real = SliceDataset(args.phantom), SliceDataset(args.lidc)
+    ph_train, ph_hold = split_by_series(ph, holdout_series=args.holdout_scans, seed=0)
+    real_hold = list(range(2, len(real), 4))
+    real_train = [i for i in range(len(real)) if i not in real_hold]
+    write_slice_subset(out / "masks-train", [(ph, ph_train), (real, real_train * 4)], {"recipe": "masks-train"})
+    write_slice_subset(out / "translator-train", [(ph, ph_train), (real, real_train * 15)], {"recipe": "translator-train"})
+    write_slice_subset(out / "holdout-real", [(real, real_hold)], {"recipe": "holdout-real"})
+    write_slice_subset(out / "holdout-phantom", [(ph, ph_hold)], {"recipe": "holdout-phantom"})
+    summary = {
+        "phantom_train_slices": len(ph_train), "phantom_holdout_slices": len(ph_hold),
+        "real_train_slices": len(real_train), "real_holdout_slices": len(real_hold),
+        "phantom_holdout_series": sorted({ph.records[i].series_uid for i in ph_hold}),
+    }
+    (out / "split.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+@torch.inference_mode()
+def evaluate(args) -> None:
+    from nodulesynth.data.slices import SliceDataset
+    from nodulesynth.hu import unit_to_hu
+    from nodulesynth.metrics.image_quality import psnr, ssim
+    from nodulesynth.metrics.nodules import nodule_stats
+    from nodulesynth.models.pix2pix import one_hot
+    from nodulesynth.models.tsgan import TSGAN
+
+    torch.manual_seed(0)
+    model = TSGAN.from_pretrained(args.weights)
+    report: dict = {"weights": model.source, "revision": model.revision}
+    for name in ("holdout-real", "holdout-phantom"):
+        ds = SliceDataset(Path(args.data) / name)
+        masks = torch.from_numpy(np.asarray(ds.masks)).long()
+        real = torch.from_numpy(np.asarray(ds.images)).float()
+        fake = torch.cat([unit_to_hu(model.translator(one_hot(m[None]))[:, 0]) for m in masks])
+        lung = (masks == 2) | (masks == 3)
+        report[name] = {
+            "slices": len(ds),
+            "psnr_db": round(psnr(fake, real).mean().item(), 2),
+            "ssim": round(ssim(fake, real).mean().item(), 4),
+            "lung_hu_fake_vs_real": [round(fake[lung].mean().item(), 1), round(real[lung].mean().item(), 1)],
+            "body_hu_fake_vs_real": [round(fake[masks == 1].median().item(), 1), round(real[masks == 1].median().item(), 1)],
+        }
+    train = SliceDataset(Path(args.data) / "masks-train")
+    spacing = float(train.records[0].spacing_mm[0])
+    z = torch.randn(args.samples, model.mask_config.z_dim, generator=torch.Generator().manual_seed(0))
+    gen = torch.cat([model.mask_generator.sample(zz, size=model.image_size) for zz in z.split(16)]).numpy()
+    report["masks_generated"] = nodule_stats(gen, spacing).summary()
+    report["masks_train"] = nodule_stats(np.asarray(train.masks), spacing).summary()
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("--phantom", required=True)
+    d.add_argument("--lidc", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--holdout-scans", type=int, default=4)
+    e = sub.add_parser("eval")
+    e.add_argument("--weights", default="pretrained")
+    e.add_argument("--data", required=True)
+    e.add_argument("--samples", type=int, default=128)
+    e.add_argument("--json", default=None)
+    args = p.parse_args()
+    build_data(args) if args.cmd == "data" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
