@@ -28,9 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(m)
     m.add_argument("--resolution", type=int, default=512, help="final mask size (4·2^k, default 512)")
     m.add_argument("--steps-per-level", type=int, default=10_000, help="steps per resolution (paper: 10,000)")
+    m.add_argument("--final-steps", type=int, default=None,
+                   help="steps at the target resolution (default: --steps-per-level)")
     m.add_argument("--batch-size", type=int, nargs="+", default=None,
                    help="batch size per level 4, 8, ... (last value repeats; default 64 64 64 32 32 16 16 8)")
     m.add_argument("--fmap-base", type=int, default=8192, help="StyleGAN channel budget (channels = base/res)")
+    m.add_argument("--fmap-min", type=int, default=16, help="fewest channels at any resolution")
     m.add_argument("--fmap-max", type=int, default=512)
     m.add_argument("--z-dim", type=int, default=512)
     m.add_argument("--mapping-layers", type=int, default=8)
@@ -74,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
         from ..models.stylegan import MaskGANConfig
         from .masks import MaskTrainConfig, train_masks
 
-        model = MaskGANConfig(resolution=args.resolution, fmap_base=args.fmap_base, fmap_max=args.fmap_max,
+        model = MaskGANConfig(resolution=args.resolution, fmap_base=args.fmap_base, fmap_max=args.fmap_max, fmap_min=args.fmap_min,
                               z_dim=args.z_dim, w_dim=args.z_dim, mapping_layers=args.mapping_layers)
         extra = {"batch_sizes": tuple(args.batch_size)} if args.batch_size else {}
-        out = train_masks(MaskTrainConfig(model=model, steps_per_level=args.steps_per_level,
+        out = train_masks(MaskTrainConfig(model=model, steps_per_level=args.steps_per_level, final_level_steps=args.final_steps,
                                           nodule_gain=args.nodule_gain, nodule_only=not args.all_slices,
                                           sample_every=args.sample_every, **extra, **_run_common(args)))
     elif args.train_command == "translator":

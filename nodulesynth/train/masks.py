@@ -53,6 +53,7 @@ class MaskTrainConfig:
     out: str
     model: "MaskGANConfig" = dataclasses.field(default_factory=_default_model)  # noqa: F821
     steps_per_level: int = 10_000                  # paper: 10,000 per resolution
+    final_level_steps: int | None = None           # steps at the target resolution (None = steps_per_level)
     batch_sizes: tuple[int, ...] = (64, 64, 64, 32, 32, 16, 16, 8)  # per level 4, 8, ..., 512 (last repeats)
     lr: float = 0.002
     betas: tuple[float, float] = (0.0, 0.99)
@@ -191,7 +192,7 @@ def train_masks(cfg: MaskTrainConfig) -> Path:
     G_t = engine.wrap_ddp(G, info, device, find_unused=True)
     critic = _Critic(engine.wrap_ddp(D, info, device, find_unused=True), cfg.nodule_gain)
 
-    total = cfg.steps_per_level * levels
+    total = cfg.steps_per_level * (levels - 1) + (cfg.final_level_steps or cfg.steps_per_level)
     stop_at = min(total, cfg.max_steps) if cfg.max_steps is not None else total
     metrics = engine.Metrics(out, ["level", "alpha", "resolution", "batch", "d_loss", "g_loss", "wdist", "gp",
                                    "real_nodule_rate", "ema_nodule_rate", "real_nodule_frac", "ema_nodule_frac",
