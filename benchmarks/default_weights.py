@@ -2,6 +2,7 @@
 
     python benchmarks/default_weights.py data  --phantom P --lidc L --out DIR   # train/holdout sets
     python benchmarks/default_weights.py eval  --weights pretrained --data DIR   # held-out quality
+    python benchmarks/default_weights.py ship  --masks RUN --translator RUN --card CARD.md
 
 `data` splits the prepared phantom slices by series (whole scans held out) and the real LIDC-IDRI
 slices by slice (only 2 real patients exist here; every 4th slice is held out, and adjacent slices
@@ -79,6 +80,26 @@ def evaluate(args) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
+def ship(args) -> None:
+    """Assemble pretrained/ from two finished runs: fp16 safetensors + configs + the model card."""
+    from nodulesynth.models.io import load_module
+    from nodulesynth.models.pix2pix import DLPix2PixGenerator, TranslatorConfig
+    from nodulesynth.models.stylegan import MaskGANConfig, MaskGenerator
+    from nodulesynth.models.tsgan import TSGAN
+
+    runs = {"mask_training": Path(args.masks), "translator_training": Path(args.translator)}
+    meta = {k: json.loads((r / "run.json").read_text()) for k, r in runs.items() if (r / "run.json").is_file()}
+    meta.update(spacing_mm=args.spacing, data=args.data_note)
+    model = TSGAN(
+        load_module(MaskGenerator, MaskGANConfig, runs["mask_training"] / "export", "mask_generator"),
+        load_module(DLPix2PixGenerator, TranslatorConfig, runs["translator_training"] / "export", "translator"),
+        {**meta, "image_size": 512},
+    )
+    card = Path(args.card).read_text() if args.card else None
+    model.save_pretrained(args.out, model_card=card, dtype=torch.float16, overwrite=True)
+    print(f"shipped {args.out}: revision {TSGAN.from_pretrained(args.out).revision}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -92,8 +113,15 @@ def main() -> None:
     e.add_argument("--data", required=True)
     e.add_argument("--samples", type=int, default=128)
     e.add_argument("--json", default=None)
+    s = sub.add_parser("ship")
+    s.add_argument("--masks", required=True)
+    s.add_argument("--translator", required=True)
+    s.add_argument("--out", default="pretrained")
+    s.add_argument("--card", default=None, help="model card markdown (README.md of the weights)")
+    s.add_argument("--spacing", type=float, default=0.8, help="mm per pixel of the training slices")
+    s.add_argument("--data-note", default="", help="one line: what the weights were trained on")
     args = p.parse_args()
-    build_data(args) if args.cmd == "data" else evaluate(args)
+    {"data": build_data, "eval": evaluate, "ship": ship}[args.cmd](args)
 
 
 if __name__ == "__main__":

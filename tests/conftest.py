@@ -12,6 +12,16 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Test models are tiny: one thread beats a contended OpenMP pool by 10-100x on shared CI cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 LIDC_SAMPLE = (Path(__file__).resolve().parents[1] / "../shared/data/lidc-idri-sample").resolve()
 

@@ -11,15 +11,6 @@ from nodulesynth.errors import NoduleSynthError
 from nodulesynth.models.attention import DWMH, LIA, soft_pool2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread beats a contended OpenMP pool by 10-100x on shared CI cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _softpool_formula(x: torch.Tensor, k: int = 7, s: int = 3) -> torch.Tensor:
     """Eq. (4) literally: AvgPool(X·e^X) / AvgPool(e^X), in fp64."""
     x = x.double()

@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+from scenes import scene_mask
 import pytest
 import torch
 from PIL import Image
@@ -18,26 +19,6 @@ from nodulesynth.hu import window_uint8
 from nodulesynth.masks.boxes import mask_to_boxes
 from nodulesynth.masks.classes import MaskClass as C
 from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy shared CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _scene(nodules, size=64):
-    m = np.zeros((size, size), np.uint8)
-    m[8:56, 4:60] = C.BODY
-    m[14:50, 8:28] = C.RIGHT_LUNG
-    m[14:50, 36:56] = C.LEFT_LUNG
-    yy, xx = np.mgrid[:size, :size]
-    for cx, cy, r in nodules:
-        m[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = C.NODULE
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +33,8 @@ def batch():
                                TranslatorConfig(ngf=8, ndf=8, num_downs=6, dwmh_depth=3, dwmh_window=4, dwmh_heads=2),
                                image_size=64).eval()
     rng = np.random.default_rng(0)
-    masks = np.stack([_scene([(int(rng.integers(12, 24)), int(rng.integers(18, 44)), int(rng.integers(2, 5)))]
-                             + ([(46, 30, 2)] if k % 2 else [])) for k in range(6)] + [_scene([])])
+    masks = np.stack([scene_mask([(int(rng.integers(12, 24)), int(rng.integers(18, 44)), int(rng.integers(2, 5)))]
+                             + ([(46, 30, 2)] if k % 2 else [])) for k in range(6)] + [scene_mask([])])
     return Synthesizer(model, GenerationConfig(block=8)).translate(masks)
 
 

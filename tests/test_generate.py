@@ -4,21 +4,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from scenes import scene_mask
 import pytest
 import torch
 from PIL import Image
 
 from nodulesynth.cli import main
 from nodulesynth.masks.classes import MaskClass as C
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy shared CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +33,6 @@ def first_run(tmp_path_factory, weights):
                "--batch-size", "4", "--seed", "3", "--preview"])
     assert rc == 0
     return out
-
-
-def _scene(nodules, size=64):
-    m = np.zeros((size, size), np.uint8)
-    m[8:56, 4:60] = C.BODY
-    m[14:50, 8:28] = C.RIGHT_LUNG
-    m[14:50, 36:56] = C.LEFT_LUNG
-    yy, xx = np.mgrid[:size, :size]
-    for cx, cy, r in nodules:
-        m[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = C.NODULE
-    return m
 
 
 def test_generate_coco_with_preview(first_run, weights, capsys):
@@ -85,7 +66,7 @@ def test_mixing_real_and_mask_in(tmp_path, weights):
     from nodulesynth.data.slices import SliceRecord, write_slice_dataset
     from nodulesynth.masks.boxes import mask_to_boxes
 
-    masks = np.stack([_scene([(18, 30, 3)])] * 5)
+    masks = np.stack([scene_mask([(18, 30, 3)])] * 5)
     recs = [SliceRecord(series_uid="1.2.3", z_mm=float(k), slice_index=k, spacing_mm=(6.4, 6.4),
                         boxes=mask_to_boxes(masks[k]), source="phantom", has_nodule=True) for k in range(5)]
     real = write_slice_dataset(tmp_path / "real", np.full(masks.shape, -800, np.int16), masks, recs)
@@ -97,8 +78,8 @@ def test_mixing_real_and_mask_in(tmp_path, weights):
 
     mdir = tmp_path / "masks"
     mdir.mkdir()
-    Image.fromarray(_scene([(18, 30, 3), (46, 30, 2)])).save(mdir / "two.png")
-    np.save(mdir / "none.npy", _scene([]))
+    Image.fromarray(scene_mask([(18, 30, 3), (46, 30, 2)])).save(mdir / "two.png")
+    np.save(mdir / "none.npy", scene_mask([]))
     out = tmp_path / "maskin"
     assert main(["generate", "--masks", str(mdir), "--out", str(out), "--weights", weights, "--device", "cpu"]) == 0
     data = json.loads((out / "annotations.json").read_text())

@@ -14,15 +14,6 @@ from nodulesynth.models.pix2pix import DLPix2PixGenerator, PatchDiscriminator, T
 from nodulesynth.models.stylegan import MaskDiscriminator, MaskGANConfig, MaskGenerator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread beats a contended OpenMP pool by 10-100x on shared CI cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_mask_cfg(resolution: int = 64) -> MaskGANConfig:
     return MaskGANConfig(resolution=resolution, z_dim=16, w_dim=16, mapping_layers=2, fmap_base=128, fmap_max=16,
                          fmap_min=4)

@@ -17,15 +17,6 @@ from nodulesynth.masks.classes import MaskClass as C
 from nodulesynth.synth.dataset import collate_fn
 from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer, quality_gate
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy shared CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 GATE = {"block": 8}  # default quality gate; a smaller forward block keeps the tests fast
 
 

@@ -15,15 +15,6 @@ from nodulesynth.models.stylegan import MaskGANConfig, MaskGenerator
 from nodulesynth.models.tsgan import TSGAN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread beats a contended OpenMP pool by 10-100x on shared CI cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_configs() -> tuple[MaskGANConfig, TranslatorConfig]:
     mask = MaskGANConfig(resolution=16, z_dim=8, w_dim=8, mapping_layers=2, fmap_base=64, fmap_max=8, fmap_min=4)
     translator = TranslatorConfig(ngf=4, ndf=4, num_downs=4, dwmh_depth=3, dwmh_heads=4)
