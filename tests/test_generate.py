@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from nodulesynth.cli import main
-from nodulesynth.masks.classes import MaskClass as C
 
 
 @pytest.fixture(scope="module")

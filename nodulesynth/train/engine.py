@@ -44,6 +44,24 @@ _STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
 # ----------------------------------------------------------------------------- distributed
+@dataclasses.dataclass
+class RunConfig:
+    """What every training run has: where data and run folder are, when to checkpoint and stop."""
+
+    data: str
+    out: str
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True                  # bf16 autocast on CUDA (no-op on CPU)
+    max_steps: int | None = None      # stop (checkpoint + export) at this global step
+    time_budget_s: float | None = None
+    keep_checkpoints: int = 3
+    resume: bool = False
+    overwrite: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
     """Process topology; world_size 1 when not launched by torchrun."""

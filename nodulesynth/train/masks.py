@@ -46,11 +46,9 @@ def _default_model():
 
 
 @dataclasses.dataclass
-class MaskTrainConfig:
+class MaskTrainConfig(engine.RunConfig):
     """Mask StyleGAN training run. Defaults are the paper's (§4.2) where it gives them."""
 
-    data: str
-    out: str
     model: "MaskGANConfig" = dataclasses.field(default_factory=_default_model)  # noqa: F821
     steps_per_level: int = 10_000                  # paper: 10,000 per resolution
     final_level_steps: int | None = None           # steps at the target resolution (None = steps_per_level)
@@ -64,18 +62,8 @@ class MaskTrainConfig:
                                                    # and short runs have an EMA that tracks G
     nodule_gain: float = 1.0                       # >1: remedy for nodule collapse (see module doc)
     nodule_only: bool = True
-    checkpoint_every: int = 1000
     sample_every: int = 500                        # nodule-rate measurement + metrics row with it
-    log_every: int = 50
     eval_samples: int = 256
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    max_steps: int | None = None                   # stop (checkpoint + export) at this global step
-    time_budget_s: float | None = None
-    keep_checkpoints: int = 3
-    resume: bool = False
-    overwrite: bool = False
 
 
 def schedule(step: int, steps_per_level: int, levels: int) -> tuple[int, float]:

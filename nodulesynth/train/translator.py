@@ -37,11 +37,9 @@ def _default_model():
 
 
 @dataclasses.dataclass
-class TranslatorTrainConfig:
+class TranslatorTrainConfig(engine.RunConfig):
     """DL-Pix2Pix training run. Defaults are the paper's (§4.2)."""
 
-    data: str
-    out: str
     model: "TranslatorConfig" = dataclasses.field(default_factory=_default_model)  # noqa: F821
     epochs: int = 200                 # LR decays linearly to 0 over the second half
     batch_size: int = 1
@@ -53,18 +51,8 @@ class TranslatorTrainConfig:
     crop_size: int | None = 256       # None = whole slices
     augment: bool = True
     vgg_weights: str | None = None
-    checkpoint_every: int = 1000
-    log_every: int = 50
     num_samples: int = 4
     num_workers: int = 2
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    max_steps: int | None = None
-    time_budget_s: float | None = None
-    keep_checkpoints: int = 3
-    resume: bool = False
-    overwrite: bool = False
 
 
 class PairDataset(torch.utils.data.Dataset):
