@@ -129,3 +129,20 @@ def test_ultralytics_trains_on_export_offline(yolo_dir, tmp_path_factory, monkey
         model.train(data=str(yolo_dir / "data.yaml"), epochs=1, imgsz=64, batch=4, nbs=4, warmup_epochs=0, mosaic=0,
                     device="cpu", project=str(run), name="smoke", workers=0, plots=False, verbose=False, amp=False)
     assert (run / "smoke" / "weights" / "last.pt").is_file()
+
+
+def test_segmentation_is_each_components_own_pixels_when_boxes_overlap():
+    from pycocotools import mask as mask_utils
+
+    from nodulesynth.export.coco import nodule_annotations
+
+    m = np.zeros((32, 32), np.uint8)
+    m[4:20, 4:6] = C.NODULE   # an L-shaped component whose box (4..20, 4..20) ...
+    m[18:20, 4:20] = C.NODULE
+    m[8:11, 10:13] = C.NODULE  # ... contains a second, separate 3×3 component
+    anns = nodule_annotations(m, mask_to_boxes(m))
+    areas = sorted(a["area"] for a in anns)
+    assert areas == [9.0, float(16 * 2 + 2 * 16 - 4)]
+    union = sum(mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
+                for a in anns)
+    assert union.max() == 1 and np.array_equal(union.astype(bool), m == C.NODULE)

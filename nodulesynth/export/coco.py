@@ -2,8 +2,8 @@
 
 Image formats: "png" = 8-bit lung window [-1000, 400] HU (what the paper's detectors saw);
 "png16" = 16-bit PNG of HU + 1024 (lossless integer HU, 0 = -1024 HU); "npy" = int16 HU arrays.
-Each annotation is one nodule component: bbox from its box, segmentation = the nodule pixels inside
-that box (RLE, counts as str so the JSON loads anywhere), area = that pixel count.
+Each annotation is one nodule component: bbox from its box, segmentation = exactly that component's
+pixels (RLE, counts as str so the JSON loads anywhere), area = that pixel count.
 Images are encoded on a thread pool (PNG compression runs in C without the GIL) using all cores.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..hu import LUNG_WINDOW, window_uint8
 from ..io import write_json
-from ..masks.boxes import xyxy_to_coco
+from ..masks.boxes import STRUCT8, xyxy_to_coco
 from ..masks.classes import MaskClass
 
 IMAGE_FORMATS = ("png", "png16", "npy")
@@ -67,16 +67,21 @@ class ParallelEncoder:
 
 
 def nodule_annotations(mask: np.ndarray, boxes: np.ndarray) -> list[dict]:
-    """COCO annotation bodies (no ids) for the nodule components of one mask."""
+    """COCO annotation bodies (no ids) for the nodule components of one mask: each box's
+    segmentation is exactly its own component, even where boxes of two components overlap."""
     from pycocotools import mask as mask_utils
+    from scipy import ndimage
 
     H, W = mask.shape
-    nod = mask == MaskClass.NODULE
+    lab, _ = ndimage.label(mask == MaskClass.NODULE, structure=STRUCT8)
+    extent_to_label = {(s[1].start, s[0].start, s[1].stop, s[0].stop): k + 1
+                       for k, s in enumerate(ndimage.find_objects(lab))}
     out = []
     for box in np.asarray(boxes, np.float32).reshape(-1, 4):
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
-        seg = np.zeros((H, W, 1), dtype=np.uint8, order="F")
-        seg[y0:y1, x0:x1, 0] = nod[y0:y1, x0:x1]
+        key = tuple(int(round(v)) for v in box)
+        if key not in extent_to_label:
+            raise ValueError(f"box {key} is not the extent of a nodule component of its mask")
+        seg = np.asfortranarray((lab == extent_to_label[key])[:, :, None].astype(np.uint8))
         rle = mask_utils.encode(seg)[0]
         rle["counts"] = rle["counts"].decode("ascii")
         out.append({

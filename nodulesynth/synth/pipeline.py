@@ -241,7 +241,7 @@ def quality_gate(
 
 def validate_masks(masks, image_size: int, name: str = "masks") -> torch.Tensor:
     """User masks (H,W) or (B,H,W) with values 0..5 → uint8 tensor (B,H,W); clear errors otherwise."""
-    t = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks)
+    t = masks if isinstance(masks, torch.Tensor) else torch.from_numpy(np.array(masks))  # copy: inputs may be read-only memmaps
     if t.ndim == 2:
         t = t[None]
     if t.ndim != 3:
