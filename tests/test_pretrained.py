@@ -1,0 +1,68 @@
+"""The shipped default weights (pretrained/): they load offline, are small, carry a model card,
+and generate valid, CT-like samples on CPU. These tests fail — never skip — if the weights are
+missing, because `nodulesynth generate` depends on them."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nodulesynth.masks.classes import MaskClass as C
+from nodulesynth.models.tsgan import DEFAULT_WEIGHTS_DIR, TSGAN
+from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
+
+
+@pytest.fixture(scope="module")
+def shipped() -> TSGAN:
+    return TSGAN.from_pretrained("pretrained")
+
+
+@pytest.fixture(scope="module")
+def samples(shipped):
+    return Synthesizer(shipped, GenerationConfig(seed=0, block=4, batch_size=4)).generate(range(4))
+
+
+def test_shipped_folder_is_small_safetensors_with_a_model_card(shipped):
+    files = {p.name: p.stat().st_size for p in DEFAULT_WEIGHTS_DIR.iterdir()}
+    assert {"mask_generator.safetensors", "translator.safetensors", "tsgan.json", "README.md"} <= set(files)
+    assert sum(files.values()) <= 32 * 2**20
+    assert not any(n.endswith((".pt", ".pth", ".pkl", ".bin")) for n in files)
+    card = (DEFAULT_WEIGHTS_DIR / "README.md").read_text()
+    for must in ("LIDC-IDRI", "phantom", "steps", "not for diagnosis"):
+        assert must.lower() in card.lower(), must
+    meta = json.loads((DEFAULT_WEIGHTS_DIR / "tsgan.json").read_text())
+    assert meta["image_size"] == 512 and meta["meta"]["spacing_mm"] > 0
+    assert shipped.source.startswith("local:") and len(shipped.revision) == 12
+
+
+def test_generated_masks_pass_the_gate_with_nodules_in_lungs(samples):
+    for mask, boxes, prov in zip(samples.masks.numpy(), samples.boxes, samples.provenance):
+        assert len(boxes) >= 1
+        assert (mask == C.LEFT_LUNG).any() and (mask == C.RIGHT_LUNG).any() and (mask == C.BODY).any()
+        # patient's left lung on the image's right
+        ys, xs = np.nonzero(mask == C.LEFT_LUNG)
+        yr, xr = np.nonzero(mask == C.RIGHT_LUNG)
+        assert xs.mean() > xr.mean()
+        assert prov["seed"] == 0 and prov["revision"]
+
+
+def test_generated_slices_have_ct_like_hu(samples):
+    hu, masks = samples.images_hu, samples.masks
+    lungs = (masks == C.LEFT_LUNG) | (masks == C.RIGHT_LUNG)
+    lung_median = hu[lungs].median().item()
+    assert -950 < lung_median < -700, lung_median
+    # soft tissue: the densest mode of the body's HU histogram between fat and bone
+    body = hu[masks == C.BODY]
+    hist = torch.histc(body.clamp(-200, 200), bins=40, min=-200, max=200)
+    soft_peak = -200 + 10 * (int(torch.argmax(hist[17:])) + 17) + 5  # search −30 … 200 HU
+    assert -20 < soft_peak < 110, soft_peak
+    assert hu[masks == C.BACKGROUND].median().item() < -900
+    nodule = hu[masks == C.NODULE].median().item()
+    assert nodule > lung_median + 200, (nodule, lung_median)
+
+
+def test_same_seed_same_samples(shipped, samples):
+    again = Synthesizer(shipped, GenerationConfig(seed=0, block=4, batch_size=2)).generate([2, 3])
+    assert torch.equal(again.masks, samples.masks[2:]) and torch.equal(again.images_hu, samples.images_hu[2:])
