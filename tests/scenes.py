@@ -6,7 +6,7 @@ import numpy as np
 from nodulesynth.masks.classes import MaskClass as C
 
 
-def scene_mask(nodules: list[tuple[int, int, int]], size: int = 64) -> np.ndarray:
+def scene_mask(nodules: list[tuple[int, int, int]] = (), size: int = 64) -> np.ndarray:
     """Body with both lungs (patient's right lung on the image left) and disc nodules (cx, cy, r)."""
     m = np.zeros((size, size), np.uint8)
     m[8:56, 4:60] = C.BODY

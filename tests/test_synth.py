@@ -7,6 +7,7 @@ rejection sampling for real. Gate semantics are checked on hand-drawn masks.
 from __future__ import annotations
 
 import numpy as np
+from scenes import scene_mask
 import pytest
 import torch
 
@@ -76,39 +77,28 @@ def test_boxes_match_masks_and_gate_holds(model):
     assert "accepted" in st.summary()
 
 
-def _scene(nodules=((30, 20, 3),), size=64):
-    """Hand-drawn mask: body, two lungs, nodules (cx, cy, radius) in pixels."""
-    m = np.zeros((size, size), np.uint8)
-    m[8:56, 4:60] = C.BODY
-    m[14:50, 8:28] = C.RIGHT_LUNG  # patient's right lung: image left
-    m[14:50, 36:56] = C.LEFT_LUNG
-    yy, xx = np.mgrid[:size, :size]
-    for cx, cy, r in nodules:
-        m[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = C.NODULE
-    return m
-
-
 @pytest.mark.parametrize(
     "mask, cfg, reason",
     [
-        (_scene([(18, 30, 3)]), {}, None),  # inside the right lung
-        (_scene([(29, 30, 3)]), {}, None),  # juxta-pleural: touches the right lung's edge
-        (_scene([(32, 30, 2)]), {}, "invalid nodule"),  # in the mediastinum, touches no lung
-        (_scene([(18, 30, 1)]), {"min_nodule_pixels": 9}, "invalid nodule"),  # too small
-        (_scene([(32, 30, 2)]), {"gate": False}, None),  # gate off (benchmarks of untrained weights only)
-        (_scene([]), {}, "nodule count"),
-        (_scene([]), {"min_nodules": 0}, None),  # negatives allowed
-        (np.where(_scene() == C.LEFT_LUNG, C.BODY, _scene()).astype(np.uint8), {}, "missing lung"),
-        (np.where(_scene() == C.BODY, 0, _scene()).astype(np.uint8), {}, "no body"),
-        (_scene([(18, 20, 2), (46, 40, 2)]), {"num_nodules": 1}, "nodule count"),
-        (_scene([(18, 20, 2), (46, 40, 2)]), {"num_nodules": (1, 2)}, None),
-        (_scene([(18, 30, 3)]), {"min_size_mm": 10 * 7 * 0.8}, "nodule condition"),  # 7 px wide
-        (_scene([(18, 30, 3)]), {"max_size_mm": 7 * 6.4 - 1}, "nodule condition"),
-        (_scene([(18, 30, 3)]), {"min_size_mm": 7 * 6.4, "max_size_mm": 7 * 6.4}, None),
-        (_scene([(18, 30, 3)]), {"lung": "left"}, "nodule condition"),
-        (_scene([(18, 30, 3)]), {"lung": "right"}, None),
-        (_scene([(18, 30, 3)]), {"region": (0.5, 0, 1, 1)}, "nodule condition"),
-        (_scene([(18, 30, 3)]), {"region": (0, 0, 0.5, 1)}, None),
+        (scene_mask([(18, 30, 3)]), {}, None),  # inside the right lung
+        (scene_mask([(29, 30, 3)]), {}, None),  # juxta-pleural: touches the right lung's edge
+        (scene_mask([(32, 30, 2)]), {}, "invalid nodule"),  # in the mediastinum, touches no lung
+        (scene_mask([(5, 30, 3)]), {}, "invalid nodule"),  # touches a lung but pokes out of the body
+        (scene_mask([(18, 30, 1)]), {"min_nodule_pixels": 9}, "invalid nodule"),  # too small
+        (scene_mask([(32, 30, 2)]), {"gate": False}, None),  # gate off (benchmarks of untrained weights only)
+        (scene_mask([]), {}, "nodule count"),
+        (scene_mask([]), {"min_nodules": 0}, None),  # negatives allowed
+        (np.where(scene_mask() == C.LEFT_LUNG, C.BODY, scene_mask()).astype(np.uint8), {}, "missing lung"),
+        (np.where(scene_mask() == C.BODY, 0, scene_mask()).astype(np.uint8), {}, "no body"),
+        (scene_mask([(18, 20, 2), (46, 40, 2)]), {"num_nodules": 1}, "nodule count"),
+        (scene_mask([(18, 20, 2), (46, 40, 2)]), {"num_nodules": (1, 2)}, None),
+        (scene_mask([(18, 30, 3)]), {"min_size_mm": 10 * 7 * 0.8}, "nodule condition"),  # 7 px wide
+        (scene_mask([(18, 30, 3)]), {"max_size_mm": 7 * 6.4 - 1}, "nodule condition"),
+        (scene_mask([(18, 30, 3)]), {"min_size_mm": 7 * 6.4, "max_size_mm": 7 * 6.4}, None),
+        (scene_mask([(18, 30, 3)]), {"lung": "left"}, "nodule condition"),
+        (scene_mask([(18, 30, 3)]), {"lung": "right"}, None),
+        (scene_mask([(18, 30, 3)]), {"region": (0.5, 0, 1, 1)}, "nodule condition"),
+        (scene_mask([(18, 30, 3)]), {"region": (0, 0, 0.5, 1)}, None),
     ],
 )
 def test_quality_gate_on_drawn_masks(mask, cfg, reason):
@@ -126,7 +116,7 @@ def test_unsatisfiable_conditions_fail_clearly(model):
 
 def test_mask_in_mode_translates_given_masks(model):
     s = Synthesizer(model, GenerationConfig())
-    m = np.stack([_scene([(18, 30, 3)]), _scene([(18, 20, 2), (46, 40, 2)])])
+    m = np.stack([scene_mask([(18, 30, 3)]), scene_mask([(18, 20, 2), (46, 40, 2)])])
     b = s.translate(m, names=["a", "b"])
     assert b.images_hu.shape == (2, 64, 64) and torch.equal(b.masks, torch.from_numpy(m))
     assert [len(x) for x in b.boxes] == [1, 2] and b.provenance[1]["mask"] == "b"
@@ -140,7 +130,7 @@ def test_mask_in_mode_translates_given_masks(model):
 def _real_folder(tmp_path, n=5, size=64):
     from nodulesynth.data.slices import SliceRecord, write_slice_dataset
 
-    masks = np.stack([_scene([(18, 30, 3)]) for _ in range(n)])
+    masks = np.stack([scene_mask([(18, 30, 3)]) for _ in range(n)])
     images = np.where(masks == C.BODY, 40, np.where(masks == 0, -1024, -850)).astype(np.int16)
     recs = [SliceRecord(series_uid=f"1.2.{k}", z_mm=-100.0 + k, slice_index=k, spacing_mm=(6.4, 6.4),
                         boxes=mask_to_boxes(masks[k]), source="phantom", has_nodule=True) for k in range(n)]

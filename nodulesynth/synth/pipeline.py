@@ -35,6 +35,7 @@ from ..runtime import autocast
 
 # Default in-plane spacing of prepared slices (prepare --size 512 --spacing 0.8): 512 px ↔ 409.6 mm.
 DEFAULT_FIELD_OF_VIEW_MM = 512 * 0.8
+THORAX_MARGIN = 2  # px around a nodule's box that must hold no background (quality gate)
 
 
 @dataclass
@@ -163,7 +164,8 @@ def quality_gate(
     """Vectorised gate + conditions for a batch of label masks (B,H,W) uint8 on any device.
 
     A nodule *component* (one box of ``masks_to_boxes_batch``) is valid when it has ≥ min_nodule_pixels
-    nodule pixels and touches a lung (inside it, or juxta-pleural: 8-adjacent to lung pixels). A sample
+    nodule pixels, touches a lung (inside it, or juxta-pleural: 8-adjacent to lung pixels) and lies
+    inside the thorax (no background pixel within THORAX_MARGIN px of its box). A sample
     passes when every component is valid, the count of components is allowed, both lungs and the body
     are present and every nodule meets the size / region / lung conditions. Pixel counts use the
     component's box, so two components with overlapping boxes share pixels (rare; only loosens counts).
@@ -204,7 +206,13 @@ def quality_gate(
     min_pix = config.min_nodule_pixels
     if min_pix is None:
         min_pix = max(4, int(math.pi / 4 * (3.0 / spacing_mm) ** 2))
-    bad_comp = ((npix < min_pix) | ~(touch_l | touch_r)) & config.gate
+    # Inside the thorax: no background within THORAX_MARGIN px of the box (rejects blobs that a
+    # young mask GAN paints at the image border next to stray lung pixels).
+    m = THORAX_MARGIN
+    grown = torch.stack([(ib[:, 0] - m).clamp(min=0), (ib[:, 1] - m).clamp(min=0),
+                         (ib[:, 2] + m).clamp(max=W), (ib[:, 3] + m).clamp(max=H)], 1)
+    outside = _box_sums(_integral(masks == MaskClass.BACKGROUND), bidx, grown) > 0
+    bad_comp = ((npix < min_pix) | ~(touch_l | touch_r) | outside) & config.gate
     cond = torch.zeros_like(bad_comp)
     size_mm = (allb[:, 2:] - allb[:, :2]).amax(1) * spacing_mm
     if config.min_size_mm is not None:
