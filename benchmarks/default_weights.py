@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +53,15 @@ def evaluate(args) -> None:
     from nodulesynth.metrics.nodules import nodule_stats
     from nodulesynth.models.pix2pix import one_hot
     from nodulesynth.models.tsgan import TSGAN
+    from nodulesynth.synth.pipeline import GenerationConfig, quality_gate
 
     torch.manual_seed(0)
     model = TSGAN.from_pretrained(args.weights)
     report: dict = {"weights": model.source, "revision": model.revision}
     for name in ("holdout-real", "holdout-phantom"):
         ds = SliceDataset(Path(args.data) / name)
-        masks = torch.from_numpy(np.asarray(ds.masks)).long()
-        real = torch.from_numpy(np.asarray(ds.images)).float()
+        masks = torch.from_numpy(np.array(ds.masks)).long()
+        real = torch.from_numpy(np.array(ds.images)).float()
         fake = torch.cat([unit_to_hu(model.translator(one_hot(m[None]))[:, 0]) for m in masks])
         lung = (masks == 2) | (masks == 3)
         report[name] = {
@@ -74,7 +76,20 @@ def evaluate(args) -> None:
     z = torch.randn(args.samples, model.mask_config.z_dim, generator=torch.Generator().manual_seed(0))
     gen = torch.cat([model.mask_generator.sample(zz, size=model.image_size) for zz in z.split(16)]).numpy()
     report["masks_generated"] = nodule_stats(gen, spacing).summary()
+    passed, why, _ = quality_gate(torch.from_numpy(gen), GenerationConfig(), spacing)
+    report["quality_gate"] = {"pass_rate": round(passed.float().mean().item(), 4),
+                              "rejected": dict(Counter(w for w in why if w))}
+    report["masks_accepted"] = nodule_stats(gen[passed.numpy()], spacing).summary()
     report["masks_train"] = nodule_stats(np.asarray(train.masks), spacing).summary()
+    if args.preview:  # top row: generated (mask | CT); bottom row: held-out real (mask | CT)
+        from nodulesynth.synth.pipeline import Synthesizer
+        from nodulesynth.viz import preview_grid
+
+        gen_b = Synthesizer(model, GenerationConfig(seed=0, block=4)).generate(range(4))
+        real = SliceDataset(Path(args.data) / "holdout-real")
+        preview_grid(args.preview, images_hu=list(gen_b.images_hu.numpy()) + [real.images[i] for i in range(4)],
+                     masks=list(gen_b.masks.numpy()) + [real.masks[i] for i in range(4)],
+                     boxes=list(gen_b.boxes) + [real.records[i].boxes for i in range(4)], columns=4, tile=192)
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -113,6 +128,7 @@ def main() -> None:
     e.add_argument("--data", required=True)
     e.add_argument("--samples", type=int, default=128)
     e.add_argument("--json", default=None)
+    e.add_argument("--preview", default=None, help="PNG: 4 generated (top) above 4 held-out real slices")
     s = sub.add_parser("ship")
     s.add_argument("--masks", required=True)
     s.add_argument("--translator", required=True)
