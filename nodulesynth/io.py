@@ -49,7 +49,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool, arg: str = "--out") -> Path:
     """Refuse an existing non-empty output folder unless ``overwrite``; check it can be written."""
-    out = Path(out)
+    out = Path(out).expanduser().resolve()  # "." has no name to put a temp sibling beside
     if out.exists() and not out.is_dir():
         raise NoduleSynthError(f"{arg} {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

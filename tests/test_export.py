@@ -146,3 +146,4 @@ def test_segmentation_is_each_components_own_pixels_when_boxes_overlap():
     union = sum(mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
                 for a in anns)
     assert union.max() == 1 and np.array_equal(union.astype(bool), m == C.NODULE)
+

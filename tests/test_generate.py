@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from scenes import scene_mask
 import pytest
 import torch
+import yaml
 from PIL import Image
+from scenes import scene_mask
 
 from nodulesynth.cli import main
 
@@ -58,7 +59,7 @@ def test_both_formats_same_samples_other_batch_size(first_run, tmp_path, weights
             (first_run / "images" / f"synth_{k:06d}.png").read_bytes()
     assert len(list((out / "yolo" / "images" / "val").glob("*.png"))) == 1
     assert len(list((out / "yolo" / "labels" / "train").glob("*.txt"))) == 2
-    assert f"path: {(out / 'yolo').resolve().as_posix()}" in (out / "yolo" / "data.yaml").read_text()
+    assert yaml.safe_load((out / "yolo" / "data.yaml").read_text())["path"] == (out / "yolo").resolve().as_posix()
 
 
 def test_mixing_real_and_mask_in(tmp_path, weights):
@@ -152,3 +153,21 @@ def test_bad_mask_files(tmp_path, weights, capsys):
     np.save(mdir / "bad.npy", np.full((64, 64), 9, np.uint8))
     assert main(["generate", "--masks", str(mdir), "--out", str(tmp_path / "o"), "--weights", weights, "--device", "cpu"]) == 2
     assert "bad.npy: label values must be in 0..5" in capsys.readouterr().err
+
+
+def test_more_bad_arguments_fail_clearly(tmp_path, capsys):
+    from nodulesynth.cli import main
+
+    mdir = tmp_path / "m"
+    mdir.mkdir()
+    np.save(mdir / "a.npy", scene_mask([(18, 30, 3)]))
+    Image.fromarray(scene_mask([(18, 30, 3)])).save(mdir / "a.png")
+    for argv, needle in (
+        (["generate", "--n", "1", "--out", str(tmp_path / "o1"), "--seed", "-1"], "--seed"),
+        (["generate", "--masks", str(mdir), "--out", str(tmp_path / "o2")], "share the name"),
+        (["generate", "--n", "1", "--out", str(tmp_path / "o3"), "--weights", "./no/such/run"], "no such folder"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+        assert not (tmp_path / argv[argv.index("--out") + 1]).exists()

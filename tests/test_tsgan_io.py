@@ -151,8 +151,10 @@ def test_hub_repo_offline_falls_back_to_shipped_folder(tmp_path, monkeypatch, ca
         model = TSGAN.from_pretrained("someone/tsgan-lidc", revision="main")
     assert model.source == f"local:{shipped.resolve()}"
     assert "falling back to the shipped weights" in caplog.text and "someone/tsgan-lidc@main" in caplog.text
-    with pytest.raises(NoduleSynthError, match="not a valid hub repo id"):
-        TSGAN.from_pretrained("no/such/folder/here")
+    with pytest.raises(NoduleSynthError, match="no such folder"):
+        TSGAN.from_pretrained("no/such/folder/here")  # path-like: never sent to the hub
+    with pytest.raises(NoduleSynthError, match="no such folder"):
+        TSGAN.from_pretrained("./runs/export_typo")
 
 
 def test_hub_download_is_used_when_reachable(tmp_path, monkeypatch):

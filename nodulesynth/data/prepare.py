@@ -71,6 +71,8 @@ class PrepareConfig:
             raise NoduleSynthError(f"--negatives {self.negatives}: must be between 0 and 10")
         if self.max_scans is not None and self.max_scans < 1:
             raise NoduleSynthError(f"--max-scans {self.max_scans}: must be ≥ 1")
+        if self.seed < 0:
+            raise NoduleSynthError(f"--seed {self.seed}: must be ≥ 0")
 
     def fingerprint(self) -> dict:
         """Settings a shard depends on (resume only reuses shards made with the same ones)."""

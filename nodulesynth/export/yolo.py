@@ -7,6 +7,7 @@ the settings that let ultralytics run with no network (see /work/shared/setup.md
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -70,7 +71,7 @@ class YoloWriter:
         with atomic_file(path, "w") as fh:
             fh.write(
                 "# written by nodulesynth; train with YOLO('yolov8n.yaml').train(data='data.yaml')\n"
-                f"path: {self.final_root.as_posix()}\ntrain: images/train\nval: {val}\n"
+                f"path: {json.dumps(self.final_root.as_posix())}\ntrain: images/train\nval: {val}\n"
                 "nc: 1\nnames:\n  0: nodule\n"
             )
         return path

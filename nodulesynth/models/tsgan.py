@@ -117,14 +117,21 @@ class TSGAN(nn.Module):
             return cls._load_local(path, dev)
         if path.exists():
             raise NoduleSynthError(f"--weights {weights}: is a file; give a TSGAN folder or a hub repo id")
+        text = str(weights)
+        if text.startswith((".", "~", "/")) or text.count("/") != 1 or "\\" in text:
+            raise NoduleSynthError(f"--weights {weights}: no such folder (and not a hub repo id of the form org/name)")
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
         try:
-            local = Path(snapshot_download(repo_id=str(weights), revision=revision, allow_patterns=HUB_PATTERNS))
+            local = Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=HUB_PATTERNS))
         except HFValidationError as e:
             raise NoduleSynthError(f"--weights {weights}: not an existing folder and not a valid hub repo id") from e
-        except Exception as e:  # offline, connection, repo/revision not found, gated: use what we ship
+        except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
+            what = f"{weights}@{revision}" if revision else text
+            raise NoduleSynthError(f"--weights {what}: the hub has no such (accessible) repo or revision "
+                                   f"({type(e).__name__})") from e
+        except (OSError, ConnectionError) as e:  # offline / unreachable (LocalEntryNotFoundError is an OSError)
             log.warning("TSGAN: could not get %s from the Hugging Face hub (%s: %s); falling back to the shipped "
                         "weights in %s", f"{weights}@{revision}" if revision else str(weights), type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "", DEFAULT_WEIGHTS_DIR)

@@ -108,6 +108,11 @@ class SyntheticNoduleDataset(Dataset):
         self.weights, self.revision = weights, revision
         self.output, self.batch_size, self.cache_blocks = output, batch_size, cache_blocks
         self.transform = _compose(transform)
+        given = dataclasses.asdict(conditions) if isinstance(conditions, GenerationConfig) else dict(conditions or {})
+        if given.get("seed", seed) != seed:
+            raise NoduleSynthError(f"conditions: seed={given['seed']} conflicts with seed={seed}; pass the seed once")
+        if seed < 0:
+            raise NoduleSynthError(f"seed: must be ≥ 0, got {seed}")
         if isinstance(conditions, GenerationConfig):
             cfg = dataclasses.replace(conditions, seed=seed, batch_size=batch_size)
         else:
@@ -249,6 +254,8 @@ class BlockSampler(Sampler[int]):
     shuffled, reshuffled every epoch), so lazy generation costs one forward per block per epoch."""
 
     def __init__(self, ds: SyntheticNoduleDataset, shuffle: bool = True, seed: int = 0):
+        if seed < 0:
+            raise NoduleSynthError(f"block_sampler: seed must be ≥ 0, got {seed}")
         self.ds, self.shuffle, self.seed, self.epoch = ds, shuffle, seed, 0
 
     def __len__(self) -> int:

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("coco", "yolo", "both"), default="coco")
     p.add_argument("--seed", type=int, default=0, help="sample i is a pure function of (weights, seed, i)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (speed only, never results)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per generation call (speed only, never results); networks run in fixed 16-row blocks")
     p.add_argument("--weights", default="pretrained", help="'pretrained' (shipped), a folder, or a hub repo id")
     p.add_argument("--revision", default=None, help="hub revision of --weights")
     p.add_argument("--real", default=None, help="prepared real slice dataset folder to mix in (nodulesynth prepare)")
@@ -98,6 +98,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise NoduleSynthError("--masks: translates every mask in the folder; do not combine it with --n or --ratio")
     if args.batch_size < 1:
         raise NoduleSynthError(f"--batch-size: must be ≥ 1, got {args.batch_size}")
+    if args.seed < 0:
+        raise NoduleSynthError(f"--seed: must be ≥ 0, got {args.seed}")
     if not 0 <= args.val_fraction < 1:
         raise NoduleSynthError(f"--val-fraction: must be in [0, 1), got {args.val_fraction}")
     if args.workers is not None and args.workers < 1:
@@ -136,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
     size = synth.image_size
     print(f"weights: {getattr(tsgan, 'source', args.weights)} (revision {getattr(tsgan, 'revision', 'unknown')}) "
           f"on {device}, {size}×{size}")
+    stems = [f.stem for f in mask_files]
+    clash = sorted({x for x in stems if stems.count(x) > 1})
+    if clash:
+        raise NoduleSynthError(f"--masks {args.masks}: several files share the name(s) {clash} (e.g. a.png and a.npy); "
+                               "their outputs would overwrite each other")
     masks_in = [(f, _load_mask(f, size)) for f in mask_files]  # validate every file before writing anything
     n_masks = sum(len(m) for _, m in masks_in)
     if real is not None and tuple(real.images.shape[1:]) != (size, size):
