@@ -123,6 +123,9 @@ class SyntheticNoduleDataset(Dataset):
             cfg = GenerationConfig(**{**(conditions or {}), "seed": seed, "batch_size": batch_size})
         cfg.validate()
         self.config = cfg
+        # Cache blocks are whole forward-pass blocks: a smaller batch would be padded anyway (wasted
+        # compute), and block size never changes which samples come out.
+        self.batch_size = -(-max(batch_size, cfg.block) // cfg.block) * cfg.block
         self._synth: Synthesizer | None = None
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self._pregenerated = False
