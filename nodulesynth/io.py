@@ -54,11 +54,15 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool, arg: str = "--out") -
         raise NoduleSynthError(f"{arg} {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise NoduleSynthError(f"{arg} {out}: folder exists and is not empty (pass --overwrite to replace it)")
-    parent = out.resolve().parent
+    parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise NoduleSynthError(f"{arg} {out}: cannot write into {parent}")
+    if not parent.is_dir():
+        raise NoduleSynthError(f"{arg} {out}: {parent} is not a folder")
+    try:  # really try: os.access says yes to root everywhere (even /proc)
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
+    except OSError as e:
+        raise NoduleSynthError(f"{arg} {out}: cannot write into {parent} ({e.strerror or e})") from e
     return out
 
 

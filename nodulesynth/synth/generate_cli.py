@@ -69,21 +69,6 @@ def _load_mask(path: Path, size: int) -> np.ndarray:
     return validate_masks(arr, size, name=f"--masks {path}").numpy()
 
 
-def _probe_writable(out: Path) -> None:
-    """check_out_dir trusts os.access, which says yes to root everywhere: really try to write."""
-    import tempfile
-
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NoduleSynthError(f"--out {out}: {parent} is not a folder")
-    try:
-        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
-    except OSError as e:
-        raise NoduleSynthError(f"--out {out}: cannot write into {parent} ({e.strerror or e})") from e
-
-
 def _check_args(args: argparse.Namespace) -> None:
     if args.masks is None and args.ratio is None and (args.n is None or args.n <= 0):
         raise NoduleSynthError(f"--n: must be a positive number of slices, got {args.n}")
@@ -124,7 +109,6 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     device = resolve_device(args.device)
     out = check_out_dir(args.out, args.overwrite)
-    _probe_writable(out)
     cfg = GenerationConfig(seed=args.seed, batch_size=args.batch_size, min_size_mm=args.min_size_mm,
                            max_size_mm=args.max_size_mm, num_nodules=args.num_nodules)
     cfg.validate()

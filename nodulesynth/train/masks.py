@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..errors import NoduleSynthError
 from ..io import write_json
 from ..masks.classes import NUM_CLASSES, MaskClass
+from ..models.pix2pix import one_hot
 from ..runtime import autocast
 from ..viz import preview_grid
 from . import engine
@@ -77,7 +78,7 @@ def schedule(step: int, steps_per_level: int, levels: int) -> tuple[int, float]:
 
 def masks_to_fractions(labels: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (B,H,W) labels → (B,C,size,size) class fractions (one-hot average-pooled)."""
-    x = torch.stack([(labels == c) for c in range(NUM_CLASSES)], 1).float()
+    x = one_hot(labels, NUM_CLASSES)
     return x if x.shape[-1] == size else F.adaptive_avg_pool2d(x, size)
 
 
