@@ -4,7 +4,8 @@ Folder layout (written by ``prepare``; format version 1):
 - ``images.npy``: int16 (N, H, W) HU, np.save format, opened memory-mapped (no load time, no copy);
 - ``masks.npy``: uint8 (N, H, W) ``MaskClass`` labels;
 - ``index.json``: ``{"meta": {...}, "records": [SliceRecord...]}`` with per-slice provenance
-  (series UID, world z, slice index, in-plane spacing after resampling, nodule boxes xyxy).
+  (series UID, world z, slice index, in-plane spacing after resampling, nodule boxes xyxy,
+  patient, train/val/test split by patient, and whether the source was labelled at all).
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class SliceRecord:
     scan_path: str = ""
     crop_center_yx: tuple[float, float] = (0.0, 0.0)  # native pixel the crop is centred on
     n_nodules: int = 0  # annotated nodules crossing this slice
+    patient: str = ""  # patient id ("" in datasets prepared before patients were recorded)
+    split: str = ""  # "train" | "val" | "test" by patient (see nodulesynth.data.splits); "" = not recorded
+    labelled: bool = True  # False: source has no nodule annotations, so has_nodule=False is NOT a true negative
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -92,6 +96,8 @@ def write_slice_dataset(
         n_nodule_slices=int(sum(r.has_nodule for r in records)),
         n_boxes=int(sum(len(r.boxes) for r in records)),
         n_series=len({r.series_uid for r in records}),
+        n_patients=len({r.patient or r.series_uid for r in records}),
+        labelled=bool(all(r.labelled for r in records)),  # False: has_nodule=False slices are not negatives
     )
     write_json(folder / "index.json", {"meta": meta, "records": [r.to_json() for r in records]})
     return folder
