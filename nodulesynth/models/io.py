@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +25,48 @@ M = TypeVar("M", bound=nn.Module)
 
 def _brief(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+# Float fields with a closed range; every int field of a network config is a size or count (≥ 1).
+FLOAT_RANGES = {"w_avg_beta": (0.0, 1.0), "dropout": (0.0, 1.0), "mapping_lr_mul": (1e-8, 1e3)}
+
+
+def check_config_values(config_cls: type, values: dict, where: str | Path) -> None:
+    """Types and ranges of a JSON config against the dataclass annotations, before any network is
+    built: a hand-edited ``"ngf": -3`` or ``"resolution": "big"`` gets one error naming the field
+    instead of a traceback from deep inside torch."""
+    for f in dataclasses.fields(config_cls):
+        if f.name not in values:
+            continue
+        v, kind = values[f.name], str(f.type)
+        what = f"{where}: {config_cls.__name__}.{f.name}={v!r}"
+        if v is None:
+            if "None" not in kind:
+                raise NoduleSynthError(f"{what}: must not be null")
+            continue
+        base = kind.split("|")[0].strip()
+        if base == "bool":
+            if not isinstance(v, bool):
+                raise NoduleSynthError(f"{what}: must be true or false")
+        elif base == "int":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise NoduleSynthError(f"{what}: must be an integer")
+            if v < 1:
+                raise NoduleSynthError(f"{what}: must be ≥ 1")
+        elif base == "float":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise NoduleSynthError(f"{what}: must be a finite number")
+            lo, hi = FLOAT_RANGES.get(f.name, (-math.inf, math.inf))
+            if not lo <= v <= hi:
+                raise NoduleSynthError(f"{what}: must be in [{lo:g}, {hi:g}]")
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """NaN/inf weights make blank or garbage images that would still be labelled: refuse them."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NoduleSynthError(f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({_brief(sorted(bad))}); "
+                               "the weights are broken (a diverged or damaged training run)")
 
 
 def save_module(module: nn.Module, config: Any, folder: str | Path, name: str,
@@ -73,6 +116,7 @@ def read_config(config_cls: type, folder: str | Path, name: str) -> Any:
     if unknown:
         raise NoduleSynthError(f"{path}: unknown {config_cls.__name__} fields {_brief(unknown)} "
                                "(written by a newer nodulesynth?)")
+    check_config_values(config_cls, meta["config"], path)
     try:
         return config_cls(**meta["config"])
     except (TypeError, ValueError, NoduleSynthError) as e:
@@ -96,14 +140,20 @@ def load_module(cls: type[M], config_cls: type, folder: str | Path, name: str, d
     """Rebuild ``cls(config)`` from ``folder/name.{json,safetensors}``; returned in eval mode on ``device``.
 
     Keys and shapes must match the architecture the config describes exactly; mismatches are
-    listed briefly in the error.
+    listed briefly in the error. The architecture is first built on the "meta" device (no memory),
+    so a config describing a huge network fails on the comparison, not on allocation. Every float
+    tensor must be finite.
     """
     folder = Path(folder)
     weights = folder / f"{name}.safetensors"
     config = read_config(config_cls, folder, name)
     state = load_state(weights)
-    module = cls(config)
-    own = module.state_dict()
+    try:
+        with torch.device("meta"):
+            own = cls(config).state_dict()
+    except (NoduleSynthError, ValueError, TypeError, RuntimeError, AssertionError, ZeroDivisionError) as e:
+        raise NoduleSynthError(f"{folder / f'{name}.json'}: the config does not describe a buildable "
+                               f"{cls.__name__} ({type(e).__name__}: {e})") from e
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in own
@@ -113,6 +163,9 @@ def load_module(cls: type[M], config_cls: type, folder: str | Path, name: str, d
                  f"wrong shapes {_brief(shapes)}" if shapes else ""]
         raise NoduleSynthError(f"{weights}: does not match the {cls.__name__} described by {name}.json: "
                                + "; ".join(p for p in parts if p))
+    check_finite(state, weights)
+    module = cls(config)
+    own = module.state_dict()
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return module.to(device).eval()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from .. import __version__
 from ..errors import NoduleSynthError
 from ..io import atomic_dir, write_json
 from ..runtime import resolve_device
+from ..masks.classes import NUM_CLASSES
 from .io import load_module, read_config, save_module, sha256_files
 from .pix2pix import DLPix2PixGenerator, TranslatorConfig, one_hot
 from .stylegan import MaskGANConfig, MaskGenerator
@@ -118,23 +121,27 @@ class TSGAN(nn.Module):
         if path.exists():
             raise NoduleSynthError(f"--weights {weights}: is a file; give a TSGAN folder or a hub repo id")
         text = str(weights)
-        if text.startswith((".", "~", "/")) or text.count("/") != 1 or "\\" in text:
+        if _path_like(text):
             raise NoduleSynthError(f"--weights {weights}: no such folder (and not a hub repo id of the form org/name)")
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
+        what = f"{weights}@{revision}" if revision else text
         try:
             local = Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=HUB_PATTERNS))
         except HFValidationError as e:
             raise NoduleSynthError(f"--weights {weights}: not an existing folder and not a valid hub repo id") from e
         except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
-            what = f"{weights}@{revision}" if revision else text
             raise NoduleSynthError(f"--weights {what}: the hub has no such (accessible) repo or revision "
                                    f"({type(e).__name__})") from e
-        except (OSError, ConnectionError) as e:  # offline / unreachable (LocalEntryNotFoundError is an OSError)
-            log.warning("TSGAN: could not get %s from the Hugging Face hub (%s: %s); falling back to the shipped "
-                        "weights in %s", f"{weights}@{revision}" if revision else str(weights), type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "", DEFAULT_WEIGHTS_DIR)
+        except Exception as e:  # noqa: BLE001 - sorted below: only "cannot reach the hub" falls back
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if not hub_unreachable(e):
+                raise NoduleSynthError(f"--weights {what}: the Hugging Face hub download failed ({reason}); "
+                                       "not substituting the shipped weights") from e
+            log.warning("TSGAN: cannot reach the Hugging Face hub for %s (%s); falling back to the shipped "
+                        "weights in %s (no local folder named %s exists either)", what, reason,
+                        DEFAULT_WEIGHTS_DIR, text)
             return cls._load_local(Path(DEFAULT_WEIGHTS_DIR), dev, shipped=True)
         sha = local.name if local.parent.name == "snapshots" else sha256_files(list(local.glob("*.safetensors")))[:12]
         model = cls._load_local(local, dev, source=f"hub:{weights}@{sha}", revision=sha)
@@ -151,19 +158,13 @@ class TSGAN(nn.Module):
         missing = [p.name for p in [folder / "tsgan.json", *files] if not p.is_file()]
         if missing:
             raise NoduleSynthError(f"{folder}: not a TSGAN weights folder (missing {', '.join(missing)})")
-        meta_path = folder / "tsgan.json"
-        try:
-            info = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise NoduleSynthError(f"{meta_path}: not readable JSON ({e})") from e
-        if not isinstance(info, dict) or info.get("format") != FORMAT:
-            raise NoduleSynthError(f"{meta_path}: not a {FORMAT} file")
-        if int(info.get("version", 0)) > FORMAT_VERSION:
-            raise NoduleSynthError(f"{meta_path}: format version {info.get('version')} is newer than this "
-                                   f"nodulesynth understands ({FORMAT_VERSION}); upgrade nodulesynth")
+        info = read_info(folder / "tsgan.json")
+        mask_cfg = read_config(MaskGANConfig, folder, MASK_NAME)
+        translator_cfg = read_config(TranslatorConfig, folder, TRANSLATOR_NAME)
+        check_compatible(folder, info["image_size"], mask_cfg, translator_cfg)
         mask = load_module(MaskGenerator, MaskGANConfig, folder, MASK_NAME, device)
         translator = load_module(DLPix2PixGenerator, TranslatorConfig, folder, TRANSLATOR_NAME, device)
-        meta = {**dict(info.get("meta") or {}), "image_size": int(info.get("image_size", 512))}
+        meta = {**info["meta"], "image_size": info["image_size"]}
         revision = revision or sha256_files(files)[:12]
         source = source or f"local:{folder.resolve()}"
         model = cls(mask, translator, meta, revision=revision, source=source).eval()
@@ -194,6 +195,99 @@ class TSGAN(nn.Module):
             (tmp / "README.md").write_text(model_card, encoding="utf-8")
         log.info("TSGAN: saved to %s (revision %s)", folder, revision)
         return folder
+
+
+def _need(cond: bool, path: Path, field: str, value: Any, why: str) -> None:
+    if not cond:
+        raise NoduleSynthError(f"{path}: {field}={value!r}: {why}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_info(path: Path) -> dict:
+    """Read and check ``tsgan.json``: format, version, image_size (an int power of two ≥ 4) and the
+    optional ``meta.spacing_mm`` (finite, > 0). Returns {"image_size", "meta", "version"}."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NoduleSynthError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise NoduleSynthError(f"{path}: not a {FORMAT} file")
+    version = info.get("version", 1)
+    _need(_is_int(version) and version >= 1, path, "version", version, "must be an integer ≥ 1")
+    if version > FORMAT_VERSION:
+        raise NoduleSynthError(f"{path}: format version {version} is newer than this nodulesynth understands "
+                               f"({FORMAT_VERSION}); upgrade nodulesynth")
+    size = info.get("image_size", 512)
+    _need(_is_int(size) and size >= 4 and not size & (size - 1), path, "image_size", size,
+          "must be an integer power of two ≥ 4 (the slice size in pixels)")
+    meta = info.get("meta") or {}
+    _need(isinstance(meta, dict), path, "meta", type(meta).__name__, "must be an object")
+    sp = meta.get("spacing_mm")
+    if sp is not None:
+        _need(isinstance(sp, (int, float)) and not isinstance(sp, bool) and math.isfinite(sp) and 0 < sp <= 20,
+              path, "meta.spacing_mm", sp, "must be a pixel size in mm (0 < spacing ≤ 20)")
+    return {"image_size": int(size), "meta": dict(meta), "version": int(version)}
+
+
+def check_compatible(folder: Path, image_size: int, mask_cfg: MaskGANConfig, translator_cfg: TranslatorConfig) -> None:
+    """The two networks must fit each other, the 6 mask classes and ``image_size`` — checked before
+    any weights are read, so a bad edit fails at load and not minutes into generation."""
+    info = folder / "tsgan.json"
+    _need(mask_cfg.num_classes == NUM_CLASSES, folder / f"{MASK_NAME}.json", "num_classes", mask_cfg.num_classes,
+          f"must be {NUM_CLASSES} (the mask classes nodulesynth uses)")
+    _need(translator_cfg.in_classes == NUM_CLASSES, folder / f"{TRANSLATOR_NAME}.json", "in_classes",
+          translator_cfg.in_classes, f"must be {NUM_CLASSES} (one input channel per mask class)")
+    _need(translator_cfg.out_channels == 1, folder / f"{TRANSLATOR_NAME}.json", "out_channels",
+          translator_cfg.out_channels, "must be 1 (one HU channel)")
+    m = 2**translator_cfg.num_downs
+    _need(image_size % m == 0, info, "image_size", image_size,
+          f"must be a multiple of 2**num_downs = {m} for the translator ({TRANSLATOR_NAME}.json num_downs="
+          f"{translator_cfg.num_downs})")
+    _need(image_size >= mask_cfg.resolution, info, "image_size", image_size,
+          f"smaller than the mask generator's resolution {mask_cfg.resolution} ({MASK_NAME}.json)")
+
+
+def _path_like(text: str) -> bool:
+    """True for strings that can only mean a local path (so a missing folder is an error, never a
+    hub look-up that may fall back to the shipped weights): anything that is not exactly ``org/name``
+    with hub-legal characters, anything starting with ``.``, ``~`` or ``/``, and ``a/b`` whose first
+    part is an existing local folder (``runs/exp-typo`` beside ``runs/``)."""
+    if text.startswith((".", "~", "/")) or "\\" in text or text.count("/") != 1:
+        return True
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]", text) or ".." in text or "--" in text:
+        return True
+    return Path(text.split("/")[0]).is_dir()
+
+
+def hub_unreachable(err: BaseException) -> bool:
+    """Does ``err`` (raised by snapshot_download / hf_hub_download) mean "offline or cannot connect"?
+
+    huggingface_hub ≥ 1 wraps most failures: HF_HUB_OFFLINE and connection failures become a
+    LocalEntryNotFoundError whose cause is OfflineModeIsEnabled / a connect or timeout error, but an
+    HTTP 500 or 401 becomes the same class with an HfHubHTTPError cause, and HfHubHTTPError is itself
+    an OSError. So walk the cause chain: any answer from the server (HfHubHTTPError), an incomplete
+    cached snapshot or a local OSError (e.g. a permission error on the cache) is not "offline".
+    """
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    chain, e = [], err
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(c, HfHubHTTPError) for c in chain):
+        return False
+    if any(type(c).__name__ == "IncompleteSnapshotError" for c in chain):
+        return False
+    for c in chain:  # by name too: httpx/requests connection errors are not builtin ConnectionErrors
+        names = {t.__name__ for t in type(c).__mro__}
+        if isinstance(c, (ConnectionError, TimeoutError)) or names & {
+                "ConnectionError", "ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError", "gaierror"}:
+            return True
+    # Offline mode without a cached snapshot: a bare LocalEntryNotFoundError (no cause) is "offline".
+    return isinstance(err, LocalEntryNotFoundError) and err.__cause__ is None and err.__context__ is None
 
 
 def read_configs(folder: str | Path) -> tuple[MaskGANConfig, TranslatorConfig]:

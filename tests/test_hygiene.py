@@ -1,0 +1,166 @@
+"""Issue 14, "silent substitutions" and "evaluation hygiene": nothing is quietly swapped for
+something else (hub errors → shipped weights, a typo'd path → hub id, broken configs/weights →
+late tracebacks, huge seeds → small seeds, NaN outputs → labelled images)."""
+from __future__ import annotations
+
+import json
+
+import httpx2
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import errors as hf_errors
+
+import nodulesynth.models.tsgan as tsgan_mod
+from nodulesynth.errors import NoduleSynthError
+from nodulesynth.models.tsgan import TSGAN
+from tests.test_tsgan_io import tiny_tsgan
+
+
+# ----------------------------------------------------------------------------- 1. hub fallback
+def _response(code: int) -> httpx2.Response:
+    return httpx2.Response(code, request=httpx2.Request("GET", "https://huggingface.co/api/models/someone/x"))
+
+
+def _wrapped(outer: Exception, cause: Exception) -> Exception:
+    """What huggingface_hub 2.x raises: a LocalEntryNotFoundError ``from`` the real failure."""
+    try:
+        try:
+            raise cause
+        except Exception as c:
+            raise outer from c
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+OFFLINE = {
+    "HF_HUB_OFFLINE": lambda: _wrapped(hf_errors.LocalEntryNotFoundError("offline"), hf_errors.OfflineModeIsEnabled("x")),
+    "connect error": lambda: _wrapped(hf_errors.LocalEntryNotFoundError("no net"), httpx2.ConnectError("refused")),
+    "timeout": lambda: httpx2.ConnectTimeout("timed out"),
+    "bare offline": lambda: hf_errors.LocalEntryNotFoundError("offline, nothing cached"),
+}
+NOT_OFFLINE = {
+    "HTTP 500 wrapped": lambda: _wrapped(hf_errors.LocalEntryNotFoundError("hub down"),
+                                         hf_errors.HfHubHTTPError("500 Server Error", response=_response(500))),
+    "HTTP 500": lambda: hf_errors.HfHubHTTPError("500 Server Error", response=_response(500)),
+    "permission error on the cache": lambda: PermissionError(13, "Permission denied", "/root/.cache/huggingface"),
+    "repo not found": lambda: hf_errors.RepositoryNotFoundError("404", response=_response(404)),
+    "revision not found": lambda: hf_errors.RevisionNotFoundError("404", response=_response(404)),
+    "gated": lambda: hf_errors.GatedRepoError("403", response=_response(403)),
+    "incomplete snapshot": lambda: hf_errors.IncompleteSnapshotError("partial download"),
+}
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    folder = tmp_path / "shipped"
+    tiny_tsgan().save_pretrained(folder)
+    monkeypatch.setattr(tsgan_mod, "DEFAULT_WEIGHTS_DIR", folder)
+    return folder
+
+
+def _stub_hub(monkeypatch, make_error):
+    import huggingface_hub
+
+    calls = []
+
+    def fake(repo_id, revision=None, allow_patterns=None, **_):
+        calls.append(repo_id)
+        raise make_error()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return calls
+
+
+@pytest.mark.parametrize("case", sorted(OFFLINE))
+def test_hub_offline_or_unreachable_falls_back(case, shipped, monkeypatch, caplog):
+    calls = _stub_hub(monkeypatch, OFFLINE[case])
+    model = TSGAN.from_pretrained("someone/tsgan-lidc")
+    assert calls == ["someone/tsgan-lidc"] and model.source == f"local:{shipped.resolve()}"
+    assert "falling back to the shipped weights" in caplog.text
+
+
+@pytest.mark.parametrize("case", sorted(NOT_OFFLINE))
+def test_hub_errors_other_than_offline_are_raised_never_substituted(case, shipped, monkeypatch):
+    calls = _stub_hub(monkeypatch, NOT_OFFLINE[case])
+    with pytest.raises(NoduleSynthError, match=r"--weights someone/tsgan-lidc@v2: .*(hub|revision)"):
+        TSGAN.from_pretrained("someone/tsgan-lidc", revision="v2")
+    assert calls == ["someone/tsgan-lidc"]
+
+
+@pytest.mark.parametrize("weights", ["w/nope", "./nope", "~/nope-nodulesynth", "w/sub/nope", "w\\nope", "-x/y"])
+def test_path_like_weights_are_an_error_never_the_hub_or_shipped(weights, shipped, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()  # `w/nope`: a typo of a folder beside an existing w/
+    calls = _stub_hub(monkeypatch, OFFLINE["HF_HUB_OFFLINE"])
+    with pytest.raises(NoduleSynthError, match="no such folder"):
+        TSGAN.from_pretrained(weights)
+    assert calls == []
+
+
+def test_dataset_weights_typo_is_an_error(shipped, tmp_path, monkeypatch):
+    from nodulesynth.synth.dataset import SyntheticNoduleDataset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    calls = _stub_hub(monkeypatch, OFFLINE["HF_HUB_OFFLINE"])
+    with pytest.raises(NoduleSynthError, match="w/nope: no such folder"):
+        SyntheticNoduleDataset(2, weights="w/nope", device="cpu")
+    assert calls == []
+
+
+# ----------------------------------------------------------------------------- 2. configs at load
+def _edit(path, **changes):
+    d = json.loads(path.read_text())
+    target = d["config"] if "config" in d else d
+    for k, v in changes.items():
+        if k.startswith("meta."):
+            d.setdefault("meta", {})[k[5:]] = v
+        else:
+            target[k] = v
+    path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("file,field,value,match", [
+    ("tsgan.json", "image_size", "big", r"tsgan\.json: image_size='big': must be an integer power of two"),
+    ("tsgan.json", "image_size", 100, r"tsgan\.json: image_size=100: must be an integer power of two"),
+    ("tsgan.json", "image_size", 8, r"tsgan\.json: image_size=8: must be a multiple of 2\*\*num_downs = 16"),
+    ("tsgan.json", "image_size", True, r"image_size=True"),
+    ("tsgan.json", "version", "one", r"tsgan\.json: version='one'"),
+    ("tsgan.json", "meta.spacing_mm", -0.8, r"tsgan\.json: meta\.spacing_mm=-0\.8"),
+    ("tsgan.json", "meta.spacing_mm", "0.8", r"meta\.spacing_mm='0\.8'"),
+    ("translator.json", "ngf", -3, r"translator\.json: TranslatorConfig\.ngf=-3: must be ≥ 1"),
+    ("translator.json", "ngf", 4.5, r"TranslatorConfig\.ngf=4\.5: must be an integer"),
+    ("translator.json", "lia", "yes", r"TranslatorConfig\.lia='yes': must be true or false"),
+    ("translator.json", "dropout", float("nan"), r"TranslatorConfig\.dropout=nan: must be a finite number"),
+    ("translator.json", "dropout", 3.0, r"TranslatorConfig\.dropout=3\.0: must be in \[0, 1\]"),
+    ("translator.json", "in_classes", 5, r"translator\.json: in_classes=5: must be 6"),
+    ("translator.json", "dwmh_heads", 3, r"translator\.json: the config does not describe a buildable"),
+    ("mask_generator.json", "resolution", "big", r"MaskGANConfig\.resolution='big': must be an integer"),
+    ("mask_generator.json", "resolution", 32, r"tsgan\.json: image_size=16: smaller than the mask generator"),
+    ("mask_generator.json", "z_dim", 0, r"MaskGANConfig\.z_dim=0: must be ≥ 1"),
+    ("mask_generator.json", "fmap_base", 10**9, r"mask_generator\.safetensors: does not match"),
+])
+def test_bad_config_values_fail_at_load_with_file_and_field(tmp_path, file, field, value, match):
+    folder = tmp_path / "w"
+    tiny_tsgan().save_pretrained(folder)
+    _edit(folder / file, **{field: value})
+    with pytest.raises(NoduleSynthError, match=match):
+        TSGAN.from_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------- 4. NaN weights
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load(tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "w"
+    tiny_tsgan().save_pretrained(folder)
+    path = folder / "translator.safetensors"
+    state = load_file(str(path))
+    key = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = bad
+    save_file(state, str(path))
+    with pytest.raises(NoduleSynthError, match=rf"translator\.safetensors: 1 tensor\(s\) hold NaN or inf values \({key}"):
+        TSGAN.from_pretrained(folder)
