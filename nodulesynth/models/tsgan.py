@@ -179,7 +179,7 @@ class TSGAN(nn.Module):
         the download (weights load back as fp32)."""
         folder = Path(folder)
         if folder.is_dir() and not overwrite:
-            existing = {p.name for p in folder.iterdir()}
+            existing = {p.name for p in folder.iterdir() if not p.name.startswith(".")}  # .nodulesynth marker
             overwrite = bool(existing) and existing <= set(LAYOUT)
         with atomic_dir(folder, overwrite=overwrite, arg="save_pretrained folder") as tmp:
             save_module(self.mask_generator, self.mask_config, tmp, MASK_NAME, dtype)
