@@ -164,3 +164,32 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, bad):
     save_file(state, str(path))
     with pytest.raises(NoduleSynthError, match=rf"translator\.safetensors: 1 tensor\(s\) hold NaN or inf values \({key}"):
         TSGAN.from_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------- 3. seeds
+@pytest.mark.parametrize("seed", [2**63, 2**64 + 5, -1, 1.5, True, "7"])
+def test_seeds_that_would_alias_or_are_not_ints_are_refused(seed, shipped):
+    from nodulesynth.synth.dataset import SyntheticNoduleDataset
+    from nodulesynth.synth.pipeline import GenerationConfig
+
+    with pytest.raises(NoduleSynthError, match=r"seed: must be an integer in \[0, 2\*\*63 - 1\]"):
+        GenerationConfig(seed=seed).validate()
+    with pytest.raises(NoduleSynthError, match=r"seed: must be an integer in \[0, 2\*\*63 - 1\]"):
+        SyntheticNoduleDataset(2, weights=str(shipped), seed=seed, device="cpu")
+
+
+def test_largest_seed_is_accepted_and_distinct(shipped):
+    from nodulesynth.synth.pipeline import MAX_SEED, GenerationConfig, sample_seed
+
+    GenerationConfig(seed=MAX_SEED).validate()
+    assert sample_seed(MAX_SEED, 0, 0) != sample_seed(MAX_SEED - 2**63 + 1, 0, 0)
+
+
+def test_generate_cli_refuses_a_huge_seed_in_one_line(shipped, tmp_path, capsys):
+    from nodulesynth.cli import main
+
+    rc = main(["generate", "--n", "2", "--out", str(tmp_path / "o"), "--weights", str(shipped), "--device", "cpu",
+               "--seed", str(2**64 + 5)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "seed" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

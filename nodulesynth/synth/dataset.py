@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from ..errors import NoduleSynthError
 from ..hu import hu_to_unit, unit_to_hu, window
 from ..runtime import resolve_device
-from .pipeline import GenerationConfig, Synthesizer
+from .pipeline import GenerationConfig, Synthesizer, check_seed
 
 OUTPUTS = ("hu", "window", "unit")
 
@@ -111,8 +111,7 @@ class SyntheticNoduleDataset(Dataset):
         given = dataclasses.asdict(conditions) if isinstance(conditions, GenerationConfig) else dict(conditions or {})
         if given.get("seed", seed) != seed:
             raise NoduleSynthError(f"conditions: seed={given['seed']} conflicts with seed={seed}; pass the seed once")
-        if seed < 0:
-            raise NoduleSynthError(f"seed: must be ≥ 0, got {seed}")
+        check_seed(seed)
         if isinstance(conditions, GenerationConfig):
             cfg = dataclasses.replace(conditions, seed=seed, batch_size=batch_size)
         else:
@@ -257,8 +256,7 @@ class BlockSampler(Sampler[int]):
     shuffled, reshuffled every epoch), so lazy generation costs one forward per block per epoch."""
 
     def __init__(self, ds: SyntheticNoduleDataset, shuffle: bool = True, seed: int = 0):
-        if seed < 0:
-            raise NoduleSynthError(f"block_sampler: seed must be ≥ 0, got {seed}")
+        check_seed(seed, "block_sampler: seed")
         self.ds, self.shuffle, self.seed, self.epoch = ds, shuffle, seed, 0
 
     def __len__(self) -> int:

@@ -68,6 +68,7 @@ class GenerationConfig:
         def bad(name: str, why: str) -> None:
             raise NoduleSynthError(f"{name}: {why}")
 
+        check_seed(self.seed)
         if self.batch_size < 1:
             bad("batch_size", f"must be ≥ 1, got {self.batch_size}")
         if self.block < 1:
@@ -130,6 +131,19 @@ class GateStats:
         rej = sum(self.rejected.values())
         reasons = ", ".join(f"{k} {v}" for k, v in self.rejected.most_common()) or "none"
         return f"{self.accepted} accepted of {self.attempts} drawn masks; {rej} rejected ({reasons})"
+
+
+# Seeds are bounded so that different seeds never alias: sample_seed keeps 64 bits of the seed, and
+# torch / JSON / provenance consumers hold a signed 64-bit int.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed must be an int in [0, MAX_SEED]; larger ones would silently alias smaller seeds."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= MAX_SEED:
+        raise NoduleSynthError(f"{name}: must be an integer in [0, 2**63 - 1] (larger seeds would alias "
+                               f"smaller ones), got {seed!r}")
+    return int(seed)
 
 
 def sample_seed(seed: int, index: int, attempt: int) -> int:
