@@ -193,3 +193,42 @@ def test_generate_cli_refuses_a_huge_seed_in_one_line(shipped, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "seed" in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- 4. NaN outputs
+def _nan_synth(nan_rows):
+    """A synthesizer whose translator output is NaN for the given (call, row) pairs."""
+    from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
+
+    synth = Synthesizer(tiny_tsgan(), GenerationConfig(seed=0, block=4, gate=False, min_nodules=0, max_attempts=3))
+    real, calls = synth._translate, []
+
+    def translate(masks):
+        hu = real(masks).clone()
+        for c, r in nan_rows:
+            if c == len(calls) and r < len(hu):
+                hu[r, 0, 0] = float("nan") if r % 2 == 0 else float("inf")
+        calls.append(len(masks))
+        return hu
+
+    synth._translate = translate
+    return synth
+
+
+def test_non_finite_generated_slices_are_rejected_and_redrawn():
+    clean = _nan_synth([]).generate(range(4))
+    synth = _nan_synth([(0, 1), (0, 2)])
+    out = synth.generate(range(4))
+    assert torch.isfinite(out.images_hu).all()
+    assert synth.stats.rejected["non-finite HU"] == 2 and synth.stats.accepted == 4
+    assert [p["attempt"] for p in out.provenance] == [0, 1, 1, 0]
+    assert torch.equal(out.images_hu[[0, 3]], clean.images_hu[[0, 3]])
+
+
+def test_always_non_finite_output_is_an_error_not_a_labelled_slice():
+    synth = _nan_synth([(c, 0) for c in range(10)])
+    with pytest.raises(NoduleSynthError, match=r"sample 0: .*3 attempts.*non-finite HU"):
+        synth.generate(range(2))
+    masks = np.zeros((2, 16, 16), np.uint8)
+    with pytest.raises(NoduleSynthError, match=r"mask a\.npy: the translator produced NaN/inf HU"):
+        _nan_synth([(0, 0)]).translate(masks, names=["a.npy", "b.npy"])

@@ -35,6 +35,7 @@ from ..runtime import autocast
 
 # Default in-plane spacing of prepared slices (prepare --size 512 --spacing 0.8): 512 px ↔ 409.6 mm.
 DEFAULT_FIELD_OF_VIEW_MM = 512 * 0.8
+NON_FINITE = "non-finite HU"  # gate reason for a translated slice holding NaN/inf
 THORAX_MARGIN = 2  # px around a nodule's box that must hold no background (quality gate)
 
 
@@ -356,17 +357,39 @@ class Synthesizer:
         ready: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         results: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray, int]] = {}
 
-        def flush(force: bool) -> None:
+        def reject(i: int, j: int, why: str) -> tuple[int, int]:
+            self.stats.rejected[why] += 1
+            if j + 1 >= cfg.max_attempts:
+                raise NoduleSynthError(
+                    f"sample {i}: no mask passed the quality gate and conditions in {cfg.max_attempts} attempts "
+                    f"(last reason: {why}); the conditions may be unsatisfiable for these weights "
+                    f"({self.stats.summary()})"
+                )
+            return (i, j + 1)
+
+        def flush(force: bool) -> list[tuple[int, int]]:
+            """Translate full blocks of gated masks; a slice with NaN/inf HU (e.g. a half-precision
+            overflow) is rejected like a failed gate and re-drawn, never returned with boxes."""
+            retry = []
             while ready and (len(ready) >= B or force):
                 chunk, ready[:] = ready[:B], ready[B:]
                 masks = torch.stack([c[2] for c in chunk])
                 hu = self._translate(masks).cpu()
+                finite = torch.isfinite(hu).flatten(1).all(1).tolist()
                 for k, (i, j, m, bx) in enumerate(chunk):
+                    if not finite[k]:
+                        retry.append(reject(i, j, NON_FINITE))
+                        continue
+                    self.stats.accepted += 1
                     results[i] = (hu[k], m.cpu(), bx.detach().float().cpu().numpy().reshape(-1, 4), j)
                 if progress is not None:
-                    progress(len(chunk))
+                    progress(sum(finite))
+            return retry
 
-        while pending:
+        while pending or ready:
+            if not pending:
+                pending = flush(True)
+                continue
             keys, pending = pending[:B], pending[B:]
             masks = self._masks(keys)
             passed, reasons, boxes = quality_gate(masks, cfg, self.spacing_mm)
@@ -374,20 +397,11 @@ class Synthesizer:
             retry = []
             for k, ((i, j), ok, why) in enumerate(zip(keys, passed.tolist(), reasons)):
                 if ok:
-                    self.stats.accepted += 1
                     ready.append((i, j, masks[k], boxes[k]))
-                    continue
-                self.stats.rejected[why] += 1
-                if j + 1 >= cfg.max_attempts:
-                    raise NoduleSynthError(
-                        f"sample {i}: no mask passed the quality gate and conditions in {cfg.max_attempts} attempts "
-                        f"(last reason: {why}); the conditions may be unsatisfiable for these weights "
-                        f"({self.stats.summary()})"
-                    )
-                retry.append((i, j + 1))
+                else:
+                    retry.append(reject(i, j, why))
             pending = retry + pending  # retries first: keeps memory bounded and order deterministic
-            flush(False)
-        flush(True)
+            pending = flush(False) + pending
         out = [results[i] for i in indices]
         return SyntheticBatch(
             images_hu=torch.stack([o[0] for o in out]) if out else torch.zeros(0, self.image_size, self.image_size),
@@ -404,6 +418,11 @@ class Synthesizer:
         for s in range(0, len(m), self.config.block):
             part = m[s : s + self.config.block].to(self.device)
             hus.append(self._translate(part).cpu())
+            bad = (~torch.isfinite(hus[-1]).flatten(1).all(1)).nonzero().flatten().tolist()
+            if bad:
+                which = names[s + bad[0]] if names is not None else str(s + bad[0])
+                raise NoduleSynthError(f"mask {which}: the translator produced NaN/inf HU ({len(bad)} slice(s) in this "
+                                       "block); not returned as a labelled slice — check the weights and the precision")
             with torch.inference_mode():
                 boxes += [b.detach().float().cpu().numpy().reshape(-1, 4) for b in masks_to_boxes_batch(part)]
         names = list(names) if names is not None else [str(k) for k in range(len(m))]
