@@ -6,10 +6,40 @@ wires them up and turns user errors into one clear line and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
 
 from .errors import NoduleSynthError
+from .io import disk_full_error, is_disk_full
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP (what `timeout`, schedulers and a closed terminal send), raised where the
+    program is, so the same cleanup as Ctrl-C runs: temp folders removed, nothing half-written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread: leave signals alone
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # respect nohup
+                old[sig] = signal.signal(sig, _raise_terminated)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 # name → (module, one-line help). Modules are imported lazily so `--help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,13 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(modules[args.command].run(args) or 0)
+        with _terminate_as_interrupt():
+            return int(modules[args.command].run(args) or 0)
     except NoduleSynthError as e:
         print(f"nodulesynth {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"nodulesynth {args.command}: terminated ({e}); nothing half-written was left behind", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"nodulesynth {args.command}: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"nodulesynth {args.command}: error: {disk_full_error(e, e.filename or '.', None)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ def test_refuses_existing_out_unless_overwrite(tmp_path, weights, capsys):
     args = ["generate", "--n", "2", "--out", str(out), "--weights", weights, "--device", "cpu"]
     assert main(args) == 2
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert main(args + ["--overwrite"]) == 2  # a folder nodulesynth did not write is never replaced
+    assert "not written by nodulesynth" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    (out / ".nodulesynth").write_text("{}")  # as every folder nodulesynth writes carries
     assert main(args + ["--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "annotations.json").is_file()
 
@@ -117,10 +120,11 @@ def test_interrupt_leaves_nothing_behind(tmp_path, weights, monkeypatch, capsys)
     old = tmp_path / "old"  # an --overwrite that is interrupted keeps the previous dataset intact
     old.mkdir()
     (old / "a.txt").write_text("x")
+    (old / ".nodulesynth").write_text("{}")
     calls.clear()
     assert main(["generate", "--n", "4", "--out", str(old), "--weights", weights, "--device", "cpu",
                  "--batch-size", "2", "--overwrite"]) == 130
-    assert [p.name for p in tmp_path.iterdir()] == ["old"] and [p.name for p in old.iterdir()] == ["a.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and sorted(p.name for p in old.iterdir()) == [".nodulesynth", "a.txt"]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -36,7 +36,8 @@ def root(tmp_path_factory) -> Path:
 
 
 def test_layout_and_csv_header(root: Path):
-    assert sorted(p.name for p in root.iterdir()) == ["annotations.csv", "phantom.json", "seg-lungs-LUNA16", "subset0"]
+    assert sorted(p.name for p in root.iterdir()) == [".nodulesynth", "annotations.csv", "phantom.json",
+                                                       "seg-lungs-LUNA16", "subset0"]
     with open(root / "annotations.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert tuple(rows[0]) == ANNOTATION_HEADER

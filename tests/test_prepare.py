@@ -91,10 +91,12 @@ def test_cli_args_and_errors(tmp_path):
     add_arguments(p)
     with pytest.raises(NoduleSynthError, match="--size"):
         run(p.parse_args(["--luna16", str(tmp_path), "--out", str(tmp_path / "o"), "--size", "3"]))
+    src = tmp_path / "src"  # --out must lie outside the input
+    src.mkdir()
     with pytest.raises(NoduleSynthError, match="annotations.csv"):
-        run(p.parse_args(["--luna16", str(tmp_path), "--out", str(tmp_path / "o")]))
+        run(p.parse_args(["--luna16", str(src), "--out", str(tmp_path / "o")]))
     with pytest.raises(NoduleSynthError, match="no DICOM"):
-        run(p.parse_args(["--lidc", str(tmp_path), "--out", str(tmp_path / "o")]))
+        run(p.parse_args(["--lidc", str(src), "--out", str(tmp_path / "o")]))
 
 
 def test_prepare_real_lidc(lidc_sample, tmp_path, capsys):

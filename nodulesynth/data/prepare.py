@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from ..errors import NoduleSynthError
-from ..io import atomic_dir, atomic_file, check_out_dir, write_json
+from ..io import atomic_dir, atomic_file, check_out_dir, out_path, write_json
 from ..masks.boxes import mask_to_boxes
 from ..masks.classes import MaskClass
 from ..masks.semantic import nodules_in_slice, semantic_mask
@@ -253,8 +253,13 @@ def process_scan(job: ScanJob, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarr
 # ---------------------------------------------------------------- shards and driver
 
 
+def _inputs(cfg: PrepareConfig) -> list[tuple[str, Path]]:
+    """Every input path of the settings (any Path field but ``out``): --out must stay clear of them."""
+    return [(f"--{k.replace('_', '-')}", v) for k, v in vars(cfg).items() if k != "out" and isinstance(v, Path)]
+
+
 def _shard_dir(cfg: PrepareConfig) -> Path:
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()  # "." has no name of its own
     return out.parent / f".{out.name}.shards"
 
 
@@ -319,7 +324,7 @@ def _preview(folder: Path, records: list[SliceRecord], n: int = 16) -> Path:
 def prepare(cfg: PrepareConfig) -> Path:
     """Run the whole preparation; returns the dataset folder (``cfg.out``)."""
     cfg.validate()
-    out = check_out_dir(cfg.out, cfg.overwrite)
+    out = check_out_dir(cfg.out, cfg.overwrite, inputs=_inputs(cfg))
     t0 = time.time()
     jobs, summary = _jobs(cfg)
     shards = _open_shards(cfg)
@@ -345,7 +350,7 @@ def prepare(cfg: PrepareConfig) -> Path:
         "n_nodules": int(sum(p[3] for p in parts)),
         "seconds": round(time.time() - t0, 2),  # scan processing (shards reused on resume are not re-timed)
     }
-    with atomic_dir(out, cfg.overwrite) as tmp:
+    with atomic_dir(out, cfg.overwrite, inputs=_inputs(cfg)) as tmp:
         write_slice_dataset(tmp, [p[0] for p in parts], [p[1] for p in parts], records, meta)
         if cfg.preview:
             _preview(tmp, records)
@@ -360,7 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--luna16", type=Path, metavar="ROOT", help="LUNA16 root: subset*/, annotations.csv, [seg-lungs-LUNA16/]")
     src.add_argument("--lidc", type=Path, metavar="ROOT", help="LIDC-IDRI root: DICOM series folders with their XML")
-    p.add_argument("--out", type=Path, required=True, help="output dataset folder")
+    p.add_argument("--out", type=out_path, required=True, help="output dataset folder")
     p.add_argument("--size", type=int, default=512, help="output slice size in pixels (default 512)")
     p.add_argument("--spacing", type=float, default=0.8, help="output in-plane pixel spacing in mm (default 0.8)")
     p.add_argument("--negatives", type=float, default=0.1, help="nodule-free slices per nodule slice (default 0.1)")

@@ -181,7 +181,10 @@ class TSGAN(nn.Module):
         if folder.is_dir() and not overwrite:
             existing = {p.name for p in folder.iterdir() if not p.name.startswith(".")}  # .nodulesynth marker
             overwrite = bool(existing) and existing <= set(LAYOUT)
-        with atomic_dir(folder, overwrite=overwrite, arg="save_pretrained folder") as tmp:
+        def only_layout(p: Path) -> bool:  # a TSGAN export written before folders carried the marker
+            return {q.name for q in p.iterdir() if not q.name.startswith(".")} <= set(LAYOUT)
+
+        with atomic_dir(folder, overwrite=overwrite, arg="save_pretrained folder", ours=only_layout) as tmp:
             save_module(self.mask_generator, self.mask_config, tmp, MASK_NAME, dtype)
             save_module(self.translator, self.translator_config, tmp, TRANSLATOR_NAME, dtype)
             meta = {k: v for k, v in self.meta.items() if k != "image_size"}

@@ -108,7 +108,14 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     device = resolve_device(args.device)
-    out = check_out_dir(args.out, args.overwrite)
+    inputs = [("--masks", args.masks), ("--real", args.real)]
+    if str(args.weights) == "pretrained":
+        from ..models.tsgan import DEFAULT_WEIGHTS_DIR
+
+        inputs.append(("--weights", DEFAULT_WEIGHTS_DIR))
+    elif Path(args.weights).expanduser().exists():  # a local weights folder, not a hub id
+        inputs.append(("--weights", args.weights))
+    out = check_out_dir(args.out, args.overwrite, inputs=inputs)
     cfg = GenerationConfig(seed=args.seed, batch_size=args.batch_size, min_size_mm=args.min_size_mm,
                            max_size_mm=args.max_size_mm, num_nodules=args.num_nodules)
     cfg.validate()
@@ -139,14 +146,15 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed, "source": "nodulesynth generate", "n_synthetic": n_synth, "n_real": n_real,
             "n_mask_in": n_masks, "block": cfg.block}
 
-    with atomic_dir(out, args.overwrite) as tmp:
+    manifest: list[dict] = []
+    with atomic_dir(out, args.overwrite, inputs=inputs, progress=lambda: len(manifest) / max(total, 1)) as tmp:
         encoder = ParallelEncoder(args.workers)
         try:
             coco_root = tmp / "coco" if args.format == "both" else tmp
             yolo_root, yolo_final = ((tmp / "yolo", out / "yolo") if args.format == "both" else (tmp, out))
             coco = CocoWriter(coco_root, args.image_format, info, encoder) if args.format != "yolo" else None
             yolo = YoloWriter(yolo_root, yolo_final, encoder) if args.format != "coco" else None
-            manifest, preview = [], []
+            preview = []
             t0 = time.perf_counter()
 
             def emit(name, hu, mask, boxes, source, prov):

@@ -73,6 +73,11 @@ def _run_common(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.train_command in ("masks", "translator"):  # before any data is read: clear of inputs, writable
+        from ..io import check_out_dir
+
+        check_out_dir(args.out, args.overwrite, reuse=args.resume,
+                      inputs=[("--data", args.data), ("--vgg-weights", getattr(args, "vgg_weights", None))])
     if args.train_command == "masks":
         from ..models.stylegan import MaskGANConfig
         from .masks import MaskTrainConfig, train_masks

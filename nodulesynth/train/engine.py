@@ -1,4 +1,5 @@
-"""What both trainers share: run folders, exact checkpoints, data order, metrics, stop signals, DDP.
+"""What both trainers share: the training loop (:class:`Trainer`), run folders, exact checkpoints,
+data order, metrics, stop signals, DDP.
 
 Checkpoint format (no pickles): ``out/checkpoints/step-XXXXXXXX/`` holds ``state.safetensors``
 (every tensor: model weights, optimiser moments, RNG states) and ``state.json`` (everything else:
@@ -12,6 +13,9 @@ Exact resume rests on three rules: all randomness comes from the global torch/nu
 (saved) or from generators seeded by ``(seed, epoch, index)`` (recomputed); evaluation/sampling
 runs inside ``torch.random.fork_rng`` so it never perturbs training randomness; and the data order
 is a pure function of ``(seed, epoch)`` plus a saved position (:class:`IndexStream`).
+
+Never train on garbage: a checkpoint whose tensors hold NaN/inf is neither written nor resumed
+from, and a non-finite loss stops the run with one clear error, keeping the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,9 +37,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
+from tqdm.auto import tqdm
 
 from ..errors import NoduleSynthError
-from ..io import atomic_dir, atomic_file, write_json
+from ..io import atomic_dir, atomic_file, check_out_dir, mark_dir, write_json
 from ..runtime import resolve_device
 
 log = logging.getLogger("nodulesynth.train")
@@ -44,22 +50,34 @@ _STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
 # ----------------------------------------------------------------------------- distributed
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,  # noqa: A002
+        **cli: Any) -> Any:
+    """A config field with its CLI help (``train.cli`` builds each flag from the field, so every
+    default is written once, here). ``cli`` keys: ``flag`` (name other than ``--field-name``),
+    ``choices``, ``none_if`` (a CLI value meaning None), ``append`` (repeatable flag), ``cli=False``."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, **cli})
+
+
 @dataclasses.dataclass
 class RunConfig:
     """What every training run has: where data and run folder are, when to checkpoint and stop."""
 
-    data: str
-    out: str
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True                  # bf16 autocast on CUDA (no-op on CPU)
-    max_steps: int | None = None      # stop (checkpoint + export) at this global step
-    time_budget_s: float | None = None
-    keep_checkpoints: int = 3
-    resume: bool = False
-    overwrite: bool = False
+    data: str | list[str] = opt(help="prepared slice dataset folder (nodulesynth prepare); repeat for several",
+                                append=True)
+    out: str = opt(help="run folder (checkpoints, samples, metrics.csv, export/)")
+    split: str = opt("train", "which split of each dataset to train on (train, val, test or all); datasets "
+                     "prepared without splits are split by patient here", choices=("train", "val", "test", "all"))
+    data_weights: str | None = opt(None, "share of the draws per --data folder, e.g. 1,3 (default: by size)")
+    checkpoint_every: int = opt(1000, "steps between checkpoints")
+    log_every: int = opt(50, "steps between metrics rows")
+    seed: int = opt(0, "seed of weights, data order and augmentation")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = opt(True, "bf16 autocast on CUDA (no-op on CPU)")
+    max_steps: int | None = opt(None, "stop (checkpoint + export) at this global step")
+    time_budget_s: float | None = opt(None, "stop (checkpoint + export) after this many seconds", flag="--time-budget")
+    keep_checkpoints: int = opt(3, "newest checkpoints kept")
+    resume: bool = opt(False, "continue from the latest checkpoint in --out")
+    overwrite: bool = opt(False, "replace an existing non-empty --out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +120,6 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device, find
 
     ids = [device.index] if device.type == "cuda" else None
     return DDP(module, device_ids=ids, find_unused_parameters=find_unused)
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "module", module)
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
@@ -239,10 +253,20 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors that hold NaN or inf."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
-    """Write ``state`` (nested, with tensors) atomically as step-XXXXXXXX; keep the newest ``keep``."""
+    """Write ``state`` (nested, with tensors) atomically as step-XXXXXXXX; keep the newest ``keep``.
+    Refuses (NoduleSynthError) state with NaN/inf tensors: it would replace a good checkpoint."""
     tensors: dict[str, torch.Tensor] = {}
     structure = pack_state(state, tensors)
+    bad = non_finite(tensors)
+    if bad:
+        raise NoduleSynthError(f"step {step}: training diverged (NaN/inf in {_brief(bad)}); not checkpointed, the "
+                               f"last good checkpoint is {latest_checkpoint(out) or 'none'}")
     path = checkpoint_path(out, step)
     with atomic_dir(path, overwrite=True, arg="checkpoint") as tmp:
         with atomic_file(tmp / "state.safetensors", "wb") as fh:
@@ -263,9 +287,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise NoduleSynthError(f"checkpoint {path}: cannot be read ({e})") from e
     except Exception as e:  # noqa: BLE001 - safetensors' own error type
         raise NoduleSynthError(f"checkpoint {path}: corrupt safetensors file ({e})") from e
-    if meta.get("format") != "nodulesynth-checkpoint":
-        raise NoduleSynthError(f"checkpoint {path}: not a nodulesynth checkpoint")
-    return unpack_state(meta["state"], tensors)
+    if not isinstance(meta, dict) or meta.get("format") != "nodulesynth-checkpoint" or "state" not in meta:
+        raise NoduleSynthError(f"checkpoint {path}: not a nodulesynth checkpoint (no format/state in state.json)")
+    bad = non_finite(tensors)
+    if bad:
+        raise NoduleSynthError(f"checkpoint {path}: NaN/inf in {_brief(bad)}; refusing to train on (and overwrite "
+                               "the export with) diverged weights — start over or resume from an earlier run")
+    try:
+        return unpack_state(meta["state"], tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise NoduleSynthError(f"checkpoint {path}: state.json does not match state.safetensors ({e})") from e
+
+
+def _brief(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -294,9 +329,11 @@ def prepare_run(out: str | os.PathLike, cfg: Any, resume: bool, overwrite: bool,
         if out.is_dir() and any(out.iterdir()):
             if not overwrite:
                 raise NoduleSynthError(f"--out {out}: folder exists and is not empty (pass --resume or --overwrite)")
+            check_out_dir(out, overwrite, inputs=[("--data", getattr(cfg, "data", None))])  # only our own run folders
             shutil.rmtree(out)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        mark_dir(out)
         write_json(out / "config.json", cfg_dict)
     if info.enabled:
         dist.barrier()
@@ -305,26 +342,53 @@ def prepare_run(out: str | os.PathLike, cfg: Any, resume: bool, overwrite: bool,
 
 # ----------------------------------------------------------------------------- data order
 class IndexStream:
-    """An endless, resumable stream of dataset indices: epoch ``e`` is the DistributedSampler
-    permutation for ``(seed, e)`` (this rank's share); the state is just ``(epoch, pos)``.
-    Each index comes with a per-sample seed derived from (seed, epoch, index), so random crops and
-    augmentations are reproducible independent of DataLoader workers."""
+    """An endless, resumable stream of dataset indices; the state is just ``(epoch, pos)``.
 
-    def __init__(self, indices: np.ndarray, seed: int, info: DistInfo) -> None:
-        from torch.utils.data import DistributedSampler
+    Epoch ``e`` is a permutation, seeded by ``(seed, e)``, of the epoch's index list, dealt to the
+    ranks round-robin (each rank gets ``len // world_size``; the rest is dropped, as DistributedSampler
+    with drop_last). Without ``groups`` the list is ``indices``. With ``groups`` (the source dataset of
+    each index) and ``weights``, the list holds ``len(indices)`` draws with group ``g``'s share
+    ``weights[g] / sum(weights)``: each group's indices in a fresh seeded order, repeated as often as
+    needed (a small dataset is over-sampled, a large one sub-sampled, differently each epoch).
+    Each index comes with a per-sample seed derived from (seed, epoch, position in the epoch), so
+    random crops and augmentations are reproducible independent of DataLoader workers."""
 
+    def __init__(self, indices: np.ndarray, seed: int, info: DistInfo, groups: np.ndarray | None = None,
+                 weights: list[float] | None = None) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
         if len(self.indices) < info.world_size:
             raise NoduleSynthError(f"--data: {len(self.indices)} training slices, fewer than {info.world_size} processes")
-        self.seed = seed
-        self._sampler = DistributedSampler(range(len(self.indices)), num_replicas=info.world_size, rank=info.rank,
-                                           shuffle=True, seed=seed, drop_last=True)
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        if self.groups is not None and len(self.groups) != len(self.indices):
+            raise ValueError("IndexStream: groups must be as long as indices")
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.seed, self.rank, self.world = seed, info.rank, info.world_size
         self.epoch, self.pos = 0, 0
-        self._order = self._epoch_order(0)
+        self._order, self._slot = self._epoch_order(0)
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        self._sampler.set_epoch(epoch)
-        return self.indices[np.fromiter(iter(self._sampler), dtype=np.int64)]
+    def _epoch_list(self, epoch: int) -> np.ndarray:
+        if self.groups is None or self.weights is None:
+            return self.indices
+        n, total = len(self.indices), sum(self.weights)
+        present = [g for g in range(len(self.weights)) if (self.groups == g).any() and self.weights[g] > 0]
+        raw = np.array([self.weights[g] / total * n for g in present])
+        counts = np.floor(raw).astype(int)
+        for k in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
+            counts[k] += 1
+        parts = []
+        for g, k in zip(present, counts):
+            members = self.indices[self.groups == g]
+            rng = np.random.default_rng([self.seed, epoch, g, 7])
+            reps = -(-int(k) // len(members))
+            parts.append(np.concatenate([members[rng.permutation(len(members))] for _ in range(reps)])[:k])
+        return np.concatenate(parts)
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        items = self._epoch_list(epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(items))
+        per_rank = len(items) // self.world
+        slots = perm[: per_rank * self.world][self.rank::self.world]
+        return items[slots], slots
 
     @property
     def per_epoch(self) -> int:
@@ -336,9 +400,9 @@ class IndexStream:
         while len(out) < n:
             if self.pos >= len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._epoch_order(self.epoch)
-            idx = int(self._order[self.pos])
-            out.append((idx, int(np.random.SeedSequence([self.seed, self.epoch, idx]).generate_state(1)[0])))
+                self._order, self._slot = self._epoch_order(self.epoch)
+            idx, slot = int(self._order[self.pos]), int(self._slot[self.pos])
+            out.append((idx, int(np.random.SeedSequence([self.seed, self.epoch, slot]).generate_state(1)[0])))
             self.pos += 1
         return out
 
@@ -347,7 +411,7 @@ class IndexStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._epoch_order(self.epoch)
+        self._order, self._slot = self._epoch_order(self.epoch)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -393,6 +457,187 @@ class Metrics:
             self._tb.close()
 
 
+# ----------------------------------------------------------------------------- the loop
+class Trainer:
+    """The training loop both stages share (shaped like ultralytics' ``BaseTrainer``): run folder,
+    resume, stop signals, time budget, finiteness checks, metrics, checkpoints, export.
+
+    A stage subclasses it and supplies small hooks, each testable alone:
+
+    - ``setup()``: open and check the data. Runs before the run folder is touched, so bad input
+      leaves nothing behind.
+    - ``build()``: models and optimisers. Runs right after seeding RNG stream 0 (the same initial
+      weights on every rank); training then draws from stream 1 (per rank).
+    - ``total_steps()``: length of the whole schedule.
+    - ``batches(step, stop_at)``: an iterable of the batches for steps ``step .. stop_at-1``.
+    - ``train_step(batch)``: one optimisation step → ``{name: loss tensor}`` (not synced).
+    - ``state_dict()`` / ``load_state_dict(state)``: what a checkpoint holds besides step and RNG;
+      its data position must be the one after the last batch ``train_step`` consumed.
+    - ``log_values(losses)``: the metrics row (floats) at a logging step.
+    - ``evaluate()`` (every ``eval_every`` steps, optional) and ``preview()`` (at each checkpoint,
+      optional) run inside :func:`rng_neutral`, so they never change training randomness.
+    - ``export()``, ``run_meta()``: final weights under ``out/export``; what ``run.json`` records.
+
+    ``self.step`` is the number of finished steps; ``self.device``, ``self.info``, ``self.out``
+    are set before ``setup``/``build`` run.
+    """
+
+    name = "train"
+    metric_fields: tuple[str, ...] = ()
+    eval_every: int | None = None
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.info, self.device = DistInfo(), torch.device("cpu")
+        self.out = Path(cfg.out)
+        self.step = 0
+        self.last_eval: dict[str, float] = {}
+
+    # ---- hooks (stages override)
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def total_steps(self) -> int:
+        raise NotImplementedError
+
+    def batches(self, step: int, stop_at: int) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def batch_images(self, batch: Any) -> int:
+        """Images in ``batch`` on this rank (for the images/s metric)."""
+        return len(batch[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def wrap(self) -> None:
+        """After resume, before the loop: wrap models for DDP (nothing when not distributed)."""
+
+    def log_values(self, losses: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {k: v.item() for k, v in losses.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def preview(self) -> None:
+        pass
+
+    def export(self) -> None:
+        raise NotImplementedError
+
+    def run_meta(self) -> dict[str, Any]:
+        return {"trainer": self.name, "world_size": self.info.world_size, "device": str(self.device)}
+
+    # ---- the loop
+    def rng_neutral(self):
+        """Context in which random draws do not advance the training RNG streams."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+    def fit(self) -> Path:
+        """Train until the schedule, ``max_steps`` or the time budget ends (checkpoint + export) or a
+        signal arrives (checkpoint only); returns the run folder."""
+        cfg = self.cfg
+        self.info, self.device = init_distributed(cfg.device)
+        self.setup()
+        self.out, ckpt = prepare_run(cfg.out, cfg, cfg.resume, cfg.overwrite, self.info)
+        seed_everything(cfg.seed)
+        self.build()
+        seed_everything(cfg.seed, self.info.rank, stream=1)
+        if ckpt is not None:
+            self.resume_from(ckpt)
+        self.wrap()
+        total = self.total_steps()
+        stop_at = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        main = self.info.is_main
+        metrics = Metrics(self.out, [*self.metric_fields, "imgs_per_s"], resume_step=self.step if ckpt else None,
+                          enabled=main)
+        bar = tqdm(total=stop_at, initial=self.step, disable=not main, desc=self.name, dynamic_ncols=True)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        checked = self.step
+        t0 = t_last = time.monotonic()
+        n_img, stopped = 0, False
+        try:
+            with StopSignal() as stop:
+                for batch in self.batches(self.step, stop_at):
+                    losses = self.train_step(batch)
+                    self.step += 1
+                    step = self.step
+                    n_img += self.batch_images(batch) * self.info.world_size
+                    finite &= torch.stack([torch.isfinite(v.detach().float()).all() for v in losses.values()]).all()
+                    bar.update(1)
+                    evaluated = bool(self.eval_every) and (step % self.eval_every == 0 or step == stop_at)
+                    logged = evaluated or step % cfg.log_every == 0 or step == stop_at
+                    out_of_time = any_rank(cfg.time_budget_s is not None and time.monotonic() - t0 > cfg.time_budget_s,
+                                           self.info, self.device)
+                    stopped = any_rank(stop.requested, self.info, self.device)
+                    saving = stopped or out_of_time or step % cfg.checkpoint_every == 0 or step == stop_at
+                    if logged or saving:  # one sync: .item() of the flag
+                        self._check_finite(finite, checked, losses)
+                        checked = step
+                    if evaluated and main:
+                        with self.rng_neutral(), torch.no_grad():
+                            self.last_eval = self.evaluate()
+                    if logged and main:
+                        now = time.monotonic()
+                        values = self.log_values(losses)
+                        metrics.log(step, {**values, **(self.last_eval if evaluated else {}),
+                                           "imgs_per_s": n_img / max(now - t_last, 1e-9)})
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k in losses})
+                        t_last, n_img = now, 0
+                    if saving:
+                        self.save()
+                    if stopped or out_of_time:
+                        break
+        finally:
+            bar.close()
+            metrics.close()
+        if main and not stopped:
+            self.export()
+            write_json(self.out / "run.json", {**self.run_meta(), "step": self.step})
+        log.info("%s training stopped at step %d/%d (%s)", self.name, self.step, total, self.out)
+        return self.out
+
+    def resume_from(self, ckpt: Path) -> None:
+        """Load a checkpoint (finite tensors only, see :func:`load_checkpoint`) into the stage."""
+        st = load_checkpoint(ckpt)
+        try:
+            self.load_state_dict(st)
+            set_rng_state(st["rng"])
+            self.step = int(st["step"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise NoduleSynthError(f"--resume: checkpoint {ckpt} does not fit this run ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        log.info("resumed from %s (step %d)", ckpt, self.step)
+
+    def _check_finite(self, finite: torch.Tensor, since: int, losses: dict[str, torch.Tensor]) -> None:
+        if not any_rank(not bool(finite), self.info, self.device):
+            return
+        names = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())] or list(losses)
+        raise NoduleSynthError(
+            f"{self.name} training diverged: loss NaN/inf between steps {since} and {self.step} (now: {', '.join(names)}); "
+            f"stopped without checkpointing — the last good checkpoint is {latest_checkpoint(self.out) or 'none'} "
+            "(resume from it with a lower --lr, or start over)")
+
+    def save(self) -> None:
+        """Checkpoint (exact state + RNG), preview and run.json, on the main process."""
+        if not self.info.is_main:
+            return
+        save_checkpoint(self.out, self.step, {"step": self.step, **self.state_dict(), "rng": rng_state()},
+                        keep=self.cfg.keep_checkpoints)
+        with self.rng_neutral(), torch.no_grad():
+            self.preview()
+        write_json(self.out / "run.json", {**self.run_meta(), "step": self.step})
+
+
 # ----------------------------------------------------------------------------- export
 def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike, out: str | os.PathLike,
                  model_card_extra: str | None = None, overwrite: bool = False) -> Path:
@@ -414,8 +659,7 @@ def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike,
             meta[key] = json.loads((run / "run.json").read_text())
     image_size = meta.get("translator_training", {}).get("image_size", 512)
     model = TSGAN(mask_g, translator, {**meta, "image_size": image_size})
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise NoduleSynthError(f"--out {out}: folder exists and is not empty (pass --overwrite to replace it)")
+    check_out_dir(out, overwrite, inputs=[("--masks", mask_run), ("--translator", translator_run)])
     model.save_pretrained(out, model_card=_model_card(meta, model_card_extra), overwrite=overwrite)
     return out
 
