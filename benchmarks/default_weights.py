@@ -96,22 +96,14 @@ def evaluate(args) -> None:
 
 
 def ship(args) -> None:
-    """Assemble pretrained/ from two finished runs: fp16 safetensors + configs + the model card."""
-    from nodulesynth.models.io import load_module
-    from nodulesynth.models.pix2pix import DLPix2PixGenerator, TranslatorConfig
-    from nodulesynth.models.stylegan import MaskGANConfig, MaskGenerator
+    """Assemble pretrained/ from two finished runs: fp16 safetensors + configs + the model card (the
+    one card writer, models.card, with --card appended as the hand-written section)."""
+    from nodulesynth.models.export import export_tsgan
     from nodulesynth.models.tsgan import TSGAN
 
-    runs = {"mask_training": Path(args.masks), "translator_training": Path(args.translator)}
-    meta = {k: json.loads((r / "run.json").read_text()) for k, r in runs.items() if (r / "run.json").is_file()}
-    meta.update(spacing_mm=args.spacing, data=args.data_note)
-    model = TSGAN(
-        load_module(MaskGenerator, MaskGANConfig, runs["mask_training"] / "export", "mask_generator"),
-        load_module(DLPix2PixGenerator, TranslatorConfig, runs["translator_training"] / "export", "translator"),
-        {**meta, "image_size": 512},
-    )
     card = Path(args.card).read_text() if args.card else None
-    model.save_pretrained(args.out, model_card=card, dtype=torch.float16, overwrite=True)
+    export_tsgan(args.masks, args.translator, args.out, model_card_extra=card, overwrite=True,
+                 spacing_mm=args.spacing, dtype=torch.float16, data_note=args.data_note or None)
     print(f"shipped {args.out}: revision {TSGAN.from_pretrained(args.out).revision}")
 
 
@@ -134,7 +126,8 @@ def main() -> None:
     s.add_argument("--translator", required=True)
     s.add_argument("--out", default="pretrained")
     s.add_argument("--card", default=None, help="model card markdown (README.md of the weights)")
-    s.add_argument("--spacing", type=float, default=0.8, help="mm per pixel of the training slices")
+    s.add_argument("--spacing", type=float, default=None,
+                   help="mm per pixel of the training slices (default: read from the runs' data)")
     s.add_argument("--data-note", default="", help="one line: what the weights were trained on")
     args = p.parse_args()
     {"data": build_data, "eval": evaluate, "ship": ship}[args.cmd](args)

@@ -232,3 +232,70 @@ def test_always_non_finite_output_is_an_error_not_a_labelled_slice():
     masks = np.zeros((2, 16, 16), np.uint8)
     with pytest.raises(NoduleSynthError, match=r"mask a\.npy: the translator produced NaN/inf HU"):
         _nan_synth([(0, 0)]).translate(masks, names=["a.npy", "b.npy"])
+
+
+# ----------------------------------------------------------------------------- 6. spacing, 10. one card
+def _runs(tmp_path, spacing=(0.7, 0.7), translator_spacing=None):
+    """Two finished-run folders (export/ + run.json + config.json naming a prepared data folder)."""
+    from nodulesynth.models.io import save_module
+
+    model = tiny_tsgan()
+    runs = {}
+    for name, net, cfg, sp in (("mask_generator", model.mask_generator, model.mask_config, spacing),
+                               ("translator", model.translator, model.translator_config, translator_spacing or spacing)):
+        run, data = tmp_path / f"run-{name}", tmp_path / f"data-{name}"
+        save_module(net, cfg, run / "export", name)
+        data.mkdir()
+        (data / "index.json").write_text(json.dumps({"meta": {}, "records": [{"spacing_mm": list(sp)}] * 3}))
+        (run / "config.json").write_text(json.dumps({"data": str(data)}))
+        (run / "run.json").write_text(json.dumps({"trainer": name, "step": 7, "image_size": 16}))
+        runs[name] = run
+    return runs["mask_generator"], runs["translator"]
+
+
+def test_train_export_records_training_spacing_and_the_generator_uses_it(tmp_path, capsys):
+    from nodulesynth.cli import main
+    from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
+
+    masks, translator = _runs(tmp_path)
+    out = tmp_path / "tsgan"
+    assert main(["train", "export", "--masks", str(masks), "--translator", str(translator), "--out", str(out)]) == 0
+    assert json.loads((out / "tsgan.json").read_text())["meta"]["spacing_mm"] == 0.7
+    model = TSGAN.from_pretrained(out)
+    assert model.spacing_mm == 0.7
+    assert Synthesizer(model, GenerationConfig(gate=False, min_nodules=0)).spacing_mm == 0.7
+    card = (out / "README.md").read_text()
+    assert "Pixel spacing: 0.7 mm per pixel" in card and "not for" in card and "diagnosis" in card
+
+
+def test_export_refuses_unknown_or_conflicting_spacing(tmp_path):
+    import shutil
+
+    from nodulesynth.models.export import export_tsgan
+
+    masks, translator = _runs(tmp_path / "a", translator_spacing=(0.8, 0.8))
+    with pytest.raises(NoduleSynthError, match="different pixel spacings"):
+        export_tsgan(masks, translator, tmp_path / "o1")
+    masks, translator = _runs(tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "data-mask_generator")
+    shutil.rmtree(tmp_path / "b" / "data-translator")
+    with pytest.raises(NoduleSynthError, match="cannot tell the pixel spacing"):
+        export_tsgan(masks, translator, tmp_path / "o2")
+    export_tsgan(masks, translator, tmp_path / "o3", spacing_mm=0.65)
+    assert TSGAN.from_pretrained(tmp_path / "o3").spacing_mm == 0.65
+
+
+def test_one_model_card_writer():
+    """models/card.py writes every card: save_pretrained, train export and the shipped-weights recipe."""
+    from pathlib import Path
+
+    import nodulesynth.train.engine as engine
+    from nodulesynth.models import export
+
+    assert engine.export_tsgan is export.export_tsgan
+    root = Path(__file__).resolve().parents[1]
+    writers = [p.relative_to(root).as_posix() for p in [*root.glob("nodulesynth/**/*.py"), *root.glob("benchmarks/*.py")]
+               if "## Intended use" in p.read_text() or "library_name: nodulesynth" in p.read_text()
+               or "def _model_card" in p.read_text()]
+    assert writers == ["nodulesynth/models/card.py"]
+    assert "export_tsgan" in (root / "benchmarks" / "default_weights.py").read_text()

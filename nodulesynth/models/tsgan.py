@@ -21,6 +21,7 @@ from ..errors import NoduleSynthError
 from ..io import atomic_dir, write_json
 from ..runtime import resolve_device
 from ..masks.classes import NUM_CLASSES
+from .card import model_card as write_card
 from .io import load_module, read_config, save_module, sha256_files
 from .pix2pix import DLPix2PixGenerator, TranslatorConfig, one_hot
 from .stylegan import MaskGANConfig, MaskGenerator
@@ -36,39 +37,6 @@ HUB_PATTERNS = list(LAYOUT)
 # The weights shipped with the repository; module-level so tests can point it elsewhere.
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "pretrained"
 
-MODEL_CARD = """---
-library_name: nodulesynth
-tags: [medical-imaging, ct, lung-nodule, gan, synthetic-data]
----
-# TSGAN weights (nodulesynth)
-
-Two-stage GAN for synthetic lung-nodule CT slices (after "Lung Nodule Image Synthesis Driven by
-Two-Stage Generative Adversarial Networks"):
-
-1. **Mask StyleGAN** (`mask_generator.*`): z ~ N(0, I) → 6-class semantic mask (0 background,
-   1 body, 2 left lung, 3 right lung, 4 trachea, 5 nodule), {mask_res}×{mask_res}, progressive growing, WGAN-GP.
-2. **DL-Pix2Pix** (`translator.*`): mask one-hot → 1-channel CT slice in [-1, 1]
-   (maps linearly to HU [-1024, 1024]), UNet with LIA skips and DWMH attention, PatchGAN.
-
-Image size: {image_size}. Revision: `{revision}`. nodulesynth {version}.
-
-Training meta:
-```
-{meta}
-```
-
-## Intended use
-Research on data augmentation for lung-nodule detection. Not a medical device; synthetic images
-must not be used for diagnosis. Trained on public LUNA16 / LIDC-IDRI data (see their licences).
-
-## Load
-```python
-from nodulesynth import TSGAN
-model = TSGAN.from_pretrained("path/to/this/folder")
-```
-"""
-
-
 class TSGAN(nn.Module):
     """Holds ``mask_generator`` (MaskGenerator) and ``translator`` (DLPix2PixGenerator)."""
 
@@ -82,6 +50,14 @@ class TSGAN(nn.Module):
         self.meta["image_size"] = self.image_size
         self.revision = revision
         self.source = source
+
+    @property
+    def spacing_mm(self) -> float | None:
+        """In-plane pixel size (mm) of the slices the networks were trained on, from ``tsgan.json``
+        (``meta.spacing_mm``); None for weights that never recorded it. Conditions in mm, the quality
+        gate and exported provenance use it."""
+        sp = self.meta.get("spacing_mm")
+        return float(sp) if sp is not None else None
 
     @property
     def mask_config(self) -> MaskGANConfig:
@@ -173,10 +149,11 @@ class TSGAN(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, folder: str | Path, model_card: str | None = None, dtype: torch.dtype | None = None,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, card_extra: str | None = None) -> Path:
         """Write the layout atomically. An existing folder holding only a previous TSGAN export is
         replaced; any other non-empty folder needs ``overwrite=True``. ``dtype=torch.float16`` halves
-        the download (weights load back as fp32)."""
+        the download (weights load back as fp32). The card is ``models.card.model_card`` (plus
+        ``card_extra``) unless ``model_card`` gives the full text."""
         folder = Path(folder)
         if folder.is_dir() and not overwrite:
             existing = {p.name for p in folder.iterdir() if not p.name.startswith(".")}  # .nodulesynth marker
@@ -192,9 +169,8 @@ class TSGAN(nn.Module):
                                             "nodulesynth_version": __version__, "meta": meta})
             revision = sha256_files([tmp / f"{MASK_NAME}.safetensors", tmp / f"{TRANSLATOR_NAME}.safetensors"])[:12]
             if model_card is None:
-                model_card = MODEL_CARD.format(mask_res=self.mask_config.resolution, image_size=self.image_size,
-                                               revision=revision, version=__version__,
-                                               meta=json.dumps(meta, indent=2, default=str))
+                model_card = write_card(mask_resolution=self.mask_config.resolution, image_size=self.image_size,
+                                        revision=revision, meta=meta, extra=card_extra)
             (tmp / "README.md").write_text(model_card, encoding="utf-8")
         log.info("TSGAN: saved to %s (revision %s)", folder, revision)
         return folder
@@ -292,7 +268,3 @@ def hub_unreachable(err: BaseException) -> bool:
     # Offline mode without a cached snapshot: a bare LocalEntryNotFoundError (no cause) is "offline".
     return isinstance(err, LocalEntryNotFoundError) and err.__cause__ is None and err.__context__ is None
 
-
-def read_configs(folder: str | Path) -> tuple[MaskGANConfig, TranslatorConfig]:
-    """The two configs of a TSGAN folder, without loading weights (for trainers resuming from an export)."""
-    return read_config(MaskGANConfig, folder, MASK_NAME), read_config(TranslatorConfig, folder, TRANSLATOR_NAME)

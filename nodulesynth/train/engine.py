@@ -639,46 +639,6 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- export
-def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike, out: str | os.PathLike,
-                 model_card_extra: str | None = None, overwrite: bool = False) -> Path:
-    """Assemble a TSGAN folder (``TSGAN.save_pretrained`` layout) from two finished runs' exports."""
-    from ..models.io import load_module
-    from ..models.pix2pix import DLPix2PixGenerator, TranslatorConfig
-    from ..models.stylegan import MaskGANConfig, MaskGenerator
-    from ..models.tsgan import TSGAN
-
-    mask_run, translator_run, out = Path(mask_run), Path(translator_run), Path(out)
-    for run, name, arg in ((mask_run, "mask_generator", "--masks"), (translator_run, "translator", "--translator")):
-        if not (run / "export" / f"{name}.safetensors").is_file():
-            raise NoduleSynthError(f"{arg} {run}: no export/{name}.safetensors (train it to the end or until max_steps first)")
-    mask_g = load_module(MaskGenerator, MaskGANConfig, mask_run / "export", "mask_generator")
-    translator = load_module(DLPix2PixGenerator, TranslatorConfig, translator_run / "export", "translator")
-    meta: dict[str, Any] = {"mask_run": str(mask_run), "translator_run": str(translator_run)}
-    for key, run in (("mask_training", mask_run), ("translator_training", translator_run)):
-        if (run / "run.json").is_file():
-            meta[key] = json.loads((run / "run.json").read_text())
-    image_size = meta.get("translator_training", {}).get("image_size", 512)
-    model = TSGAN(mask_g, translator, {**meta, "image_size": image_size})
-    check_out_dir(out, overwrite, inputs=[("--masks", mask_run), ("--translator", translator_run)])
-    model.save_pretrained(out, model_card=_model_card(meta, model_card_extra), overwrite=overwrite)
-    return out
-
-
-def _model_card(meta: dict[str, Any], extra: str | None) -> str:
-    tr = meta.get("translator_training", {})
-    mk = meta.get("mask_training", {})
-    lines = [
-        "# TSGAN (nodulesynth)",
-        "",
-        "Two-stage GAN for synthetic lung-nodule CT slices: a progressive StyleGAN draws 6-class semantic",
-        "masks (background, body, left lung, right lung, trachea, nodule); DL-Pix2Pix (UNet + LIA + DWMH)",
-        "translates a mask into a CT slice (HU mapped to [-1, 1]).",
-        "",
-        "## Training",
-        f"- mask StyleGAN: steps {mk.get('step', '?')}, real nodule rate {mk.get('real_nodule_rate', '?')},"
-        f" sampled nodule rate {mk.get('ema_nodule_rate', '?')}",
-        f"- translator: steps {tr.get('step', '?')}, perceptual loss: {tr.get('perceptual', '?')}",
-    ]
-    if extra:
-        lines += ["", extra.strip()]
-    return "\n".join(lines) + "\n"
+# Assembling a TSGAN folder (and its model card) lives in the models package; re-exported here
+# for `train export` and old imports.
+from ..models.export import export_tsgan  # noqa: E402,F401

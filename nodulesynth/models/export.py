@@ -1,0 +1,110 @@
+"""Assemble a TSGAN weights folder (``TSGAN.save_pretrained`` layout) from two finished training
+runs: what ``nodulesynth train export`` does.
+
+It also records the pixel spacing of the training slices in ``tsgan.json`` (``meta.spacing_mm``):
+every mm quantity downstream (size conditions, the quality gate's 3 mm, exported provenance) is
+pixels × this spacing, so weights trained at another ``prepare --spacing`` must say so.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import NoduleSynthError
+from ..io import check_out_dir
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NoduleSynthError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise NoduleSynthError(f"{path}: expected a JSON object")
+    return d
+
+
+def data_spacing_mm(data: str | os.PathLike) -> float:
+    """The one in-plane spacing (mm/pixel) of a prepared slice dataset (its index.json records)."""
+    index = Path(data) / "index.json"
+    if not index.is_file():
+        raise NoduleSynthError(f"{data}: no index.json (not a prepared slice dataset)")
+    records = _read_json(index).get("records") or []
+    values = set()
+    for r in records:
+        sp = r.get("spacing_mm") if isinstance(r, dict) else None
+        if not isinstance(sp, (list, tuple)) or not sp:
+            raise NoduleSynthError(f"{index}: a record lacks spacing_mm")
+        values.update(round(float(v), 6) for v in sp)
+    if not values:
+        raise NoduleSynthError(f"{index}: no records, so no pixel spacing")
+    if len(values) != 1:
+        raise NoduleSynthError(f"{index}: slices have different pixel spacings {sorted(values)} mm; a TSGAN "
+                               "needs one spacing (prepare all data with the same --spacing)")
+    return values.pop()
+
+
+def run_spacing_mm(run: Path) -> float | None:
+    """Spacing of a training run: ``run.json`` "spacing_mm" if the trainer recorded it, else the
+    spacing of the dataset its ``config.json`` names (None when that folder is gone)."""
+    if (run / "run.json").is_file():
+        sp = _read_json(run / "run.json").get("spacing_mm")
+        if sp is not None:
+            return float(sp)
+    if (run / "config.json").is_file():
+        data = _read_json(run / "config.json").get("data")
+        for folder in ([Path(data), run.parent / data] if data else []):  # as given, or relative to the run
+            if (folder / "index.json").is_file():
+                return data_spacing_mm(folder)
+    return None
+
+
+def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike, out: str | os.PathLike,
+                 model_card_extra: str | None = None, overwrite: bool = False,
+                 spacing_mm: float | None = None, dtype: "torch.dtype | None" = None,
+                 data_note: str | None = None) -> Path:
+    """Write ``out`` from ``mask_run/export`` and ``translator_run/export``; ``spacing_mm`` overrides
+    the spacing read from the runs (needed only when their data folders are gone); ``dtype``
+    (torch.float16 for shipping) and ``data_note`` (one line: what the weights saw) are optional."""
+    from .io import load_module
+    from .pix2pix import DLPix2PixGenerator, TranslatorConfig
+    from .stylegan import MaskGANConfig, MaskGenerator
+    from .tsgan import TSGAN
+
+    mask_run, translator_run, out = Path(mask_run), Path(translator_run), Path(out)
+    for run, name, arg in ((mask_run, "mask_generator", "--masks"), (translator_run, "translator", "--translator")):
+        if not (run / "export" / f"{name}.safetensors").is_file():
+            raise NoduleSynthError(f"{arg} {run}: no export/{name}.safetensors (train it to the end or until max_steps first)")
+    if spacing_mm is None:
+        found = {arg: sp for arg, run in (("--masks", mask_run), ("--translator", translator_run))
+                 if (sp := run_spacing_mm(run)) is not None}
+        if len({round(v, 6) for v in found.values()}) > 1:
+            raise NoduleSynthError(f"the two runs were trained at different pixel spacings {found} mm; "
+                                   "train both stages on data prepared with the same --spacing")
+        if not found:
+            raise NoduleSynthError(f"--masks {mask_run} / --translator {translator_run}: cannot tell the pixel spacing "
+                                   "of the training data (their data folders named in config.json are gone); "
+                                   "pass spacing_mm")
+        spacing_mm = next(iter(found.values()))
+    if not (isinstance(spacing_mm, (int, float)) and math.isfinite(spacing_mm) and 0 < spacing_mm <= 20):
+        raise NoduleSynthError(f"spacing_mm: must be a pixel size in mm (0 < spacing ≤ 20), got {spacing_mm!r}")
+    mask_g = load_module(MaskGenerator, MaskGANConfig, mask_run / "export", "mask_generator")
+    translator = load_module(DLPix2PixGenerator, TranslatorConfig, translator_run / "export", "translator")
+    meta: dict[str, Any] = {"mask_run": str(mask_run), "translator_run": str(translator_run)}
+    for key, run in (("mask_training", mask_run), ("translator_training", translator_run)):
+        if (run / "run.json").is_file():
+            meta[key] = _read_json(run / "run.json")
+    meta["spacing_mm"] = float(spacing_mm)
+    if data_note:
+        meta["data"] = data_note
+    image_size = meta.get("translator_training", {}).get("image_size", 512)
+    model = TSGAN(mask_g, translator, {**meta, "image_size": image_size})
+    check_out_dir(out, overwrite, inputs=[("--masks", mask_run), ("--translator", translator_run)])
+    model.save_pretrained(out, card_extra=model_card_extra, overwrite=overwrite, dtype=dtype)
+    return out
