@@ -29,3 +29,56 @@ def test_nodule_stats_counts_and_sizes():
     assert np.allclose(sorted(s.diameters_mm), expected)
     # adjacent masks in the stack must never merge into one component
     assert len(nodule_stats(np.stack([m[1], m[1]]), 1.0).diameters_mm) == 2
+
+
+# ---- the paper's definitions (eq. 12 MAX = 4095, eq. 13 L = 255) against scikit-image ----------------
+def _real_slices():
+    import pathlib
+
+    import pytest
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga-chest-slices"
+    files = sorted(root.glob("*/*.dcm"))[:3]
+    if not files:
+        pytest.skip(f"real slices absent ({root})")
+    import pydicom
+
+    out = []
+    for f in files:
+        d = pydicom.dcmread(f)
+        out.append(d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept))
+    return torch.from_numpy(np.stack(out))
+
+
+def test_paper_psnr_ssim_match_skimage_on_real_slices():
+    import pytest
+
+    skm = pytest.importorskip("skimage.metrics")
+    from nodulesynth.metrics.image_quality import dilate, hu_to_8bit, hu_to_ct12, psnr_8bit, psnr_ct, ssim_8bit
+
+    real = _real_slices()
+    g = torch.Generator().manual_seed(0)
+    fake = real + torch.randn(real.shape, generator=g) * 40 + 15
+    for k in range(len(real)):
+        r12, f12 = hu_to_ct12(real[k]).numpy(), hu_to_ct12(fake[k]).numpy()
+        ref = skm.peak_signal_noise_ratio(r12, f12, data_range=4095)
+        assert psnr_ct(fake[k : k + 1], real[k : k + 1]).item() == pytest.approx(ref, abs=1e-3)
+        r8, f8 = hu_to_8bit(real[k]).numpy(), hu_to_8bit(fake[k]).numpy()
+        assert psnr_8bit(fake[k : k + 1], real[k : k + 1]).item() == pytest.approx(
+            skm.peak_signal_noise_ratio(r8, f8, data_range=255), abs=1e-3)
+        ref_ssim, smap = skm.structural_similarity(r8, f8, data_range=255, gaussian_weights=True, sigma=1.5,
+                                                   use_sample_covariance=False, full=True)
+        assert ssim_8bit(fake[k : k + 1], real[k : k + 1]).item() == pytest.approx(ref_ssim, abs=1e-4)
+        # masked: the SSIM map averaged over a dilated region (inside the 5 px border)
+        region = torch.zeros(real.shape[-2:], dtype=torch.bool)
+        region[200:210, 300:320] = True
+        big = dilate(region[None], 8)[0]
+        assert big.sum() == (10 + 16) * (20 + 16)
+        got = ssim_8bit(fake[k : k + 1], real[k : k + 1], big[None]).item()
+        assert got == pytest.approx(float(smap[big.numpy()].mean()), abs=1e-4)
+        m = big.numpy()
+        mse = float(((r12[m] - f12[m]) ** 2).mean())
+        assert psnr_ct(fake[k : k + 1], real[k : k + 1], big[None]).item() == pytest.approx(
+            10 * np.log10(4095**2 / mse), abs=1e-3)
+    # an empty region gives NaN, not a number
+    assert torch.isnan(ssim_8bit(fake[:1], real[:1], torch.zeros(1, *real.shape[-2:], dtype=torch.bool))).all()
