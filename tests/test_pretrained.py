@@ -66,3 +66,48 @@ def test_generated_slices_have_ct_like_hu(samples):
 def test_same_seed_same_samples(shipped, samples):
     again = Synthesizer(shipped, GenerationConfig(seed=0, block=4, batch_size=2)).generate([2, 3])
     assert torch.equal(again.masks, samples.masks[2:]) and torch.equal(again.images_hu, samples.images_hu[2:])
+
+
+def test_default_weights_are_package_data():
+    """`pip install .` (not -e) must carry the weights: they live inside the package and
+    pyproject's package-data globs cover every file of the folder."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import nodulesynth
+
+    pkg = Path(nodulesynth.__file__).resolve().parent
+    assert DEFAULT_WEIGHTS_DIR.resolve().parent == pkg
+    root = pkg.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["nodulesynth"]
+    files = [p.relative_to(pkg).as_posix() for p in DEFAULT_WEIGHTS_DIR.iterdir() if p.is_file()]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)
+    top = root / "pretrained"  # the design card's shipped folder: a link to the package data
+    if top.exists():
+        assert top.resolve() == DEFAULT_WEIGHTS_DIR.resolve()
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_default_weights(tmp_path):
+    """Build the wheel (no network: the installed setuptools) and check the weights are inside."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    import nodulesynth
+
+    pytest.importorskip("setuptools")
+    pkg = Path(nodulesynth.__file__).resolve().parent
+    src = tmp_path / "src"
+    shutil.copytree(pkg, src / "nodulesynth", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(pkg.parent / f, src / f)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(tmp_path / "whl")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = set(zipfile.ZipFile(next((tmp_path / "whl").glob("*.whl"))).namelist())
+    shipped = {f"nodulesynth/pretrained/{p.name}" for p in DEFAULT_WEIGHTS_DIR.iterdir() if p.is_file()}
+    assert shipped and shipped <= names, shipped - names

@@ -34,8 +34,10 @@ MASK_NAME, TRANSLATOR_NAME = "mask_generator", "translator"
 LAYOUT = ("tsgan.json", f"{MASK_NAME}.safetensors", f"{MASK_NAME}.json", f"{TRANSLATOR_NAME}.safetensors",
           f"{TRANSLATOR_NAME}.json", "README.md")
 HUB_PATTERNS = list(LAYOUT)
-# The weights shipped with the repository; module-level so tests can point it elsewhere.
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "pretrained"
+# The shipped weights are package data (nodulesynth/pretrained/, in the wheel too, so `pip install .`
+# works without a checkout); the repository's top-level pretrained/ is a symlink to it.
+# Module-level so tests can point it elsewhere.
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 
 class TSGAN(nn.Module):
     """Holds ``mask_generator`` (MaskGenerator) and ``translator`` (DLPix2PixGenerator)."""
