@@ -15,7 +15,7 @@ Slices kept (documented choice, recorded in the meta):
   slices ≥ 5 mm from any lesion that show ≥ 1000 mm² of lung (true negatives: the label covers the
   whole volume) — the same rule as the LUNA16/LIDC path;
 - unlabelled volume (DICOM, ``--volume`` without ``--label``): every ``every_k``-th slice (counted
-  from the volume's first slice) that passes through BOTH lungs (each ≥ ``min_lung_mm2``).
+  from the volume's first slice) that passes through BOTH lungs (each lung's largest piece ≥ ``min_lung_mm2``).
   These slices carry anatomy masks without a nodule class and are marked ``labelled=False``:
   ``has_nodule=False`` there means "not annotated", never "nodule-free" (TCGA slices show tumours).
 Anatomy masks come from HU (``masks.semantic``); image and mask are resampled to ``spacing`` mm and
@@ -270,7 +270,13 @@ def volume_jobs(cfg: VolumeConfig) -> tuple[list[VolumeJob], dict]:
 
 
 def _lung_areas(m: np.ndarray, px_mm2: float) -> tuple[float, float]:
-    return float((m == MaskClass.LEFT_LUNG).sum() * px_mm2), float((m == MaskClass.RIGHT_LUNG).sum() * px_mm2)
+    """Area (mm²) of the largest connected piece of each lung: scattered gas specks the HU mask
+    builder may call lung on an abdominal slice (bowel) never add up to a lung this way."""
+    out = []
+    for cls in (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG):
+        lab, n = ndi.label(m == cls)
+        out.append(float(np.bincount(lab.ravel())[1:].max() * px_mm2) if n else 0.0)
+    return out[0], out[1]
 
 
 def pick_slices(ct: CTVolume, label: np.ndarray | None, cfg: VolumeConfig, rng: np.random.Generator):
