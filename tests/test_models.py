@@ -243,3 +243,117 @@ def test_perceptual_loss_sources(tmp_path, monkeypatch, caplog):
     save_file({"features.0.weight": torch.zeros(3)}, str(bad))
     with pytest.raises(NoduleSynthError, match="not torchvision VGG-19"):
         PerceptualLoss.try_create(bad)
+
+
+# ---------------------------------------------------------------- texture options (not in the paper)
+
+@pytest.mark.parametrize("upsample,noise", [("transpose", True), ("nearest", False), ("bilinear", True)])
+def test_translator_texture_options_forward_backward(upsample, noise):
+    torch.manual_seed(0)
+    cfg = TranslatorConfig(ngf=4, ndf=4, num_downs=5, dwmh_depth=2, dwmh_window=4, dwmh_heads=2, upsample=upsample,
+                           noise=noise, num_d=2)
+    G = DLPix2PixGenerator(cfg)
+    x = one_hot(torch.randint(0, 6, (2, 64, 64)))
+    y = G(x)
+    assert y.shape == (2, 1, 64, 64) and y.abs().max() <= 1
+    y.mean().backward()
+    assert all(p.grad is not None for n, p in G.named_parameters() if "noises" not in n or noise)
+    assert (G.noises is not None) == noise
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in G.modules()) or upsample == "transpose"
+    if noise:  # learned per-channel scales, starting at 0 (identity), get a gradient
+        assert all(float(n.weight.detach().abs().sum()) == 0 and n.weight.grad is not None for n in G.noises)
+
+
+def test_translator_noise_is_seeded_per_sample_outside_training():
+    torch.manual_seed(0)
+    G = DLPix2PixGenerator(TranslatorConfig(ngf=4, ndf=4, num_downs=4, dwmh_depth=2, dwmh_window=4, dwmh_heads=2,
+                                            noise=True, dropout=0.0))
+    with torch.no_grad():
+        for n in G.noises:
+            n.weight.fill_(1.0)
+    G.eval()
+    x = one_hot(torch.randint(0, 6, (3, 32, 32)))
+    a = G(x, noise_seeds=[5, 6, 7])
+    torch.testing.assert_close(G(x[1:2], noise_seeds=[6]), a[1:2])  # independent of the batch around it
+    assert not torch.allclose(G(x, noise_seeds=[8, 6, 7])[0], a[0])  # another seed, another texture
+    assert torch.equal(G(x), G(x))  # no seeds: seed 0 for every sample, still deterministic
+    G.train()
+    assert not torch.equal(G(x), G(x))  # training: fresh noise from the global RNG
+    with pytest.raises(NoduleSynthError, match="2 noise seeds for a batch of 3"):
+        G.eval()(x, noise_seeds=[1, 2])
+
+
+def test_multiscale_discriminator_shapes_and_losses():
+    from nodulesynth.models.losses import multiscale_feature_matching_loss, multiscale_gan_loss
+    from nodulesynth.models.pix2pix import (MultiScaleDiscriminator, build_discriminator, discriminate,
+                                            min_input_size)
+
+    cfg = TranslatorConfig(ngf=4, ndf=4, num_d=3)
+    D = build_discriminator(cfg)
+    assert isinstance(D, MultiScaleDiscriminator) and min_input_size(cfg) == 128
+    assert isinstance(build_discriminator(TranslatorConfig(ndf=4)), PatchDiscriminator)  # paper: one PatchGAN
+    x, img = one_hot(torch.randint(0, 6, (2, 128, 128))), torch.rand(2, 1, 128, 128) * 2 - 1
+    outs = discriminate(D, x, img, return_features=True)
+    assert [o[0].shape[-1] for o in outs] == [14, 6, 2]  # each scale halves the input
+    assert all(len(o[1]) == cfg.n_layers_d + 1 for o in outs)
+    fake = discriminate(D, x, img.flip(-1), return_features=True)
+    assert multiscale_feature_matching_loss(outs, outs) == 0 < multiscale_feature_matching_loss(outs, fake)
+    assert multiscale_gan_loss(outs, True).ndim == 0
+    single = discriminate(PatchDiscriminator(TranslatorConfig(ndf=4)), x, img)
+    assert len(single) == 1 and single[0].shape == (2, 1, 14, 14)
+    with pytest.raises(NoduleSynthError, match="num_d"):
+        TranslatorConfig(num_d=0)
+    with pytest.raises(NoduleSynthError, match="upsample"):
+        TranslatorConfig(upsample="pixelshuffle")
+
+
+def test_lowpass_l1_ignores_fine_texture():
+    from nodulesynth.models.losses import lowpass_l1_loss
+
+    real = torch.zeros(1, 1, 16, 16)
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None]) % 2 * 0.5 - 0.25  # zero-mean 2-px texture
+    assert lowpass_l1_loss(checker[None, None], real, 1) == pytest.approx(0.25)
+    assert lowpass_l1_loss(checker[None, None], real, 2) == 0  # texture below the pooling scale is free
+    assert lowpass_l1_loss(real + 0.1, real, 4) == pytest.approx(0.1)  # region levels are still pinned
+
+
+def test_translator_config_without_texture_fields_loads_as_the_paper(tmp_path):
+    """Weights saved before the texture options existed (their JSON lacks the fields) still load."""
+    import json
+
+    from nodulesynth.models.io import load_module, save_module
+
+    cfg = TranslatorConfig(ngf=4, ndf=4, num_downs=4, dwmh_depth=2, dwmh_window=4, dwmh_heads=2)
+    G = DLPix2PixGenerator(cfg)
+    save_module(G, cfg, tmp_path, "translator")
+    meta = json.loads((tmp_path / "translator.json").read_text())
+    for key in ("noise", "upsample", "num_d"):
+        del meta["config"][key]
+    (tmp_path / "translator.json").write_text(json.dumps(meta))
+    back = load_module(DLPix2PixGenerator, TranslatorConfig, tmp_path, "translator")
+    assert (back.cfg.noise, back.cfg.upsample, back.cfg.num_d) == (False, "transpose", 1)
+    x = one_hot(torch.randint(0, 6, (1, 32, 32)))
+    torch.testing.assert_close(back(x), G.eval()(x))
+
+
+def test_generate_with_noise_translator_stays_a_pure_function_of_seed_and_index():
+    from nodulesynth.models.tsgan import TSGAN
+    from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
+
+    torch.manual_seed(1)
+    model = TSGAN.from_configs(
+        MaskGANConfig(resolution=16, z_dim=16, w_dim=16, mapping_layers=1, fmap_base=64, fmap_max=16),
+        TranslatorConfig(ngf=4, ndf=4, num_downs=4, dwmh_depth=2, dwmh_window=4, dwmh_heads=2, noise=True,
+                         upsample="bilinear"), image_size=32).eval()
+    with torch.no_grad():
+        for n in model.translator.noises:
+            n.weight.fill_(2.0)
+    cfg = dict(seed=3, block=4, gate=False, min_nodules=0)
+    ref = Synthesizer(model, GenerationConfig(**cfg)).generate(range(6))
+    part = Synthesizer(model, GenerationConfig(**cfg, batch_size=2)).generate([5, 1])
+    assert torch.equal(part.images_hu, ref.images_hu[[5, 1]])
+    with torch.no_grad():
+        for n in model.translator.noises:
+            n.weight.zero_()
+    quiet = Synthesizer(model, GenerationConfig(**cfg)).generate([5])
+    assert torch.equal(quiet.masks[0], ref.masks[5]) and not torch.equal(quiet.images_hu[0], ref.images_hu[5])

@@ -254,8 +254,11 @@ def test_cli_train_and_errors(data_dir, mask_runs, translator_runs, tmp_path, ca
     with pytest.raises(NoduleSynthError, match="nope"):
         cli.run(args)
     args = parser.parse_args(["translator", "--data", data_dir, "--out", str(tmp_path / "r2"), "--resume"])
+    with pytest.raises(NoduleSynthError, match="at least --crop-size 256"):
+        cli.run(args)  # 64-px slices are smaller than the default crop: never padded
+    args = parser.parse_args(["translator", "--data", data_dir, "--out", str(tmp_path / "r2"), "--crop-size", "0"])
     with pytest.raises(NoduleSynthError, match="multiple of 2\\*\\*num_downs = 256"):
-        cli.run(args)  # 64-px slices cannot go through the default 8-down UNet
+        cli.run(args)  # whole 64-px slices cannot go through the default 8-down UNet
     args = parser.parse_args(["translator", "--data", data_dir, "--out", str(tmp_path / "r2"), "--resume",
                               "--num-downs", "5", "--crop-size", "32"])
     with pytest.raises(NoduleSynthError, match="no checkpoint"):
@@ -270,3 +273,207 @@ def test_cli_main_reports_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "missing" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the shared loop (engine.Trainer)
+class ToyTrainer(engine.Trainer):
+    """Linear regression through the Trainer hooks: the loop's contract without any GAN."""
+
+    name = "toy"
+    metric_fields = ("loss",)
+
+    def __init__(self, cfg, nan_at=None):
+        super().__init__(cfg)
+        self.nan_at = nan_at
+
+    def setup(self):
+        self.x = torch.linspace(-1, 1, 16)[:, None]
+        self.stream = engine.IndexStream(np.arange(16), self.cfg.seed, self.info)
+
+    def build(self):
+        self.net = torch.nn.Linear(1, 1)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=0.25)
+
+    def total_steps(self):
+        return 12
+
+    def batches(self, step, stop_at):
+        for _ in range(step, stop_at):
+            yield (torch.tensor([i for i, _ in self.stream.take(4)]),)
+
+    def train_step(self, batch):
+        x = self.x[batch[0]]
+        loss = (self.net(x) - (3 * x + 1) + 0.1 * torch.randn_like(x)).square().mean()
+        if self.nan_at is not None and self.step + 1 >= self.nan_at:
+            loss = loss * float("nan")
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss": loss.detach()}
+
+    def state_dict(self):
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "data": self.stream.state_dict()}
+
+    def load_state_dict(self, st):
+        self.net.load_state_dict(st["net"]); self.opt.load_state_dict(st["opt"]); self.stream.load_state_dict(st["data"])
+
+    def export(self):
+        (self.out / "export").mkdir(exist_ok=True)
+        torch.save(self.net.state_dict(), self.out / "export" / "net.pt")
+
+
+def toy_cfg(out, **kw):
+    return engine.RunConfig(**{**dict(data="unused", out=str(out), checkpoint_every=4, log_every=2, device="cpu"), **kw})
+
+
+def test_trainer_loop_resumes_bit_identical_and_logs(tmp_path):
+    full = ToyTrainer(toy_cfg(tmp_path / "full")).fit()
+    ToyTrainer(toy_cfg(tmp_path / "part", max_steps=5)).fit()  # stops between checkpoints: checkpoints step 5
+    assert engine.latest_checkpoint(tmp_path / "part").name == "step-00000005"
+    resumed = ToyTrainer(toy_cfg(tmp_path / "part", resume=True)).fit()
+    assert_same_state(final_state(full), final_state(resumed))
+    assert [int(r["step"]) for r in read_metrics(full)] == [2, 4, 6, 8, 10, 12]
+    assert [int(r["step"]) for r in read_metrics(resumed)] == [2, 4, 5, 6, 8, 10, 12]  # 5: where part stopped
+    assert (full / "export" / "net.pt").is_file() and "toy" in (full / "run.json").read_text()
+    assert final_state(full)["net"]["weight"].item() > 1.0  # it did learn (towards 3 from ~0)
+
+
+def test_trainer_stops_on_nan_loss_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(NoduleSynthError, match=r"diverged.*between steps 4 and 6.*step-00000004"):
+        ToyTrainer(toy_cfg(tmp_path / "run"), nan_at=6).fit()
+    assert [p.name for p in engine.list_checkpoints(tmp_path / "run")] == ["step-00000004"]
+    assert not (tmp_path / "run" / "export").exists()
+    st = engine.load_checkpoint(engine.latest_checkpoint(tmp_path / "run"))
+    assert torch.isfinite(st["net"]["weight"]).all()
+
+
+def test_resume_refuses_non_finite_or_misfit_checkpoints(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run = ToyTrainer(toy_cfg(tmp_path / "run", max_steps=4)).fit()
+    ckpt = engine.latest_checkpoint(run)
+    tensors = load_file(str(ckpt / "state.safetensors"))
+    export_before = (run / "export" / "net.pt").read_bytes()
+    bad = dict(tensors, **{"net.weight": torch.full_like(tensors["net.weight"], float("nan"))})
+    save_file(bad, str(ckpt / "state.safetensors"))
+    with pytest.raises(NoduleSynthError, match="NaN/inf in net.weight"):
+        ToyTrainer(toy_cfg(run, resume=True)).fit()
+    assert (run / "export" / "net.pt").read_bytes() == export_before  # nothing trained, nothing overwritten
+    save_file(dict(tensors, **{"net.weight": torch.zeros(3, 3)}), str(ckpt / "state.safetensors"))
+    with pytest.raises(NoduleSynthError, match="does not fit this run"):
+        ToyTrainer(toy_cfg(run, resume=True)).fit()
+    (ckpt / "state.json").write_text('{"format": "nodulesynth-checkpoint"}')
+    with pytest.raises(NoduleSynthError, match="not a nodulesynth checkpoint"):
+        ToyTrainer(toy_cfg(run, resume=True)).fit()
+    with pytest.raises(NoduleSynthError, match="NaN/inf"):  # never written either
+        engine.save_checkpoint(tmp_path / "x", 1, {"w": torch.tensor([float("inf")])})
+
+
+# ----------------------------------------------------------------------------- stage hooks, one by one
+def _ready(trainer, out):
+    trainer.out = out
+    trainer.setup()
+    engine.seed_everything(0)
+    trainer.build()
+    return trainer
+
+
+def test_translator_hooks_one_by_one(data_dir, tmp_path):
+    from nodulesynth.train.translator import TranslatorTrainer
+
+    t = _ready(TranslatorTrainer(tr_cfg(data_dir, tmp_path)), tmp_path)
+    assert t.crop == 32 and t.steps_per_epoch == 4 and t.total_steps() == 8 and t.image_size == 64
+    labels, real = next(iter(t.batches(0, 1)))
+    assert labels.shape == (2, 32, 32) and real.shape == (2, 1, 32, 32) and -1 <= real.min() <= real.max() <= 1
+    before = {k: v.clone() for k, v in t.G.state_dict().items()}
+    losses = t.train_step((labels, real))
+    assert set(losses) == {"d_loss", "g_gan", "l1", "perc", "fm", "g_total"}
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["fm"] > 0  # no VGG here: FM stands in
+    assert any(not torch.equal(before[k], v) for k, v in t.G.state_dict().items())
+    assert t.stream.state_dict() == {"epoch": 0, "pos": 2}  # the trainer's stream moved by one batch
+    st = t.state_dict()
+    t2 = _ready(TranslatorTrainer(tr_cfg(data_dir, tmp_path)), tmp_path)
+    t2.load_state_dict(st)
+    assert_same_state(t2.state_dict(), st)
+    t.step = 1
+    t.preview()
+    assert (tmp_path / "samples" / "step-00000001.png").is_file()
+    assert t.log_values(losses)["epoch"] == 0.25
+
+
+def test_mask_hooks_one_by_one(data_dir, tmp_path):
+    from nodulesynth.train.masks import MaskTrainer
+
+    t = _ready(MaskTrainer(mask_cfg(data_dir, tmp_path)), tmp_path)
+    assert t.total_steps() == 8 and len(t.sources) == 4  # nodule slices only
+    level, alpha, real = next(iter(t.batches(4, 5)))  # first step of level 1: fade-in starts
+    assert (level, alpha) == (1, 0.0) and real.shape == (4, 6, 8, 8)
+    losses = t.train_step((level, alpha, real))
+    assert {"d_loss", "g_loss", "gp", "wdist"} <= set(losses) and t.images_seen == 4
+    ev = t.evaluate()
+    assert ev["real_nodule_rate"] == 1.0 and 0 <= ev["ema_nodule_rate"] <= 1
+    assert t.log_values(losses)["resolution"] == 8
+
+
+# ----------------------------------------------------------------------------- mixed data, splits, weights
+def test_index_stream_weights_shares_and_resume():
+    info = engine.DistInfo()
+    groups = np.array([0] * 4 + [1] * 12)
+    s = engine.IndexStream(np.arange(16), seed=1, info=info, groups=groups, weights=[3, 1])
+    first = s.take(16)
+    assert sum(i < 4 for i, _ in first) == 12  # group 0 (4 slices) gets 3/4 of the draws: over-sampled
+    b = engine.IndexStream(np.arange(16), seed=1, info=info, groups=groups, weights=[3, 1])
+    b.load_state_dict(s.state_dict())
+    assert s.take(20) == b.take(20)
+    ranks = [engine.IndexStream(np.arange(16), 1, engine.DistInfo(r, 2, r), groups, [3, 1]).take(8) for r in (0, 1)]
+    assert sorted(i for r in ranks for i, _ in r) == sorted(i for i, _ in first)  # ranks split one epoch
+
+
+def test_translator_mixes_slices_and_crops_at_one_spacing(data_dir, tmp_path):
+    from nodulesynth.train.translator import TranslatorTrainer
+
+    images, masks, records = synth_slices(6, 64, seed=3)
+    for i, r in enumerate(records):  # crops at a finer native spacing, patients split 4 train / 2 test
+        r.spacing_mm, r.patient, r.split = (0.5, 0.5), f"p{i}", "train" if i < 4 else "test"
+    records[0].spacing_mm = (0.25, 0.25)  # 64 px at 0.25 mm → 20 px at 0.8 mm: smaller than the crop
+    crops = str(write_slice_dataset(tmp_path / "crops", images, masks, records))
+    cfg = tr_cfg([data_dir, crops], tmp_path / "run", spacing_mm=0.8, data_weights="1,3", max_steps=3)
+    t = _ready(TranslatorTrainer(cfg), tmp_path / "run")
+    by_ds = [s["slices"] for s in t.sources.summary()]
+    assert by_ds == [8, 3]  # crops: 4 train patients, one too small at 0.8 mm, test patients never used
+    drawn = [g for g, _ in copy_stream(t.stream).take(t.stream.per_epoch)]
+    assert sum(g >= 8 for g in drawn) == round(0.75 * len(drawn))
+    hu, mask = t.pairs.load(9)  # a crop resampled 64 px × 0.5/0.8 = 40 px
+    assert hu.shape == mask.shape == (40, 40) and set(np.unique(mask)) <= set(range(6))
+    out = train_translator(cfg)
+    assert (out / "export" / "translator.safetensors").is_file()
+    with pytest.raises(NoduleSynthError, match="2 weights for 1"):
+        train_translator(tr_cfg(data_dir, tmp_path / "bad", data_weights="1,2"))
+
+
+def copy_stream(stream):
+    import copy
+
+    return copy.deepcopy(stream)
+
+
+# ----------------------------------------------------------------------------- flags from the dataclasses
+def test_cli_flags_come_from_the_config_dataclasses(data_dir, tmp_path):
+    from nodulesynth.train import cli
+    from nodulesynth.train.translator import PRESETS
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    base = ["--data", data_dir, "--out", str(tmp_path / "r")]
+    cfg = cli.build_config(parser.parse_args(["translator", *base]))
+    assert cfg == TranslatorTrainConfig(data=[data_dir], out=str(tmp_path / "r"))  # every default from the dataclass
+    cfg = cli.build_config(parser.parse_args(["masks", *base, "--z-dim", "32", "--batch-size", "8", "4", "--all-slices"]))
+    assert cfg.model == MaskGANConfig(z_dim=32) and cfg.model.w_dim == 32 and cfg.batch_sizes == (8, 4)
+    assert cfg.nodule_only is False and cfg.steps_per_level == MaskTrainConfig(data="", out="").steps_per_level
+    cfg = cli.build_config(parser.parse_args(["translator", *base, "--preset", "pix2pix", "--lambda-l1", "50",
+                                              "--crop-size", "0", "--noise", "--upsample", "bilinear"]))
+    assert (cfg.model.lia, cfg.model.dwmh, cfg.model.noise, cfg.model.upsample) == (False, False, True, "bilinear")
+    assert cfg.lambda_l1 == 50 and cfg.crop_size is None and cfg.batch_size == PRESETS["paper"]["batch_size"]
+    paper = cli.build_config(parser.parse_args(["translator", *base, "--preset", "paper"]))
+    assert (paper.model.lia, paper.model.dwmh, paper.model.num_d, paper.lambda_l1, paper.lambda_perc) == \
+        (True, True, 1, 200.0, 10.0)

@@ -89,6 +89,34 @@ def l1_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(fake.float(), real.float())
 
 
+def lowpass_l1_loss(fake: torch.Tensor, real: torch.Tensor, factor: int = 1) -> torch.Tensor:
+    """L1 between ``factor``×``factor`` average-pooled images (``factor`` 1 = eq. 9).
+
+    Not in the paper. A mask does not say where vessels run, so pixel L1 pulls the output to the
+    conditional mean (a blur); on a low-passed pair L1 still pins region HU levels and
+    anatomy while leaving texture finer than ``factor`` px to the adversarial terms."""
+    if factor < 1:
+        raise NoduleSynthError(f"lowpass_l1_loss: factor must be >= 1, got {factor}")
+    fake, real = fake.float(), real.float()
+    if factor > 1:
+        fake, real = F.avg_pool2d(fake, factor, ceil_mode=True), F.avg_pool2d(real, factor, ceil_mode=True)
+    return F.l1_loss(fake, real)
+
+
+def multiscale_gan_loss(outputs: Sequence, target_is_real: bool, mode: str = "lsgan") -> torch.Tensor:
+    """Mean of :func:`gan_loss` over discriminator scales; ``outputs`` are logits or (logits, feats)."""
+    logits = [o[0] if isinstance(o, tuple) else o for o in outputs]
+    return sum(gan_loss(x, target_is_real, mode) for x in logits) / len(logits)
+
+
+def multiscale_feature_matching_loss(real_outputs: Sequence, fake_outputs: Sequence) -> torch.Tensor:
+    """pix2pixHD feature matching over scales: mean over scales of :func:`feature_matching_loss`
+    (pix2pixHD weights each scale by 1/num_D); outputs are (logits, feats) per scale."""
+    if len(real_outputs) != len(fake_outputs) or not real_outputs:
+        raise ValueError("multiscale_feature_matching_loss: need equally many, non-empty scale outputs")
+    return sum(feature_matching_loss(r[1], f[1]) for r, f in zip(real_outputs, fake_outputs)) / len(real_outputs)
+
+
 def feature_matching_loss(real_feats: Sequence[torch.Tensor], fake_feats: Sequence[torch.Tensor]) -> torch.Tensor:
     """pix2pixHD: Σ_l mean|D_l(fake) − D_l(real)| over the PatchGAN's intermediate activations
     (real detached). With n_layers=3 this equals pix2pixHD's weighting (4/(n_layers+1) = 1)."""

@@ -33,7 +33,7 @@ class MaskGANConfig:
     resolution: int = 512
     num_classes: int = 6
     z_dim: int = 512
-    w_dim: int = 512
+    w_dim: int | None = None  # None: the same as z_dim (StyleGAN's 512/512)
     mapping_layers: int = 8
     fmap_base: int = 8192
     fmap_max: int = 512
@@ -43,6 +43,8 @@ class MaskGANConfig:
     mbstd_group: int = 4
 
     def __post_init__(self) -> None:
+        if self.w_dim is None:
+            self.w_dim = self.z_dim
         r = self.resolution
         if r < 4 or r & (r - 1):
             raise NoduleSynthError(f"MaskGANConfig.resolution={r}: must be a power of two >= 4")

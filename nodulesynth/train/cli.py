@@ -1,61 +1,114 @@
 """Train the TSGAN stages: `train masks` (StyleGAN), `train translator` (DL-Pix2Pix), `train export`.
 
+Every training flag is built from a field of the run's config dataclass (``MaskTrainConfig``,
+``TranslatorTrainConfig`` and their ``model`` configs): name, type, default and help live once,
+in the dataclass. Flags are parsed with no argparse defaults, so only what the user typed
+overrides the dataclass (or, for the translator, the ``--preset``).
+
 Multi-GPU: launch the same command with `torchrun --nproc_per_node=N -m nodulesynth train ...`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import types
+import typing
+from typing import Any
+
+MODEL_SKIP = {"in_classes", "out_channels", "num_classes"}  # fixed by the 6 mask classes / 1 CT channel
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="prepared slice dataset folder (nodulesynth prepare)")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, samples, metrics.csv, export/)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop (checkpoint + export) at this global step")
-    p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(base type, is_list) of a field annotation: drops None from unions, picks list over str."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+    lists = [a for a in args if typing.get_origin(a) is list]
+    return (lists[0], True) if lists else (args[0], False)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def add_config_arguments(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """One flag per field of dataclass ``cls`` (nested dataclass fields recurse, dest ``model.x``)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta, tp = f.metadata, hints[f.name]
+        if meta.get("cli") is False or (prefix and f.name in MODEL_SKIP):
+            continue
+        if dataclasses.is_dataclass(tp):
+            add_config_arguments(p, tp, prefix=f"{f.name}.")
+            continue
+        default = _default(f)
+        base, _ = _unwrap(tp)
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        text = meta.get("help") or f"{prefix.rstrip('.') or 'run'} config field {f.name}"
+        kw: dict[str, Any] = {"dest": prefix + f.name, "default": argparse.SUPPRESS}
+        if base is bool:
+            if default and "flag" not in meta:
+                flag, text = "--no-" + f.name.replace("_", "-"), f"disable: {text}"
+            kw["action"] = "store_false" if default else "store_true"
+        else:
+            origin = typing.get_origin(base)
+            if meta.get("append"):
+                kw.update(action="append", type=str)
+            elif origin is tuple:
+                elems = typing.get_args(base)
+                kw.update(type=elems[0], nargs="+" if Ellipsis in elems else len(elems))
+            else:
+                kw["type"] = base
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+            kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+            if default is dataclasses.MISSING:
+                kw["required"] = True
+            elif default is not None:
+                shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+                text += f" (default: {shown}" + (f"; {meta['none_if']} = none" if "none_if" in meta else "") + ")"
+        p.add_argument(flag, help=text, **kw)
+
+
+def config_values(cls: type, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(top-level fields, {nested field: its fields}) that were given on the command line."""
+    given = vars(args)
+    hints = typing.get_type_hints(cls)
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            nested[f.name] = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith(f.name + ".")}
+        elif f.name in given:
+            v = given[f.name]
+            if "none_if" in f.metadata and v == f.metadata["none_if"]:
+                v = None
+            top[f.name] = tuple(v) if typing.get_origin(_unwrap(tp)[0]) is tuple else v
+    return top, nested
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..models.pix2pix import TranslatorConfig  # noqa: F401  (type hints of the configs)
+    from .masks import MaskTrainConfig
+    from .translator import PRESETS, TranslatorTrainConfig
+
     sub = parser.add_subparsers(dest="train_command", metavar="STAGE", required=True)
-
     m = sub.add_parser("masks", help="progressive mask StyleGAN (paper §3.1)")
-    _common(m)
-    m.add_argument("--resolution", type=int, default=512, help="final mask size (4·2^k, default 512)")
-    m.add_argument("--steps-per-level", type=int, default=10_000, help="steps per resolution (paper: 10,000)")
-    m.add_argument("--final-steps", type=int, default=None,
-                   help="steps at the target resolution (default: --steps-per-level)")
-    m.add_argument("--batch-size", type=int, nargs="+", default=None,
-                   help="batch size per level 4, 8, ... (last value repeats; default 64 64 64 32 32 16 16 8)")
-    m.add_argument("--fmap-base", type=int, default=8192, help="StyleGAN channel budget (channels = base/res)")
-    m.add_argument("--fmap-min", type=int, default=16, help="fewest channels at any resolution")
-    m.add_argument("--fmap-max", type=int, default=512)
-    m.add_argument("--z-dim", type=int, default=512)
-    m.add_argument("--mapping-layers", type=int, default=8)
-    m.add_argument("--nodule-gain", type=float, default=1.0,
-                   help="critic weight of the nodule channel (>1 counters nodule collapse; default 1 = paper)")
-    m.add_argument("--all-slices", action="store_true", help="train on all slices, not only nodule slices")
-    m.add_argument("--sample-every", type=int, default=500, help="steps between nodule-rate measurements")
-
+    add_config_arguments(m, MaskTrainConfig)
     t = sub.add_parser("translator", help="DL-Pix2Pix mask → CT translator (paper §3.2)")
-    _common(t)
-    t.add_argument("--epochs", type=int, default=200, help="epochs (LR decays linearly over the second half)")
-    t.add_argument("--batch-size", type=int, default=1, help="batch size per process (paper: 1)")
-    t.add_argument("--crop-size", type=int, default=256, help="random training crop (0 = whole slices)")
-    t.add_argument("--ngf", type=int, default=64)
-    t.add_argument("--ndf", type=int, default=64)
-    t.add_argument("--num-downs", type=int, default=8)
-    t.add_argument("--no-lia", action="store_true", help="ablation: no LIA on the skips")
-    t.add_argument("--no-dwmh", action="store_true", help="ablation: no DWMH attention")
-    t.add_argument("--no-augment", action="store_true", help="disable paired augmentation")
-    t.add_argument("--vgg-weights", default=None, help="torchvision VGG-19 weights file for the perceptual loss")
-    t.add_argument("--gan-mode", choices=("lsgan", "bce"), default="lsgan")
-    t.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    t.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from a named configuration: paper (§4.2 exactly: whole slices, batch 1), its "
+                        "Table 4 ablations pix2pix / pix2pix-lia / pix2pix-dwmh, or texture (all texture "
+                        "options); other flags override it")
+    add_config_arguments(t, TranslatorTrainConfig)
 
     e = sub.add_parser("export", help="assemble a TSGAN folder (from_pretrained layout) from two runs")
     e.add_argument("--masks", required=True, help="mask StyleGAN run folder")
@@ -65,39 +118,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--card", default=None, help="extra markdown text for the model card")
 
 
-def _run_common(args: argparse.Namespace) -> dict:
-    return dict(data=args.data, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, time_budget_s=args.time_budget,
-                seed=args.seed, device=args.device, amp=not args.no_amp)
+def build_config(args: argparse.Namespace):
+    """The run config a parsed `train masks|translator` command line describes."""
+    if args.train_command == "masks":
+        from ..models.stylegan import MaskGANConfig
+        from .masks import MaskTrainConfig
+
+        top, nested = config_values(MaskTrainConfig, args)
+        return MaskTrainConfig(**top, model=MaskGANConfig(**nested["model"]))
+    from .translator import TranslatorTrainConfig, preset_config
+
+    top, nested = config_values(TranslatorTrainConfig, args)
+    return preset_config(getattr(args, "preset", None), model=nested["model"], **top)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.train_command in ("masks", "translator"):  # before any data is read: clear of inputs, writable
-        from ..io import check_out_dir
-
-        check_out_dir(args.out, args.overwrite, reuse=args.resume,
-                      inputs=[("--data", args.data), ("--vgg-weights", getattr(args, "vgg_weights", None))])
     if args.train_command == "masks":
-        from ..models.stylegan import MaskGANConfig
-        from .masks import MaskTrainConfig, train_masks
+        from .masks import train_masks
 
-        model = MaskGANConfig(resolution=args.resolution, fmap_base=args.fmap_base, fmap_max=args.fmap_max, fmap_min=args.fmap_min,
-                              z_dim=args.z_dim, w_dim=args.z_dim, mapping_layers=args.mapping_layers)
-        extra = {"batch_sizes": tuple(args.batch_size)} if args.batch_size else {}
-        out = train_masks(MaskTrainConfig(model=model, steps_per_level=args.steps_per_level, final_level_steps=args.final_steps,
-                                          nodule_gain=args.nodule_gain, nodule_only=not args.all_slices,
-                                          sample_every=args.sample_every, **extra, **_run_common(args)))
+        out = train_masks(build_config(args))
     elif args.train_command == "translator":
-        from ..models.pix2pix import TranslatorConfig
-        from .translator import TranslatorTrainConfig, train_translator
+        from .translator import train_translator
 
-        model = TranslatorConfig(ngf=args.ngf, ndf=args.ndf, num_downs=args.num_downs, lia=not args.no_lia,
-                                 dwmh=not args.no_dwmh)
-        out = train_translator(TranslatorTrainConfig(
-            model=model, epochs=args.epochs, batch_size=args.batch_size, crop_size=args.crop_size or None,
-            augment=not args.no_augment, vgg_weights=args.vgg_weights, gan_mode=args.gan_mode,
-            num_workers=args.workers, **_run_common(args)))
+        out = train_translator(build_config(args))
     else:
         from .engine import export_tsgan
 

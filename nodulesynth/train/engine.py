@@ -329,7 +329,9 @@ def prepare_run(out: str | os.PathLike, cfg: Any, resume: bool, overwrite: bool,
         if out.is_dir() and any(out.iterdir()):
             if not overwrite:
                 raise NoduleSynthError(f"--out {out}: folder exists and is not empty (pass --resume or --overwrite)")
-            check_out_dir(out, overwrite, inputs=[("--data", getattr(cfg, "data", None))])  # only our own run folders
+            data = getattr(cfg, "data", None)
+            data = [data] if data is None or isinstance(data, (str, os.PathLike)) else list(data)
+            check_out_dir(out, overwrite, inputs=[("--data", d) for d in data])  # only our own run folders
             shutil.rmtree(out)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -21,50 +21,46 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import time
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..errors import NoduleSynthError
-from ..io import write_json
 from ..masks.classes import NUM_CLASSES, MaskClass
 from ..models.pix2pix import one_hot
+from ..models.stylegan import MaskGANConfig
 from ..runtime import autocast
 from ..viz import preview_grid
 from . import engine
+from .engine import opt
+from .sources import SliceSources
 
 log = logging.getLogger("nodulesynth.train")
-
-
-def _default_model():
-    from ..models.stylegan import MaskGANConfig
-
-    return MaskGANConfig()
 
 
 @dataclasses.dataclass
 class MaskTrainConfig(engine.RunConfig):
     """Mask StyleGAN training run. Defaults are the paper's (§4.2) where it gives them."""
 
-    model: "MaskGANConfig" = dataclasses.field(default_factory=_default_model)  # noqa: F821
-    steps_per_level: int = 10_000                  # paper: 10,000 per resolution
-    final_level_steps: int | None = None           # steps at the target resolution (None = steps_per_level)
-    batch_sizes: tuple[int, ...] = (64, 64, 64, 32, 32, 16, 16, 8)  # per level 4, 8, ..., 512 (last repeats)
-    lr: float = 0.002
-    betas: tuple[float, float] = (0.0, 0.99)
-    lambda_gp: float = 10.0
-    drift: float = 0.001
-    ema_half_life_images: float = 10_000.0         # StyleGAN's ema_kimg=10
-    ema_rampup: float | None = 0.05                # half-life ≤ rampup·images seen (StyleGAN2), so early
-                                                   # and short runs have an EMA that tracks G
-    nodule_gain: float = 1.0                       # >1: remedy for nodule collapse (see module doc)
-    nodule_only: bool = True
-    sample_every: int = 500                        # nodule-rate measurement + metrics row with it
-    eval_samples: int = 256
+    model: MaskGANConfig = opt(factory=MaskGANConfig)
+    steps_per_level: int = opt(10_000, "steps per resolution (paper: 10,000)")
+    final_level_steps: int | None = opt(None, "steps at the target resolution (default: --steps-per-level)",
+                                        flag="--final-steps")
+    batch_sizes: tuple[int, ...] = opt((64, 64, 64, 32, 32, 16, 16, 8),
+                                       "batch size per level 4, 8, ..., 512 (last value repeats)", flag="--batch-size")
+    lr: float = opt(0.002, "Adam learning rate (paper: 0.002)")
+    betas: tuple[float, float] = opt((0.0, 0.99), "Adam betas (paper: 0, 0.99)")
+    lambda_gp: float = opt(10.0, "gradient-penalty weight (paper: 10)")
+    drift: float = opt(0.001, "drift weight (paper: 0.001)")
+    ema_half_life_images: float = opt(10_000.0, "G EMA half-life in images (StyleGAN's ema_kimg=10)")
+    ema_rampup: float | None = opt(0.05, "EMA half-life ≤ rampup·images seen (StyleGAN2), so short runs have an "
+                                   "EMA that tracks G")
+    nodule_gain: float = opt(1.0, "critic weight of the nodule channel (>1 counters nodule collapse; 1 = paper)")
+    nodule_only: bool = opt(True, "train on all slices, not only nodule slices", flag="--all-slices")
+    sample_every: int = opt(500, "steps between nodule-rate measurements")
+    eval_samples: int = opt(256, "masks per nodule-rate measurement")
 
 
 def schedule(step: int, steps_per_level: int, levels: int) -> tuple[int, float]:
@@ -123,159 +119,175 @@ class _RealMasks:
     """The training masks as class fractions at the model's resolution, pooled once up front:
     one-hot pooling 512² masks at every step dominated CPU training time. Pooling these further
     equals pooling the full-size one-hot directly (power-of-two sizes), and the fractions are
-    dyadic, so fp16 stores them exactly while the pooling factor² ≤ 2048."""
+    dyadic, so fp16 stores them exactly while the pooling factor² ≤ 2048. Rows are addressed by
+    the sources' global slice index."""
 
-    def __init__(self, ds, indices: np.ndarray, resolution: int, device: torch.device, chunk: int = 64) -> None:
-        factor = ds.masks.shape[-1] // resolution
+    def __init__(self, sources: SliceSources, resolution: int, device: torch.device, chunk: int = 64) -> None:
+        factor = max(ds.masks.shape[-1] for ds in sources.datasets) // resolution
         dtype = torch.float16 if factor * factor <= 2048 else torch.float32
-        self.row = np.full(len(ds), -1, dtype=np.int64)
-        self.row[indices] = np.arange(len(indices))
-        self.bank = torch.cat([
-            masks_to_fractions(torch.from_numpy(np.asarray(ds.masks[c])), resolution).to(dtype)
-            for c in np.array_split(indices, max(1, len(indices) // chunk))
-        ]).to(device)
+        self.row = np.full(int(sources.offsets[-1]), -1, dtype=np.int64)
+        self.row[sources.indices] = np.arange(len(sources.indices))
+        parts = []  # sources.indices are grouped by dataset, in order: the bank follows them
+        for d, ds in enumerate(sources.datasets):
+            local = sources.indices[sources.groups == d] - sources.offsets[d]
+            for c in np.array_split(local, max(1, len(local) // chunk)) if len(local) else []:
+                parts.append(masks_to_fractions(torch.from_numpy(np.asarray(ds.masks[c])), resolution).to(dtype))
+        self.bank = torch.cat(parts).to(device)
 
     def fractions(self, idx, size: int) -> torch.Tensor:
         x = self.bank[torch.from_numpy(self.row[np.asarray(idx, dtype=np.int64)]).to(self.bank.device)].float()
         return x if x.shape[-1] == size else F.adaptive_avg_pool2d(x, size)
 
 
-def train_masks(cfg: MaskTrainConfig) -> Path:
-    """Train the mask StyleGAN; returns the run folder (export in ``out/export`` when finished or
-    stopped by max_steps/time budget; a SIGINT only checkpoints)."""
-    from ..data.slices import SliceDataset
-    from ..models.io import save_module
-    from ..models.losses import wgan_g_loss, wgan_gp_d_loss
-    from ..models.stylegan import MaskDiscriminator, MaskGenerator
+class MaskTrainer(engine.Trainer):
+    """Stage 1 hooks: progressive WGAN-GP with an EMA generator and nodule-rate evaluation."""
 
-    levels = cfg.model.num_levels
-    if cfg.steps_per_level < 1 or not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
-        raise NoduleSynthError("--steps-per-level and --batch-size must be positive")
-    info, device = engine.init_distributed(cfg.device)
-    ds = SliceDataset(cfg.data)
-    indices = np.array([i for i, r in enumerate(ds.records) if r.has_nodule or not cfg.nodule_only], dtype=np.int64)
-    if len(indices) == 0:
-        raise NoduleSynthError(f"--data {cfg.data}: no nodule slices to train on (nodule_only=True)")
-    if ds.masks.shape[-1] < cfg.model.resolution:
-        raise NoduleSynthError(f"--resolution {cfg.model.resolution}: larger than the dataset's {ds.masks.shape[-1]} px masks")
-    out, ckpt = engine.prepare_run(cfg.out, cfg, cfg.resume, cfg.overwrite, info)
-    reals = _RealMasks(ds, indices, cfg.model.resolution, device)
+    name = "masks"
+    metric_fields = ("level", "alpha", "resolution", "batch", "d_loss", "g_loss", "wdist", "gp",
+                     "real_nodule_rate", "ema_nodule_rate", "real_nodule_frac", "ema_nodule_frac")
 
-    engine.seed_everything(cfg.seed)  # same initial weights on every rank
-    G = MaskGenerator(cfg.model).to(device)
-    D = MaskDiscriminator(cfg.model).to(device)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    engine.seed_everything(cfg.seed, info.rank, stream=1)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
-    stream = engine.IndexStream(indices, cfg.seed, info)
-    step, images_seen = 0, 0
-    if ckpt is not None:
-        st = engine.load_checkpoint(ckpt)
-        G.load_state_dict(st["G"]); D.load_state_dict(st["D"]); G_ema.load_state_dict(st["G_ema"])
-        opt_g.load_state_dict(st["opt_g"]); opt_d.load_state_dict(st["opt_d"])
-        stream.load_state_dict(st["data"]); engine.set_rng_state(st["rng"])
-        step, images_seen = int(st["step"]), int(st["images_seen"])
-        log.info("resumed from %s (step %d)", ckpt, step)
-    # progressive growing leaves the layers of later levels unused: DDP must be told
-    G_t = engine.wrap_ddp(G, info, device, find_unused=True)
-    critic = _Critic(engine.wrap_ddp(D, info, device, find_unused=True), cfg.nodule_gain)
+    def __init__(self, cfg: MaskTrainConfig) -> None:
+        super().__init__(cfg)
+        self.eval_every = cfg.sample_every
+        self.images_seen = 0
+        self.level, self.alpha = 0, 1.0
 
-    total = cfg.steps_per_level * (levels - 1) + (cfg.final_level_steps or cfg.steps_per_level)
-    stop_at = min(total, cfg.max_steps) if cfg.max_steps is not None else total
-    metrics = engine.Metrics(out, ["level", "alpha", "resolution", "batch", "d_loss", "g_loss", "wdist", "gp",
-                                   "real_nodule_rate", "ema_nodule_rate", "real_nodule_frac", "ema_nodule_frac",
-                                   "imgs_per_s"], resume_step=step if ckpt else None, enabled=info.is_main)
-    eval_gen = torch.Generator().manual_seed(cfg.seed + 12345)
-    eval_z = torch.randn(cfg.eval_samples, cfg.model.z_dim, generator=eval_gen)
-    eval_real_idx = indices[np.random.default_rng(cfg.seed).permutation(len(indices))[: cfg.eval_samples]]
-    last: dict[str, float] = {}
-    t0, t_last, n_img = time.monotonic(), time.monotonic(), 0
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.steps_per_level < 1 or not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+            raise NoduleSynthError("--steps-per-level and --batch-size must be positive")
+        keep = (lambda ds, r: r.has_nodule) if cfg.nodule_only else None
+        self.sources = SliceSources(cfg.data, None if cfg.split == "all" else cfg.split, cfg.data_weights, keep,
+                                    "only nodule slices are used (pass --all-slices for all)")
+        res = cfg.model.resolution
+        for path, ds in zip(self.sources.paths, self.sources.datasets):
+            size = ds.masks.shape[-1]
+            if size < res or size % res or ds.masks.shape[-2] != size:
+                raise NoduleSynthError(f"--data {path}: {ds.masks.shape[-2]}×{size} masks cannot be pooled to "
+                                       f"--resolution {res} (need square masks, a multiple of it)")
+        self.stream = engine.IndexStream(self.sources.indices, cfg.seed, self.info, self.sources.groups,
+                                         self.sources.weights)
 
-    def evaluate(level: int, alpha: float) -> dict[str, float]:
-        """Nodule rate of EMA samples vs reals at the current resolution (RNG-neutral)."""
+    def build(self) -> None:
+        from ..models.stylegan import MaskDiscriminator, MaskGenerator
+
+        cfg, device = self.cfg, self.device
+        self.reals = _RealMasks(self.sources, cfg.model.resolution, device)
+        self.G = MaskGenerator(cfg.model).to(device)
+        self.D = MaskDiscriminator(cfg.model).to(device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+        self.G_t, self.critic = self.G, _Critic(self.D, cfg.nodule_gain)
+        gen = torch.Generator().manual_seed(cfg.seed + 12345)
+        self.eval_z = torch.randn(cfg.eval_samples, cfg.model.z_dim, generator=gen)
+        idx = self.sources.indices
+        self.eval_real_idx = idx[np.random.default_rng(cfg.seed).permutation(len(idx))[: cfg.eval_samples]]
+
+    def wrap(self) -> None:
+        # progressive growing leaves the layers of later levels unused: DDP must be told
+        self.G_t = engine.wrap_ddp(self.G, self.info, self.device, find_unused=True)
+        self.critic = _Critic(engine.wrap_ddp(self.D, self.info, self.device, find_unused=True), self.cfg.nodule_gain)
+
+    def total_steps(self) -> int:
+        cfg = self.cfg
+        return cfg.steps_per_level * (cfg.model.num_levels - 1) + (cfg.final_level_steps or cfg.steps_per_level)
+
+    def batch_size(self, level: int) -> int:
+        return self.cfg.batch_sizes[min(level, len(self.cfg.batch_sizes) - 1)]
+
+    def batches(self, step: int, stop_at: int):
+        """Lazily: (level, alpha, faded real fractions) for each step, drawn when the step runs."""
+        for s in range(step, stop_at):
+            level, alpha = schedule(s, self.cfg.steps_per_level, self.cfg.model.num_levels)
+            idx = [i for i, _ in self.stream.take(self.batch_size(level))]
+            yield level, alpha, fade_reals(self.reals.fractions(idx, 4 * 2**level), alpha)
+
+    def batch_images(self, batch) -> int:
+        return batch[2].shape[0]
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        from ..models.losses import wgan_g_loss, wgan_gp_d_loss
+
+        cfg, device = self.cfg, self.device
+        level, alpha, real = batch
+        self.level, self.alpha = level, alpha
+        bs = real.shape[0]
+        self.G.train(); self.D.train()
+        # --- critic step (eq. 1)
+        z = torch.randn(bs, cfg.model.z_dim, device=device)
+        with torch.no_grad(), autocast(device, cfg.amp):
+            fake = self.G_t(z, level=level, alpha=alpha).float().softmax(1)
+        # in fp32: the gradient penalty's double backward is too coarse in bf16 (models.losses)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d, parts = wgan_gp_d_loss(self.critic, real, fake, cfg.lambda_gp, cfg.drift, level=level, alpha=alpha)
+        loss_d.backward()
+        self.opt_d.step()
+        # --- generator step (eq. 2); D's grads from this pass are discarded at the next zero_grad
+        z = torch.randn(bs, cfg.model.z_dim, device=device)
+        self.opt_g.zero_grad(set_to_none=True)
+        with autocast(device, cfg.amp):
+            loss_g = wgan_g_loss(self.critic(self.G_t(z, level=level, alpha=alpha).float().softmax(1), level, alpha))
+        loss_g.backward()
+        self.opt_g.step()
+        world = self.info.world_size
+        self.images_seen += bs * world
+        half_life = cfg.ema_half_life_images
+        if cfg.ema_rampup is not None:
+            half_life = min(half_life, self.images_seen * cfg.ema_rampup)
+        ema_update(self.G_ema, self.G, 0.5 ** (bs * world / max(half_life, 1e-8)))
+        return {"d_loss": loss_d.detach(), "g_loss": loss_g.detach(), "gp": parts["gp"],
+                "wdist": parts["d_real"] - parts["d_fake"]}
+
+    def log_values(self, losses) -> dict[str, Any]:
+        return {"level": self.level, "alpha": self.alpha, "resolution": 4 * 2**self.level,
+                "batch": self.batch_size(self.level), **super().log_values(losses)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Nodule rate of EMA samples vs reals at the current resolution."""
+        level, alpha, device = self.level, self.alpha, self.device
         r = 4 * 2**level
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
-                autocast(device, cfg.amp):
-            fake = torch.cat([G_ema(z.to(device), level=level, alpha=alpha, noise_mode="const").float().softmax(1)
-                              for z in eval_z.split(64)])
-        real = torch.cat([reals.fractions(c, r) for c in np.array_split(eval_real_idx, max(1, len(eval_real_idx) // 64))])
+        with autocast(device, self.cfg.amp):
+            fake = torch.cat([self.G_ema(z.to(device), level=level, alpha=alpha, noise_mode="const").float().softmax(1)
+                              for z in self.eval_z.split(64)])
+        idx = self.eval_real_idx
+        real = torch.cat([self.reals.fractions(c, r) for c in np.array_split(idx, max(1, len(idx) // 64))])
         return {"real_nodule_rate": nodule_rate(real.argmax(1)), "ema_nodule_rate": nodule_rate(fake.argmax(1)),
                 "real_nodule_frac": real[:, MaskClass.NODULE].mean().item(),
                 "ema_nodule_frac": fake[:, MaskClass.NODULE].mean().item()}
 
-    def save(step: int, level: int, alpha: float) -> None:
-        if not info.is_main:
-            return
-        engine.save_checkpoint(out, step, {
-            "step": step, "level": level, "images_seen": images_seen,
-            "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "data": stream.state_dict(),
-            "rng": engine.rng_state()}, keep=cfg.keep_checkpoints)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            labels = G_ema(eval_z[:16].to(device), level=level, alpha=alpha, noise_mode="const").argmax(1)
-        preview_grid(out / "samples" / f"step-{step:08d}.png", masks=list(labels.to(torch.uint8).cpu().numpy()),
-                     columns=8, tile=128)
-        write_json(out / "run.json", {"trainer": "masks", "step": step, "level": level, "alpha": alpha, "world_size": info.world_size,
-                                      "device": str(device), **{k: v for k, v in last.items() if "nodule" in k}})
+    def state_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "images_seen": self.images_seen, "G": self.G.state_dict(),
+                "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_d": self.opt_d.state_dict(), "data": self.stream.state_dict()}
 
-    bar = tqdm(total=stop_at, initial=step, disable=not info.is_main, desc="masks", dynamic_ncols=True)
-    level = schedule(step, cfg.steps_per_level, levels)[0]
-    stopped_by_signal = False
-    with engine.StopSignal() as stop:
-        while step < stop_at:
-            level, alpha = schedule(step, cfg.steps_per_level, levels)
-            res, bs = 4 * 2**level, cfg.batch_sizes[min(level, len(cfg.batch_sizes) - 1)]
-            G.train(); D.train()
-            real = fade_reals(reals.fractions([i for i, _ in stream.take(bs)], res), alpha)
-            # --- critic step (eq. 1)
-            z = torch.randn(bs, cfg.model.z_dim, device=device)
-            with torch.no_grad(), autocast(device, cfg.amp):
-                fake = G_t(z, level=level, alpha=alpha).float().softmax(1)
-            # in fp32: the gradient penalty's double backward is too coarse in bf16 (models.losses)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d, parts = wgan_gp_d_loss(critic, real, fake, cfg.lambda_gp, cfg.drift, level=level, alpha=alpha)
-            loss_d.backward()
-            opt_d.step()
-            # --- generator step (eq. 2); D's grads from this pass are discarded at the next zero_grad
-            z = torch.randn(bs, cfg.model.z_dim, device=device)
-            opt_g.zero_grad(set_to_none=True)
-            with autocast(device, cfg.amp):
-                loss_g = wgan_g_loss(critic(G_t(z, level=level, alpha=alpha).float().softmax(1), level, alpha))
-            loss_g.backward()
-            opt_g.step()
-            images_seen += bs * info.world_size
-            half_life = cfg.ema_half_life_images
-            if cfg.ema_rampup is not None:
-                half_life = min(half_life, images_seen * cfg.ema_rampup)
-            ema_update(G_ema, G, 0.5 ** (bs * info.world_size / max(half_life, 1e-8)))
-            step += 1
-            n_img += bs * info.world_size
-            bar.update(1)
-            evaluated = step % cfg.sample_every == 0 or step == stop_at
-            if evaluated and info.is_main:
-                last.update(evaluate(level, alpha))
-            if info.is_main and (evaluated or step % cfg.log_every == 0):  # .item() syncs: not every step
-                last.update(d_loss=loss_d.item(), g_loss=loss_g.item(), gp=parts["gp"].item(),
-                            wdist=(parts["d_real"] - parts["d_fake"]).item())
-                bar.set_postfix(res=res, a=f"{alpha:.2f}", d=f"{last['d_loss']:.3f}", g=f"{last['g_loss']:.3f}")
-                now = time.monotonic()
-                row = {"level": level, "alpha": alpha, "resolution": res, "batch": bs,
-                       "imgs_per_s": n_img / max(now - t_last, 1e-9), **last}
-                if not evaluated:
-                    row = {k: v for k, v in row.items() if "nodule" not in k}
-                metrics.log(step, row)
-                t_last, n_img = now, 0
-            out_of_time = engine.any_rank(cfg.time_budget_s is not None and time.monotonic() - t0 > cfg.time_budget_s,
-                                          info, device)
-            stopped_by_signal = engine.any_rank(stop.requested, info, device)
-            if stopped_by_signal or out_of_time or step % cfg.checkpoint_every == 0 or step == stop_at:
-                save(step, level, alpha)
-            if stopped_by_signal or out_of_time:
-                break
-    bar.close()
-    metrics.close()
-    if info.is_main and not stopped_by_signal:
-        save_module(G_ema, cfg.model, out / "export", "mask_generator")
-    log.info("mask training stopped at step %d/%d (%s)", step, total, out)
-    return out
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.G.load_state_dict(st["G"]); self.D.load_state_dict(st["D"]); self.G_ema.load_state_dict(st["G_ema"])
+        self.opt_g.load_state_dict(st["opt_g"]); self.opt_d.load_state_dict(st["opt_d"])
+        self.stream.load_state_dict(st["data"])
+        self.images_seen = int(st["images_seen"])
+        self.level, self.alpha = schedule(max(int(st["step"]) - 1, 0), self.cfg.steps_per_level,
+                                          self.cfg.model.num_levels)
+
+    @torch.no_grad()
+    def preview(self) -> None:
+        labels = self.G_ema(self.eval_z[:16].to(self.device), level=self.level, alpha=self.alpha,
+                            noise_mode="const").argmax(1)
+        preview_grid(self.out / "samples" / f"step-{self.step:08d}.png",
+                     masks=list(labels.to(torch.uint8).cpu().numpy()), columns=8, tile=128)
+
+    def run_meta(self) -> dict[str, Any]:
+        return {**super().run_meta(), "level": self.level, "alpha": self.alpha, "data": self.sources.summary(),
+                **{k: v for k, v in self.last_eval.items() if "nodule" in k}}
+
+    def export(self) -> None:
+        from ..models.io import save_module
+
+        save_module(self.G_ema, self.cfg.model, self.out / "export", "mask_generator")
+
+
+def train_masks(cfg: MaskTrainConfig):
+    """Train the mask StyleGAN; returns the run folder (export in ``out/export`` when finished or
+    stopped by max_steps/time budget; a SIGINT only checkpoints)."""
+    return MaskTrainer(cfg).fit()
