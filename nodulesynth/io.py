@@ -206,13 +206,13 @@ def disk_full_error(e: OSError, where: PathLike, need_bytes: int | None) -> Nodu
 
 @contextlib.contextmanager
 def atomic_dir(out: PathLike, overwrite: bool = False, arg: str = "--out", inputs: Iterable[Any] = (),
-               progress: Callable[[], float] | None = None,
+               progress: Callable[[], float] | None = None, need_bytes: int | None = None,
                ours: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temp folder beside ``out``; on success it replaces ``out``, on any error (Ctrl-C,
     SIGTERM included) it is deleted, so no half-written dataset is ever left under ``out``.
 
-    The result carries the marker. ``progress()`` (fraction of the work done, 0..1) lets a full
-    disk be reported with the bytes still missing."""
+    The result carries the marker. ``need_bytes`` (the expected size) or ``progress()`` (fraction
+    of the work done, 0..1) lets a full disk be reported with the bytes still missing."""
     out = check_out_dir(out, overwrite, arg, inputs, ours=ours)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
@@ -233,10 +233,10 @@ def atomic_dir(out: PathLike, overwrite: bool = False, arg: str = "--out", input
         written = tree_bytes(tmp) if is_disk_full(e) else 0
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
-            need = None
+            need = need_bytes
             with contextlib.suppress(Exception):
                 frac = float(progress()) if progress is not None else 0.0
-                if 0 < frac <= 1:
+                if need is None and 0 < frac <= 1:
                     need = int(written / frac)
             raise disk_full_error(e, out.parent, need) from e
         raise

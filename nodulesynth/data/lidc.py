@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import NoduleSynthError
 from .ct import CTVolume
-from .records import Contour, Nodule
+from .records import MAX_DIAMETER_MM, Contour, Nodule
 
 
 
@@ -47,11 +47,15 @@ def _text(el: ET.Element, name: str) -> str | None:
 
 
 def lidc_series_uid(path: str | Path) -> str | None:
-    """SeriesInstanceUid of an LIDC CT read message, or None for other XML (e.g. chest X-ray reads)."""
+    """SeriesInstanceUid of an LIDC CT read message, or None for other well-formed XML (e.g. chest
+    X-ray reads). A corrupt or truncated XML is an error naming it: read as "no annotations", its
+    patient would silently vanish from the dataset."""
     try:
         root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError):
-        return None
+    except ET.ParseError as e:
+        raise NoduleSynthError(f"{path}: corrupt or truncated XML ({e}); fix or remove it") from e
+    except OSError as e:
+        raise NoduleSynthError(f"{path}: cannot read ({e.strerror or e})") from e
     if _tag(root) != "LidcReadMessage":
         return None
     header = _child(root, "ResponseHeader")
@@ -107,6 +111,11 @@ def read_lidc_xml(path: str | Path, ct: CTVolume | None = None) -> list[Nodule]:
             nodules.append(Nodule(uid, (math.nan, math.nan, z_mean), math.nan, contours, reader, chars))
     if ct is not None:
         nodules = [measure_nodule(n, ct) for n in nodules]
+        for n in nodules:
+            if n.diameter_mm > MAX_DIAMETER_MM:
+                raise NoduleSynthError(
+                    f"{path}: nodule {n.characteristics.get('nodule_id')!r} of reader {n.reader}: outlines span "
+                    f"{n.diameter_mm:.0f} mm (> {MAX_DIAMETER_MM:g} mm), not a plausible nodule (corrupt coordinates?)")
     return nodules
 
 

@@ -5,6 +5,8 @@ LUNA16's lung segmentation labels (seg-lungs-LUNA16): 3 = left lung, 4 = right l
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NoduleSynthError
-from .records import Nodule
+from .records import MAX_DIAMETER_MM, Nodule
+
+log = logging.getLogger(__name__)
 
 LUNA16_SEG_LEFT = 3
 LUNA16_SEG_RIGHT = 4
@@ -26,7 +30,16 @@ def read_annotations(csv_path: str | Path) -> dict[str, list[Nodule]]:
     if not path.is_file():
         raise NoduleSynthError(f"{path}: annotations file not found")
     out: dict[str, list[Nodule]] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise NoduleSynthError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:  # utf-8-sig: a BOM from spreadsheet exports must not become part of "seriesuid"
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:  # e.g. a latin-1 export; UIDs and numbers are ASCII either way
+        text = raw.decode("latin-1")
+        log.warning("%s: not UTF-8; read as latin-1", path)
+    with io.StringIO(text, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
@@ -51,6 +64,9 @@ def read_annotations(csv_path: str | Path) -> dict[str, list[Nodule]]:
                 raise NoduleSynthError(f"{path}:{line}: not a number ({e})") from e
             if not all(math.isfinite(v) for v in (x, y, z, d)) or d <= 0:
                 raise NoduleSynthError(f"{path}:{line}: coordinates must be finite and diameter_mm > 0")
+            if d > MAX_DIAMETER_MM:
+                raise NoduleSynthError(f"{path}:{line}: diameter_mm {d:g} is not a plausible nodule "
+                                       f"(> {MAX_DIAMETER_MM:g} mm; a unit or column error?)")
             out.setdefault(uid, []).append(Nodule(uid, (x, y, z), d))
     return out
 

@@ -14,6 +14,7 @@ atomic rename, and the shards are removed.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -29,11 +30,12 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from ..errors import NoduleSynthError
-from ..io import atomic_dir, atomic_file, check_out_dir, out_path, write_json
+from ..io import (atomic_dir, atomic_file, check_out_dir, disk_full_error, free_bytes, is_disk_full, out_path,
+                  tree_bytes, write_json)
 from ..masks.boxes import mask_to_boxes
 from ..masks.classes import MaskClass
 from ..masks.semantic import nodules_in_slice, semantic_mask
-from .ct import AIR_HU, CTVolume, load_ct
+from .ct import AIR_HU, CTVolume, dicom_series_parts, load_ct, mhd_data_file
 from .lidc import lidc_series_uid, nodules_from_lidc, reframe_contours
 from .luna16 import discover_luna16, read_lung_seg
 from .records import Nodule
@@ -59,6 +61,7 @@ class PrepareConfig:
     max_scans: int | None = None
     include_small: bool = False  # LIDC < 3 mm point marks as 3 mm spheres
     min_section_mm: float = 1.0  # smallest sphere cross-section radius that counts as a nodule slice
+    split_series_at_gaps: bool = False  # DICOM: cut a series with a missing slice into its intact parts
 
     def validate(self) -> None:
         if (self.luna16 is None) == (self.lidc is None):
@@ -90,14 +93,16 @@ class ScanJob:
     nodules: list[Nodule] | None = None  # LUNA16 (world spheres)
     seg: Path | None = None
     xml: Path | None = None
+    files: tuple[str, ...] | None = None  # DICOM: only these slices (one part of a series split at a gap)
 
 
 # ---------------------------------------------------------------- discovery
 
 
-def discover_lidc(root: Path) -> tuple[list[ScanJob], int]:
+def discover_lidc(root: Path, split_at_gaps: bool = False) -> tuple[list[ScanJob], int]:
     """DICOM series folders under ``root`` paired with their LIDC XML (same folder, else a parent
-    folder up to ``root``, matched by SeriesInstanceUid). Returns (jobs, series skipped without XML)."""
+    folder up to ``root``, matched by SeriesInstanceUid). Returns (jobs, series skipped without XML).
+    ``split_at_gaps``: a series with a missing slice becomes one job per intact part."""
     import pydicom
 
     root = Path(root)
@@ -127,7 +132,13 @@ def discover_lidc(root: Path) -> tuple[list[ScanJob], int]:
         if getattr(ds, "Modality", "CT") != "CT" or uid not in xml_by_uid:
             skipped += 1
             continue
-        jobs.append(ScanJob(uid, "lidc", d, xml=xml_by_uid[uid]))
+        if not split_at_gaps:
+            jobs.append(ScanJob(uid, "lidc", d, xml=xml_by_uid[uid]))
+            continue
+        _, parts = dicom_series_parts(d, split_at_gaps=True)
+        for i, part in enumerate(parts):
+            key = uid if len(parts) == 1 else f"{uid}.part{i + 1}"
+            jobs.append(ScanJob(key, "lidc", d, xml=xml_by_uid[uid], files=tuple(part)))
     return jobs, skipped
 
 
@@ -143,7 +154,7 @@ def _jobs(cfg: PrepareConfig) -> tuple[list[ScanJob], dict]:
             "annotated_scans_missing": index.n_annotated_missing,
         }
     else:
-        jobs, skipped = discover_lidc(cfg.lidc)
+        jobs, skipped = discover_lidc(cfg.lidc, cfg.split_series_at_gaps)
         summary = {"scans_found": len(jobs) + skipped, "scans_with_xml": len(jobs), "scans_skipped_no_xml": skipped}
     if not jobs:
         raise NoduleSynthError(f"{cfg.luna16 or cfg.lidc}: no scans with nodule annotations found")
@@ -177,7 +188,7 @@ def _body_center(mask: np.ndarray) -> tuple[float, float]:
 
 
 def _load_job(job: ScanJob, cfg: PrepareConfig) -> tuple[CTVolume, list[Nodule], np.ndarray | None]:
-    raw = load_ct(job.path)
+    raw = load_ct(job.path, files=job.files)
     ct = raw.canonical()
     seg = None
     if job.source == "luna16":
@@ -199,13 +210,27 @@ def process_scan(job: ScanJob, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarr
     zs = ct.slice_z_mm()
     sp = (ct.spacing[1], ct.spacing[2])
     picked: list[tuple[int, np.ndarray, int]] = []  # (k, native mask, n nodules)
+    for n in nodules:
+        if not ct.contains(ct.world_to_voxel(n.center_xyz_mm)):
+            log.warning("%s: nodule at (%.1f, %.1f, %.1f) mm (%.1f mm) has its centre outside the scan; only "
+                        "cross-sections inside it are labelled", job.path, *n.center_xyz_mm, n.diameter_mm)
+    no_lung = []
     for k in range(ct.shape[0]):
         sns = nodules_in_slice(ct, k, nodules, cfg.min_section_mm)
         if not sns:
             continue
         m = semantic_mask(ct.hu[k], sp, sns, None if seg is None else seg[k])
         if (m == MaskClass.NODULE).any():  # else readers disagree here: neither positive nor negative
+            if not np.isin(m, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)).any():
+                no_lung.append(float(zs[k]))  # a nodule with no lung around it is not a lung nodule slice
+                continue
             picked.append((k, m, len(sns)))
+    if no_lung and not picked:
+        raise NoduleSynthError(f"{job.path}: no lung found on any of its {len(no_lung)} nodule slice(s); refusing "
+                               "to label them (not a chest CT, or annotations of another scan?)")
+    if no_lung:
+        log.warning("%s: %d nodule slice(s) without lungs skipped (z = %s mm)", job.path, len(no_lung),
+                    ", ".join(f"{z:.1f}" for z in no_lung))
     n_pos = len(picked)
     pos_k = [k for k, _, _ in picked]
     n_seen = sum(any(nodules_in_slice(ct, k, [n], cfg.min_section_mm) for k in pos_k) for n in nodules)
@@ -285,22 +310,78 @@ def _open_shards(cfg: PrepareConfig) -> Path:
     return d
 
 
-def _write_shard(d: Path, key: str, images: np.ndarray, masks: np.ndarray, records: list[SliceRecord], n_nodules: int) -> None:
+def _file_stamp(p: Path) -> list:
+    """Name, size and mtime of a file, or of every file in a folder (a DICOM series); for a .mhd
+    also its data file, whose name the header gives."""
+    if p.is_dir():
+        return [x for f in sorted(p.iterdir()) if f.is_file() for x in _file_stamp(f)]
+    try:
+        st = p.stat()
+    except OSError:
+        return [str(p), None]
+    out = [str(p), st.st_size, st.st_mtime_ns]
+    if p.suffix.lower() == ".mhd":
+        raw = mhd_data_file(p)
+        if raw is not None and raw != p:
+            out += _file_stamp(raw)
+    return out
+
+
+def _nodule_rows(nodules) -> list:
+    """The annotations of one scan, as numbers (contour points hashed): editing a row changes this."""
+    rows = []
+    for n in nodules:
+        pts = hashlib.sha256(b"".join(np.ascontiguousarray(c.points_xy, np.float64).tobytes() + repr((c.z_mm, c.inclusion, c.reader)).encode()
+                                      for c in n.contours)).hexdigest()
+        rows.append([n.series_uid, [float(v) for v in n.center_xyz_mm], float(n.diameter_mm), n.reader, pts])
+    return rows
+
+
+def input_stamp(job: ScanJob) -> str:
+    """Fingerprint of what a scan's shard was made from: size + mtime of every input file (CT,
+    its .raw or DICOM files, lung seg) and the content of its annotations (its annotations.csv
+    rows, its XML). A shard whose stamp differs is stale and is recomputed on resume."""
+    h = hashlib.sha256()
+    for k, v in sorted(vars(job).items()):
+        if isinstance(v, Path):
+            h.update(json.dumps([k, _file_stamp(v)]).encode())
+            if v.is_file() and v.suffix.lower() == ".xml":
+                h.update(hashlib.sha256(v.read_bytes()).digest())
+        elif isinstance(v, list) and v and isinstance(v[0], Nodule):
+            h.update(json.dumps([k, _nodule_rows(v)]).encode())
+        elif isinstance(v, (str, int, float, bool, tuple, type(None))):
+            h.update(json.dumps([k, v]).encode())
+    return h.hexdigest()
+
+
+def _write_shard(d: Path, key: str, images: np.ndarray, masks: np.ndarray, records: list[SliceRecord], n_nodules: int,
+                 stamp: str = "") -> None:
     name = _safe(key)
-    for suffix, arr in ((".images.npy", images), (".masks.npy", masks)):
-        with atomic_file(d / f"{name}{suffix}", "wb") as fh:
-            np.save(fh, arr)
-    write_json(  # last: marks the shard done
-        d / f"{name}.json", {"key": key, "n_nodules": n_nodules, "records": [r.to_json() for r in records]}
-    )
+    try:
+        for suffix, arr in ((".images.npy", images), (".masks.npy", masks)):
+            with atomic_file(d / f"{name}{suffix}", "wb") as fh:
+                np.save(fh, arr)
+        write_json(  # last: marks the shard done
+            d / f"{name}.json",
+            {"key": key, "inputs": stamp, "n_nodules": n_nodules, "records": [r.to_json() for r in records]},
+        )
+    except BaseException:  # no half shard (e.g. images without masks on a full disk)
+        for suffix in (".images.npy", ".masks.npy", ".json"):
+            (d / f"{name}{suffix}").unlink(missing_ok=True)
+        raise
 
 
-def _read_shard(d: Path, key: str) -> tuple[np.ndarray, np.ndarray, list[SliceRecord], int] | None:
+def _read_shard(d: Path, key: str, stamp: str = "") -> tuple[np.ndarray, np.ndarray, list[SliceRecord], int] | None:
     name = _safe(key)
     j = d / f"{name}.json"
     if not j.is_file():
         return None
-    info = json.loads(j.read_text())
+    try:
+        info = json.loads(j.read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("inputs") != stamp:  # made from other input files or annotations: stale
+        return None
     recs = [SliceRecord.from_json(r) for r in info["records"]]
     images = np.load(d / f"{name}.images.npy", mmap_mode="r")
     masks = np.load(d / f"{name}.masks.npy", mmap_mode="r")
@@ -329,11 +410,20 @@ def prepare(cfg: PrepareConfig) -> Path:
     jobs, summary = _jobs(cfg)
     shards = _open_shards(cfg)
     parts = []
-    for job in tqdm(jobs, desc="prepare", unit="scan"):
-        got = _read_shard(shards, job.key)
+    for i, job in enumerate(tqdm(jobs, desc="prepare", unit="scan")):
+        stamp = input_stamp(job)
+        got = _read_shard(shards, job.key, stamp)
         if got is None:
-            _write_shard(shards, job.key, *process_scan(job, cfg))
-            got = _read_shard(shards, job.key)
+            result = process_scan(job, cfg)
+            try:
+                _write_shard(shards, job.key, *result, stamp=stamp)
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                done = tree_bytes(shards)  # finished shards stay: a rerun with more space resumes from them
+                per_scan = (done + result[0].nbytes + result[1].nbytes) / (i + 1)
+                raise disk_full_error(e, shards, int(per_scan * len(jobs) * 2) - done) from e  # shards + dataset
+            got = _read_shard(shards, job.key, stamp)
         parts.append(got)
     parts = [p for p in parts if len(p[2])]
     if not parts:
@@ -350,7 +440,10 @@ def prepare(cfg: PrepareConfig) -> Path:
         "n_nodules": int(sum(p[3] for p in parts)),
         "seconds": round(time.time() - t0, 2),  # scan processing (shards reused on resume are not re-timed)
     }
-    with atomic_dir(out, cfg.overwrite, inputs=_inputs(cfg)) as tmp:
+    need = sum(p[0].nbytes + p[1].nbytes for p in parts)
+    if free_bytes(out.parent) < need:  # the dataset is as big as the shards: refuse before writing
+        raise disk_full_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), out.parent, need)
+    with atomic_dir(out, cfg.overwrite, inputs=_inputs(cfg), need_bytes=need) as tmp:
         write_slice_dataset(tmp, [p[0] for p in parts], [p[1] for p in parts], records, meta)
         if cfg.preview:
             _preview(tmp, records)
@@ -372,6 +465,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-scans", type=int, default=None, help="only the first N scans (quick looks)")
     p.add_argument("--include-small", action="store_true", help="LIDC: keep <3 mm point marks as 3 mm nodules")
+    p.add_argument("--split-series-at-gaps", action="store_true",
+                   help="DICOM: a series with a missing/unreadable slice is cut into its contiguous parts "
+                        "(default: refused; slices are never interpolated over a gap)")
     p.add_argument("--preview", action="store_true", help="also write preview.png (slices, masks, boxes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
@@ -389,6 +485,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_scans=args.max_scans,
         include_small=args.include_small,
+        split_series_at_gaps=getattr(args, "split_series_at_gaps", False),
     )
     out = prepare(cfg)
     meta = json.loads((out / "index.json").read_text())["meta"]

@@ -5,6 +5,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Largest plausible nodule: lesions > 30 mm are masses, and LIDC/LUNA16 hold none near 100 mm; a
+# larger annotation is a unit or coordinate error and would label most of a slice as "nodule".
+MAX_DIAMETER_MM = 100.0
+
 
 @dataclass
 class Contour:
