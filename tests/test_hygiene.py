@@ -299,3 +299,61 @@ def test_one_model_card_writer():
                or "def _model_card" in p.read_text()]
     assert writers == ["nodulesynth/models/card.py"]
     assert "export_tsgan" in (root / "benchmarks" / "default_weights.py").read_text()
+
+
+# ----------------------------------------------------------------------------- 7. one nodule size
+def test_one_nodule_size_definition_for_conditions_gate_and_statistics():
+    """A 2×10 px nodule at 1 mm/px is 10 mm (longest in-plane extent) for the statistics, the size
+    conditions and the gate alike; a 2×2 px one (2 mm) fails the gate's 3 mm minimum."""
+    from nodulesynth.masks.classes import MaskClass as C
+    from nodulesynth.metrics.nodules import nodule_size_mm, nodule_stats
+    from nodulesynth.synth.pipeline import GenerationConfig, quality_gate
+
+    m = np.full((3, 64, 64), C.BODY, np.uint8)
+    m[:, 10:50, 6:28], m[:, 10:50, 36:58] = C.RIGHT_LUNG, C.LEFT_LUNG
+    m[0, 20:22, 10:20] = C.NODULE  # 2 × 10 px sliver: 10 mm long, ~3.6 mm equivalent diameter
+    m[1, 20:26, 10:16] = C.NODULE  # 6 × 6 px: 6 mm
+    m[2, 20:22, 10:12] = C.NODULE  # 2 × 2 px: 2 mm
+    stats = nodule_stats(m, 1.0)
+    assert stats.sizes_mm.tolist() == [10.0, 6.0, 2.0]
+    assert nodule_size_mm(np.array([[10, 20, 20, 22]]), 1.0).tolist() == [10.0]
+    t = torch.from_numpy(m)
+    passed, why, _ = quality_gate(t, GenerationConfig(min_size_mm=8), 1.0)
+    assert passed.tolist() == [True, False, False] and why[1:] == ["nodule condition", "invalid nodule"]
+    passed, why, _ = quality_gate(t, GenerationConfig(max_size_mm=7), 1.0)
+    assert passed.tolist() == [False, True, False]
+    passed, _, _ = quality_gate(t, GenerationConfig(min_nodule_mm=1.5), 1.0)
+    assert passed.tolist() == [True, True, True]
+
+
+# ----------------------------------------------------------------------------- 8. flips swap lungs
+@pytest.fixture
+def real_scene(tmp_path):
+    from scenes import scene_mask
+
+    from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+
+    m = scene_mask([(45, 30, 3)])
+    hu = np.where(m == 0, -1000, np.where(m == 1, 40, -850)).astype(np.int16)
+    rec = SliceRecord("s1", 0.0, 0, (1.0, 1.0), np.array([[42, 27, 49, 34]], np.float32), "phantom", True)
+    return write_slice_dataset(tmp_path / "real", hu[None], m[None], [rec]), m
+
+
+@pytest.mark.parametrize("flip,swapped", [("HorizontalFlip", True), ("VerticalFlip", False), (None, False)])
+def test_albumentations_mirror_swaps_left_and_right_lung_labels(real_scene, flip, swapped):
+    import albumentations as A
+
+    from nodulesynth.masks.classes import MaskClass as C
+    from nodulesynth.synth.dataset import SyntheticNoduleDataset
+
+    folder, m = real_scene
+    transform = [getattr(A, flip)(p=1.0)] if flip else [A.RandomBrightnessContrast(p=1.0)]
+    item = SyntheticNoduleDataset(0, real=folder, transform=transform, device="cpu")[0]
+    mask = item["mask"].numpy()
+    expect = m[:, ::-1] if flip == "HorizontalFlip" else m[::-1] if flip else m
+    if swapped:
+        expect = np.where(expect == C.LEFT_LUNG, C.RIGHT_LUNG, np.where(expect == C.RIGHT_LUNG, C.LEFT_LUNG, expect))
+    assert np.array_equal(mask, expect)
+    # the convention holds after any of them: the patient's left lung lies on the image's right
+    assert np.nonzero(mask == C.LEFT_LUNG)[1].mean() > np.nonzero(mask == C.RIGHT_LUNG)[1].mean()
+    assert item["boxes"].shape == (1, 4)

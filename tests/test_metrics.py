@@ -25,10 +25,12 @@ def test_nodule_stats_counts_and_sizes():
     m[2, 30:40, 30:40] = 2  # lung only: no nodule
     s = nodule_stats(m, spacing_mm=0.5)
     assert s.nodule_rate == 0.5 and s.nodules_per_mask == 0.75
-    expected = sorted(2 * np.sqrt(np.array([100, 16, 100]) / np.pi) * 0.5)
-    assert np.allclose(sorted(s.diameters_mm), expected)
+    # size = longest in-plane extent (the one definition, metrics.nodules.nodule_size_mm)
+    assert np.allclose(sorted(s.sizes_mm), [2.0, 5.0, 5.0])
+    m[3, 50:52, 5:25] = 5  # a 2×20 px sliver: 10 mm long at 0.5 mm, whatever its area
+    assert np.isclose(nodule_stats(m[3:], 0.5).sizes_mm[0], 10.0)
     # adjacent masks in the stack must never merge into one component
-    assert len(nodule_stats(np.stack([m[1], m[1]]), 1.0).diameters_mm) == 2
+    assert len(nodule_stats(np.stack([m[1], m[1]]), 1.0).sizes_mm) == 2
 
 
 # ---- the paper's definitions (eq. 12 MAX = 4095, eq. 13 L = 255) against scikit-image ----------------

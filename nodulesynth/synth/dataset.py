@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from ..errors import NoduleSynthError
 from ..hu import hu_to_unit, unit_to_hu, window
+from ..masks.classes import MaskClass
 from ..runtime import resolve_device
 from .pipeline import GenerationConfig, Synthesizer, check_seed
 
@@ -227,9 +228,15 @@ class SyntheticNoduleDataset(Dataset):
             x01 = (hu_to_unit(hu) + 1) / 2
         labels = np.ones(len(boxes), dtype=np.int64)
         if self.transform is not None:
-            t = self.transform(image=x01[..., None], mask=mask, bboxes=boxes, labels=labels)
+            # A column-index probe rides along as an extra mask: if the transform mirrored the
+            # image left↔right, the patient's left lung now lies on the image's left, so the lung
+            # labels are swapped to keep "left lung = image right" (radiological convention).
+            probe = np.broadcast_to(np.arange(1, mask.shape[1] + 1, dtype=np.float32), mask.shape).copy()
+            t = self.transform(image=x01[..., None], mask=mask, masks=[probe], bboxes=boxes, labels=labels)
             x01 = np.asarray(t["image"], np.float32)[..., 0]
             mask = np.asarray(t["mask"])
+            if mirrored(np.asarray(t["masks"][0])):
+                mask = swap_lungs(mask)
             boxes = np.asarray(t["bboxes"], np.float32).reshape(-1, 4)
             labels = np.asarray(t["labels"], np.int64).reshape(-1)
         if self.output == "window":
@@ -273,6 +280,22 @@ class BlockSampler(Sampler[int]):
         self.epoch += 1
         for u in units:
             yield from (int(i) for i in u)
+
+
+def mirrored(probe: np.ndarray) -> bool:
+    """Did a transform mirror the image left↔right? ``probe`` is the transformed column-index ramp
+    (1..W; 0 where padding came in): mirrored when it mostly decreases along x."""
+    p = np.asarray(probe, np.float32)
+    both = (p[:, 1:] > 0) & (p[:, :-1] > 0)
+    return float(np.sign(np.diff(p, axis=1))[both].sum()) < 0
+
+
+def swap_lungs(mask: np.ndarray) -> np.ndarray:
+    """Left ↔ right lung labels (the anatomy moved with a mirror; the convention did not)."""
+    out = mask.copy()
+    out[mask == MaskClass.LEFT_LUNG] = MaskClass.RIGHT_LUNG
+    out[mask == MaskClass.RIGHT_LUNG] = MaskClass.LEFT_LUNG
+    return out
 
 
 def collate_fn(batch: list[dict]) -> tuple[torch.Tensor | list[torch.Tensor], list[dict]]:

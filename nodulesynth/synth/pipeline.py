@@ -31,6 +31,7 @@ from ..errors import NoduleSynthError
 from ..hu import HU_MAX, HU_MIN, unit_to_hu
 from ..masks.boxes import masks_to_boxes_batch
 from ..masks.classes import NUM_CLASSES, MaskClass
+from ..metrics.nodules import MIN_NODULE_MM, nodule_size_mm
 from ..runtime import autocast
 
 # Default in-plane spacing of prepared slices (prepare --size 512 --spacing 0.8): 512 px ↔ 409.6 mm.
@@ -53,14 +54,15 @@ class GenerationConfig:
     # Quality gate (documented in README): a returned positive always has a real nodule in a lung.
     gate: bool = True  # False only to time untrained weights: anatomy/nodule validity unchecked
     min_nodules: int = 1  # 0 allows nodule-free samples (negatives / tests of untrained models)
-    min_nodule_pixels: int | None = None  # None: area of a 3 mm disc at spacing_mm, at least 4 px
+    min_nodule_mm: float = MIN_NODULE_MM  # nodule size (metrics.nodules.nodule_size_mm) must reach this
+    min_nodule_pixels: int | None = None  # None: 4 px (a speck floor; size is min_nodule_mm)
     min_lung_fraction: float = 0.002  # each lung must cover this fraction of the slice
     min_body_fraction: float = 0.01
     require_lungs: bool = True
     require_body: bool = True
     # Conditions (rejection sampling: draw until every nodule satisfies them).
     num_nodules: int | tuple[int, int] | None = None  # exact count or inclusive (lo, hi)
-    min_size_mm: float | None = None  # nodule size = longest box side × spacing
+    min_size_mm: float | None = None  # nodule size: metrics.nodules.nodule_size_mm (longest in-plane extent)
     max_size_mm: float | None = None
     region: tuple[float, float, float, float] | None = None  # nodule centres in (x0,y0,x1,y1) ∈ [0,1]
     lung: str | None = None  # "left" / "right" (patient's): every nodule touches that lung
@@ -76,6 +78,8 @@ class GenerationConfig:
             bad("block", f"must be ≥ 1, got {self.block}")
         if self.max_attempts < 1:
             bad("max_attempts", f"must be ≥ 1, got {self.max_attempts}")
+        if not (isinstance(self.min_nodule_mm, (int, float)) and 0 <= self.min_nodule_mm < math.inf):
+            bad("min_nodule_mm", f"must be a size in mm ≥ 0, got {self.min_nodule_mm!r}")
         if self.min_nodules < 0:
             bad("min_nodules", f"must be ≥ 0, got {self.min_nodules}")
         if self.num_nodules is not None:
@@ -178,7 +182,8 @@ def quality_gate(
 ) -> tuple[torch.Tensor, list[str | None], list[torch.Tensor]]:
     """Vectorised gate + conditions for a batch of label masks (B,H,W) uint8 on any device.
 
-    A nodule *component* (one box of ``masks_to_boxes_batch``) is valid when it has ≥ min_nodule_pixels
+    A nodule *component* (one box of ``masks_to_boxes_batch``) is valid when its size
+    (``nodule_size_mm``: longest in-plane extent) is ≥ min_nodule_mm (3 mm), it has ≥ min_nodule_pixels
     nodule pixels, touches a lung (inside it, or juxta-pleural: 8-adjacent to lung pixels) and lies
     inside the thorax (no background pixel within THORAX_MARGIN px of its box). A sample
     passes when every component is valid, the count of components is allowed, both lungs and the body
@@ -218,18 +223,16 @@ def quality_gate(
     touch_l = _box_sums(_integral(nod & near(left)), bidx, ib) > 0
     touch_r = _box_sums(_integral(nod & near(right)), bidx, ib) > 0
 
-    min_pix = config.min_nodule_pixels
-    if min_pix is None:
-        min_pix = max(4, int(math.pi / 4 * (3.0 / spacing_mm) ** 2))
+    min_pix = 4 if config.min_nodule_pixels is None else config.min_nodule_pixels
+    size_mm = nodule_size_mm(allb, spacing_mm)  # the one definition of nodule size
     # Inside the thorax: no background within THORAX_MARGIN px of the box (rejects blobs that a
     # young mask GAN paints at the image border next to stray lung pixels).
     m = THORAX_MARGIN
     grown = torch.stack([(ib[:, 0] - m).clamp(min=0), (ib[:, 1] - m).clamp(min=0),
                          (ib[:, 2] + m).clamp(max=W), (ib[:, 3] + m).clamp(max=H)], 1)
     outside = _box_sums(_integral(masks == MaskClass.BACKGROUND), bidx, grown) > 0
-    bad_comp = ((npix < min_pix) | ~(touch_l | touch_r) | outside) & config.gate
+    bad_comp = ((npix < min_pix) | (size_mm < config.min_nodule_mm) | ~(touch_l | touch_r) | outside) & config.gate
     cond = torch.zeros_like(bad_comp)
-    size_mm = (allb[:, 2:] - allb[:, :2]).amax(1) * spacing_mm
     if config.min_size_mm is not None:
         cond |= size_mm < config.min_size_mm
     if config.max_size_mm is not None:
