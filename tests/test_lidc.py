@@ -11,7 +11,8 @@ from nodulesynth.data.ct import load_ct
 from nodulesynth.data.lidc import consensus_nodules, nodules_from_lidc, read_lidc_xml
 from nodulesynth.errors import NoduleSynthError
 from nodulesynth.masks.classes import MaskClass
-from nodulesynth.masks.semantic import nodules_in_slice, semantic_mask
+from nodulesynth.data.sections import nodules_in_slice
+from nodulesynth.masks.semantic import semantic_mask
 
 
 def test_read_xml_per_reader(lidc_0001):

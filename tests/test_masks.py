@@ -8,7 +8,8 @@ from conftest import NODULE_XYZ, SPACING, synth_chest
 from nodulesynth.data.ct import load_ct
 from nodulesynth.data.lidc import nodules_from_lidc
 from nodulesynth.masks.classes import MaskClass
-from nodulesynth.masks.semantic import SliceNodule, lung_parenchyma, nodules_in_slice, semantic_mask
+from nodulesynth.data.sections import nodules_in_slice
+from nodulesynth.masks.semantic import SliceNodule, lung_parenchyma, semantic_mask
 
 SP2 = SPACING[1:]
 NOD_ROW, NOD_COL = (NODULE_XYZ[1] + 127) / 2, (NODULE_XYZ[0] + 127) / 2

@@ -34,11 +34,12 @@ from ..io import (atomic_dir, atomic_file, check_out_dir, disk_full_error, free_
                   tree_bytes, write_json)
 from ..masks.boxes import mask_to_boxes
 from ..masks.classes import MaskClass
-from ..masks.semantic import nodules_in_slice, semantic_mask
+from ..masks.semantic import semantic_mask
 from .ct import AIR_HU, CTVolume, dicom_series_parts, load_ct, mhd_data_file
 from .lidc import lidc_series_uid, nodules_from_lidc, reframe_contours
 from .luna16 import discover_luna16, read_lung_seg
 from .records import Nodule
+from .sections import nodules_in_slice
 from .slices import SliceRecord, write_slice_dataset
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from .classes import MaskClass
+from .components import STRUCT8, label8
 
-STRUCT8 = np.ones((3, 3), dtype=bool)
+__all__ = ["STRUCT8", "mask_to_boxes", "masks_to_boxes_batch", "label_components_torch",
+           "xyxy_to_coco", "coco_to_xyxy", "xyxy_to_yolo", "yolo_to_xyxy"]
 
 
 def _sort_boxes(b: np.ndarray) -> np.ndarray:
@@ -27,7 +29,7 @@ def mask_to_boxes(mask, cls: int = MaskClass.NODULE) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask_to_boxes: expected (H, W), got shape {mask.shape}")
-    lab, n = ndi.label(mask == cls, structure=STRUCT8)
+    lab, n = label8(mask == cls)
     if n == 0:
         return np.zeros((0, 4), dtype=np.float32)
     objs = ndi.find_objects(lab)
@@ -40,9 +42,7 @@ def label_components_torch(fg: torch.Tensor) -> torch.Tensor:
     device; items never connect to each other. CPU uses scipy's one-pass labelling (far faster
     there); other devices use iterative max-pool propagation, which never leaves the device."""
     if fg.device.type == "cpu":
-        structure = np.zeros((3, 3, 3), bool)
-        structure[1] = STRUCT8
-        lab, _ = ndi.label(fg.numpy(), structure=structure)
+        lab, _ = label8(fg.numpy())
         return torch.from_numpy(lab.astype(np.int64))
     return _label_maxpool(fg)
 

@@ -26,14 +26,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 
-from ..data.ct import CTVolume
-from ..data.records import Nodule
+from ..hu import AIR_HU
 from .classes import MaskClass
+from .components import components as _components
 
-BODY_HU = -500
-AIR_HU = -400
-NODULE_HU = -600
-STRUCT8 = np.ones((3, 3), dtype=bool)
+BODY_HU = -500  # denser than this: the patient (fat ≈ −100, lung walls), not the air around it
+LUNG_AIR_HU = -400  # darker than this inside the body: lungs and airways (parenchyma ≈ −850)
+NODULE_HU = -600  # denser than this inside an annotated nodule: nodule tissue, not parenchyma
 
 LUNA16_TO_CLASS = {3: MaskClass.LEFT_LUNG, 4: MaskClass.RIGHT_LUNG, 5: MaskClass.TRACHEA}
 
@@ -49,51 +48,11 @@ class SliceNodule:
     n_readers: int = 1
 
 
-def nodules_in_slice(ct: CTVolume, k: int, nodules: list[Nodule], min_radius_mm: float = 0.75) -> list[SliceNodule]:
-    """Cross-sections of ``nodules`` with axial slice ``k`` of ``ct`` (same grid the mask is built on).
-    Contoured nodules contribute the outlines drawn on this slice (|Δz| < half the slice spacing);
-    spheres their circle, if it is at least ``min_radius_mm``."""
-    z = float(ct.slice_z_mm()[k])
-    half = ct.spacing[0] / 2.0
-    out = []
-    for n in nodules:
-        if n.contours:
-            polys = [(c.points_xy, c.inclusion, c.reader) for c in n.contours if abs(c.z_mm - z) < half]
-            if not polys:
-                continue
-            c_vox = ct.world_to_voxel(n.center_xyz_mm)
-            r = n.radius_mm
-            out.append(
-                SliceNodule(
-                    (float(c_vox[1]), float(c_vox[2])),
-                    (r / ct.spacing[1], r / ct.spacing[2]),
-                    polys,
-                    int(n.characteristics.get("n_readers", 1)),
-                )
-            )
-        else:
-            c_vox = ct.world_to_voxel(n.center_xyz_mm)
-            dz = (k - c_vox[0]) * ct.spacing[0]
-            r2 = n.radius_mm**2 - dz**2
-            if r2 < min_radius_mm**2:
-                continue
-            r = math.sqrt(r2)
-            out.append(SliceNodule((float(c_vox[1]), float(c_vox[2])), (r / ct.spacing[1], r / ct.spacing[2])))
-    return out
-
-
 def _disk(radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
     ry = max(1, int(round(radius_mm / spacing[0])))
     rx = max(1, int(round(radius_mm / spacing[1])))
     yy, xx = np.ogrid[-ry : ry + 1, -rx : rx + 1]
     return (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
-
-
-def _components(binary: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-    lab, n = ndi.label(binary, structure=STRUCT8)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    return lab, n, sizes
 
 
 def body_mask(hu: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
@@ -193,7 +152,7 @@ def _anatomy_from_hu(hu: np.ndarray, spacing: tuple[float, float], body: np.ndar
     body_box = (ys.min(), xs.min(), ys.max(), xs.max())
     mid_col = (xs.min() + xs.max()) / 2.0
     px_area = spacing[0] * spacing[1]
-    air = body & (hu < AIR_HU)
+    air = body & (hu < LUNG_AIR_HU)
     air = ndi.binary_opening(air, structure=_disk(1.0, spacing))
     airway = _find_airway(hu, spacing, body, air, body_box)
     if airway is not None:
@@ -295,7 +254,7 @@ def semantic_mask(
     lung_seg: np.ndarray | None = None,
 ) -> np.ndarray:
     """uint8 (H, W) ``MaskClass`` labels for one canonical axial slice. ``nodules``: ``SliceNodule``
-    cross-sections in this slice's pixels (see ``nodules_in_slice``). ``lung_seg``: the matching
+    cross-sections in this slice's pixels (see ``nodulesynth.data.sections.nodules_in_slice``). ``lung_seg``: the matching
     LUNA16 seg-lungs slice (3 left, 4 right, 5 trachea); when given it decides lungs and trachea."""
     hu = np.asarray(slice_hu, dtype=np.float32)
     if hu.ndim != 2:
@@ -326,4 +285,4 @@ def semantic_mask(
 def lung_parenchyma(slice_hu: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Paper Fig. 3 preprocessing: keep lungs and nodules, set everything else to air (−1024 HU)."""
     keep = np.isin(mask, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG, MaskClass.NODULE))
-    return np.where(keep, slice_hu, np.asarray(-1024, dtype=np.asarray(slice_hu).dtype))
+    return np.where(keep, slice_hu, np.asarray(AIR_HU, dtype=np.asarray(slice_hu).dtype))
