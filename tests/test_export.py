@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nodulesynth.export.coco import CocoWriter
-from nodulesynth.export.yolo import YoloWriter, read_labels, ultralytics_offline
+from nodulesynth.export.writer import DatasetWriter, ExportItem, ExportSpec, finalize
+from nodulesynth.export.yolo import read_labels, ultralytics_offline
 from nodulesynth.hu import window_uint8
 from nodulesynth.masks.boxes import mask_to_boxes
 from nodulesynth.masks.classes import MaskClass as C
@@ -38,16 +38,28 @@ def batch():
     return Synthesizer(model, GenerationConfig(block=8)).translate(masks)
 
 
+def _item(batch, k: int, name: str | None = None, split: str = "train") -> ExportItem:
+    return ExportItem(name or f"s{k}", batch.images_hu[k].numpy(), batch.masks[k].numpy(), batch.boxes[k], "mask-in",
+                      (0.8, 0.8), {**batch.provenance[k], "seed": 5}, split, k)
+
+
+def _write(root, fmt: str, items, image_format: str = "png", final_root=None, header=None):
+    spec = ExportSpec((fmt,), image_format)
+    w = DatasetWriter(root, spec, workers=0)
+    for it in items:
+        w.add(it)
+    finalize(root, spec, w.drain(), header or {"seed": 5, "revision": "abc", "quality_gate": "n/a"},
+             final_root or root)
+    w.close()
+
+
 def test_coco_loads_and_evaluates_to_ap_1(tmp_path, batch):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     from pycocotools import mask as mask_utils
 
-    w = CocoWriter(tmp_path, "png", {"seed": 5, "revision": "abc"})
-    for k in range(len(batch)):
-        w.add(f"s{k}", batch.images_hu[k].numpy(), batch.masks[k].numpy(), batch.boxes[k],
-              {"seed": 5, "index": k, "provenance": batch.provenance[k]})
-    path = w.close({"quality_gate": "n/a"})
+    _write(tmp_path, "coco", [_item(batch, k) for k in range(len(batch))])
+    path = tmp_path / "annotations.json"
     data = json.loads(path.read_text())
     assert data["categories"] == [{"id": 1, "name": "nodule", "supercategory": "lesion"}]
     assert {"version", "revision", "seed", "date_created", "quality_gate"} <= set(data["info"])
@@ -79,9 +91,7 @@ def test_coco_loads_and_evaluates_to_ap_1(tmp_path, batch):
 
 @pytest.mark.parametrize("fmt", ["png16", "npy"])
 def test_lossless_hu_formats(tmp_path, batch, fmt):
-    w = CocoWriter(tmp_path, fmt)
-    w.add("a", batch.images_hu[0].numpy(), batch.masks[0].numpy(), batch.boxes[0])
-    w.close()
+    _write(tmp_path, "coco", [_item(batch, 0, "a")], fmt)
     expect = np.round(batch.images_hu[0].numpy()).astype(np.int16)
     if fmt == "npy":
         got = np.load(tmp_path / "images" / "a.npy")
@@ -93,10 +103,8 @@ def test_lossless_hu_formats(tmp_path, batch, fmt):
 @pytest.fixture(scope="module")
 def yolo_dir(tmp_path_factory, batch):
     root = tmp_path_factory.mktemp("yolo")
-    w = YoloWriter(root / "tmp-name", final_root=root / "final")
-    for k in range(len(batch)):
-        w.add(f"s{k}", batch.images_hu[k].numpy(), batch.boxes[k], "val" if k >= 5 else "train")
-    w.close()
+    _write(root / "tmp-name", "yolo", [_item(batch, k, split="val" if k >= 5 else "train") for k in range(len(batch))],
+           final_root=root / "final")
     os.replace(root / "tmp-name", root / "final")  # as the CLI's atomic rename does
     return root / "final"
 
@@ -114,6 +122,18 @@ def test_yolo_labels_round_trip(yolo_dir, batch):
         np.testing.assert_allclose(got, batch.boxes[k], atol=1e-4)
         lines = (yolo_dir / "labels" / split / f"s{k}.txt").read_text().splitlines()
         assert all(line.split()[0] == "0" for line in lines) and len(lines) == len(batch.boxes[k])
+
+
+def test_no_val_split_never_points_val_at_train(tmp_path, batch):
+    """Without held-out real patients there is no val split: data.yaml says so and names the empty
+    images/val, so ultralytics cannot silently validate on the training images."""
+    import yaml
+
+    _write(tmp_path, "yolo", [_item(batch, k) for k in range(3)])
+    text = (tmp_path / "data.yaml").read_text()
+    data = yaml.safe_load(text)
+    assert data["val"] == "images/val" != data["train"] and not list((tmp_path / "images" / "val").iterdir())
+    assert "NO VALIDATION SPLIT" in text
 
 
 def test_ultralytics_trains_on_export_offline(yolo_dir, tmp_path_factory, monkeypatch):

@@ -53,12 +53,15 @@ def test_both_formats_same_samples_other_batch_size(first_run, tmp_path, weights
     out = tmp_path / "both"
     assert main(["generate", "--n", "3", "--out", str(out), "--weights", weights, "--device", "cpu",
                  "--batch-size", "3", "--seed", "3", "--format", "both", "--val-fraction", "0.34"]) == 0
-    assert "weights: local:" in capsys.readouterr().out
+    cap = capsys.readouterr()
+    assert "weights: local:" in cap.out and "no validation split" in cap.err
     for k in range(3):  # identical bytes whatever the batch size
         assert (out / "coco" / "images" / f"synth_{k:06d}.png").read_bytes() == \
             (first_run / "images" / f"synth_{k:06d}.png").read_bytes()
-    assert len(list((out / "yolo" / "images" / "val").glob("*.png"))) == 1
-    assert len(list((out / "yolo" / "labels" / "train").glob("*.txt"))) == 2
+    # no real data → no validation split (synthetic slices never validate), said in data.yaml and on stderr
+    assert not list((out / "yolo" / "images" / "val").iterdir())
+    assert len(list((out / "yolo" / "labels" / "train").glob("*.txt"))) == 3
+    assert "NO VALIDATION SPLIT" in (out / "yolo" / "data.yaml").read_text()
     assert yaml.safe_load((out / "yolo" / "data.yaml").read_text())["path"] == (out / "yolo").resolve().as_posix()
 
 
@@ -87,6 +90,36 @@ def test_mixing_real_and_mask_in(tmp_path, weights):
     assert len(data["annotations"]) == 2
 
 
+def test_yolo_val_is_real_only_and_split_by_patient(tmp_path, weights):
+    """Val holds whole real patients (SliceRecord.patient when present, else the series), never a
+    synthetic slice; slices of one patient never straddle train and val."""
+    from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+    from nodulesynth.masks.boxes import mask_to_boxes
+
+    masks = np.stack([scene_mask([(18, 30, 3)])] * 8)
+    has_patient = "patient" in SliceRecord.__dataclass_fields__  # older records lack the field
+    recs = [SliceRecord(series_uid=f"1.2.{k % 4}", z_mm=float(k), slice_index=k, spacing_mm=(0.7, 0.75),
+                        boxes=mask_to_boxes(masks[k]), source="lidc", has_nodule=True,
+                        **({"patient": f"P{k % 2}"} if has_patient else {})) for k in range(8)]
+    real = write_slice_dataset(tmp_path / "real", np.full(masks.shape, -800, np.int16), masks, recs)
+    out = tmp_path / "y"
+    assert main(["generate", "--real", str(real), "--n", "3", "--out", str(out), "--weights", weights,
+                 "--device", "cpu", "--format", "yolo,monai", "--val-fraction", "0.5", "--seed", "1"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    val = [m for m in man["items"] if m["split"] == "val"]
+    assert val and all(m["source"] == "real" for m in val)
+    owner = {m["name"]: m["provenance"].get("patient", m["provenance"]["series_uid"]) for m in man["items"]
+             if m["source"] == "real"}
+    val_p = {owner[m["name"]] for m in val}
+    train_p = {owner[m["name"]] for m in man["items"] if m["source"] == "real" and m["split"] == "train"}
+    assert val_p == set(man["validation"]["val_patients"]) and not val_p & train_p
+    assert len(val_p | train_p) == (2 if has_patient else 4)
+    assert sorted(p.stem for p in (out / "yolo" / "images" / "val").iterdir()) == sorted(m["name"] for m in val)
+    dl = json.loads((out / "monai" / "datalist.json").read_text())
+    assert [e["name"] for e in dl["validation"]] == [m["name"] for m in val]
+    assert [m["pixel_spacing_mm"] for m in man["items"] if m["source"] == "real"] == [[0.7, 0.75]] * 8
+
+
 def test_refuses_existing_out_unless_overwrite(tmp_path, weights, capsys):
     out = tmp_path / "taken"
     out.mkdir()
@@ -102,9 +135,9 @@ def test_refuses_existing_out_unless_overwrite(tmp_path, weights, capsys):
 
 
 def test_interrupt_leaves_nothing_behind(tmp_path, weights, monkeypatch, capsys):
-    from nodulesynth.export import coco
+    from nodulesynth.export import writer
 
-    real_add, calls = coco.CocoWriter.add, []
+    real_add, calls = writer.DatasetWriter.add, []
 
     def add(self, *a, **k):
         calls.append(1)
@@ -112,7 +145,7 @@ def test_interrupt_leaves_nothing_behind(tmp_path, weights, monkeypatch, capsys)
             raise KeyboardInterrupt
         return real_add(self, *a, **k)
 
-    monkeypatch.setattr(coco.CocoWriter, "add", add)
+    monkeypatch.setattr(writer.DatasetWriter, "add", add)
     out = tmp_path / "new"
     assert main(["generate", "--n", "4", "--out", str(out), "--weights", weights, "--device", "cpu",
                  "--batch-size", "2"]) == 130
@@ -141,6 +174,9 @@ def test_interrupt_leaves_nothing_behind(tmp_path, weights, monkeypatch, capsys)
     (["--n", "2", "--min-size-mm", "9", "--max-size-mm", "3"], "min-size-mm"),
     (["--n", "2", "--batch-size", "0"], "--batch-size"),
     (["--masks", "/no/such/masks"], "--masks"),
+    (["--n", "2", "--format", "coco,nrrd"], "--format: unknown format 'nrrd'"),
+    (["--n", "2", "--start-index", "-1"], "--start-index"),
+    (["--n", "2", "--start-index", "4", "--real", "."], "--start-index: shards synthetic samples only"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, weights, capsys, extra, message):
     args = ["generate", "--out", str(tmp_path / "o"), "--device", "cpu", "--weights", weights]

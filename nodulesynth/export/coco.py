@@ -1,16 +1,19 @@
 """COCO export: images/ + one annotations.json (category "nodule", bbox xywh, RLE segmentation).
 
-Image formats: "png" = 8-bit lung window [-1000, 400] HU (what the paper's detectors saw);
-"png16" = 16-bit PNG of HU + 1024 (lossless integer HU, 0 = -1024 HU); "npy" = int16 HU arrays.
+Image formats: "png" = 8-bit lung window [-1000, 400] HU; "png16" = 16-bit PNG of HU + 1024
+(lossless integer HU, 0 = -1024 HU); "npy" = int16 HU arrays.
 Each annotation is one nodule component: bbox from its box, segmentation = exactly that component's
-pixels (RLE, counts as str so the JSON loads anywhere), area = that pixel count.
-Images are encoded on a thread pool (PNG compression runs in C without the GIL) using all cores.
+pixels (RLE, counts as str so the JSON loads anywhere), area = that pixel count. ``info`` and every
+image record carry the pixel spacing (mm, [row, col]) and the window used for 8-bit images.
+
+Per-item work (``coco_item``: encode + RLE) runs on the export worker processes; ``write_coco``
+assigns the ids once every record is in (so shards merge into exactly the single-run file).
 """
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,32 +41,6 @@ def encode_image(path: Path, hu: np.ndarray, image_format: str = "png", compress
         np.save(path, np.round(hu).astype(np.int16))
     else:
         raise ValueError(f"image format {image_format!r} not in {IMAGE_FORMATS}")
-
-
-class ParallelEncoder:
-    """Bounded thread pool for image encoding; raises the first worker error at ``wait``."""
-
-    def __init__(self, workers: int | None = None):
-        self.workers = workers or os.cpu_count() or 1
-        self.pool = ThreadPoolExecutor(max_workers=self.workers)
-        self.futures: list[Future] = []
-
-    def submit(self, fn, *args) -> None:
-        self.futures.append(self.pool.submit(fn, *args))
-        if len(self.futures) > 4 * self.workers:  # bound memory held by queued images
-            done, self.futures = self.futures[: self.workers], self.futures[self.workers :]
-            for f in done:
-                f.result()
-
-    def wait(self) -> None:
-        futures, self.futures = self.futures, []
-        for f in futures:
-            f.result()
-
-    def close(self) -> None:
-        for f in self.futures:
-            f.cancel()
-        self.pool.shutdown(wait=True)
 
 
 def nodule_annotations(mask: np.ndarray, boxes: np.ndarray) -> list[dict]:
@@ -94,54 +71,52 @@ def nodule_annotations(mask: np.ndarray, boxes: np.ndarray) -> list[dict]:
     return out
 
 
-class CocoWriter:
-    """Collects images and annotations; ``close()`` waits for the encoders and writes annotations.json."""
+def coco_info(image_format: str, extra: dict | None = None) -> dict:
+    """The ``info`` block: what the pixels mean (format, window, offset) plus run provenance."""
+    from .. import __version__
 
-    def __init__(self, root: str | os.PathLike, image_format: str = "png", info: dict | None = None,
-                 encoder: ParallelEncoder | None = None):
-        if image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image format {image_format!r} not in {IMAGE_FORMATS}")
-        from .. import __version__
+    return {
+        "description": "nodulesynth synthetic lung-nodule CT slices",
+        "version": __version__,
+        "date_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "image_format": image_format,
+        "window_hu": list(LUNG_WINDOW) if image_format == "png" else None,
+        "png16_offset_hu": 1024 if image_format == "png16" else None,
+        **(extra or {}),
+    }
 
-        self.root = Path(root)
-        (self.root / "images").mkdir(parents=True, exist_ok=True)
-        self.image_format = image_format
-        self.encoder = encoder or ParallelEncoder()
-        self._own_encoder = encoder is None
-        self.images: list[dict] = []
-        self.annotations: list[dict] = []
-        self.info = {
-            "description": "nodulesynth synthetic lung-nodule CT slices",
-            "version": __version__,
-            "date_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "image_format": image_format,
-            "lung_window_hu": list(LUNG_WINDOW) if image_format == "png" else None,
-            "png16_offset_hu": 1024 if image_format == "png16" else None,
-            **(info or {}),
-        }
 
-    def add(self, name: str, hu: np.ndarray, mask: np.ndarray, boxes: np.ndarray, extra: dict | None = None) -> int:
-        """Queue one slice; returns its image id. ``extra`` (seed, index, provenance, source) is stored
-        on the image entry."""
-        image_id = len(self.images) + 1
-        file_name = name + SUFFIX[self.image_format]
-        self.encoder.submit(encode_image, self.root / "images" / file_name, hu, self.image_format)
-        H, W = np.asarray(mask).shape
-        self.images.append({"id": image_id, "file_name": file_name, "width": int(W), "height": int(H), **(extra or {})})
-        for ann in nodule_annotations(np.asarray(mask), boxes):
-            self.annotations.append({"id": len(self.annotations) + 1, "image_id": image_id, **ann})
-        return image_id
+def coco_item(root: Path, item, image_format: str = "png") -> dict:
+    """Encode one ``ExportItem`` under root/images; return its image record and annotations (no ids)."""
+    file_name = item.name + SUFFIX[image_format]
+    encode_image(Path(root) / "images" / file_name, item.hu, image_format)
+    H, W = np.asarray(item.mask).shape
+    image = {"file_name": file_name, "width": int(W), "height": int(H), "source": item.source,
+             "seed": item.provenance.get("seed"), "index": item.provenance.get("index"),
+             "pixel_spacing_mm": [float(v) for v in item.spacing_mm],
+             "window_hu": list(LUNG_WINDOW) if image_format == "png" else None,
+             "provenance": item.provenance}
+    return {"image": image, "annotations": nodule_annotations(np.asarray(item.mask), item.boxes)}
 
-    def close(self, info: dict | None = None) -> Path:
-        self.encoder.wait()
-        if self._own_encoder:
-            self.encoder.close()
-        path = self.root / "annotations.json"
-        write_json(path, {
-            "info": {**self.info, **(info or {})},
-            "licenses": [],
-            "categories": [CATEGORY],
-            "images": self.images,
-            "annotations": self.annotations,
-        })
-        return path
+
+def write_coco(root: Path, records: list[dict], info: dict) -> Path:
+    """annotations.json from ``coco_item`` records in dataset order (ids 1..N assigned here)."""
+    images, anns = [], []
+    for k, r in enumerate(records, 1):
+        images.append({"id": k, **r["image"]})
+        for a in r["annotations"]:
+            anns.append({"id": len(anns) + 1, "image_id": k, **a})
+    path = Path(root) / "annotations.json"
+    write_json(path, {"info": info, "licenses": [], "categories": [CATEGORY], "images": images, "annotations": anns})
+    return path
+
+
+def read_coco_records(root: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """(info, records) of a written annotations.json: the inverse of ``write_coco`` (used by merge)."""
+    data = json.loads((Path(root) / "annotations.json").read_text())
+    by_image: dict[int, list[dict]] = {im["id"]: [] for im in data["images"]}
+    for a in data["annotations"]:
+        by_image[a["image_id"]].append({k: v for k, v in a.items() if k not in ("id", "image_id")})
+    records = [{"image": {k: v for k, v in im.items() if k != "id"}, "annotations": by_image[im["id"]]}
+               for im in data["images"]]
+    return data["info"], records

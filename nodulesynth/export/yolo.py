@@ -1,8 +1,10 @@
 """Ultralytics (YOLO) export: images/{train,val}/*.png, labels/{train,val}/*.txt, data.yaml.
 
 Labels are one line per nodule: ``0 cx cy w h`` normalised to [0,1]. Images are 8-bit lung-window
-PNGs (ultralytics reads 8-bit images). ``data.yaml`` holds the folder's final absolute ``path`` so
-``YOLO("yolov8n.yaml").train(data=".../data.yaml")`` works unchanged; ``ultralytics_offline`` applies
+PNGs (ultralytics reads 8-bit images). The validation split holds real slices only, split by
+patient (see synth.generate_cli); synthetic slices are always train. ``data.yaml`` holds the
+folder's final absolute ``path`` so ``YOLO("yolov8n.yaml").train(data=".../data.yaml")`` works
+unchanged, and comments with the pixel spacing and window; ``ultralytics_offline`` applies
 the settings that let ultralytics run with no network (see /work/shared/setup.md).
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from ..io import atomic_file
 from ..masks.boxes import xyxy_to_yolo, yolo_to_xyxy
-from .coco import ParallelEncoder, encode_image
+from .coco import encode_image
 
 SPLITS = ("train", "val")
 
@@ -39,42 +41,41 @@ def read_labels(path: str | os.PathLike, width: int, height: int) -> np.ndarray:
     return np.asarray(yolo_to_xyxy(a, width, height), np.float32).reshape(-1, 4)
 
 
-class YoloWriter:
-    """Writes an ultralytics detection dataset; ``close()`` writes data.yaml pointing at ``final_root``
-    (where the folder will live after the atomic rename)."""
+def yolo_item(root: Path, item) -> dict:
+    """Write one ``ExportItem`` (8-bit lung-window PNG + label file) into its split's folders."""
+    if item.split not in SPLITS:
+        raise ValueError(f"split {item.split!r} not in {SPLITS}")
+    root = Path(root)
+    H, W = np.asarray(item.hu).shape
+    encode_image(root / "images" / item.split / f"{item.name}.png", item.hu, "png")
+    (root / "labels" / item.split / f"{item.name}.txt").write_text(format_labels(item.boxes, W, H))
+    return {"split": item.split}
 
-    def __init__(self, root: str | os.PathLike, final_root: str | os.PathLike | None = None,
-                 encoder: ParallelEncoder | None = None):
-        self.root = Path(root)
-        self.final_root = Path(final_root or root).resolve()
-        for s in SPLITS:
-            (self.root / "images" / s).mkdir(parents=True, exist_ok=True)
-            (self.root / "labels" / s).mkdir(parents=True, exist_ok=True)
-        self.encoder = encoder or ParallelEncoder()
-        self._own_encoder = encoder is None
-        self.counts = {s: 0 for s in SPLITS}
 
-    def add(self, name: str, hu: np.ndarray, boxes: np.ndarray, split: str = "train") -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split {split!r} not in {SPLITS}")
-        H, W = np.asarray(hu).shape
-        self.encoder.submit(encode_image, self.root / "images" / split / f"{name}.png", hu, "png")
-        (self.root / "labels" / split / f"{name}.txt").write_text(format_labels(boxes, W, H))
-        self.counts[split] += 1
+def make_folders(root: Path) -> None:
+    for s in SPLITS:
+        (Path(root) / "images" / s).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "labels" / s).mkdir(parents=True, exist_ok=True)
 
-    def close(self) -> Path:
-        self.encoder.wait()
-        if self._own_encoder:
-            self.encoder.close()
-        val = "images/val" if self.counts["val"] else "images/train"  # ultralytics requires a val set
-        path = self.root / "data.yaml"
-        with atomic_file(path, "w") as fh:
-            fh.write(
-                "# written by nodulesynth; train with YOLO('yolov8n.yaml').train(data='data.yaml')\n"
-                f"path: {json.dumps(self.final_root.as_posix())}\ntrain: images/train\nval: {val}\n"
-                "nc: 1\nnames:\n  0: nodule\n"
-            )
-        return path
+
+def write_data_yaml(root: Path, final_root: Path, n_val: int, notes: list[str]) -> Path:
+    """data.yaml pointing at ``final_root`` (where the folder lives after the atomic rename).
+
+    With no validation images, ``val:`` still names the (empty) images/val folder, never
+    images/train: ultralytics then stops with "no images found" instead of silently reporting
+    metrics on its own training images. The comments say so, and what the pixels mean."""
+    lines = ["# written by nodulesynth; train with YOLO('yolov8n.yaml').train(data='data.yaml')"]
+    lines += [f"# {n}" for n in notes]
+    if not n_val:
+        lines += ["# NO VALIDATION SPLIT: images/val is empty on purpose (val holds only real slices, split",
+                  "# by patient; this dataset has none). ultralytics will refuse to validate here: point",
+                  "# val: at held-out real patients' slices. Never validate on images/train."]
+    path = Path(root) / "data.yaml"
+    with atomic_file(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n"
+                 f"path: {json.dumps(Path(final_root).resolve().as_posix())}\ntrain: images/train\nval: images/val\n"
+                 "nc: 1\nnames:\n  0: nodule\n")
+    return path
 
 
 def ultralytics_offline(run_dir: str | os.PathLike):

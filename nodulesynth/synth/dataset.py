@@ -1,7 +1,7 @@
 """`SyntheticNoduleDataset`: TSGAN samples (optionally mixed with real slices) as a torch Dataset.
 
 Mixing rule (one meaning only): ``ratio`` is the synthetic:real COUNT ratio. With ``real`` holding
-R slices, ``ratio=2.0`` adds round(2.0·R) synthetic samples (the paper's "real+2000" with 1000 real
+R slices in ``real_split`` (default "train": the prepared dataset's patient-level split), ``ratio=2.0`` adds round(2.0·R) synthetic samples (the paper's "real+2000" with 1000 real
 slices). Without ``ratio``, ``n`` synthetic samples are added to all real slices; without ``real``,
 the dataset is ``n`` synthetic samples. Indices [0, R) are the real slices, [R, R+n_synth) synthetic
 sample 0, 1, … — so ``len(ds) = R + n_synth``.
@@ -57,24 +57,61 @@ def open_real(real: Any):
     return SliceDataset(real)
 
 
-def mixed_counts(n: int | None, n_real: int, ratio: float | None, has_real: bool) -> int:
-    """Number of synthetic samples under the module's one mixing rule (see module docstring)."""
+MIX_NAMES = {"n": "n", "ratio": "ratio", "real": "real="}
+
+
+def check_mix(n: Any, ratio: Any, has_real: bool, names: dict | None = None) -> None:
+    """Value checks of n / ratio under the one mixing rule, before any data is opened (the Dataset
+    and the CLI share them; ``names`` renames the arguments in messages, e.g. to --n / --ratio)."""
+    nm = {**MIX_NAMES, **(names or {})}
     if ratio is not None:
         if not has_real:
-            raise NoduleSynthError("ratio: needs real= (ratio is the synthetic:real count ratio)")
-        if not (isinstance(ratio, (int, float)) and np.isfinite(ratio) and ratio > 0):
-            raise NoduleSynthError(f"ratio: must be a number > 0 (synthetic:real count ratio), got {ratio!r}")
+            raise NoduleSynthError(f"{nm['ratio']}: needs {nm['real']} (ratio is the synthetic:real count ratio)")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (np.isfinite(ratio) and ratio > 0):
+            raise NoduleSynthError(f"{nm['ratio']}: must be > 0 (synthetic:real count ratio), got {ratio!r}")
+        return
+    if n is None or isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise NoduleSynthError(f"{nm['n']}: number of synthetic samples required (an int), got {n!r}")
+    if n < 0 or (n == 0 and not has_real):
+        raise NoduleSynthError(f"{nm['n']}: must be > 0, got {n}")
+
+
+def mixed_counts(n: int | None, n_real: int, ratio: float | None, has_real: bool, names: dict | None = None) -> int:
+    """Number of synthetic samples under the module's one mixing rule (see module docstring)."""
+    check_mix(n, ratio, has_real, names)
+    if ratio is not None:
         n_synth = int(round(ratio * n_real))
         if n is not None and n != n_synth:
+            nm = {**MIX_NAMES, **(names or {})}
             raise NoduleSynthError(
-                f"n={n} contradicts ratio={ratio} with {n_real} real slices (→ {n_synth} synthetic); give one of them"
+                f"{nm['n']}={n} contradicts {nm['ratio']}={ratio} with {n_real} real slices (→ {n_synth} synthetic); "
+                "give one of them"
             )
         return n_synth
-    if n is None or isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise NoduleSynthError(f"n: number of synthetic samples required (an int), got {n!r}")
-    if n < 0 or (n == 0 and not has_real):
-        raise NoduleSynthError(f"n: must be > 0, got {n}")
     return int(n)
+
+
+def check_real_size(real, size: int, name: str = "real") -> None:
+    """Real slices must have the model's size (they share one dataset and one box convention)."""
+    if real is not None and tuple(real.images.shape[1:]) != (size, size):
+        raise NoduleSynthError(
+            f"{name}: slices are {real.images.shape[1]}×{real.images.shape[2]} but the model generates "
+            f"{size}×{size}; prepare the real data with --size {size}"
+        )
+
+
+def real_provenance(record, index: int) -> dict:
+    """Provenance of real slice ``index`` (one definition for the Dataset, the CLI and every export)."""
+    prov = {"source": str(getattr(record, "source", "real")), "series_uid": str(getattr(record, "series_uid", "")),
+            "z_mm": float(getattr(record, "z_mm", float("nan"))), "slice_index": int(getattr(record, "slice_index", -1)),
+            "index": int(index)}
+    patient = getattr(record, "patient", None)
+    if patient:
+        prov["patient"] = str(patient)
+    spacing = getattr(record, "spacing_mm", None)
+    if spacing is not None:
+        prov["spacing_mm"] = [float(v) for v in spacing]
+    return prov
 
 
 class SyntheticNoduleDataset(Dataset):
@@ -97,13 +134,21 @@ class SyntheticNoduleDataset(Dataset):
         conditions: dict | GenerationConfig | None = None,
         revision: str | None = None,
         cache_blocks: int | None = 4,
+        real_split: str | None = "train",
     ):
         if output not in OUTPUTS:
             raise NoduleSynthError(f"output: must be one of {', '.join(OUTPUTS)}, got {output!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise NoduleSynthError(f"batch_size: must be an int ≥ 1, got {batch_size!r}")
         self.real = open_real(real) if real is not None else None
-        self.n_real = len(self.real) if self.real is not None else 0
+        # real slices: the prepared dataset's TRAIN split by default (whole patients held out for
+        # val/test; see data.splits); real_split=None or "all" takes every slice
+        from ..data.splits import split_indices
+
+        self.real_index = split_indices(self.real, real_split) if self.real is not None else np.zeros(0, np.int64)
+        if self.real is not None and len(self.real_index) == 0:
+            raise NoduleSynthError(f"real: {self.real.root} has no slices in split {real_split!r}")
+        self.n_real = len(self.real_index)
         self.n_synth = mixed_counts(n, self.n_real, ratio, self.real is not None)
         self.device = resolve_device(device)
         self.weights, self.revision = weights, revision
@@ -131,12 +176,7 @@ class SyntheticNoduleDataset(Dataset):
         self._pregenerated = False
         if self.n_synth:
             self.synthesizer  # load weights now: a missing file is reported at construction
-            size = self.synthesizer.image_size
-            if self.real is not None and tuple(self.real.images.shape[1:]) != (size, size):
-                raise NoduleSynthError(
-                    f"real: slices are {self.real.images.shape[1]}×{self.real.images.shape[2]} but the model generates "
-                    f"{size}×{size}; prepare the real data with --size {size}"
-                )
+            check_real_size(self.real, self.synthesizer.image_size)
 
     # ---- generation ---------------------------------------------------------------------------
     @property
@@ -205,11 +245,9 @@ class SyntheticNoduleDataset(Dataset):
             raise IndexError(f"index {i} out of range for dataset of length {len(self)}")
         i = i % len(self)
         if i < self.n_real:
-            item = self.real[i]
+            item = self.real[int(self.real_index[i])]
             rec = item["record"]
-            prov = {"source": str(getattr(rec, "source", "real")), "series_uid": str(getattr(rec, "series_uid", "")),
-                    "z_mm": float(getattr(rec, "z_mm", float("nan"))), "slice_index": int(getattr(rec, "slice_index", -1)),
-                    "index": i}
+            prov = real_provenance(rec, int(self.real_index[i]))
             return {"hu": np.asarray(item["image_hu"]), "mask": np.asarray(item["mask"]),
                     "boxes": np.asarray(item["boxes"], np.float32).reshape(-1, 4), "source": "real", "provenance": prov}
         s = i - self.n_real

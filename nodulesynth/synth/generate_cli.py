@@ -1,31 +1,45 @@
-"""Generate synthetic lung-nodule CT slices as a COCO and/or YOLO dataset (`nodulesynth generate`).
+"""Generate synthetic lung-nodule CT slices as a detection dataset (`nodulesynth generate`).
 
-Writes into a temp folder renamed to --out at the end (Ctrl-C leaves nothing); an existing
-non-empty --out is refused unless --overwrite. Layout: --format coco → OUT/images + annotations.json;
-yolo → OUT/images/{train,val}, labels/, data.yaml; both → OUT/coco and OUT/yolo. OUT/manifest.json
-lists every item's provenance; --preview adds OUT/preview.png.
+Formats (--format, a comma list): coco, yolo, nifti, mha, dicom, monai (see nodulesynth.export);
+one format writes into OUT directly, several into OUT/<format>/. OUT/manifest.json lists every
+item (source, split, pixel spacing, boxes, provenance, files). Everything is written into a temp
+folder renamed to --out at the end (Ctrl-C, SIGTERM or a failed rank leave nothing); an existing
+non-empty --out is refused unless --overwrite.
+
+Dataset order: real slices (--real), synthetic samples start_index.., mask-in slices (--masks).
+Under torchrun each rank writes a contiguous range of that order as a shard and rank 0 merges them
+(synth.shard, export.merge): the result equals the single-process run. The validation split
+(yolo, monai) holds real slices only, whole patients (SliceRecord.patient, else the series).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime as _dt
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import NoduleSynthError
-from ..io import atomic_dir, check_out_dir, write_json
+from ..io import atomic_dir, check_out_dir
 from ..runtime import resolve_device
 from .pipeline import GenerationConfig, Synthesizer, validate_masks
 
 MASK_SUFFIXES = (".png", ".npy")
 PREVIEW_ITEMS = 8
+CLI_NAMES = {"n": "--n", "ratio": "--ratio", "real": "--real DIR"}
+AUTO_WORKERS_FROM = 64  # below this many slices per process, worker start-up costs more than it saves
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=None, help="number of synthetic slices (derived from --ratio when mixing)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--format", choices=("coco", "yolo", "both"), default="coco")
+    p.add_argument("--format", default="coco",
+                   help="comma list of coco, yolo, nifti, mha, dicom, monai (both = coco,yolo); several → OUT/<format>/")
     p.add_argument("--seed", type=int, default=0, help="sample i is a pure function of (weights, seed, i)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=16, help="samples per generation call (speed only, never results); networks run in fixed 16-row blocks")
@@ -40,8 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-nodules", type=int, default=None, help="exact number of nodules per slice (rejection sampling)")
     p.add_argument("--image-format", choices=("png", "png16", "npy"), default="png",
                    help="COCO images: 8-bit lung window [-1000,400] HU (default), 16-bit HU+1024, or int16 HU .npy")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="YOLO validation share (random, seeded)")
-    p.add_argument("--workers", type=int, default=None, help="image encoding threads (default: all cores)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the REAL patients held out as the yolo/monai validation split (whole patients, "
+                        "seeded); synthetic slices are always train; no real data or 0 → no validation split")
+    p.add_argument("--workers", type=int, default=None,
+                   help="export worker processes (encoding off the generator's back; 0 = inline; default: "
+                        "inline for < 64 slices, else half the cores, at least 1)")
+    p.add_argument("--start-index", type=int, default=0,
+                   help="first synthetic sample index (manual sharding, e.g. a SLURM array: part k gets "
+                        "--start-index k·n); merge the parts with `nodulesynth merge`")
     p.add_argument("--preview", action="store_true", help="also write OUT/preview.png (masks, slices, boxes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
 
@@ -69,45 +90,187 @@ def _load_mask(path: Path, size: int) -> np.ndarray:
     return validate_masks(arr, size, name=f"--masks {path}").numpy()
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.masks is None and args.ratio is None and (args.n is None or args.n <= 0):
-        raise NoduleSynthError(f"--n: must be a positive number of slices, got {args.n}")
-    if args.n is not None and args.n <= 0 and not (args.real and args.n == 0):
-        raise NoduleSynthError(f"--n: must be > 0, got {args.n}")
-    if args.ratio is not None:
-        if args.real is None:
-            raise NoduleSynthError("--ratio: needs --real DIR (it is the synthetic:real count ratio)")
-        if not (np.isfinite(args.ratio) and args.ratio > 0):
-            raise NoduleSynthError(f"--ratio: must be > 0, got {args.ratio}")
+def _check_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """Argument checks that need no file; returns the parsed --format list."""
+    from ..export.writer import parse_formats
+    from .dataset import check_mix
+
     if args.masks is not None and (args.ratio is not None or args.n is not None):
         raise NoduleSynthError("--masks: translates every mask in the folder; do not combine it with --n or --ratio")
+    if args.masks is None:
+        check_mix(args.n, args.ratio, args.real is not None, CLI_NAMES)
     if args.batch_size < 1:
         raise NoduleSynthError(f"--batch-size: must be ≥ 1, got {args.batch_size}")
     if args.seed < 0:
         raise NoduleSynthError(f"--seed: must be ≥ 0, got {args.seed}")
     if not 0 <= args.val_fraction < 1:
         raise NoduleSynthError(f"--val-fraction: must be in [0, 1), got {args.val_fraction}")
-    if args.workers is not None and args.workers < 1:
-        raise NoduleSynthError(f"--workers: must be ≥ 1, got {args.workers}")
-    if args.format in ("yolo",) and args.image_format != "png":
+    if args.workers is not None and args.workers < 0:
+        raise NoduleSynthError(f"--workers: must be ≥ 0, got {args.workers}")
+    formats = parse_formats(args.format)
+    if "yolo" in formats and args.image_format != "png":
         raise NoduleSynthError("--image-format: YOLO datasets use 8-bit PNG; png16/npy only apply to COCO")
     if args.num_nodules is not None and args.num_nodules < 1:
         raise NoduleSynthError(f"--num-nodules: must be ≥ 1, got {args.num_nodules}")
     if args.real is not None and not Path(args.real).is_dir():
         raise NoduleSynthError(f"--real {args.real}: not a folder (expected a dataset written by `nodulesynth prepare`)")
+    if args.start_index < 0:
+        raise NoduleSynthError(f"--start-index: must be ≥ 0, got {args.start_index}")
+    if args.start_index and (args.real is not None or args.masks is not None):
+        raise NoduleSynthError("--start-index: shards synthetic samples only; mix --real / translate --masks in one "
+                               "run without --start-index (merge accepts it as a part)")
+    return formats
+
+
+def patient_of(record) -> str:
+    """Who a real slice belongs to: SliceRecord.patient when the data records it, else its series."""
+    return str(getattr(record, "patient", None) or getattr(record, "series_uid", "") or "unknown")
+
+
+def patient_split(records, fraction: float, seed: int) -> tuple[set[int], dict]:
+    """Validation positions among the real slices: whole patients, ``round(fraction · patients)`` of
+    them (at least one, never all), chosen by ``seed``. Returns (val indices, description)."""
+    patients = sorted({patient_of(r) for r in records})
+    rule = "real slices only, whole patients (SliceRecord.patient, else series_uid); synthetic slices are train"
+    if fraction <= 0 or not records:
+        why = "--val-fraction 0" if records else "no real slices (--real)"
+        return set(), {"rule": rule, "n_val": 0, "val_patients": [], "none_because": why}
+    if len(patients) < 2:
+        return set(), {"rule": rule, "n_val": 0, "val_patients": [],
+                       "none_because": f"only one real patient ({patients[0]}); none can be held out"}
+    k = min(max(1, int(round(fraction * len(patients)))), len(patients) - 1)
+    rng = np.random.default_rng(seed)
+    val_patients = sorted(patients[i] for i in rng.permutation(len(patients))[:k])
+    chosen = set(val_patients)
+    val = {i for i, r in enumerate(records) if patient_of(r) in chosen}
+    return val, {"rule": rule, "n_val": len(val), "val_patients": val_patients, "val_fraction": fraction}
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the whole dataset holds, in order; the same in every rank."""
+
+    real: object | None
+    n_real: int
+    n_synth: int
+    start_index: int
+    masks: list[tuple[str, np.ndarray]]  # (output name, (H,W) mask) per mask-in slice
+    val: set[int]
+    spacing_mm: tuple[float, float]  # synthetic / mask-in slices
+    preview: bool
+
+    @property
+    def total(self) -> int:
+        return self.n_real + self.n_synth + len(self.masks)
+
+
+@dataclasses.dataclass
+class Part:
+    records: list
+    preview: list
+    gate: dict
+    counts: dict
+
+
+def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_size: int, bar) -> Part:
+    """Generate and export the dataset positions ``positions`` (a contiguous range) through ``writer``."""
+    from ..export.writer import ExportItem
+    from .dataset import real_provenance
+
+    preview: list = []
+    counts = {"n_real": 0, "n_synthetic": 0, "n_mask_in": 0}
+    only_real = plan.n_synth + len(plan.masks) == 0
+
+    def emit(pos: int, name: str, hu, mask, boxes, source: str, spacing, prov: dict) -> None:
+        split = "val" if source == "real" and pos in plan.val else "train"
+        writer.add(ExportItem(name, hu, mask, np.asarray(boxes, np.float32).reshape(-1, 4), source,
+                              tuple(float(v) for v in spacing), prov, split, pos))
+        counts[{"real": "n_real", "synthetic": "n_synthetic", "mask-in": "n_mask_in"}[source]] += 1
+        if plan.preview and len(preview) < PREVIEW_ITEMS and (source != "real" or only_real):
+            preview.append((hu, mask, boxes))
+        bar.update(1)
+
+    lo, hi = positions.start, positions.stop
+    for k in range(max(lo, 0), min(hi, plan.n_real)):
+        it = plan.real[k]
+        rec = it["record"]
+        emit(k, f"real_{k:06d}", np.asarray(it["image_hu"]), np.asarray(it["mask"]), it["boxes"], "real",
+             tuple(rec.spacing_mm), real_provenance(rec, k))
+    s0, s1 = max(lo, plan.n_real) - plan.n_real, min(hi, plan.n_real + plan.n_synth) - plan.n_real
+    for s in range(s0, max(s0, s1), batch_size):
+        idx = range(plan.start_index + s, plan.start_index + min(s + batch_size, s1))
+        b = synth.generate(idx)
+        hu = b.images_hu.round().short().numpy()
+        for k, prov in enumerate(b.provenance):
+            emit(plan.n_real + s + k, f"synth_{prov['index']:06d}", hu[k], b.masks[k].numpy(), b.boxes[k],
+                 "synthetic", plan.spacing_mm, prov)
+    m_off = plan.n_real + plan.n_synth
+    m0, m1 = max(lo, m_off) - m_off, min(hi, plan.total) - m_off
+    for s in range(m0, max(m0, m1), batch_size):
+        chunk = plan.masks[s : min(s + batch_size, m1)]
+        b = synth.translate(np.stack([m for _, m in chunk]), [n for n, _ in chunk])
+        hu = b.images_hu.round().short().numpy()
+        for k, prov in enumerate(b.provenance):
+            prov["index"] = s + k  # ordinal among the mask-in slices (translate counts per call)
+            emit(m_off + s + k, f"mask_{chunk[k][0]}", hu[k], b.masks[k].numpy(), b.boxes[k], "mask-in",
+                 plan.spacing_mm, prov)
+    records = writer.drain()
+    st = synth.stats
+    gate = {"attempts": st.attempts, "accepted": st.accepted, "rejected": dict(sorted(st.rejected.items()))}
+    return Part(records, preview, gate, counts)
+
+
+def _header(args, formats, tsgan, cfg: GenerationConfig, plan: Plan, validation: dict, part: Part) -> dict:
+    """manifest.json header (and the COCO info / data.yaml / datalist facts) of a dataset or shard."""
+    from .. import __version__
+    from ..export.merge import gate_summary
+    from ..hu import LUNG_WINDOW
+
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}
+    return {
+        "version": __version__, "source": "nodulesynth generate",
+        "weights": str(getattr(tsgan, "source", args.weights)), "revision": str(getattr(tsgan, "revision", "")),
+        "seed": args.seed, "config": config, "block": cfg.block, "formats": list(formats),
+        "image_format": args.image_format, "val_fraction": args.val_fraction, "validation": validation,
+        "pixel_spacing_mm": list(plan.spacing_mm),
+        "pixel_spacing_note": "[row, col] mm; synthetic and mask-in slices use the model's spacing, real slices "
+                              "keep their own (per item)",
+        "window_hu": list(LUNG_WINDOW) if args.image_format == "png" or "yolo" in formats else None,
+        "start_index": args.start_index, **part.counts,
+        "quality_gate": gate_summary(part.gate), "quality_gate_counts": part.gate,
+    }
+
+
+def _workers(args, n: int) -> int:
+    if args.workers is not None:
+        return args.workers
+    return 0 if n < AUTO_WORKERS_FROM else max(1, (os.cpu_count() or 2) // 2)
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import shard
+
+    formats = _check_args(args)
+    dist = shard.from_env()
+    try:
+        return _run(args, formats, dist)
+    finally:
+        shard.close(dist)
+
+
+def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
     from tqdm.auto import tqdm
 
     from .. import __version__
-    from ..export.coco import CocoWriter, ParallelEncoder
-    from ..export.yolo import YoloWriter
-    from ..viz import preview_grid
-    from .dataset import load_tsgan, mixed_counts, open_real
+    from ..export.dicom import DicomContext
+    from ..export.merge import merge_datasets
+    from ..export.merge import PREVIEW_NPZ
+    from ..export.writer import DatasetWriter, ExportSpec, finalize, save_preview
+    from .dataset import check_real_size, load_tsgan, mixed_counts, open_real
 
-    _check_args(args)
     device = resolve_device(args.device)
+    if dist.world > 1 and device.type == "cuda" and device.index is None:
+        device = resolve_device(f"cuda:{dist.local_rank}")
     inputs = [("--masks", args.masks), ("--real", args.real)]
     if str(args.weights) == "pretrained":
         from ..models.tsgan import DEFAULT_WEIGHTS_DIR
@@ -122,89 +285,123 @@ def run(args: argparse.Namespace) -> int:
     mask_files = _mask_files(args.masks) if args.masks else []
     real = open_real(args.real) if args.real else None
     n_real = len(real) if real is not None else 0
-    n_synth = 0 if mask_files else mixed_counts(args.n, n_real, args.ratio, real is not None)
+    n_synth = 0 if mask_files else mixed_counts(args.n, n_real, args.ratio, real is not None, CLI_NAMES)
 
     tsgan = load_tsgan(args.weights, device, args.revision)
     synth = Synthesizer(tsgan, cfg)
     size = synth.image_size
-    print(f"weights: {getattr(tsgan, 'source', args.weights)} (revision {getattr(tsgan, 'revision', 'unknown')}) "
-          f"on {device}, {size}×{size}")
+    if dist.rank == 0:
+        print(f"weights: {getattr(tsgan, 'source', args.weights)} (revision {getattr(tsgan, 'revision', 'unknown')}) "
+              f"on {device}, {size}×{size}" + (f", {dist.world} ranks" if dist.world > 1 else ""))
     stems = [f.stem for f in mask_files]
     clash = sorted({x for x in stems if stems.count(x) > 1})
     if clash:
         raise NoduleSynthError(f"--masks {args.masks}: several files share the name(s) {clash} (e.g. a.png and a.npy); "
                                "their outputs would overwrite each other")
-    masks_in = [(f, _load_mask(f, size)) for f in mask_files]  # validate every file before writing anything
-    n_masks = sum(len(m) for _, m in masks_in)
-    if real is not None and tuple(real.images.shape[1:]) != (size, size):
-        raise NoduleSynthError(f"--real {args.real}: slices are {real.images.shape[1]}×{real.images.shape[2]}, "
-                               f"the model generates {size}×{size}")
-    total = n_real + n_synth + n_masks
-    rng = np.random.default_rng(args.seed)
-    val = set(rng.permutation(total)[: int(round(args.val_fraction * total))].tolist()) if args.format != "coco" else set()
-    info = {"weights": str(getattr(tsgan, "source", args.weights)), "revision": str(getattr(tsgan, "revision", "")),
-            "seed": args.seed, "source": "nodulesynth generate", "n_synthetic": n_synth, "n_real": n_real,
-            "n_mask_in": n_masks, "block": cfg.block}
+    masks: list[tuple[str, np.ndarray]] = []
+    for f in mask_files:  # validate every file before writing anything
+        m = _load_mask(f, size)
+        masks += [(f.stem if len(m) == 1 else f"{f.stem}_{j:04d}", m[j]) for j in range(len(m))]
+    check_real_size(real, size, f"--real {args.real}")
+    val, validation = patient_split(real.records if real is not None else [], args.val_fraction, args.seed)
+    spacing = float(synth.spacing_mm)
+    plan = Plan(real, n_real, n_synth, args.start_index, masks, val, (spacing, spacing), args.preview)
+    if dist.rank == 0 and not validation["n_val"] and {"yolo", "monai"} & set(formats):
+        print(f"note: no validation split ({validation['none_because']}); synthetic slices are never used for "
+              "validation: bring held-out real patients' slices to validate", file=sys.stderr)
 
-    manifest: list[dict] = []
-    with atomic_dir(out, args.overwrite, inputs=inputs, progress=lambda: len(manifest) / max(total, 1)) as tmp:
-        encoder = ParallelEncoder(args.workers)
+    positions = dist.positions(plan.total)
+    workers = _workers(args, len(positions))
+    date = _dt.date.today().strftime("%Y%m%d")
+    t0 = time.perf_counter()
+    desc = "generate" if dist.world == 1 else f"generate (rank 0 of {dist.world})"
+    done = [0]
+
+    def write(base: Path, spec: ExportSpec) -> Part:
+        writer = DatasetWriter(base, spec, workers)
         try:
-            coco_root = tmp / "coco" if args.format == "both" else tmp
-            yolo_root, yolo_final = ((tmp / "yolo", out / "yolo") if args.format == "both" else (tmp, out))
-            coco = CocoWriter(coco_root, args.image_format, info, encoder) if args.format != "yolo" else None
-            yolo = YoloWriter(yolo_root, yolo_final, encoder) if args.format != "coco" else None
-            preview = []
-            t0 = time.perf_counter()
-
-            def emit(name, hu, mask, boxes, source, prov):
-                k = len(manifest)
-                split = "val" if k in val else "train"
-                extra = {"source": source, "seed": prov.get("seed"), "index": prov.get("index"), "provenance": prov}
-                if coco is not None:
-                    coco.add(name, hu, mask, boxes, extra)
-                if yolo is not None:
-                    yolo.add(name, hu, boxes, split)
-                manifest.append({"name": name, "split": split if yolo else None, **extra})
-                if len(preview) < PREVIEW_ITEMS and args.preview and (source != "real" or n_synth + n_masks == 0):
-                    preview.append((hu, mask, boxes))
-                bar.update(1)
-
-            with tqdm(total=total, unit="img", desc="generate", dynamic_ncols=True) as bar:
-                for k in range(n_real):
-                    it = real[k]
-                    rec = it["record"]
-                    prov = {"source": str(getattr(rec, "source", "real")), "series_uid": str(getattr(rec, "series_uid", "")),
-                            "z_mm": float(getattr(rec, "z_mm", float("nan"))), "index": k}
-                    emit(f"real_{k:06d}", np.asarray(it["image_hu"]), np.asarray(it["mask"]),
-                         np.asarray(it["boxes"], np.float32), "real", prov)
-                for s in range(0, n_synth, args.batch_size):
-                    b = synth.generate(range(s, min(s + args.batch_size, n_synth)))
-                    hu = b.images_hu.round().short().numpy()
-                    for k, prov in enumerate(b.provenance):
-                        emit(f"synth_{prov['index']:06d}", hu[k], b.masks[k].numpy(), b.boxes[k], "synthetic", prov)
-                for f, m in masks_in:
-                    for s in range(0, len(m), args.batch_size):
-                        part = m[s : s + args.batch_size]
-                        names = [f.stem if len(m) == 1 else f"{f.stem}_{s + k:04d}" for k in range(len(part))]
-                        b = synth.translate(part, names)
-                        hu = b.images_hu.round().short().numpy()
-                        for k, prov in enumerate(b.provenance):
-                            emit(f"mask_{names[k]}", hu[k], b.masks[k].numpy(), b.boxes[k], "mask-in", prov)
-                encoder.wait()
-            elapsed = time.perf_counter() - t0
-            gate = synth.stats.summary() if n_synth else "not applied"
-            if coco is not None:
-                coco.close({"quality_gate": gate})
-            if yolo is not None:
-                yolo.close()
-            if preview:
-                preview_grid(tmp / "preview.png", [p[0] for p in preview], [p[1] for p in preview], [p[2] for p in preview])
-            write_json(tmp / "manifest.json", {"version": __version__, **info, "format": args.format,
-                                               "image_format": args.image_format, "quality_gate": gate,
-                                               "items": manifest})
+            with tqdm(total=len(positions), unit="img", desc=desc, dynamic_ncols=True, disable=dist.rank != 0) as bar:
+                return _write_part(plan, synth, positions, writer, args.batch_size, bar)
         finally:
-            encoder.close()
-    print(f"wrote {total} slices ({n_synth} synthetic, {n_real} real, {n_masks} mask-in) to {out} "
-          f"in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.2f} img/s); quality gate: {gate}")
+            done[0] = len(writer.records)
+            writer.close()
+
+    def spec_for(day: str) -> ExportSpec:
+        key = f"{getattr(tsgan, 'revision', '')}|{args.seed}|{sorted(dataclasses.asdict(cfg).items())}"
+        ctx = DicomContext(key, str(getattr(tsgan, "source", args.weights)), str(getattr(tsgan, "revision", "")),
+                           __version__, day)
+        return ExportSpec(formats, args.image_format, ctx if "dicom" in formats else None)
+
+    progress = lambda: done[0] / max(plan.total, 1)  # noqa: E731 (disk-full estimate of atomic_dir)
+    if dist.world == 1:
+        with atomic_dir(out, args.overwrite, inputs=inputs, progress=progress) as tmp:
+            spec = spec_for(date)
+            part = write(tmp, spec)
+            header = _header(args, formats, tsgan, cfg, plan, validation, part)
+            finalize(tmp, spec, part.records, header, out, part.preview)
+    else:
+        def shard_work(info: dict) -> Exception | None:
+            """Write this rank's shard inside rank 0's temp folder; an error is returned, to be told to all."""
+            try:
+                shard_dir = Path(info["tmp"]) / ".shards" / f"rank-{dist.rank:05d}"
+                shard_dir.mkdir(parents=True, exist_ok=False)
+                spec = spec_for(info["date"])
+                part = write(shard_dir, spec)
+                finalize(shard_dir, spec, part.records, _header(args, formats, tsgan, cfg, plan, validation, part), out)
+                save_preview(shard_dir / PREVIEW_NPZ, part.preview)
+            except Exception as e:  # Ctrl-C / SIGTERM are not caught: torchrun stops every rank
+                return e
+            return None
+
+        header = _run_sharded(dist, out, lambda: atomic_dir(out, args.overwrite, inputs=inputs, progress=progress),
+                              date, shard_work)
+        if dist.rank != 0:
+            return 0
+    elapsed = time.perf_counter() - t0
+    print(f"wrote {plan.total} slices ({header['n_synthetic']} synthetic, {header['n_real']} real, "
+          f"{header['n_mask_in']} mask-in) to {out} in {elapsed:.1f} s ({plan.total / max(elapsed, 1e-9):.2f} img/s); "
+          f"quality gate: {header['quality_gate']}")
     return 0
+
+
+def _run_sharded(dist, out: Path, make_tmp, date: str, shard_work) -> dict | None:
+    """torchrun: rank 0 owns the temp folder; every rank writes its shard inside it; rank 0 merges
+    only when every rank succeeded, else the temp folder goes and every rank fails. Every rank makes
+    the same three collectives (temp path, outcomes, final result) so none is left waiting."""
+    from ..export.merge import merge_datasets
+
+    if dist.rank != 0:
+        info = dist.broadcast(None)
+        if info is None:
+            raise NoduleSynthError(f"rank 0 could not start the output folder {out}; nothing was written")
+        error = shard_work(info)
+        dist.all_gather(None if error is None else f"rank {dist.rank}: {error}")
+        result = dist.broadcast(None)
+        if error is not None:
+            raise error
+        if result:
+            raise NoduleSynthError(result)
+        return None
+    stage = 0
+    try:
+        with make_tmp() as tmp:
+            info = {"tmp": str(tmp), "date": date}
+            dist.broadcast(info)
+            stage = 1
+            error = shard_work(info)
+            failed = [f for f in dist.all_gather(None if error is None else f"rank 0: {error}") if f]
+            stage = 2
+            if error is not None:
+                raise error
+            if failed:
+                raise NoduleSynthError("; ".join(failed) + f" (nothing was written to {out})")
+            header = merge_datasets(sorted((tmp / ".shards").iterdir()), tmp, out, move=True)
+            shutil.rmtree(tmp / ".shards")
+    except Exception as e:
+        if stage == 0:
+            dist.broadcast(None)
+        elif stage == 2:
+            dist.broadcast(str(e) or type(e).__name__)
+        raise
+    dist.broadcast(None)
+    return header

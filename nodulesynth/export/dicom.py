@@ -1,0 +1,158 @@
+"""DICOM export: one CT Image Storage file per slice (images/NAME.dcm) and, where the slice has
+nodules and highdicom is installed, a DICOM SEG of its nodule pixels (seg/NAME.dcm).
+
+Unmistakably synthetic and never a real patient's: every UID is new, derived (pydicom
+``generate_uid`` with entropy) from the dataset key (model revision, seed, conditions) and the
+slice name, so a rerun or a sharded run writes the same UIDs, and nothing is copied from the real
+data. ImageType DERIVED\\SECONDARY, BurnedInAnnotation NO, PatientIdentityRemoved YES, and
+PatientName (SYNTHETIC^nodulesynth) and SeriesDescription say "SYNTHETIC nodulesynth";
+DeidentificationMethod names the model and its revision. Real slices mixed in are labelled as real
+(PatientName REAL^<patient>), keep their own pixel spacing and carry their provenance (source, series, z) in
+ImageComments. Pixels are int16 HU (RescaleSlope 1, RescaleIntercept 0); geometry as in
+``export.volume`` (identity orientation, pixel (0, 0) centre at the origin).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..hu import LUNG_WINDOW
+from ..masks.classes import MaskClass
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SYNTHETIC_NAME = "SYNTHETIC^nodulesynth"  # PersonName: family SYNTHETIC, given nodulesynth
+SYNTHETIC_TEXT = "SYNTHETIC nodulesynth"
+
+
+@dataclass(frozen=True)
+class DicomContext:
+    """What every file of one dataset shares (picklable: it travels to the export workers)."""
+
+    dataset_key: str  # model revision + seed + conditions: the UIDs' entropy
+    model: str
+    revision: str
+    version: str
+    date: str = ""  # YYYYMMDD of the run (StudyDate); "" → today
+
+    def uid(self, *parts: str) -> str:
+        from pydicom.uid import generate_uid
+
+        return str(generate_uid(entropy_srcs=["nodulesynth", self.dataset_key, *map(str, parts)]))
+
+
+def _group(item) -> tuple[str, str, str]:
+    """(uid group, PatientName, PatientID) of an item: synthetic, mask-in, or one real patient."""
+    if item.source == "real":
+        patient = str(item.provenance.get("patient") or item.provenance.get("series_uid") or "unknown")
+        return f"real:{patient}", f"REAL^{patient}"[:64], f"REAL-{patient}"[:64]
+    return item.source, SYNTHETIC_NAME, f"NODULESYNTH-{item.source.upper()}"
+
+
+def ct_dataset(item, ctx: DicomContext):
+    """The pydicom FileDataset of one ``ExportItem``."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    group, patient_name, patient_id = _group(item)
+    sop = ctx.uid("sop", item.name)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    date = ctx.date or _dt.date.today().strftime("%Y%m%d")
+    synthetic = item.source != "real"
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
+    ds.Modality = "CT"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.PatientName, ds.PatientID = patient_name, patient_id
+    ds.PatientBirthDate, ds.PatientSex = "", ""
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = [  # LO values (≤ 64 chars each): what made it, and from which weights
+        f"{'SYNTHETIC: generated' if synthetic else 'REAL slice exported'} by nodulesynth {ctx.version}"[:64],
+        f"model revision {ctx.revision}"[:64], f"model {ctx.model}"[:64]]
+    ds.BurnedInAnnotation = "NO"
+    ds.StudyInstanceUID = ctx.uid("study", group)
+    ds.SeriesInstanceUID = ctx.uid("series", group)
+    ds.FrameOfReferenceUID = ctx.uid("frame", group)
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "000000"
+    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "", "", ""
+    ds.StudyDescription = SYNTHETIC_TEXT if synthetic else "REAL slices via nodulesynth"
+    ds.SeriesDescription = (f"{SYNTHETIC_TEXT} {item.source}" if synthetic
+                            else f"REAL {item.provenance.get('source', '')} slices via nodulesynth")
+    ds.SeriesNumber = {"synthetic": 1, "mask-in": 2}.get(item.source, 3)
+    ds.InstanceNumber = int(item.position) + 1
+    ds.Manufacturer = "nodulesynth"
+    ds.ManufacturerModelName = f"TSGAN {ctx.model}"[:64]
+    ds.SoftwareVersions = f"nodulesynth {ctx.version}"
+    ds.PositionReferenceIndicator = ""
+    ds.ImageComments = "; ".join(f"{k}={v}" for k, v in item.provenance.items())[:10240]
+    if not synthetic:
+        ds.DerivationDescription = "real CT slice resampled to the dataset grid by nodulesynth prepare"
+    dy, dx = (float(v) for v in item.spacing_mm)
+    ds.PixelSpacing = [f"{dy:.6g}", f"{dx:.6g}"]  # DICOM order: row spacing, column spacing
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0, 0, 0]
+    ds.SliceThickness = ""
+    ds.KVP, ds.AcquisitionNumber = "", ""
+    lo, hi = LUNG_WINDOW
+    ds.WindowCenter, ds.WindowWidth = f"{(lo + hi) / 2:g}", f"{hi - lo:g}"
+    hu = np.round(np.asarray(item.hu)).astype(np.int16)
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+    ds.PixelData = hu.tobytes()
+    return ds
+
+
+def seg_dataset(ct, mask: np.ndarray, ctx: DicomContext, name: str):
+    """A highdicom binary SEG of the nodule pixels referencing ``ct`` (None when highdicom is absent)."""
+    try:
+        import highdicom as hd
+    except ImportError:
+        return None
+    from pydicom.sr.codedict import codes
+
+    if str(ct.PatientName) == SYNTHETIC_NAME:  # the nodule is the model's: an automatic segmentation
+        how = dict(algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                   algorithm_identification=hd.AlgorithmIdentificationSequence(
+                       name="nodulesynth TSGAN", version=ctx.revision[:64], family=codes.DCM.ArtificialIntelligence))
+    else:  # a real slice's nodule comes from the readers' annotations
+        how = dict(algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="nodule", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Nodule, **how)
+    return hd.seg.Segmentation(
+        source_images=[ct], pixel_array=(np.asarray(mask) == MaskClass.NODULE)[None].astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[desc],
+        series_instance_uid=ctx.uid("seg-series", str(ct.SeriesInstanceUID)), series_number=100 + int(ct.SeriesNumber),
+        sop_instance_uid=ctx.uid("seg", name), instance_number=int(ct.InstanceNumber),
+        manufacturer="nodulesynth", manufacturer_model_name=f"TSGAN {ctx.model}"[:64],
+        software_versions=f"nodulesynth {ctx.version}", device_serial_number="none",
+        series_description=f"{SYNTHETIC_TEXT if str(ct.PatientName) == SYNTHETIC_NAME else 'REAL'} nodule SEG"[:64],
+    )
+
+
+def dicom_item(root: Path, item, ctx: DicomContext) -> dict:
+    """Write one ``ExportItem`` as images/NAME.dcm (+ seg/NAME.dcm); return the relative paths."""
+    root = Path(root)
+    ct = ct_dataset(item, ctx)
+    image = f"images/{item.name}.dcm"
+    ct.save_as(root / image, enforce_file_format=True)
+    rec = {"image": image, "seg": None}
+    if len(np.asarray(item.boxes).reshape(-1, 4)):
+        seg = seg_dataset(ct, item.mask, ctx, item.name)
+        if seg is not None:
+            rec["seg"] = f"seg/{item.name}.dcm"
+            seg.save_as(root / rec["seg"])
+    return rec
+
+
+def make_folders(root: Path) -> None:
+    for d in ("images", "seg"):
+        (Path(root) / d).mkdir(parents=True, exist_ok=True)
