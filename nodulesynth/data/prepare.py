@@ -40,7 +40,9 @@ from .lidc import lidc_series_uid, nodules_from_lidc, reframe_contours
 from .luna16 import discover_luna16, read_lung_seg
 from .records import Nodule
 from .sections import nodules_in_slice
+from .dicom_tree import dicom_patient_id
 from .slices import SliceRecord, write_slice_dataset
+from .splits import assign_splits, parse_fractions
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class PrepareConfig:
     include_small: bool = False  # LIDC < 3 mm point marks as 3 mm spheres
     min_section_mm: float = 1.0  # smallest sphere cross-section radius that counts as a nodule slice
     split_series_at_gaps: bool = False  # DICOM: cut a series with a missing slice into its intact parts
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test by patient (data.splits)
+    split_seed: int = 0
 
     def validate(self) -> None:
         if (self.luna16 is None) == (self.lidc is None):
@@ -81,7 +85,7 @@ class PrepareConfig:
     def fingerprint(self) -> dict:
         """Settings a shard depends on (resume only reuses shards made with the same ones)."""
         d = asdict(self)
-        for k in ("out", "preview", "overwrite", "max_scans"):
+        for k in ("out", "preview", "overwrite", "max_scans", "split_fractions", "split_seed"):
             d.pop(k)
         return {k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in d.items()}
 
@@ -425,11 +429,14 @@ def prepare(cfg: PrepareConfig) -> Path:
                 per_scan = (done + result[0].nbytes + result[1].nbytes) / (i + 1)
                 raise disk_full_error(e, shards, int(per_scan * len(jobs) * 2) - done) from e  # shards + dataset
             got = _read_shard(shards, job.key, stamp)
+        for r in got[2]:  # patient ids (LUNA16 has none: one scan = one patient)
+            r.patient = r.patient or (dicom_patient_id(job.path) if job.source == "lidc" else r.series_uid)
         parts.append(got)
     parts = [p for p in parts if len(p[2])]
     if not parts:
         raise NoduleSynthError(f"{cfg.luna16 or cfg.lidc}: no slice crossed an annotated nodule; nothing to write")
     records = [r for p in parts for r in p[2]]
+    split = assign_splits(records, cfg.split_fractions, cfg.split_seed)
     n_nodule_series = len({r.series_uid for r in records if r.has_nodule})
     meta = {
         "source": "luna16" if cfg.luna16 is not None else "lidc",
@@ -439,6 +446,7 @@ def prepare(cfg: PrepareConfig) -> Path:
         "settings": cfg.fingerprint(),
         "scans": {**summary, "scans_prepared": len(jobs), "scans_with_nodule_slices": n_nodule_series},
         "n_nodules": int(sum(p[3] for p in parts)),
+        "split": split,
         "seconds": round(time.time() - t0, 2),  # scan processing (shards reused on resume are not re-timed)
     }
     need = sum(p[0].nbytes + p[1].nbytes for p in parts)
@@ -459,6 +467,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--luna16", type=Path, metavar="ROOT", help="LUNA16 root: subset*/, annotations.csv, [seg-lungs-LUNA16/]")
     src.add_argument("--lidc", type=Path, metavar="ROOT", help="LIDC-IDRI root: DICOM series folders with their XML")
+    src.add_argument("--dicom", type=Path, metavar="DIR", help="any tree of CT DICOM files (grouped by series; unlabelled)")
+    src.add_argument("--volume", type=Path, action="append", metavar="IMG",
+                     help="a CT volume file (.nii/.nii.gz/.nrrd/.mha/.mhd); repeatable, pairs in order with --label")
+    src.add_argument("--msd", type=Path, metavar="ROOT", help="Medical Segmentation Decathlon task: imagesTr/ + labelsTr/")
+    src.add_argument("--lidc-crops", type=Path, metavar="NPZ", help="LIDC nodule crops npz (128² crops, reader masks)")
+    p.add_argument("--label", type=Path, action="append", default=[], metavar="LBL",
+                   help="lesion label for the matching --volume (non-zero = lesion → nodule class)")
+    p.add_argument("--every-k", type=int, default=1,
+                   help="unlabelled sources: keep every k-th slice that passes through both lungs (default 1)")
+    p.add_argument("--min-lung-mm2", type=float, default=500.0,
+                   help="unlabelled sources: a kept slice shows at least this much of EACH lung (default 500)")
+    p.add_argument("--split-fractions", default="0.8,0.1,0.1", metavar="TR,VA,TE",
+                   help="train,val,test fractions of PATIENTS (default 0.8,0.1,0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split (default 0)")
+    from .crops import add_arguments as crops_arguments
+
+    crops_arguments(p)
     p.add_argument("--out", type=out_path, required=True, help="output dataset folder")
     p.add_argument("--size", type=int, default=512, help="output slice size in pixels (default 512)")
     p.add_argument("--spacing", type=float, default=0.8, help="output in-plane pixel spacing in mm (default 0.8)")
@@ -474,6 +499,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .volumes import prepare_other_source
+
+    out = prepare_other_source(args)
+    if out is not None:
+        _report(out, args.preview)
+        return 0
     cfg = PrepareConfig(
         out=args.out,
         luna16=args.luna16,
@@ -487,12 +518,21 @@ def run(args: argparse.Namespace) -> int:
         max_scans=args.max_scans,
         include_small=args.include_small,
         split_series_at_gaps=getattr(args, "split_series_at_gaps", False),
+        split_fractions=parse_fractions(args.split_fractions),
+        split_seed=args.split_seed,
     )
-    out = prepare(cfg)
+    _report(prepare(cfg), cfg.preview)
+    return 0
+
+
+def _report(out: Path, preview: bool) -> None:
     meta = json.loads((out / "index.json").read_text())["meta"]
+    sp = meta.get("split", {}).get("patients", {})
     print(
         f"prepared {meta['n_slices']} slices ({meta['n_nodule_slices']} with nodules, {meta['n_boxes']} boxes, "
-        f"{meta['n_nodules']} nodules) from {meta['n_series']} scans in {meta['seconds']:.1f} s → {out}"
-        + (f" (preview: {out / 'preview.png'})" if cfg.preview else "")
+        f"{meta['n_nodules']} nodules) from {meta['n_series']} scans of {meta.get('n_patients', '?')} patients "
+        f"(train/val/test patients {sp.get('train', 0)}/{sp.get('val', 0)}/{sp.get('test', 0)})"
+        + ("" if meta.get("labelled", True) else ", UNLABELLED source (no nodule annotations)")
+        + f" in {meta['seconds']:.1f} s → {out}"
+        + (f" (preview: {out / 'preview.png'})" if preview else "")
     )
-    return 0
