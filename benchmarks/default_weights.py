@@ -58,7 +58,7 @@ def evaluate(args) -> None:
     torch.manual_seed(0)
     model = TSGAN.from_pretrained(args.weights)
     report: dict = {"weights": model.source, "revision": model.revision}
-    for name in ("holdout-real", "holdout-phantom"):
+    for name in ("holdout-real", "holdout-phantom") if args.data else ():
         ds = SliceDataset(Path(args.data) / name)
         masks = torch.from_numpy(np.array(ds.masks)).long()
         real = torch.from_numpy(np.array(ds.images)).float()
@@ -71,8 +71,8 @@ def evaluate(args) -> None:
             "lung_hu_fake_vs_real": [round(fake[lung].mean().item(), 1), round(real[lung].mean().item(), 1)],
             "body_hu_fake_vs_real": [round(fake[masks == 1].median().item(), 1), round(real[masks == 1].median().item(), 1)],
         }
-    train = SliceDataset(Path(args.data) / "masks-train")
-    spacing = float(train.records[0].spacing_mm[0])
+    train = SliceDataset(Path(args.data) / "masks-train") if args.data else None
+    spacing = model.spacing_mm or float(train.records[0].spacing_mm[0])
     z = torch.randn(args.samples, model.mask_config.z_dim, generator=torch.Generator().manual_seed(0))
     gen = torch.cat([model.mask_generator.sample(zz, size=model.image_size) for zz in z.split(16)]).numpy()
     report["masks_generated"] = nodule_stats(gen, spacing).summary()
@@ -80,8 +80,9 @@ def evaluate(args) -> None:
     report["quality_gate"] = {"pass_rate": round(passed.float().mean().item(), 4),
                               "rejected": dict(Counter(w for w in why if w))}
     report["masks_accepted"] = nodule_stats(gen[passed.numpy()], spacing).summary()
-    report["masks_train"] = nodule_stats(np.asarray(train.masks), spacing).summary()
-    if args.preview:  # top row: generated (mask | CT); bottom row: held-out real (mask | CT)
+    if train is not None:
+        report["masks_train"] = nodule_stats(np.asarray(train.masks), spacing).summary()
+    if args.preview and args.data:  # top row: generated (mask | CT); bottom row: held-out real (mask | CT)
         from nodulesynth.synth.pipeline import Synthesizer
         from nodulesynth.viz import preview_grid
 
@@ -117,7 +118,8 @@ def main() -> None:
     d.add_argument("--holdout-scans", type=int, default=4)
     e = sub.add_parser("eval")
     e.add_argument("--weights", default="pretrained")
-    e.add_argument("--data", required=True)
+    e.add_argument("--data", default=None, help="recipe folder (held-out sets, training masks); without it only "
+                   "the sampled-mask statistics are measured")
     e.add_argument("--samples", type=int, default=128)
     e.add_argument("--json", default=None)
     e.add_argument("--preview", default=None, help="PNG: 4 generated (top) above 4 held-out real slices")
