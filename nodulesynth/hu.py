@@ -1,7 +1,7 @@
 """Hounsfield-unit conventions shared by data, models and export, defined once.
 
 Networks see HU linearly mapped from [HU_MIN, HU_MAX] to [-1, 1] (air = -1; bone above HU_MAX
-saturates, which costs nothing for lung nodules). People see the paper's lung window.
+saturates, which costs nothing for lung nodules). People see a standard lung window.
 """
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 
 HU_MIN, HU_MAX = -1024.0, 1024.0
 AIR_HU = -1024
-LUNG_WINDOW = (-1000.0, 400.0)  # paper, Sec. 4: [-1000, 400] HU
+# A common lung display window. The paper states no window (only PSNR's MAX = 4095 on 12-bit CT,
+# eq. 12); this one is our choice for previews, exports and the "window" dataset output.
+LUNG_WINDOW = (-1000.0, 400.0)
 
 
 def hu_to_unit(hu):

@@ -283,6 +283,7 @@ def semantic_mask(
 
 
 def lung_parenchyma(slice_hu: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Paper Fig. 3 preprocessing: keep lungs and nodules, set everything else to air (−1024 HU)."""
+    """Lung-parenchyma extraction (the paper's §4.1 / Fig. 3 step): keep lungs and nodules, set
+    everything else to air (−1024 HU: our value; the paper shows the result, not the number)."""
     keep = np.isin(mask, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG, MaskClass.NODULE))
     return np.where(keep, slice_hu, np.asarray(AIR_HU, dtype=np.asarray(slice_hu).dtype))

@@ -1,8 +1,8 @@
 """`SyntheticNoduleDataset`: TSGAN samples (optionally mixed with real slices) as a torch Dataset.
 
 Mixing rule (one meaning only): ``ratio`` is the synthetic:real COUNT ratio. With ``real`` holding
-R slices in ``real_split`` (default "train": the prepared dataset's patient-level split), ``ratio=2.0`` adds round(2.0·R) synthetic samples (the paper's "real+2000" with 1000 real
-slices). Without ``ratio``, ``n`` synthetic samples are added to all real slices; without ``real``,
+R slices in ``real_split`` (default "train": the prepared dataset's patient-level split), ``ratio=2.0`` adds round(2.0·R) synthetic samples (the paper's Table 3 adds 500…2,500
+synthetic images to its real training slices, "real+2000" being best). Without ``ratio``, ``n`` synthetic samples are added to all real slices; without ``real``,
 the dataset is ``n`` synthetic samples. Indices [0, R) are the real slices, [R, R+n_synth) synthetic
 sample 0, 1, … — so ``len(ds) = R + n_synth``.
 
@@ -118,7 +118,7 @@ class SyntheticNoduleDataset(Dataset):
     """Detection-ready items: ``{"image": (1,H,W) float32, "mask": (H,W) uint8 labels, "boxes": (K,4)
     float32 xyxy pixels, "labels": (K,) int64 (1 = nodule), "source": "synthetic"|"real",
     "provenance": dict}``. ``output`` picks the image scale: "hu" (HU), "window" (lung window
-    [-1000, 400] HU → [0,1], as the paper's detectors saw), "unit" (network range [-1,1])."""
+    [-1000, 400] HU → [0,1], as exported PNGs; the paper states no window), "unit" (network range [-1,1])."""
 
     def __init__(
         self,
