@@ -134,14 +134,21 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.train_command in ("masks", "translator"):  # before any data is read: clear of inputs, writable
+        from ..io import check_out_dir
+
+        cfg = build_config(args)
+        data = cfg.data if isinstance(cfg.data, (list, tuple)) else [cfg.data]
+        check_out_dir(cfg.out, cfg.overwrite, reuse=cfg.resume,
+                      inputs=[*(("--data", d) for d in data), ("--vgg-weights", getattr(cfg, "vgg_weights", None))])
     if args.train_command == "masks":
         from .masks import train_masks
 
-        out = train_masks(build_config(args))
+        out = train_masks(cfg)
     elif args.train_command == "translator":
         from .translator import train_translator
 
-        out = train_translator(build_config(args))
+        out = train_translator(cfg)
     else:
         from .engine import export_tsgan
 
