@@ -357,3 +357,17 @@ def test_albumentations_mirror_swaps_left_and_right_lung_labels(real_scene, flip
     # the convention holds after any of them: the patient's left lung lies on the image's right
     assert np.nonzero(mask == C.LEFT_LUNG)[1].mean() > np.nonzero(mask == C.RIGHT_LUNG)[1].mean()
     assert item["boxes"].shape == (1, 4)
+
+
+# ----------------------------------------------------------------------------- 9. paper citations
+def test_no_paper_citation_for_what_the_paper_does_not_say():
+    """The paper states no display window (its PSNR uses MAX = 4095 on 12-bit CT): nothing may
+    attribute the [-1000, 400] HU lung window to it."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "nodulesynth"
+    bad = re.compile(r"paper, Sec\. 4: \[-1000|paper's lung window|as the paper's detectors saw", re.I)
+    hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    assert hits == []
