@@ -203,8 +203,8 @@ def _nan_synth(nan_rows):
     synth = Synthesizer(tiny_tsgan(), GenerationConfig(seed=0, block=4, gate=False, min_nodules=0, max_attempts=3))
     real, calls = synth._translate, []
 
-    def translate(masks):
-        hu = real(masks).clone()
+    def translate(masks, *args, **kwargs):
+        hu = real(masks, *args, **kwargs).clone()
         for c, r in nan_rows:
             if c == len(calls) and r < len(hu):
                 hu[r, 0, 0] = float("nan") if r % 2 == 0 else float("inf")
@@ -371,3 +371,20 @@ def test_no_paper_citation_for_what_the_paper_does_not_say():
     hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
     assert hits == []
+
+
+def test_export_reads_spacing_from_several_data_folders(tmp_path):
+    from nodulesynth.models.export import export_tsgan
+
+    masks, translator = _runs(tmp_path)
+    other = tmp_path / "data-other"
+    other.mkdir()
+    (other / "index.json").write_text(json.dumps({"meta": {}, "records": [{"spacing_mm": [0.9, 0.9]}]}))
+    for run in (masks, translator):
+        cfg = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({"data": [cfg["data"], str(other)]}))
+    with pytest.raises(NoduleSynthError, match="different pixel spacings"):
+        export_tsgan(masks, translator, tmp_path / "o")
+    (other / "index.json").write_text(json.dumps({"meta": {}, "records": [{"spacing_mm": [0.7, 0.7]}]}))
+    export_tsgan(masks, translator, tmp_path / "o")
+    assert TSGAN.from_pretrained(tmp_path / "o").spacing_mm == 0.7

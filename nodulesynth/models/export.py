@@ -59,9 +59,16 @@ def run_spacing_mm(run: Path) -> float | None:
             return float(sp)
     if (run / "config.json").is_file():
         data = _read_json(run / "config.json").get("data")
-        for folder in ([Path(data), run.parent / data] if data else []):  # as given, or relative to the run
-            if (folder / "index.json").is_file():
-                return data_spacing_mm(folder)
+        found = {}
+        for d in (data if isinstance(data, list) else [data] if data else []):  # trainers take several --data
+            for folder in (Path(d), run.parent / d):  # as given, or relative to the run
+                if (folder / "index.json").is_file():
+                    found[str(d)] = data_spacing_mm(folder)
+                    break
+        if len(set(found.values())) > 1:
+            raise NoduleSynthError(f"{run / 'config.json'}: its data folders have different pixel spacings {found} mm")
+        if found:
+            return next(iter(found.values()))
     return None
 
 
