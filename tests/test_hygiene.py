@@ -388,3 +388,15 @@ def test_export_reads_spacing_from_several_data_folders(tmp_path):
     (other / "index.json").write_text(json.dumps({"meta": {}, "records": [{"spacing_mm": [0.7, 0.7]}]}))
     export_tsgan(masks, translator, tmp_path / "o")
     assert TSGAN.from_pretrained(tmp_path / "o").spacing_mm == 0.7
+
+
+def test_generate_cli_weights_typo_is_one_line_never_the_shipped_weights(shipped, tmp_path, monkeypatch, capsys):
+    from nodulesynth.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    calls = _stub_hub(monkeypatch, OFFLINE["HF_HUB_OFFLINE"])
+    rc = main(["generate", "--n", "2", "--out", "o", "--weights", "w/nope", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "w/nope: no such folder" in err and len(err.splitlines()) == 1 and calls == []
+    assert not (tmp_path / "o").exists()
