@@ -1,4 +1,8 @@
-"""Prepare a training slice dataset from LUNA16 or LIDC-IDRI CT: slices through nodules, masks, boxes.
+"""Prepare a training slice dataset from real CT (LUNA16, LIDC-IDRI, DICOM, NIfTI/NRRD/MHA, MSD, LIDC crops).
+
+This module handles LUNA16 and LIDC-IDRI; ``volumes`` handles --dicom/--volume/--msd and ``crops``
+--lidc-crops, with the same shards, resume and atomic output. Every source records the patient of
+each slice and a patient-level train/val/test split (``splits``).
 
 Per scan: load and reorient (radiological display), pick every axial slice crossing a nodule
 (LUNA16: the annotated sphere; LIDC: the slices radiologists outlined, ≥50 % reader vote) plus a
