@@ -219,3 +219,29 @@ def test_real_pyradiomics_pair():
     ct, label = VolumeJob("lung1", "volume", d / "lung1_image.nrrd", "lung1", d / "lung1_label.nrrd").load()
     assert ct.shape == (48, 512, 512) and abs(ct.spacing[1] - 0.570) < 1e-3
     assert int(label.sum()) == 837 and int(label.reshape(48, -1).any(1).sum()) == 3  # README: 837 voxels, 3 slices
+
+
+def test_dicom_prepare_resumes(dicom_tree, tmp_path, monkeypatch):
+    """Interrupted after the first volume: nothing under --out, the finished volume's shard is
+    reused by the rerun (only the other two are processed again)."""
+    from nodulesynth.data import volumes
+
+    real, calls = volumes.process_volume, []
+
+    def flaky(job, cfg):
+        calls.append(job.key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(job, cfg)
+
+    monkeypatch.setattr(volumes, "process_volume", flaky)
+    cfg = VolumeConfig(out=tmp_path / "ds", dicom=dicom_tree[0], size=128, spacing_mm=2.0)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_volumes(cfg)
+    assert not (tmp_path / "ds").exists()
+    first = calls[0]
+    calls.clear()
+    monkeypatch.setattr(volumes, "process_volume", lambda job, cfg: (calls.append(job.key), real(job, cfg))[1])
+    ds = SliceDataset(prepare_volumes(cfg))
+    assert len(ds) == 8 and first not in calls and len(calls) == 2
+    assert not (tmp_path / ".ds.shards").exists()
