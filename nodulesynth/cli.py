@@ -43,8 +43,9 @@ def _terminate_as_interrupt():
 
 # name → (module, one-line help). Modules are imported lazily so `--help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("nodulesynth.synth.generate_cli", "generate synthetic nodule CT slices (COCO/YOLO)"),
-    "prepare": ("nodulesynth.data.prepare", "turn LUNA16 / LIDC-IDRI CT into a training slice dataset"),
+    "generate": ("nodulesynth.synth.generate_cli", "generate synthetic nodule CT slices (COCO/YOLO/NIfTI/MHA/DICOM/MONAI)"),
+    "merge": ("nodulesynth.export.merge", "merge dataset shards (e.g. generate --start-index parts) into one dataset"),
+    "prepare": ("nodulesynth.data.prepare", "turn real CT (LUNA16, LIDC, DICOM, NIfTI/NRRD, MSD, LIDC crops) into a training slice dataset"),
     "phantom": ("nodulesynth.data.phantom_cli", "write procedural chest-CT phantoms in LUNA16 format"),
     "train": ("nodulesynth.train.cli", "train the mask StyleGAN or the DL-Pix2Pix translator"),
 }

@@ -127,7 +127,7 @@ def seg_dataset(ct, mask: np.ndarray, ctx: DicomContext, name: str):
     desc = hd.seg.SegmentDescription(
         segment_number=1, segment_label="nodule", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Nodule, **how)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=[ct], pixel_array=(np.asarray(mask) == MaskClass.NODULE)[None].astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[desc],
         series_instance_uid=ctx.uid("seg-series", str(ct.SeriesInstanceUID)), series_number=100 + int(ct.SeriesNumber),
@@ -136,6 +136,19 @@ def seg_dataset(ct, mask: np.ndarray, ctx: DicomContext, name: str):
         software_versions=f"nodulesynth {ctx.version}", device_serial_number="none",
         series_description=f"{SYNTHETIC_TEXT if str(ct.PatientName) == SYNTHETIC_NAME else 'REAL'} nodule SEG"[:64],
     )
+    # highdicom stamps the wall clock and a random dimension-organisation UID; pin them so reruns and
+    # sharded runs write identical files (the CT slices' dates are pinned the same way)
+    date = ctx.date or str(ct.ContentDate)
+    seg.InstanceCreationDate = seg.ContentDate = date
+    seg.InstanceCreationTime = seg.ContentTime = "000000"
+    for item in seg.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + "000000"
+    dim_uid = ctx.uid("dimension-organisation", name)
+    for seq in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        for item in seg.get(seq, []):
+            item.DimensionOrganizationUID = dim_uid
+    return seg
 
 
 def dicom_item(root: Path, item, ctx: DicomContext) -> dict:

@@ -120,8 +120,9 @@ def merge_datasets(shards: list[Path], base: Path, final_root: Path, move: bool 
         quality_gate=gate_summary(gate), quality_gate_counts=gate,
     )
     preview = None
-    if all((s / PREVIEW_NPZ).is_file() for s, _ in mans):
-        preview = [p for s, _ in mans for p in load_preview(s / PREVIEW_NPZ)][:PREVIEW_ITEMS]
+    if any((s / PREVIEW_NPZ).is_file() for s, _ in mans):  # torchrun shards (a rank with no eligible slice has none)
+        preview = [p for s, _ in mans if (s / PREVIEW_NPZ).is_file() for p in load_preview(s / PREVIEW_NPZ)]
+        preview = preview[:PREVIEW_ITEMS]
     elif (mans[0][0] / "preview.png").is_file():
         _transfer(mans[0][0] / "preview.png", base / "preview.png", move)
     finalize(base, spec, records, header, final_root, preview)

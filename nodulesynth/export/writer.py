@@ -213,9 +213,11 @@ def finalize(base: Path, spec: ExportSpec, records: list[dict], header: dict, fi
         n_val = sum(r["manifest"]["split"] == "val" for r in records)
         yolo.write_data_yaml(spec.root(base, "yolo"), spec.root(final_root, "yolo"), n_val, yolo_notes(header, records))
     if "monai" in spec.formats:
-        keep = ("weights", "revision", "seed", "pixel_spacing_mm", "validation")
-        monai.write_datalist(spec.root(base, "monai"), [r["monai"] for r in records],
-                             {k: header[k] for k in keep if k in header})
+        keep = ("weights", "revision", "seed", "pixel_spacing_mm")
+        facts = {k: header[k] for k in keep if k in header}
+        if "validation" in header:  # "validation" itself is the datalist's list of held-out entries
+            facts["validation_split"] = header["validation"]
+        monai.write_datalist(spec.root(base, "monai"), [r["monai"] for r in records], facts)
     if preview:
         from ..viz import preview_grid
 

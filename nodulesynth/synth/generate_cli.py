@@ -184,7 +184,7 @@ def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_
     def emit(pos: int, name: str, hu, mask, boxes, source: str, spacing, prov: dict) -> None:
         split = "val" if source == "real" and pos in plan.val else "train"
         writer.add(ExportItem(name, hu, mask, np.asarray(boxes, np.float32).reshape(-1, 4), source,
-                              tuple(float(v) for v in spacing), prov, split, pos))
+                              tuple(float(v) for v in spacing), prov, split, plan.start_index + pos))
         counts[{"real": "n_real", "synthetic": "n_synthetic", "mask-in": "n_mask_in"}[source]] += 1
         if plan.preview and len(preview) < PREVIEW_ITEMS and (source != "real" or only_real):
             preview.append((hu, mask, boxes))
