@@ -145,64 +145,128 @@ def _u(rng: np.random.Generator, a: float, b: float) -> float:
     return float(rng.uniform(a, b))
 
 
-class _Anatomy:
-    """Random patient geometry. All public methods take broadcastable (Z, Y, X) mm arrays."""
+@dataclass(frozen=True)
+class AnatomyRanges:
+    """Uniform ranges (lo, hi) the random patient geometry is drawn from; lengths in mm in the
+    body frame, angles in radians, ``*_frac`` as fractions of the lung height (0 = deepest
+    costophrenic recess, 1 = apex). Plausible adult chest sizes, tuned by eye against the real
+    LIDC sample (``benchmarks/phantom_vs_real.py`` compares the resulting HU statistics)."""
 
-    def __init__(self, rng: np.random.Generator):
-        u = lambda a, b: _u(rng, a, b)  # noqa: E731
-        self.A = u(140.0, 190.0)  # body half-width
-        self.B = self.A * u(0.62, 0.74)  # body half-depth (AP)
-        self.p_ant, self.p_post = u(2.0, 2.4), u(2.6, 3.4)  # superellipse exponents (flat back)
-        self.harm = [(k, u(0.0, 0.025), u(0, 2 * math.pi)) for k in (2, 3, 4, 5)]
-        self.g_slope = u(-0.06, 0.08)  # body widens/narrows along z
-        self.fat0 = u(4.0, 28.0)
-        self.muscle0 = u(7.0, 11.0)
-        self.pect = u(6.0, 16.0)
-        self.para = u(30.0, 42.0)
-        self.rib_t = u(6.0, 8.5)
-        self.lung_h = u(210.0, 260.0)
+    body_half_width_mm: tuple[float, float] = (140.0, 190.0)
+    body_depth_ratio: tuple[float, float] = (0.62, 0.74)  # AP half-depth / half-width
+    outline_exponent_front: tuple[float, float] = (2.0, 2.4)  # superellipse: 2 = ellipse, more = boxier
+    outline_exponent_back: tuple[float, float] = (2.6, 3.4)  # flatter back (supine on the table)
+    outline_wobble: tuple[float, float] = (0.0, 0.025)  # relative amplitude of harmonics 2..5
+    body_z_slope: tuple[float, float] = (-0.06, 0.08)  # relative widening from base to apex
+    fat_mm: tuple[float, float] = (4.0, 28.0)  # subcutaneous fat (lateral; thinner elsewhere)
+    muscle_mm: tuple[float, float] = (7.0, 11.0)  # chest-wall muscle everywhere
+    pectoral_mm: tuple[float, float] = (6.0, 16.0)  # extra muscle anteriorly
+    paraspinal_mm: tuple[float, float] = (30.0, 42.0)  # extra muscle beside the spine
+    rib_ring_mm: tuple[float, float] = (6.0, 8.5)  # thickness of the rib layer
+    lung_height_mm: tuple[float, float] = (210.0, 260.0)  # costophrenic recess to apex
+    rib_pitch_mm: tuple[float, float] = (24.0, 30.0)  # z distance between ribs
+    rib_height_mm: tuple[float, float] = (8.0, 11.0)
+    rib_drop_mm: tuple[float, float] = (150.0, 210.0)  # ribs run lower anteriorly (helix pitch)
+    rib_phase_mm: tuple[float, float] = (0.0, 30.0)
+    vertebra_radius_mm: tuple[float, float] = (14.0, 18.0)
+    canal_radius_mm: tuple[float, float] = (6.0, 8.0)  # spinal canal
+    vertebra_pitch_mm: tuple[float, float] = (22.0, 27.0)
+    disc_height_mm: tuple[float, float] = (4.0, 6.0)
+    vertebra_phase_mm: tuple[float, float] = (0.0, 25.0)
+    mediastinum_half_width_mm: tuple[float, float] = (9.0, 14.0)  # central band between the lungs
+    heart_x_frac_of_cavity: tuple[float, float] = (0.12, 0.22)  # heart centre, right of midline (+x)
+    heart_y_frac_of_front: tuple[float, float] = (0.2, 0.35)  # heart centre towards the sternum
+    heart_half_width_frac: tuple[float, float] = (0.36, 0.46)  # of the cavity half-width
+    heart_half_depth_frac: tuple[float, float] = (0.28, 0.36)  # of the cavity depth
+    heart_half_height_frac: tuple[float, float] = (0.22, 0.3)  # of the lung height
+    heart_z_frac: tuple[float, float] = (0.26, 0.34)
+    upper_mediastinum_mm: tuple[tuple[float, float], tuple[float, float]] = ((22.0, 30.0), (30.0, 42.0))  # half-axes x, y
+    upper_mediastinum_z_frac: tuple[tuple[float, float], tuple[float, float]] = ((0.42, 0.5), (0.78, 0.86))  # from, to
+    aorta_radius_mm: tuple[float, float] = (10.0, 13.5)
+    aortic_arch_z_frac: tuple[float, float] = (0.7, 0.78)
+    lung_x_frac: tuple[float, float] = (0.5, 0.58)  # lung centre off midline, of the cavity half-width
+    lung_y_frac: tuple[float, float] = (0.0, 0.12)  # lung centre towards the spine
+    lung_half_width_frac: tuple[float, float] = (0.6, 0.72)  # of the cavity half-width
+    lung_half_depth_frac: tuple[float, float] = (0.62, 0.72)  # of the cavity depth
+    lung_wobble: tuple[float, float] = (0.0, 0.06)  # relative amplitude of outline harmonics 2..4
+    dome_top_right_mm: tuple[float, float] = (55.0, 75.0)  # diaphragm dome height (right is higher)
+    dome_top_left_mm: tuple[float, float] = (40.0, 60.0)
+    dome_x_frac: tuple[float, float] = (0.35, 0.5)
+    dome_y_frac: tuple[float, float] = (-0.3, 0.0)
+    dome_radius_frac: tuple[float, float] = (0.5, 0.6)
+    apex_taper_z_frac: tuple[float, float] = (0.5, 0.6)  # lungs narrow towards the apex above this
+    lung_gradient_hu: tuple[float, float] = (30.0, 70.0)  # denser posteriorly (gravity, supine)
+    carina_z_frac: tuple[float, float] = (0.6, 0.7)
+    trachea_radius_mm: tuple[float, float] = (7.5, 10.0)
+    trachea_x_mm: tuple[float, float] = (-4.0, 1.0)
+    sternum_width_mm: tuple[float, float] = (12.0, 18.0)
+
+
+class _Anatomy:
+    """Random patient geometry (drawn from ``AnatomyRanges``). All public methods take
+    broadcastable (Z, Y, X) mm arrays. Short attribute names are the drawn values used in the
+    field formulas below; their meaning and units are those of the matching range."""
+
+    def __init__(self, rng: np.random.Generator, ranges: AnatomyRanges = AnatomyRanges()):
+        R = ranges
+        u = lambda r: _u(rng, *r)  # noqa: E731  (draw order fixes the bytes of every phantom)
+        self.half_width = u(R.body_half_width_mm)
+        self.half_depth = self.half_width * u(R.body_depth_ratio)
+        self.p_ant, self.p_post = u(R.outline_exponent_front), u(R.outline_exponent_back)
+        self.harm = [(k, u(R.outline_wobble), u((0, 2 * math.pi))) for k in (2, 3, 4, 5)]
+        self.g_slope = u(R.body_z_slope)
+        self.fat0 = u(R.fat_mm)
+        self.muscle0 = u(R.muscle_mm)
+        self.pect = u(R.pectoral_mm)
+        self.para = u(R.paraspinal_mm)
+        self.rib_t = u(R.rib_ring_mm)
+        self.lung_h = u(R.lung_height_mm)
         # ribs: helical bands on the rib ring, higher posteriorly
-        self.rib_pitch, self.rib_h, self.rib_drop = u(24.0, 30.0), u(8.0, 11.0), u(150.0, 210.0)
-        self.rib_phase = u(0.0, 30.0)
+        self.rib_pitch, self.rib_h, self.rib_drop = u(R.rib_pitch_mm), u(R.rib_height_mm), u(R.rib_drop_mm)
+        self.rib_phase = u(R.rib_phase_mm)
         # spine (vertebral body centre sits at the cavity's posterior wall)
-        self.rv = u(14.0, 18.0)
+        self.vertebra_r = u(R.vertebra_radius_mm)
         r_post = self._r_body_scalar(math.pi / 2)
-        self.y_vb = r_post - self.fat0 - self.muscle0 - self.para * 0.55 - self.rv * 0.6
-        self.rc = u(6.0, 8.0)
-        self.y_canal = self.y_vb + self.rv + self.rc + 1.5
-        self.vert_pitch, self.disc_h, self.vert_phase = u(22.0, 27.0), u(4.0, 6.0), u(0.0, 25.0)
+        self.y_vb = r_post - self.fat0 - self.muscle0 - self.para * 0.55 - self.vertebra_r * 0.6
+        self.canal_r = u(R.canal_radius_mm)
+        self.y_canal = self.y_vb + self.vertebra_r + self.canal_r + 1.5
+        self.vert_pitch, self.disc_h = u(R.vertebra_pitch_mm), u(R.disc_height_mm)
+        self.vert_phase = u(R.vertebra_phase_mm)
         # mediastinum
         r_ant = self._r_body_scalar(-math.pi / 2)
         self.y_ant_cav = -(r_ant - self.fat0 - self.muscle0 - self.pect - self.rib_t)
-        self.band = u(9.0, 14.0)
-        cav_w = self.A - self.fat0 * 1.4 - self.muscle0 - self.rib_t
+        self.band = u(R.mediastinum_half_width_mm)
+        cav_w = self.half_width - self.fat0 * 1.4 - self.muscle0 - self.rib_t
         self.cav_w = cav_w
-        self.heart = (u(0.12, 0.22) * cav_w, self.y_ant_cav * u(0.2, 0.35) , u(0.36, 0.46) * cav_w,
-                      u(0.28, 0.36) * (self.y_vb - self.y_ant_cav), u(0.22, 0.3) * self.lung_h, u(0.26, 0.34))
-        self.upper = (u(22.0, 30.0), u(30.0, 42.0), u(0.42, 0.5), u(0.78, 0.86))
-        self.aorta_r = u(10.0, 13.5)
-        self.aorta_x = self.rv * 0.6 + self.aorta_r * 0.8
-        self.aorta_y = self.y_vb - self.rv * 0.5
-        self.t_arch = u(0.7, 0.78)
+        self.heart = (u(R.heart_x_frac_of_cavity) * cav_w, self.y_ant_cav * u(R.heart_y_frac_of_front),
+                      u(R.heart_half_width_frac) * cav_w, u(R.heart_half_depth_frac) * (self.y_vb - self.y_ant_cav),
+                      u(R.heart_half_height_frac) * self.lung_h, u(R.heart_z_frac))
+        (ua, ub), (t0, t1) = R.upper_mediastinum_mm, R.upper_mediastinum_z_frac
+        self.upper = (u(ua), u(ub), u(t0), u(t1))
+        self.aorta_r = u(R.aorta_radius_mm)
+        self.aorta_x = self.vertebra_r * 0.6 + self.aorta_r * 0.8
+        self.aorta_y = self.y_vb - self.vertebra_r * 0.5
+        self.t_arch = u(R.aortic_arch_z_frac)
         # lungs: per-side envelope (centre, semi-axes, harmonics), apex taper, diaphragm domes
         self.lung = {}
         for side, sgn in (("right", -1.0), ("left", 1.0)):
             self.lung[side] = dict(
-                cx=sgn * cav_w * u(0.5, 0.58), cy=u(0.0, 0.12) * self.y_vb,
-                ax=cav_w * u(0.6, 0.72) * (0.95 if side == "left" else 1.0), ay=(self.y_vb - self.y_ant_cav) * u(0.62, 0.72),
-                harm=[(k, u(0.0, 0.06), u(0, 2 * math.pi)) for k in (2, 3, 4)],
-                dome_top=u(55.0, 75.0) if side == "right" else u(40.0, 60.0),
-                dome_x=sgn * cav_w * u(0.35, 0.5), dome_y=u(-0.3, 0.0) * self.y_vb,
-                dome_r=cav_w * u(0.5, 0.6),
+                cx=sgn * cav_w * u(R.lung_x_frac), cy=u(R.lung_y_frac) * self.y_vb,
+                ax=cav_w * u(R.lung_half_width_frac) * (0.95 if side == "left" else 1.0),
+                ay=(self.y_vb - self.y_ant_cav) * u(R.lung_half_depth_frac),
+                harm=[(k, u(R.lung_wobble), u((0, 2 * math.pi))) for k in (2, 3, 4)],
+                dome_top=u(R.dome_top_right_mm) if side == "right" else u(R.dome_top_left_mm),
+                dome_x=sgn * cav_w * u(R.dome_x_frac), dome_y=u(R.dome_y_frac) * self.y_vb,
+                dome_r=cav_w * u(R.dome_radius_frac),
             )
-        self.t_taper = u(0.5, 0.6)
-        self.lung_grad = u(30.0, 70.0)  # HU denser posteriorly (gravity-dependent, supine)
+        self.t_taper = u(R.apex_taper_z_frac)
+        self.lung_grad = u(R.lung_gradient_hu)
         # airway
-        self.t_carina = u(0.6, 0.7)
-        self.tr_r = u(7.5, 10.0)
-        self.tr_x = u(-4.0, 1.0)
-        self.tr_y = self.y_vb - self.rv - 12.0 - self.tr_r
-        self.sternum_w = u(12.0, 18.0)
+        self.t_carina = u(R.carina_z_frac)
+        self.tr_r = u(R.trachea_radius_mm)
+        self.tr_x = u(R.trachea_x_mm)
+        self.tr_y = self.y_vb - self.vertebra_r - 12.0 - self.tr_r
+        self.sternum_w = u(R.sternum_width_mm)
 
     # -- body --------------------------------------------------------------------------------
     def _r_body_scalar(self, th: float) -> float:
@@ -212,12 +276,13 @@ class _Anatomy:
         """Radius of the body outline along angle ``th`` (superellipse, flatter at the back)."""
         c, s = np.abs(np.cos(th)), np.abs(np.sin(th))
         p = np.where(np.sin(th) > 0, self.p_post, self.p_ant).astype(np.float32)
-        r = ((c / self.A) ** p + (s / self.B) ** p) ** (-1.0 / p)
+        r = ((c / self.half_width) ** p + (s / self.half_depth) ** p) ** (-1.0 / p)
         for k, a, ph in self.harm:
             r = r * (1.0 + a * np.cos(k * th + ph))
         return r.astype(np.float32)
 
-    def g(self, Z: np.ndarray) -> np.ndarray:
+    def z_scale(self, Z: np.ndarray) -> np.ndarray:
+        """Relative body size along z (the chest widens or narrows towards the apex)."""
         return (1.0 + self.g_slope * (Z / self.lung_h - 0.5)).astype(np.float32)
 
     def fat(self, th: np.ndarray) -> np.ndarray:
@@ -232,7 +297,7 @@ class _Anatomy:
         """(radial depth below the skin, angle, r_body-along-angle); depth < 0 is outside."""
         th = np.arctan2(Y, X).astype(np.float32)
         r = np.sqrt(X * X + Y * Y).astype(np.float32)
-        return self.r_body(th) * self.g(Z) - r, th
+        return self.r_body(th) * self.z_scale(Z) - r, th
 
     # -- cavity, mediastinum, lungs -------------------------------------------------------------
     def cavity_depth(self, th):
@@ -241,7 +306,7 @@ class _Anatomy:
     def mediastinum(self, Z, Y, X):
         """Non-lung contents of the thoracic cavity (spine block, central band, heart, great vessels, hila)."""
         t = Z / self.lung_h
-        m = ((X * X + (Y - self.y_vb) ** 2) < (self.rv + 9.0) ** 2) | (np.abs(X - 0.1 * (Y - self.y_vb)) < self.band)
+        m = ((X * X + (Y - self.y_vb) ** 2) < (self.vertebra_r + 9.0) ** 2) | (np.abs(X - 0.1 * (Y - self.y_vb)) < self.band)
         ua, ub, t0, t1 = self.upper
         up = ((X / ua) ** 2 + ((Y - self.tr_y + 10.0) / ub) ** 2) < 1.0
         ao = ((X - self.aorta_x) ** 2 + (Y - self.aorta_y) ** 2) < (self.aorta_r + 3.0) ** 2
@@ -477,7 +542,7 @@ def _place_nodules(rng, an: _Anatomy, cfg: PhantomConfig, z_lo: float, z_hi: flo
 
 
 def _try_place(rng, an, R, att, z_lo, z_hi, vessels, probes, placed, tries: int = 6):
-    A = an.cav_w
+    half_w = an.cav_w
     for _ in range(tries):
         m = 512
         if att == "vessel":
@@ -491,7 +556,7 @@ def _try_place(rng, an, R, att, z_lo, z_hi, vessels, probes, placed, tries: int 
             c = base + e * (s[:, 6:7] + 0.6 * R)
         else:
             c = np.stack([rng.uniform(z_lo, z_hi, m), rng.uniform(an.y_ant_cav, an.y_vb + 20, m),
-                          rng.uniform(-A, A, m)], 1).astype(np.float32)
+                          rng.uniform(-half_w, half_w, m)], 1).astype(np.float32)
         c = c[(c[:, 0] >= z_lo) & (c[:, 0] <= z_hi)]
         c = c[an.lung_side(c[:, 0], c[:, 1], c[:, 2]) > 0]
         for q in placed:
@@ -583,14 +648,15 @@ class _Ctx:
         return slice(int(np.searchsorted(zc, z0)), int(np.searchsorted(zc, z1)))
 
 
-def _paint_wall(c: _Ctx) -> tuple[np.ndarray, np.ndarray]:
+def _paint_wall(c: _Ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Skin, fat, muscle, ribs (helical bands on the rib ring, cortex around marrow), costal
-    cartilage, sternum, scapulae. Returns (radial depth d, cavity mask)."""
+    cartilage, sternum, scapulae. Returns (radial depth below the skin d, thoracic-cavity mask,
+    mask of everything deeper than the subcutaneous fat)."""
     an, lab, zc, xc = c.an, c.lab, c.grid.z, c.grid.x
     H, W = lab.shape[1:]
     th2 = np.arctan2(c.Y2, c.X2).astype(np.float32)
     r2 = np.sqrt(c.X2 * c.X2 + c.Y2 * c.Y2).astype(np.float32)
-    d = an.r_body(th2)[None] * an.g(c.Z) - r2[None]
+    d = an.r_body(th2)[None] * an.z_scale(c.Z) - r2[None]
     f2, m2 = an.fat(th2), an.muscle(th2)
     np.copyto(lab, _L["skin"], where=d > 0)
     np.copyto(lab, _L["fat"], where=d > 1.8)
@@ -661,17 +727,17 @@ def _paint_spine(c: _Ctx, deep: np.ndarray) -> None:
     an, lab, X2, Y2, zc = c.an, c.lab, c.X2, c.Y2, c.grid.z
     ph = np.mod(zc - an.vert_phase, an.vert_pitch)[:, None, None]
     vb2 = X2 * X2 + (Y2 - an.y_vb) ** 2
-    body = vb2 < an.rv**2
+    body = vb2 < an.vertebra_r**2
     np.copyto(lab, _L["cortex"], where=body[None])
-    np.copyto(lab, _L["marrow"], where=(vb2 < (an.rv - 2.2) ** 2)[None] & (ph > 1.5) & (ph < an.vert_pitch - an.disc_h - 1.5))
+    np.copyto(lab, _L["marrow"], where=(vb2 < (an.vertebra_r - 2.2) ** 2)[None] & (ph > 1.5) & (ph < an.vert_pitch - an.disc_h - 1.5))
     np.copyto(lab, _L["disc"], where=body[None] & (ph >= an.vert_pitch - an.disc_h))
     canal2 = X2 * X2 + (Y2 - an.y_canal) ** 2
-    arch2 = (canal2 < (an.rc + 4.5) ** 2) & (Y2 > an.y_vb)
-    spinous2 = (np.abs(X2) < 3.5) & (Y2 > an.y_canal) & (Y2 < an.y_canal + an.rc + 28.0)
-    transverse2 = (np.abs(Y2 - an.y_canal + 2) < 5.0) & (np.abs(X2) < an.rv + 16.0)
+    arch2 = (canal2 < (an.canal_r + 4.5) ** 2) & (Y2 > an.y_vb)
+    spinous2 = (np.abs(X2) < 3.5) & (Y2 > an.y_canal) & (Y2 < an.y_canal + an.canal_r + 28.0)
+    transverse2 = (np.abs(Y2 - an.y_canal + 2) < 5.0) & (np.abs(X2) < an.vertebra_r + 16.0)
     post = ((arch2 | spinous2)[None] & (ph < an.vert_pitch - 6.0)) | (transverse2[None] & (ph > 3.0) & (ph < 11.0))
     np.copyto(lab, _L["cortex"], where=post & ~body[None] & deep & (lab != _L["lung"]))
-    np.copyto(lab, _L["csf"], where=(canal2 < an.rc**2)[None])
+    np.copyto(lab, _L["csf"], where=(canal2 < an.canal_r**2)[None])
 
 
 def _paint_airway(c: _Ctx) -> np.ndarray:
@@ -774,7 +840,7 @@ def make_phantom(seed: int, cfg: PhantomConfig | None = None, uid: str | None = 
     D = int(cfg.slices)
     lo, hi = cfg.spacing_range_mm
     scale = 512.0 / W
-    sx = float(np.clip(2 * an.A * (1 + abs(an.g_slope)) / (W * _u(rng, 0.8, 0.95)), lo * scale, hi * scale))
+    sx = float(np.clip(2 * an.half_width * (1 + abs(an.g_slope)) / (W * _u(rng, 0.8, 0.95)), lo * scale, hi * scale))
     sz = float(rng.choice(np.asarray(cfg.thickness_choices_mm, dtype=np.float64)))
     extent = D * sz
     # the slab covers the whole chest when long enough, else a random mid-chest part
@@ -843,7 +909,7 @@ def make_phantom(seed: int, cfg: PhantomConfig | None = None, uid: str | None = 
         nodules.append(Nodule(uid, tuple(round(float(v), 4) for v in world), round(2 * nd["radius"], 3), reader="phantom",
                               characteristics={k: nd.get(k, False) for k in ("type", "attachment", "lobulated", "spiculated")}))
     meta = dict(seed=int(seed), noise_std_hu=round(noise_std, 2), table=has_table, vessel_segments=int(len(segs)),
-                body_half_width_mm=round(an.A, 1), lung_height_mm=round(an.lung_h, 1))
+                body_half_width_mm=round(an.half_width, 1), lung_height_mm=round(an.lung_h, 1))
     return PhantomScan(hu=out, spacing=spacing, origin=(oz, oy, ox), lung_seg=seg, nodules=nodules,
                        series_uid=uid, meta=meta)
 
