@@ -44,7 +44,7 @@ from ..io import atomic_dir, check_out_dir
 from ..masks.boxes import mask_to_boxes
 from ..masks.classes import MaskClass
 from ..masks.semantic import semantic_mask
-from .ct import CTVolume, _image_geometry, _to_hu_int16
+from .ct import CTVolume, _image_geometry, _to_hu_int16, check_hu_plausible
 from .dicom_tree import DicomVolumeRef, read_dicom_volume, scan_dicom_tree
 from .slices import SliceRecord, write_slice_dataset
 from .splits import DEFAULT_FRACTIONS, assign_splits
@@ -117,6 +117,7 @@ def read_volume_file(path: Path) -> CTVolume:
         raise NoduleSynthError(f"{path}: contains NaN/inf voxels")
     if arr.max() <= 0 or arr.min() >= 0:  # CT in HU has air < 0 and tissue/bone > 0
         raise NoduleSynthError(f"{path}: intensities {arr.min()}…{arr.max()} are not CT Hounsfield units")
+    check_hu_plausible(arr, path)  # the same air/tissue/8-bit checks as load_ct
     return CTVolume(_to_hu_int16(np.rint(arr)), spacing, origin, direction, patient_from_name(path), str(path))
 
 
