@@ -21,8 +21,9 @@ from PIL import Image
 
 from ..hu import LUNG_WINDOW, window_uint8
 from ..io import write_json
-from ..masks.boxes import STRUCT8, xyxy_to_coco
+from ..masks.boxes import xyxy_to_coco
 from ..masks.classes import MaskClass
+from ..masks.components import label8
 
 IMAGE_FORMATS = ("png", "png16", "npy")
 SUFFIX = {"png": ".png", "png16": ".png", "npy": ".npy"}
@@ -50,7 +51,7 @@ def nodule_annotations(mask: np.ndarray, boxes: np.ndarray) -> list[dict]:
     from scipy import ndimage
 
     H, W = mask.shape
-    lab, _ = ndimage.label(mask == MaskClass.NODULE, structure=STRUCT8)
+    lab, _ = label8(mask == MaskClass.NODULE)  # the same components mask_to_boxes found
     extent_to_label = {(s[1].start, s[0].start, s[1].stop, s[0].stop): k + 1
                        for k, s in enumerate(ndimage.find_objects(lab))}
     out = []

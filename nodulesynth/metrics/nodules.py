@@ -19,6 +19,7 @@ import torch
 from scipy import ndimage
 
 from ..masks.classes import MaskClass
+from ..masks.components import label8
 
 # LIDC-IDRI's lower bound for a "nodule ≥ 3 mm" (smaller findings are only point-marked); the
 # quality gate requires generated nodules to reach it.
@@ -56,10 +57,7 @@ class NoduleStats:
 def nodule_stats(masks: np.ndarray, spacing_mm: float, min_pixels: int = 1) -> NoduleStats:
     """Stats over a (N,H,W) label stack at an isotropic in-plane spacing (mm/pixel)."""
     masks = np.asarray(masks)
-    # 3-D labelling with a structure that never connects across the stack axis: one call, no loop.
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = ndimage.generate_binary_structure(2, 2)
-    labels, k = ndimage.label(masks == MaskClass.NODULE, structure=structure)
+    labels, k = label8(masks == MaskClass.NODULE)  # per mask, one call: never connects across the stack
     if k == 0:
         return NoduleStats(len(masks), 0.0, 0.0, np.zeros(0))
     areas = np.bincount(labels.ravel(), minlength=k + 1)[1:]
