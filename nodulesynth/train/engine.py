@@ -268,7 +268,8 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int = 3) 
         raise NoduleSynthError(f"step {step}: training diverged (NaN/inf in {_brief(bad)}); not checkpointed, the "
                                f"last good checkpoint is {latest_checkpoint(out) or 'none'}")
     path = checkpoint_path(out, step)
-    with atomic_dir(path, overwrite=True, arg="checkpoint") as tmp:
+    with atomic_dir(path, overwrite=True, arg="checkpoint",  # checkpoints from before the marker count as ours
+                    ours=lambda p: (p / "state.json").is_file()) as tmp:
         with atomic_file(tmp / "state.safetensors", "wb") as fh:
             fh.write(st_save(tensors))
         write_json(tmp / "state.json", {"format": "nodulesynth-checkpoint", "version": 1, "step": step, "state": structure})
