@@ -278,7 +278,10 @@ class MaskTrainer(engine.Trainer):
                      masks=list(labels.to(torch.uint8).cpu().numpy()), columns=8, tile=128)
 
     def run_meta(self) -> dict[str, Any]:
+        spacings = {tuple(self.sources.record(int(g)).spacing_mm) for g in self.sources.indices}
+        spacing = float(next(iter(spacings))[0]) if len(spacings) == 1 else None  # one spacing, or unknown
         return {**super().run_meta(), "level": self.level, "alpha": self.alpha, "data": self.sources.summary(),
+                "spacing_mm": spacing,
                 **{k: v for k, v in self.last_eval.items() if "nodule" in k}}
 
     def export(self) -> None:
