@@ -167,14 +167,15 @@ def test_dataset_items_collate_and_workers(weights):
 
 def test_ratio_arithmetic_and_real_items(tmp_path, weights):
     real = _real_folder(tmp_path, n=5)
-    ds = SyntheticNoduleDataset(weights=weights, real=real, ratio=2.0, device="cpu", conditions=GATE)
+    kw = dict(weights=weights, real=real, device="cpu", real_split="all")  # the arithmetic over all 5 slices
+    ds = SyntheticNoduleDataset(ratio=2.0, conditions=GATE, **kw)
     assert (ds.n_real, ds.n_synth, len(ds)) == (5, 10, 15)
-    assert len(SyntheticNoduleDataset(weights=weights, real=real, ratio=0.5, device="cpu")) == 5 + 2  # round(2.5)=2
-    assert len(SyntheticNoduleDataset(weights=weights, real=real, ratio=0.7, device="cpu")) == 5 + 4  # round(3.5)=4
-    assert len(SyntheticNoduleDataset(3, weights=weights, real=real, device="cpu")) == 5 + 3  # all real + n
-    assert len(SyntheticNoduleDataset(10, weights=weights, real=real, ratio=2.0, device="cpu")) == 15
+    assert len(SyntheticNoduleDataset(ratio=0.5, **kw)) == 5 + 2  # round(2.5)=2
+    assert len(SyntheticNoduleDataset(ratio=0.7, **kw)) == 5 + 4  # round(3.5)=4
+    assert len(SyntheticNoduleDataset(3, **kw)) == 5 + 3  # all real + n
+    assert len(SyntheticNoduleDataset(10, ratio=2.0, **kw)) == 15
     with pytest.raises(NoduleSynthError, match="contradicts"):
-        SyntheticNoduleDataset(4, weights=weights, real=real, ratio=2.0, device="cpu")
+        SyntheticNoduleDataset(4, ratio=2.0, **kw)
     with pytest.raises(NoduleSynthError, match="needs real="):
         SyntheticNoduleDataset(4, weights=weights, ratio=2.0, device="cpu")
     with pytest.raises(NoduleSynthError, match="ratio: must be"):
@@ -195,7 +196,10 @@ def test_albumentations_moves_image_mask_and_boxes_together(weights):
                                   transform=[A.HorizontalFlip(p=1.0)])
     a, b = plain[2], flip[2]
     assert torch.allclose(b["image"], a["image"].flip(-1), atol=1e-6)
-    assert torch.equal(b["mask"], a["mask"].flip(-1))
+    # a mirror swaps the lung labels: the patient's left lung stays on the image's right (issue 14)
+    swapped = a["mask"].flip(-1).clone()
+    swapped[a["mask"].flip(-1) == C.LEFT_LUNG], swapped[a["mask"].flip(-1) == C.RIGHT_LUNG] = C.RIGHT_LUNG, C.LEFT_LUNG
+    assert torch.equal(b["mask"], swapped)
     expect = a["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([64, 0, 64, 0])
     got = b["boxes"][torch.argsort(b["boxes"][:, 0])]
     assert torch.allclose(got, expect[torch.argsort(expect[:, 0])], atol=1e-4)
