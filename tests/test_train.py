@@ -485,3 +485,22 @@ def test_cli_flags_come_from_the_config_dataclasses(data_dir, tmp_path):
     paper = cli.build_config(parser.parse_args(["translator", *base, "--preset", "paper"]))
     assert (paper.model.lia, paper.model.dwmh, paper.model.num_d, paper.lambda_l1, paper.lambda_perc) == \
         (True, True, 1, 200.0, 10.0)
+
+
+def test_train_refuses_unwritable_or_data_overlapping_out(data_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK) and os.geteuid() == 0:  # root writes anyway: use a path under a file
+            target = tmp_path / "file" / "run"
+            (tmp_path / "file").write_text("x")
+        else:
+            target = locked / "run"
+        with pytest.raises(NoduleSynthError, match="--out"):
+            train_translator(tr_cfg(data_dir, target))
+    finally:
+        locked.chmod(0o700)
+    with pytest.raises(NoduleSynthError, match="--data"):
+        train_translator(tr_cfg(data_dir, os.path.join(data_dir, "run")))
+    assert not os.path.exists(os.path.join(data_dir, "run"))

@@ -327,12 +327,14 @@ def prepare_run(out: str | os.PathLike, cfg: Any, resume: bool, overwrite: bool,
             if key in saved and saved[key] != cfg_dict.get(key):
                 raise NoduleSynthError(f"--resume: {key} config differs from the one saved in {out / 'config.json'}")
     elif info.is_main:
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise NoduleSynthError(f"--out {out}: folder exists and is not empty (pass --resume or --overwrite)")
+        data = getattr(cfg, "data", None)
+        data = [data] if data is None or isinstance(data, (str, os.PathLike)) else list(data)
+        # refuses an --out that is/holds/lies inside a --data folder, one it cannot write, and (with
+        # --overwrite) a non-empty folder the project did not write
+        check_out_dir(out, overwrite, inputs=[("--data", d) for d in data])
         if out.is_dir() and any(out.iterdir()):
-            if not overwrite:
-                raise NoduleSynthError(f"--out {out}: folder exists and is not empty (pass --resume or --overwrite)")
-            data = getattr(cfg, "data", None)
-            data = [data] if data is None or isinstance(data, (str, os.PathLike)) else list(data)
-            check_out_dir(out, overwrite, inputs=[("--data", d) for d in data])  # only our own run folders
             shutil.rmtree(out)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
