@@ -14,7 +14,7 @@ from huggingface_hub import errors as hf_errors
 import nodulesynth.models.tsgan as tsgan_mod
 from nodulesynth.errors import NoduleSynthError
 from nodulesynth.models.tsgan import TSGAN
-from tests.test_tsgan_io import tiny_tsgan
+from test_tsgan_io import tiny_tsgan
 
 
 # ----------------------------------------------------------------------------- 1. hub fallback
