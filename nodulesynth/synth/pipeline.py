@@ -214,14 +214,20 @@ def quality_gate(
     bidx = torch.repeat_interleave(torch.arange(B, device=dev), counts)
     ib = allb.round().long()
 
-    nod = masks == MaskClass.NODULE
+    # Per-component sums only over the samples that have components: most rejected draws have none,
+    # and the integral images / dilations below are the gate's main cost on CPU (same results).
+    sub = torch.nonzero(counts > 0).flatten()
+    remap = torch.full((B,), -1, dtype=torch.long, device=dev)
+    remap[sub] = torch.arange(len(sub), device=dev)
+    sidx = remap[bidx]
+    nod = masks[sub] == MaskClass.NODULE
 
     def near(m: torch.Tensor) -> torch.Tensor:  # 8-neighbourhood dilation
         return F.max_pool2d(m[:, None].float(), 3, 1, 1)[:, 0] > 0
 
-    npix = _box_sums(_integral(nod), bidx, ib)
-    touch_l = _box_sums(_integral(nod & near(left)), bidx, ib) > 0
-    touch_r = _box_sums(_integral(nod & near(right)), bidx, ib) > 0
+    npix = _box_sums(_integral(nod), sidx, ib)
+    touch_l = _box_sums(_integral(nod & near(left[sub])), sidx, ib) > 0
+    touch_r = _box_sums(_integral(nod & near(right[sub])), sidx, ib) > 0
 
     min_pix = 4 if config.min_nodule_pixels is None else config.min_nodule_pixels
     size_mm = nodule_size_mm(allb, spacing_mm)  # the one definition of nodule size
@@ -230,7 +236,7 @@ def quality_gate(
     m = THORAX_MARGIN
     grown = torch.stack([(ib[:, 0] - m).clamp(min=0), (ib[:, 1] - m).clamp(min=0),
                          (ib[:, 2] + m).clamp(max=W), (ib[:, 3] + m).clamp(max=H)], 1)
-    outside = _box_sums(_integral(masks == MaskClass.BACKGROUND), bidx, grown) > 0
+    outside = _box_sums(_integral(masks[sub] == MaskClass.BACKGROUND), sidx, grown) > 0
     bad_comp = ((npix < min_pix) | (size_mm < config.min_nodule_mm) | ~(touch_l | touch_r) | outside) & config.gate
     cond = torch.zeros_like(bad_comp)
     if config.min_size_mm is not None:
@@ -305,8 +311,9 @@ class Synthesizer:
         self.spacing_mm = float(
             self.config.spacing_mm or meta.get("spacing_mm") or DEFAULT_FIELD_OF_VIEW_MM / self.image_size
         )
-        if self.device.type == "cuda":
-            self.tsgan.translator.to(memory_format=torch.channels_last)
+        # channels_last on every device: tensor cores on CUDA, oneDNN's fast layout on CPU (translation
+        # 0.36 → 0.28 CPU-s per 512² slice measured on 2 cores; outputs differ by ≤ 2e-6 of the range)
+        self.tsgan.translator.to(memory_format=torch.channels_last)
         self.stats = GateStats()
 
     # ---- provenance -------------------------------------------------------------------------
@@ -342,8 +349,7 @@ class Synthesizer:
     def _translate(self, masks: torch.Tensor) -> torch.Tensor:
         n = masks.shape[0]
         x = self._one_hot(self._pad(masks).long(), NUM_CLASSES).to(self.device)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device):
             y = self.tsgan.translator(x)
         return unit_to_hu(y[:n, 0].float().clamp(-1, 1)).clamp(HU_MIN, HU_MAX)
