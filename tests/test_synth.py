@@ -18,7 +18,7 @@ from nodulesynth.masks.classes import MaskClass as C
 from nodulesynth.synth.dataset import collate_fn
 from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer, quality_gate
 
-GATE = {"block": 8}  # default quality gate; a smaller forward block keeps the tests fast
+GATE = {"block": 8, "nodules": "stylegan"}  # the StyleGAN-nodule gate; a smaller forward block keeps the tests fast
 
 
 def tiny_tsgan():
@@ -56,7 +56,8 @@ def test_same_samples_for_any_batch_size_and_order(model):
         assert [p["attempt"] for p in b.provenance] == [ref.provenance[i]["attempt"] for i in idx]
     assert any(p["attempt"] > 0 for p in ref.provenance), "rejection sampling was not exercised"
     assert ref.provenance[4] == {"source": "synthetic", "model": model.source, "revision": model.revision,
-                                 "seed": 7, "index": 4, "attempt": ref.provenance[4]["attempt"], "block": 8}
+                                 "seed": 7, "index": 4, "attempt": ref.provenance[4]["attempt"], "block": 8,
+                                 "nodule_mode": "stylegan"}
     diff = Synthesizer(model, GenerationConfig(seed=8, **GATE)).generate([0])
     assert not torch.equal(diff.masks[0], ref.masks[0])
 

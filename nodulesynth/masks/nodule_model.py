@@ -13,8 +13,10 @@ ground-glass, 3 part-solid, 4-5 solid. Data: LIDC-IDRI (The Cancer Imaging Archi
 Armato et al., Med. Phys. 38(2) 2011, doi:10.7937/K9/TCIA.2015.LO9QL9SX.
 
 Sizes: the *2-D extent* of a cross-section is the largest distance between two of its outline
-points (LIDC) or pixel centres (placed nodule), in mm; ``min_size_mm`` / ``max_size_mm`` bound the
-placed cross-section's extent at the output spacing (checked on the rasterised outline).
+points (LIDC) or pixel centres (placed nodule), in mm — what the statistics compare. The size
+*conditions* ``min_size_mm`` / ``max_size_mm`` use the project's one nodule size
+(metrics.nodules.nodule_size_mm: longest box side × spacing) of the rasterised outline, checked
+exactly on the raster before placing.
 
 Lung-normalised coordinates (how positions are drawn and compared): for a nodule in the patient's
 right (left) lung, (u, v) is its centre's position inside that lung's bounding box on the slice,
@@ -52,6 +54,8 @@ SIDES = ("right", "left")  # patient's; the right lung is on the image's left
 SIDE_CLASS = {"right": MaskClass.RIGHT_LUNG, "left": MaskClass.LEFT_LUNG}
 GAP_PX = 2  # nodules stay this far apart, so each is its own component
 JP_MIN_LUNG = 0.6  # a juxta-pleural nodule keeps this share of its pixels in the lung
+PACKING = 0.3  # at most this share of a typical lung area can be nodules (up-front refusal)
+NO_FIT_LIMIT = 32  # consecutive drawn anatomies without room, none ever with room: refuse the conditions
 CANDIDATES = 96  # nearest candidate centres tested exactly per library row
 
 
@@ -93,21 +97,75 @@ class NoduleLibrary:
         self.dx_mm = (c[:, 0] - 255.5) * self.spacing  # offset from the image centre (x right, y down)
         self.dy_mm = (c[:, 1] - 255.5) * self.spacing
         self.centroid_px = c
-        self.ref_boxes = d["lung_boxes_ref_mm"].astype(np.float64)  # [right, left] × (x0, y0, x1, y1)
-        self.ref_iqr = d["lung_boxes_iqr_mm"]
+        self.ref_y = d["lung_ref_y_mm"].astype(np.float64)  # [right, left] × (top, bottom) mm from the centre
+        self.ref_rows = d["lung_ref_rows_mm"].astype(np.float64)  # [right, left] × 16 rows × (left, right edge)
+        self.ref_n = tuple(int(v) for v in d["lung_ref_n"])  # (slices, patients) the reference comes from
         self.juxta_pleural_share = float(d["juxta_pleural_share"])
         self._sec = d["section_polys"]
         self._inc, self._start, self._npts = d["poly_inclusion"], d["poly_start"].astype(np.int64), d["poly_npts"]
         self._offs = np.concatenate([[0], np.cumsum(self._npts - 1)])
         self._steps = d["poly_steps"].astype(np.int64)
-        mid = (self.ref_boxes[0, 2] + self.ref_boxes[1, 0]) / 2
-        self.side = (self.dx_mm > mid).astype(np.int64)  # 0 right, 1 left
-        box = self.ref_boxes[self.side]
-        self.u = np.clip((self.dx_mm - box[:, 0]) / (box[:, 2] - box[:, 0]), 0, 1)
-        self.v = np.clip((self.dy_mm - box[:, 1]) / (box[:, 3] - box[:, 1]), 0, 1)
+        self.box_mm = self._box_mm()
+        mid = (np.nanmedian(self.ref_rows[0, :, 1]) + np.nanmedian(self.ref_rows[1, :, 0])) / 2
+        self.side = (self.dx_mm > mid).astype(np.int64)  # 0 right, 1 left (patient's)
+        self.u = np.zeros(len(self.side))
+        self.v = np.zeros(len(self.side))
+        for sd in (0, 1):
+            k = self.side == sd
+            y0, y1 = self.ref_y[sd]
+            v = np.clip((self.dy_mm[k] - y0) / (y1 - y0), 0, 1)
+            vc = (np.arange(self.ref_rows.shape[1]) + 0.5) / self.ref_rows.shape[1]
+            xl, xr = np.interp(v, vc, self.ref_rows[sd, :, 0]), np.interp(v, vc, self.ref_rows[sd, :, 1])
+            self.u[k] = np.clip((self.dx_mm[k] - xl) / np.maximum(xr - xl, 1e-6), 0, 1)
+            self.v[k] = v
+        self.juxta_pleural = self._juxta_pleural_rows()
+
+    def _juxta_pleural_rows(self) -> np.ndarray:
+        """Which rows are juxta-pleural: the LIDC share (measured on the crops) of rows whose outline
+        comes closest to the reference lung's border (distance of the centre to the border minus half
+        the 2-D extent), so that wall-attached nodules are the ones LIDC has near the wall."""
+        grid = np.arange(-220.0, 221.0)  # 1 mm grid, mm from the image centre
+        inside = np.zeros((len(grid), len(grid)), bool)
+        nrow = self.ref_rows.shape[1]
+        vc = (np.arange(nrow) + 0.5) / nrow
+        for sd in (0, 1):
+            y0, y1 = self.ref_y[sd]
+            ys = (grid >= y0) & (grid <= y1)
+            v = (grid[ys] - y0) / (y1 - y0)
+            xl, xr = np.interp(v, vc, self.ref_rows[sd, :, 0]), np.interp(v, vc, self.ref_rows[sd, :, 1])
+            inside[ys] |= (grid[None, :] >= xl[:, None]) & (grid[None, :] <= xr[:, None])
+        dist = ndi.distance_transform_edt(inside)
+        iy = np.clip(np.rint(self.dy_mm - grid[0]).astype(int), 0, len(grid) - 1)
+        ix = np.clip(np.rint(self.dx_mm - grid[0]).astype(int), 0, len(grid) - 1)
+        score = dist[iy, ix] - self.extent_mm / 2
+        return score <= np.quantile(score, self.juxta_pleural_share)
 
     def __len__(self) -> int:
         return len(self.annotation)
+
+    def _box_mm(self) -> np.ndarray:
+        """Per row, the longest side of the inclusion outlines' point box (native px span × spacing):
+        the project's nodule size (metrics.nodules.nodule_size_mm) is this plus about one output pixel."""
+        npts = self._npts.astype(np.int64)
+        steps = self._steps.reshape(-1, 2)
+        first = np.concatenate([[0], np.cumsum(npts)[:-1]])
+        inc = np.zeros((int(npts.sum()), 2), np.int64)
+        poly_of_step = np.repeat(np.arange(len(npts)), npts - 1)
+        pos_of_step = (np.arange(len(steps)) - self._offs[poly_of_step] + first[poly_of_step] + 1)
+        inc[pos_of_step] = steps
+        inc[first] = self._start
+        # cumulative sum restarted at every polygon's first point
+        cs = np.cumsum(inc, axis=0)
+        base = np.repeat(cs[first] - self._start, npts, axis=0)
+        pts = cs - base
+        lo = np.minimum.reduceat(pts, first, axis=0)
+        hi = np.maximum.reduceat(pts, first, axis=0)
+        lo = np.where(self._inc[:, None], lo, np.iinfo(np.int64).max)
+        hi = np.where(self._inc[:, None], hi, np.iinfo(np.int64).min)
+        a, b = self._sec[:, 0], self._sec[:, 1]
+        slo = np.minimum.reduceat(lo, a, axis=0)
+        shi = np.maximum.reduceat(hi, a, axis=0)
+        return (shi - slo).max(1) * self.spacing
 
     def outline_mm(self, i: int) -> list[tuple[np.ndarray, bool]]:
         """Row i's polygons as (x, y) mm relative to its centroid, with inclusion flags."""
@@ -123,9 +181,9 @@ class NoduleLibrary:
         """Indices of rows meeting the conditions (size bounds widened by ``slack_mm``)."""
         ok = np.ones(len(self), bool)
         if cond.min_size_mm is not None:
-            ok &= self.extent_mm >= cond.min_size_mm - slack_mm
+            ok &= self.box_mm >= cond.min_size_mm - slack_mm
         if cond.max_size_mm is not None:
-            ok &= self.extent_mm <= cond.max_size_mm + slack_mm
+            ok &= self.box_mm <= cond.max_size_mm + slack_mm
         if cond.lung is not None:
             ok &= self.side == SIDES.index(cond.lung)
         if cond.texture is not None:
@@ -159,8 +217,9 @@ def rasterise(polys: list[tuple[np.ndarray, bool]], spacing_mm: float) -> np.nda
 
     def edge(poly: np.ndarray) -> np.ndarray:
         q = np.vstack([poly, poly[:1]])
-        seg = [np.linspace(a, b, max(2, int(np.ceil(np.abs(b - a).max() * 2)) + 1)) for a, b in zip(q[:-1], q[1:])]
-        e = np.rint(np.concatenate(seg) if seg else poly).astype(int)
+        n = int(max(2, np.ceil(np.abs(np.diff(q, axis=0)).max(initial=0) * 2)))  # ≤ 0.5 px apart
+        t = (np.arange(n) / n)[None, :, None]
+        e = np.rint((q[:-1, None] + t * (q[1:, None] - q[:-1, None])).reshape(-1, 2)).astype(int)
         m = np.zeros(len(pts), bool)
         m[(e[:, 1] - lo[1]) * (hi[0] - lo[0] + 1) + (e[:, 0] - lo[0])] = True
         return m
@@ -174,6 +233,12 @@ def rasterise(polys: list[tuple[np.ndarray, bool]], spacing_mm: float) -> np.nda
     return np.stack([keep[:, 1], keep[:, 0]], 1)  # (dy, dx)
 
 
+def _patch(off: np.ndarray) -> np.ndarray:
+    p = np.zeros(tuple(np.ptp(off, axis=0) + 1), bool)
+    p[off[:, 0] - off[:, 0].min(), off[:, 1] - off[:, 1].min()] = True
+    return p
+
+
 def extent_px(offsets: np.ndarray) -> float:
     """Largest distance between two pixel centres (px)."""
     from ..data.pylidc import longest_extent
@@ -181,38 +246,85 @@ def extent_px(offsets: np.ndarray) -> float:
     return longest_extent(offsets.astype(np.float64))
 
 
-def lung_box(mask: np.ndarray, side: str) -> tuple[int, int, int, int] | None:
-    ys, xs = np.nonzero(mask == SIDE_CLASS[side])
-    if len(ys) == 0:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+@dataclass
+class LungFrame:
+    """Row-wise lung-normalised coordinates of one lung on one mask (its largest component):
+    v = (y − top)/(bottom − top); u = (x − left edge of that row)/(right edge − left edge)."""
+
+    y0: int
+    y1: int
+    xl: np.ndarray  # per row y0..y1: leftmost lung column (nan: empty row)
+    xr: np.ndarray
+
+    @classmethod
+    def of(cls, mask: np.ndarray, side: str) -> "LungFrame | None":
+        lab, n = ndi.label(mask == SIDE_CLASS[side])
+        if n == 0:
+            return None
+        comp = lab == (1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
+        rows = np.flatnonzero(comp.any(1))
+        y0, y1 = int(rows[0]), int(rows[-1])
+        c = comp[y0 : y1 + 1]
+        has = c.any(1)
+        W = c.shape[1]
+        xl = np.where(has, c.argmax(1), np.nan).astype(np.float64)
+        xr = np.where(has, W - 1 - c[:, ::-1].argmax(1), np.nan).astype(np.float64)
+        return cls(y0, y1, xl, xr)
+
+    def _row(self, y: float) -> tuple[float, float]:
+        k = int(np.clip(round(y) - self.y0, 0, len(self.xl) - 1))
+        if np.isnan(self.xl[k]):
+            ok = np.flatnonzero(~np.isnan(self.xl))
+            k = int(ok[np.argmin(np.abs(ok - k))])
+        return float(self.xl[k]), float(self.xr[k])
+
+    def from_uv(self, u: float, v: float) -> tuple[float, float]:
+        """(x, y) pixel of normalised (u, v)."""
+        y = self.y0 + v * (self.y1 - self.y0)
+        xl, xr = self._row(y)
+        return xl + u * (xr - xl), y
+
+    def to_uv(self, x: float, y: float) -> tuple[float, float]:
+        xl, xr = self._row(y)
+        v = (y - self.y0) / max(self.y1 - self.y0, 1)
+        return float(np.clip((x - xl) / max(xr - xl, 1), 0, 1)), float(np.clip(v, 0, 1))
 
 
-def remove_nodules(mask: np.ndarray) -> np.ndarray:
-    """Class-5 pixels → the nearest lung label (body where there is no lung at all)."""
+def remove_nodules(mask: np.ndarray, margin: int = 32) -> np.ndarray:
+    """Class-5 pixels → the nearest lung label (body where there is no lung at all). Searched in a
+    window around the nodule pixels first (cheap), the whole mask when that window has no lung."""
     m = np.array(mask, np.uint8, copy=True)
     nod = m == MaskClass.NODULE
     if not nod.any():
         return m
-    lung = (m == MaskClass.LEFT_LUNG) | (m == MaskClass.RIGHT_LUNG)
-    if not lung.any():
-        m[nod] = MaskClass.BODY
-        return m
-    _, (iy, ix) = ndi.distance_transform_edt(~lung, return_indices=True)
-    m[nod] = m[iy[nod], ix[nod]]
+    ys, xs = np.nonzero(nod.any(1))[0], np.nonzero(nod.any(0))[0]
+    for win in ((slice(max(ys[0] - margin, 0), ys[-1] + margin + 1), slice(max(xs[0] - margin, 0), xs[-1] + margin + 1)),
+                (slice(None), slice(None))):
+        sub = m[win]
+        lung = (sub == MaskClass.LEFT_LUNG) | (sub == MaskClass.RIGHT_LUNG)
+        if lung.any():
+            n = sub == MaskClass.NODULE
+            _, (iy, ix) = ndi.distance_transform_edt(~lung, return_indices=True)
+            sub[n] = sub[iy[n], ix[n]]
+            return m
+    m[nod] = MaskClass.BODY
     return m
 
 
-DT_WINDOW = 96  # px around a new nodule where the lung distance map is refreshed
+NEIGHBOURS = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
+DT_WINDOW = 64  # px around a new nodule where the lung distance map is refreshed
 
 
-def _edt_in_box(free: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Euclidean distance to the nearest non-free pixel, computed only inside the lung's box (+1 px),
-    since every pixel outside it is non-free anyway; 0 elsewhere."""
-    x0, y0, x1, y1 = box
-    y0, x0 = max(y0 - 1, 0), max(x0 - 1, 0)
+def _edt_in_box(free: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Euclidean distance to the nearest non-free pixel, computed only inside the bounding box of
+    ``region`` (+1 px) — every pixel outside it is non-free anyway; 0 elsewhere."""
     out = np.zeros(free.shape, np.float64)
-    out[y0 : y1 + 2, x0 : x1 + 2] = ndi.distance_transform_edt(free[y0 : y1 + 2, x0 : x1 + 2])
+    ys, xs = np.nonzero(region.any(1))[0], np.nonzero(region.any(0))[0]
+    if len(ys) == 0:
+        return out
+    y0, x0 = max(ys[0] - 1, 0), max(xs[0] - 1, 0)
+    y1, x1 = ys[-1] + 2, xs[-1] + 2
+    out[y0:y1, x0:x1] = ndi.distance_transform_edt(free[y0:y1, x0:x1])
     return out
 
 
@@ -235,10 +347,13 @@ class NoduleModel:
             raise NoduleSynthError(f"texture: must be one of {', '.join(TEXTURES)}, got {c.texture!r}")
         if c.lung not in (None, *SIDES):
             raise NoduleSynthError(f"lung: must be 'left' or 'right', got {c.lung!r}")
-        self.rows = self.lib.select(c, slack_mm=1.5)  # exact bounds are checked on the raster
+        self.rows = self.lib.select(c, slack_mm=2.5)  # exact bounds are checked on the raster
+        jp = self.lib.juxta_pleural[self.rows]
+        self.rows_by_jp = (self.rows[~jp], self.rows[jp])
+        self.jp_share = float(jp.mean()) if len(jp) else 0.0
         if c.count and len(self.rows) == 0:
             anyrow = self.lib.select(NoduleConditions(lung=c.lung, texture=c.texture))
-            rng = (f"{self.lib.extent_mm[anyrow].min():.1f}–{self.lib.extent_mm[anyrow].max():.1f} mm"
+            rng = (f"{self.lib.box_mm[anyrow].min():.1f}–{self.lib.box_mm[anyrow].max():.1f} mm"
                    if len(anyrow) else "none")
             raise NoduleSynthError(
                 f"nodule conditions cannot be met: no LIDC cross-section has a 2-D size in "
@@ -246,23 +361,25 @@ class NoduleModel:
                 f"{' with texture ' + c.texture if c.texture else ''}{' in the ' + c.lung + ' lung' if c.lung else ''} "
                 f"(LIDC's sizes for these: {rng})")
         if c.count:
-            # Up-front: the smallest allowed outlines, count of them, must fit into one typical lung
-            # pair's area (π/4 of the reference boxes), or no slice can ever hold them.
-            boxes = self.lib.ref_boxes
-            lung_mm2 = float(np.sum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) * np.pi / 4)
+            # Up-front: the discs of the smallest allowed outlines, count of them, must fit into
+            # PACKING of a typical lung pair (the reference lungs' area), or no slice can hold them.
+            widths = np.nanmean(self.lib.ref_rows[:, :, 1] - self.lib.ref_rows[:, :, 0], axis=1)
+            lung_mm2 = float(np.sum(widths * (self.lib.ref_y[:, 1] - self.lib.ref_y[:, 0])))
             if c.lung is not None:
                 lung_mm2 /= 2
             if c.region is not None:
                 x0, y0, x1, y1 = c.region
                 lung_mm2 *= (x1 - x0) * (y1 - y0)
-            need = float(np.sort(self.lib.area_mm2[self.rows])[: c.count].sum()) if c.count <= len(self.rows) else np.inf
-            if need > 0.5 * lung_mm2:
+            # footprint of a nodule: the disc of its size (a long thin outline still needs that length)
+            r_mm = np.sort(self.lib.box_mm[self.rows])[: c.count] / 2
+            need = float((np.pi * r_mm ** 2).sum()) if c.count <= len(self.rows) else np.inf
+            if need > PACKING * lung_mm2:
                 raise NoduleSynthError(
                     f"nodule conditions cannot be met: {c.count} nodules of ≥ {c.min_size_mm or 0} mm need ≥ {need:.0f} mm² "
-                    f"of lung, more than half of a typical {'lung' if c.lung else 'lung pair'}"
+                    f"of lung, more than {PACKING:.0%} of a typical {'lung' if c.lung else 'lung pair'}"
                     f"{' in that region' if c.region else ''} ({lung_mm2:.0f} mm²)")
 
-    def _fits(self, side_lung: np.ndarray, body_near: np.ndarray, free: np.ndarray, centre: np.ndarray,
+    def _fits(self, side_lung: np.ndarray, body: np.ndarray, free: np.ndarray, centre: np.ndarray,
               off: np.ndarray, jp: bool) -> bool:
         H, W = free.shape
         p = off + centre
@@ -273,7 +390,10 @@ class NoduleModel:
             return False
         in_lung = side_lung[y, x]
         if jp:
-            return bool(in_lung.mean() >= JP_MIN_LUNG and body_near[y, x].any())
+            if in_lung.mean() < JP_MIN_LUNG:
+                return False
+            ny, nx = (y[:, None] + NEIGHBOURS[:, 0]).clip(0, H - 1), (x[:, None] + NEIGHBOURS[:, 1]).clip(0, W - 1)
+            return bool(body[ny, nx].any())  # touches the chest wall / mediastinum
         return bool(in_lung.all())
 
     def place(self, mask: np.ndarray, spacing_mm: float, rng: np.random.Generator,
@@ -289,35 +409,43 @@ class NoduleModel:
         if count == 0:
             return m, placed
         body = (m == MaskClass.BODY)
-        body_near = ndi.binary_dilation(body, iterations=1)
-        taken = ndi.binary_dilation(m == MaskClass.NODULE, iterations=GAP_PX)
-        yy, xx = np.mgrid[:H, :W]
+        nod = m == MaskClass.NODULE
+        taken = ndi.binary_dilation(nod, iterations=GAP_PX) if nod.any() else np.zeros((H, W), bool)
         if c.region is not None:
+            yy, xx = np.mgrid[:H, :W]
             x0, y0, x1, y1 = c.region
             in_region = (xx + 0.5 >= x0 * W) & (xx + 0.5 <= x1 * W) & (yy + 0.5 >= y0 * H) & (yy + 0.5 <= y1 * H)
         else:
             in_region = np.ones((H, W), bool)
         lo_px = None if c.min_size_mm is None else c.min_size_mm / spacing_mm
         hi_px = None if c.max_size_mm is None else c.max_size_mm / spacing_mm
-        boxes = {sd: lung_box(m, sd) for sd in SIDES}
+        frames: dict[str, LungFrame | None] = {}  # per side, measured on first use
         dts: dict[str, np.ndarray] = {}  # per side: distance (px) to the nearest pixel that is not free lung
         for k in range(count):
             done = False
+            # Juxta-pleural or not is drawn once (the library's share among the allowed rows) and
+            # kept over redraws, so rows that fit less easily do not shift the share.
+            jp = bool(rng.random() < self.jp_share)
+            pool = self.rows_by_jp[int(jp)]
             for _ in range(self.tries):
-                i = int(self.lib_row(rng))
+                i = int(pool[rng.integers(len(pool))])
                 off = rasterise(self.lib.outline_mm(i), spacing_mm)
-                ext = extent_px(off)
-                if (lo_px is not None and ext < lo_px - 1e-9) or (hi_px is not None and ext > hi_px + 1e-9):
+                size = int(np.ptp(off, axis=0).max()) + 1  # the project's size: longest box side (px)
+                if (lo_px is not None and size < lo_px - 1e-9) or (hi_px is not None and size > hi_px + 1e-9):
                     continue
-                jp = bool(rng.random() < self.lib.juxta_pleural_share)
+                if ndi.label(_patch(off), structure=np.ones((3, 3)))[1] != 1:
+                    continue  # an outline in pieces at this spacing: it would count as several nodules
+                ext = extent_px(off)
                 side = SIDES[self.lib.side[i]]
-                box = boxes[side]
-                if box is None:
+                if side not in frames:
+                    frames[side] = LungFrame.of(m, side)
+                frame = frames[side]
+                if frame is None:
                     continue
                 side_lung = m == SIDE_CLASS[side]
                 lung_free = side_lung & ~taken
                 if side not in dts:
-                    dts[side] = _edt_in_box(lung_free, box)
+                    dts[side] = _edt_in_box(lung_free, lung_free)
                 dt = dts[side]
                 r = float(np.sqrt((off.astype(float) ** 2).sum(1)).max())
                 # free nodules: every pixel > GAP_PX from anything but free lung; juxta-pleural: centre
@@ -326,34 +454,37 @@ class NoduleModel:
                 cy, cx = np.nonzero(cand)
                 if len(cy) == 0:
                     continue
-                tx = box[0] + self.lib.u[i] * (box[2] - box[0])
-                ty = box[1] + self.lib.v[i] * (box[3] - box[1])
-                order = np.argsort((cx - tx) ** 2 + (cy - ty) ** 2, kind="stable")[:CANDIDATES]
+                tx, ty = frame.from_uv(self.lib.u[i], self.lib.v[i])
+                d2 = (cx - tx) ** 2 + (cy - ty) ** 2
+                near = np.argpartition(d2, CANDIDATES)[:CANDIDATES] if len(d2) > CANDIDATES else np.arange(len(d2))
+                order = near[np.lexsort((near, d2[near]))]  # nearest first, ties by scan order (deterministic)
                 free = ~taken & (side_lung | body) if jp else lung_free
                 for j in order:
                     centre = np.array([cy[j], cx[j]])
-                    if not self._fits(side_lung, body_near, free, centre, off, jp):
+                    if not self._fits(side_lung, body, free, centre, off, jp):
                         continue
                     p = off + centre
                     if not jp and (dt[p[:, 0], p[:, 1]] < GAP_PX + 1).any():
                         continue
                     m[p[:, 0], p[:, 1]] = MaskClass.NODULE
                     y0, x0 = np.maximum(p.min(0) - GAP_PX - 1, 0)
-                    y1, x1 = p.max(0) + GAP_PX + 2
+                    y1, x1 = min(p[:, 0].max() + GAP_PX + 2, H), min(p[:, 1].max() + GAP_PX + 2, W)
                     blob = np.zeros((y1 - y0, x1 - x0), bool)
                     blob[p[:, 0] - y0, p[:, 1] - x0] = True
                     taken[y0:y1, x0:x1] |= ndi.binary_dilation(blob, iterations=GAP_PX)
-                    for sd in dts:  # exact inside the window; farther than DT_WINDOW nothing changes that matters
+                    if k + 1 < count:  # refresh this lung's distances around the new nodule (exact in the
+                        # window; beyond DT_WINDOW px only distances larger than any nodule change)
                         wy0, wx0 = max(y0 - DT_WINDOW, 0), max(x0 - DT_WINDOW, 0)
                         wy1, wx1 = y1 + DT_WINDOW, x1 + DT_WINDOW
-                        free_w = (m[wy0:wy1, wx0:wx1] == SIDE_CLASS[sd]) & ~taken[wy0:wy1, wx0:wx1]
-                        dts[sd][wy0:wy1, wx0:wx1] = np.minimum(dts[sd][wy0:wy1, wx0:wx1],
-                                                               ndi.distance_transform_edt(free_w))
+                        free_w = (m[wy0:wy1, wx0:wx1] == SIDE_CLASS[side]) & ~taken[wy0:wy1, wx0:wx1]
+                        dts[side][wy0:wy1, wx0:wx1] = np.minimum(dts[side][wy0:wy1, wx0:wx1],
+                                                                 ndi.distance_transform_edt(free_w))
                     placed.append({
                         "lidc_annotation": int(self.lib.annotation[i]), "lidc_nodule": int(self.lib.nodule[i]),
                         "patient": f"LIDC-IDRI-{int(self.lib.patient[i]):04d}", "z_mm": float(self.lib.z_mm[i]),
                         "texture": TEXTURES[int(self.lib.texture[i])], "texture_rating": int(self.lib.texture_rating[i]),
-                        "lung": side, "juxta_pleural": jp, "extent_mm": round(float(ext * spacing_mm), 3),
+                        "lung": side, "juxta_pleural": jp, "size_mm": round(float(size * spacing_mm), 3),
+                        "extent_mm": round(float(ext * spacing_mm), 3),
                         "lidc_extent_mm": round(float(self.lib.extent_mm[i]), 3),
                         "centre_px": [int(centre[1]), int(centre[0])], "pixels": int(len(off)),
                     })
@@ -368,9 +499,6 @@ class NoduleModel:
                     f"of this mask after {self.tries} draws")
         return m, placed
 
-    def lib_row(self, rng: np.random.Generator) -> int:
-        return self.rows[rng.integers(len(self.rows))]
-
 
 def placement_rng(seed: int, index: int, attempt: int) -> np.random.Generator:
     """The nodule stream of sample (seed, index, attempt): independent of batches and devices."""
@@ -380,3 +508,156 @@ def placement_rng(seed: int, index: int, attempt: int) -> np.random.Generator:
 def juxta_pleural(component: np.ndarray, mask: np.ndarray, gap: int = 2) -> bool:
     """Does a nodule component lie within ``gap`` px of the body (chest wall / mediastinum)?"""
     return bool((ndi.binary_dilation(component, iterations=gap) & (mask == MaskClass.BODY)).any())
+
+
+# ---------------------------------------------------------------- measuring (benchmark and tests)
+
+def measure(mask: np.ndarray, spacing_mm: float) -> dict[str, np.ndarray]:
+    """Every nodule component (8-connected) of a label mask, as a detector sees it: 2-D extent (mm),
+    centroid offset from the image centre (mm, x right / y down), lung side (0 right, 1 left: the
+    lung it lies in or against), lung-normalised (u, v) in that lung's box (nodule pixels given back
+    to the lung first) and juxta-pleural flag (within GAP_PX of the body)."""
+    H, W = mask.shape
+    lab, n = ndi.label(mask == MaskClass.NODULE, structure=np.ones((3, 3)))
+    anat = remove_nodules(mask)
+    frames = [LungFrame.of(anat, sd) for sd in SIDES]
+    rows = []
+    for k, sl in enumerate(ndi.find_objects(lab), start=1):
+        y0, x0 = max(sl[0].start - GAP_PX - 1, 0), max(sl[1].start - GAP_PX - 1, 0)
+        y1, x1 = sl[0].stop + GAP_PX + 1, sl[1].stop + GAP_PX + 1
+        comp = lab[y0:y1, x0:x1] == k
+        ys, xs = np.nonzero(comp)
+        near = ndi.binary_dilation(comp, iterations=GAP_PX)
+        sub = mask[y0:y1, x0:x1]
+        votes = [(near & (anat[y0:y1, x0:x1] == SIDE_CLASS[sd])).sum() for sd in SIDES]
+        side = int(np.argmax(votes))
+        cy, cx = ys.mean() + y0, xs.mean() + x0
+        u = v = np.nan
+        if frames[side] is not None:
+            u, v = frames[side].to_uv(cx, cy)
+        rows.append((extent_px(np.stack([ys, xs], 1)) * spacing_mm, (cx - (W - 1) / 2) * spacing_mm,
+                     (cy - (H - 1) / 2) * spacing_mm, side, u, v, bool((near & (sub == MaskClass.BODY)).any())))
+    a = np.array(rows, dtype=np.float64).reshape(-1, 7)
+    return {"extent_mm": a[:, 0], "dx_mm": a[:, 1], "dy_mm": a[:, 2], "side": a[:, 3].astype(np.int64),
+            "u": a[:, 4], "v": a[:, 5], "juxta_pleural": a[:, 6].astype(bool)}
+
+
+def lung_grid_tv(side_a, u_a, v_a, side_b, u_b, v_b, bins: int = 4) -> float:
+    """Total-variation distance of two position sets on the (side, u, v) grid: 2 × bins × bins cells."""
+    def hist(side, u, v):
+        iu = np.minimum((np.asarray(u) * bins).astype(int), bins - 1)
+        iv = np.minimum((np.asarray(v) * bins).astype(int), bins - 1)
+        h = np.bincount((np.asarray(side) * bins + iv) * bins + iu, minlength=2 * bins * bins).astype(float)
+        return h / max(h.sum(), 1)
+
+    return float(0.5 * np.abs(hist(side_a, u_a, v_a) - hist(side_b, u_b, v_b)).sum())
+
+
+def compare_to_lidc(gen: dict[str, np.ndarray], textures: list[str], lib: NoduleLibrary | None = None) -> dict:
+    """The issue's goal rows: generated nodules (``measure`` output, concatenated) against the library."""
+    from scipy.stats import ks_2samp
+
+    lib = lib or load_library()
+    ok = ~np.isnan(gen["u"])
+    tex = np.array([TEXTURES.index(t) for t in textures]) if len(textures) else np.zeros(0, int)
+    out = {
+        "n_generated": int(len(gen["extent_mm"])), "n_lidc_sections": int(len(lib)),
+        "extent_ks": float(ks_2samp(gen["extent_mm"], lib.extent_mm).statistic),
+        "extent_median_mm": [float(np.median(gen["extent_mm"])), float(np.median(lib.extent_mm))],
+        "dx_ks": float(ks_2samp(gen["dx_mm"], lib.dx_mm).statistic),
+        "dy_ks": float(ks_2samp(gen["dy_mm"], lib.dy_mm).statistic),
+        "dx_std_mm": [float(np.std(gen["dx_mm"])), float(np.std(lib.dx_mm))],
+        "dy_std_mm": [float(np.std(gen["dy_mm"])), float(np.std(lib.dy_mm))],
+        "lung_tv": lung_grid_tv(gen["side"][ok], gen["u"][ok], gen["v"][ok], lib.side, lib.u, lib.v),
+        "left_share": [float(np.mean(gen["side"])), float(np.mean(lib.side))],
+        "juxta_pleural_share": [float(np.mean(gen["juxta_pleural"])), lib.juxta_pleural_share],
+        "texture_share": {t: [float(np.mean(tex == k)) if len(tex) else 0.0, float(np.mean(lib.texture == k))]
+                          for k, t in enumerate(TEXTURES)},
+    }
+    return out
+
+
+# ---------------------------------------------------------------- glue for synth.pipeline
+
+NO_FIT = "nodules do not fit"  # gate reason: the anatomy had no room for the requested nodules
+
+
+class LidcPlacer:
+    """The Synthesizer's LIDC nodule mode: a drawn mask keeps its anatomy (StyleGAN nodule pixels
+    become the nearest lung), must pass the anatomy part of the quality gate (body, both lungs),
+    and then gets its nodules from :class:`NoduleModel` with the stream of (seed, index, attempt).
+    ``placed[(index, attempt)]`` holds the provenance of the nodules until the pipeline takes it."""
+
+    def __init__(self, config, spacing_mm: float):
+        self.config, self.spacing_mm = config, float(spacing_mm)
+        n = config.num_nodules
+        if n is None:
+            self.counts = (max(1, config.min_nodules),) * 2
+        elif isinstance(n, (int, np.integer)):
+            self.counts = (int(n), int(n))
+        else:
+            self.counts = (int(n[0]), int(n[1]))
+        self.model = NoduleModel(NoduleConditions(
+            count=self.counts[1], min_size_mm=config.min_size_mm, max_size_mm=config.max_size_mm,
+            lung=config.lung, texture=config.texture, region=config.region))
+        self.placed: dict[tuple[int, int], list[dict]] = {}
+        self.no_fit, self.fitted = 0, False
+
+    def _count(self, rng: np.random.Generator) -> int:
+        lo, hi = self.counts
+        return lo if lo == hi else int(rng.integers(lo, hi + 1))
+
+    def gate_and_place(self, masks, keys: list[tuple[int, int]]):
+        """masks: (B,H,W) uint8 tensor. Returns (new masks, then quality_gate's triple)."""
+        import dataclasses
+
+        import torch
+
+        from ..masks.boxes import masks_to_boxes_batch
+        from ..synth.pipeline import quality_gate
+
+        anat = np.stack([remove_nodules(x) for x in masks.cpu().numpy()])
+        cfg = dataclasses.replace(self.config, nodules="stylegan", min_nodules=0, num_nodules=None, min_size_mm=None,
+                                  max_size_mm=None, region=None, lung=None, texture=None, add_nodules=False)
+        passed, reasons, _ = quality_gate(torch.from_numpy(anat).to(masks.device), cfg, self.spacing_mm)
+        passed = passed.clone()
+        for k, (i, j) in enumerate(keys):
+            if not passed[k]:
+                continue
+            rng = placement_rng(self.config.seed, i, j)
+            try:
+                anat[k], prov = self.model.place(anat[k], self.spacing_mm, rng, count=self._count(rng))
+            except PlacementError as e:
+                passed[k], reasons[k] = False, NO_FIT
+                self.no_fit += 1
+                if self.no_fit >= NO_FIT_LIMIT and not self.fitted:
+                    raise NoduleSynthError(
+                        f"nodule conditions cannot be met by these weights' anatomy: {self.no_fit} drawn masks in a row "
+                        f"had no room ({e})") from None
+                continue
+            self.no_fit, self.fitted = 0, True
+            self.placed[(int(i), int(j))] = prov
+        masks = torch.from_numpy(anat).to(masks.device)
+        with torch.inference_mode():
+            boxes = [b if ok else b[:0] for b, ok in zip(masks_to_boxes_batch(masks), passed.tolist())]
+        return masks, passed, reasons, boxes
+
+    def add_to(self, masks, names: list[str] | None = None):
+        """Mask-in mode: LIDC nodules added to each given mask (its own nodules kept and avoided).
+        Mask k draws from the stream of (seed, crc32(name) or k, 0). Raises one clear error when the
+        nodules do not fit a mask."""
+        import zlib
+
+        import torch
+
+        out, provs = masks.clone(), []
+        for k in range(len(out)):
+            key = zlib.crc32(names[k].encode()) if names is not None else k
+            rng = placement_rng(self.config.seed, key, 0)
+            try:
+                new, prov = self.model.place(out[k].numpy(), self.spacing_mm, rng, count=self._count(rng))
+            except PlacementError as e:
+                raise NoduleSynthError(f"mask {names[k] if names is not None else k}: {e}") from None
+            out[k] = torch.from_numpy(new)
+            provs.append(prov)
+        return out, provs

@@ -49,9 +49,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, default=None,
                    help="synthetic:real count ratio with --real (2.0 = twice as many synthetic as real slices)")
     p.add_argument("--masks", default=None, help="translate these label masks (.png/.npy, values 0..5) instead of sampling")
-    p.add_argument("--min-size-mm", type=float, default=None, help="every nodule at least this size (rejection sampling)")
-    p.add_argument("--max-size-mm", type=float, default=None, help="every nodule at most this size (rejection sampling)")
-    p.add_argument("--num-nodules", type=int, default=None, help="exact number of nodules per slice (rejection sampling)")
+    p.add_argument("--nodules", choices=("lidc", "stylegan"), default="lidc",
+                   help="lidc (default): real LIDC-IDRI outlines placed into the generated anatomy, conditions met by "
+                        "construction; stylegan: the paper's StyleGAN-drawn nodules, conditions by rejection sampling")
+    p.add_argument("--min-size-mm", type=float, default=None, help="every nodule at least this size (longest box side, mm)")
+    p.add_argument("--max-size-mm", type=float, default=None, help="every nodule at most this size (longest box side, mm)")
+    p.add_argument("--num-nodules", type=int, default=None,
+                   help="exact number of nodules per slice; 0 gives nodule-free slices (negatives)")
+    p.add_argument("--lung", choices=("left", "right"), default=None, help="every nodule in the patient's left/right lung")
+    p.add_argument("--texture", choices=("solid", "part-solid", "ground-glass"), default=None,
+                   help="--nodules lidc: LIDC texture class (rating 4-5 solid, 3 part-solid, 1-2 ground-glass)")
+    p.add_argument("--region", type=float, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="nodule centres inside this box, as fractions of the image width/height")
+    p.add_argument("--add-nodules", action="store_true",
+                   help="with --masks: place LIDC nodules (the conditions above) into each given mask before translating")
     p.add_argument("--image-format", choices=("png", "png16", "npy"), default="png",
                    help="COCO images: 8-bit lung window [-1000,400] HU (default), 16-bit HU+1024, or int16 HU .npy")
     p.add_argument("--val-fraction", type=float, default=0.1,
@@ -110,8 +121,8 @@ def _check_args(args: argparse.Namespace) -> tuple[str, ...]:
     formats = parse_formats(args.format)
     if "yolo" in formats and args.image_format != "png":
         raise NoduleSynthError("--image-format: YOLO datasets use 8-bit PNG; png16/npy only apply to COCO")
-    if args.num_nodules is not None and args.num_nodules < 1:
-        raise NoduleSynthError(f"--num-nodules: must be ≥ 1, got {args.num_nodules}")
+    if args.num_nodules is not None and args.num_nodules < 0:
+        raise NoduleSynthError(f"--num-nodules: must be ≥ 0 (0: nodule-free slices), got {args.num_nodules}")
     if args.real is not None and not Path(args.real).is_dir():
         raise NoduleSynthError(f"--real {args.real}: not a folder (expected a dataset written by `nodulesynth prepare`)")
     if args.start_index < 0:
@@ -280,7 +291,9 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
         inputs.append(("--weights", args.weights))
     out = check_out_dir(args.out, args.overwrite, inputs=inputs)
     cfg = GenerationConfig(seed=args.seed, batch_size=args.batch_size, min_size_mm=args.min_size_mm,
-                           max_size_mm=args.max_size_mm, num_nodules=args.num_nodules)
+                           max_size_mm=args.max_size_mm, num_nodules=args.num_nodules, nodules=args.nodules,
+                           lung=args.lung, texture=args.texture, region=tuple(args.region) if args.region else None,
+                           add_nodules=args.add_nodules)
     cfg.validate()
     mask_files = _mask_files(args.masks) if args.masks else []
     real = open_real(args.real) if args.real else None

@@ -37,6 +37,7 @@ from ..runtime import autocast
 # Default in-plane spacing of prepared slices (prepare --size 512 --spacing 0.8): 512 px ↔ 409.6 mm.
 DEFAULT_FIELD_OF_VIEW_MM = 512 * 0.8
 NON_FINITE = "non-finite HU"  # gate reason for a translated slice holding NaN/inf
+NODULE_MODES = ("lidc", "stylegan")
 THORAX_MARGIN = 2  # px around a nodule's box that must hold no background (quality gate)
 
 
@@ -66,6 +67,12 @@ class GenerationConfig:
     max_size_mm: float | None = None
     region: tuple[float, float, float, float] | None = None  # nodule centres in (x0,y0,x1,y1) ∈ [0,1]
     lung: str | None = None  # "left" / "right" (patient's): every nodule touches that lung
+    # Where nodules come from: "lidc" — the StyleGAN draws the anatomy only (its nodule pixels become
+    # lung) and real LIDC outlines are placed by masks.nodule_model, meeting the conditions by
+    # construction; "stylegan" — the paper's StyleGAN-drawn nodules, conditions by rejection.
+    nodules: str = "lidc"
+    texture: str | None = None  # lidc only: "solid" (LIDC texture 4-5), "part-solid" (3), "ground-glass" (1-2)
+    add_nodules: bool = False  # mask-in (translate): place LIDC nodules into the given masks first
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -100,6 +107,12 @@ class GenerationConfig:
             bad("lung", f"must be 'left', 'right' or None, got {self.lung!r}")
         if self.spacing_mm is not None and not self.spacing_mm > 0:
             bad("spacing_mm", f"must be > 0, got {self.spacing_mm}")
+        if self.nodules not in NODULE_MODES:
+            bad("nodules", f"must be one of {', '.join(NODULE_MODES)}, got {self.nodules!r}")
+        if self.texture is not None and self.nodules != "lidc":
+            bad("texture", "needs nodules='lidc' (StyleGAN-drawn nodules carry no texture class)")
+        if self.add_nodules and self.nodules != "lidc":
+            bad("add_nodules", "needs nodules='lidc' (LIDC outlines are what is placed)")
 
     def count_range(self) -> tuple[int, int]:
         if self.num_nodules is None:
@@ -315,6 +328,12 @@ class Synthesizer:
         # 0.36 → 0.28 CPU-s per 512² slice measured on 2 cores; outputs differ by ≤ 2e-6 of the range)
         self.tsgan.translator.to(memory_format=torch.channels_last)
         self.stats = GateStats()
+        # LIDC nodule mode: built now, so impossible conditions are refused before anything is drawn.
+        self.lidc = None
+        if self.config.nodules == "lidc":
+            from ..masks.nodule_model import LidcPlacer
+
+            self.lidc = LidcPlacer(self.config, self.spacing_mm)
 
     # ---- provenance -------------------------------------------------------------------------
     def provenance(self, index: int, attempt: int) -> dict:
@@ -326,6 +345,8 @@ class Synthesizer:
             "index": int(index),
             "attempt": int(attempt),
             "block": int(self.config.block),
+            "nodule_mode": self.config.nodules,
+            **({"nodules": self.lidc.placed.pop((int(index), int(attempt)), [])} if self.lidc is not None else {}),
         }
 
     # ---- stages (always at exactly `block` rows) ----------------------------------------------
@@ -401,7 +422,10 @@ class Synthesizer:
                 continue
             keys, pending = pending[:B], pending[B:]
             masks = self._masks(keys)
-            passed, reasons, boxes = quality_gate(masks, cfg, self.spacing_mm)
+            if self.lidc is not None:  # anatomy gate, then LIDC nodules placed into the anatomy
+                masks, passed, reasons, boxes = self.lidc.gate_and_place(masks, keys)
+            else:
+                passed, reasons, boxes = quality_gate(masks, cfg, self.spacing_mm)
             self.stats.attempts += len(keys)
             retry = []
             for k, ((i, j), ok, why) in enumerate(zip(keys, passed.tolist(), reasons)):
@@ -423,6 +447,10 @@ class Synthesizer:
         """Mask-in mode: translate user label masks (H,W)/(B,H,W), values 0..5, to HU slices + boxes.
         No gate is applied (the user owns the masks); boxes come from the given nodule pixels."""
         m = validate_masks(masks, self.image_size)
+        names = list(names) if names is not None else None
+        placed = [None] * len(m)
+        if self.config.add_nodules:  # real or user masks get LIDC nodules (sample k of the seed)
+            m, placed = self.lidc.add_to(m, names)
         hus, boxes = [], []
         for s in range(0, len(m), self.config.block):
             part = m[s : s + self.config.block].to(self.device)
@@ -437,7 +465,8 @@ class Synthesizer:
         names = list(names) if names is not None else [str(k) for k in range(len(m))]
         prov = [
             {"source": "mask-in", "model": str(getattr(self.tsgan, "source", "unknown")),
-             "revision": str(getattr(self.tsgan, "revision", "unknown")), "mask": n, "index": k}
+             "revision": str(getattr(self.tsgan, "revision", "unknown")), "mask": n, "index": k,
+             **({"seed": int(self.config.seed), "nodule_mode": "lidc", "nodules": placed[k]} if placed[k] is not None else {})}
             for k, n in enumerate(names)
         ]
         return SyntheticBatch(torch.cat(hus) if hus else torch.zeros(0, self.image_size, self.image_size), m, boxes, prov)
