@@ -1,4 +1,5 @@
-"""Parameter counts and forward GFLOPs of both TSGAN generators at 512×512 (paper configs).
+"""Parameter counts and forward GFLOPs of both TSGAN generators at 512×512 (paper configs), and what
+the translator's texture options (decoder noise, resize-conv, multi-scale PatchGAN) add.
 
 Counts with ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs = 2 × multiply-adds; convs,
 matmuls and attention; elementwise ops are not counted). Batch 1, CPU, fp32. Run:
@@ -18,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nodulesynth.models import (DLPix2PixGenerator, MaskDiscriminator, MaskGANConfig, MaskGenerator,
                                 PatchDiscriminator, TranslatorConfig, one_hot)
+from nodulesynth.models.pix2pix import build_discriminator
 
 
 def _count(module: torch.nn.Module, *inputs) -> tuple[float, float]:
@@ -51,8 +53,15 @@ def measure(size: int = 512) -> list[dict]:
         cfg = TranslatorConfig(ngf=64, num_downs=8, lia=lia, dwmh=dwmh)
         add(name, DLPix2PixGenerator(cfg), onehot,
             config=f"ngf 64, 8 downs, lia={lia}, dwmh={dwmh} (depth {cfg.dwmh_depth}, window {cfg.dwmh_window})")
+    for noise, upsample in [(True, "transpose"), (False, "bilinear"), (True, "bilinear")]:
+        cfg = TranslatorConfig(ngf=64, num_downs=8, noise=noise, upsample=upsample)
+        add("DL-Pix2Pix + texture options", DLPix2PixGenerator(cfg), onehot,
+            config=f"ngf 64, 8 downs, LIA+DWMH, noise={noise}, upsample={upsample}")
     cfg = TranslatorConfig(ngf=64)
     add("PatchGAN 70x70", PatchDiscriminator(cfg), onehot, image, config="ndf 64, n_layers 3")
+    for num_d in (2, 3):
+        add(f"multi-scale PatchGAN x{num_d}", build_discriminator(TranslatorConfig(ngf=64, num_d=num_d)), onehot, image,
+            config=f"ndf 64, n_layers 3, {num_d} scales (pix2pixHD)")
     return rows
 
 
