@@ -6,10 +6,12 @@ level below the last one, so the number is for the target resolution).
 
     python benchmarks/train_speed.py                      # small CPU config
     python benchmarks/train_speed.py --paper --devices cuda   # paper-size nets (512², ngf 64)
+    python benchmarks/train_speed.py --texture                # translator with the texture options
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import logging
 import tempfile
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-downs", type=int, default=7)
     p.add_argument("--steps", type=int, default=8, help="timed steps per measurement (after 2 warm-up steps)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--texture", action="store_true",
+                   help="translator with the texture options (decoder noise, bilinear resize-conv, 2-scale D, FM)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if a.threads:
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         mcfg = MaskGANConfig(resolution=a.mask_resolution, fmap_base=a.fmap_base, fmap_max=a.fmap_max,
                              z_dim=a.z_dim, w_dim=a.z_dim, mapping_layers=4)
         tcfg = TranslatorConfig(ngf=a.ngf, ndf=a.ngf, num_downs=a.num_downs, dwmh_depth=min(5, a.num_downs - 2))
+    if a.texture:
+        tcfg = dataclasses.replace(tcfg, noise=True, upsample="bilinear", num_d=2)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             run = train_translator(TranslatorTrainConfig(
                 data=data, out=str(tmp / f"t-{dev}"), model=tcfg, epochs=10**6, batch_size=a.translator_batch,
                 crop_size=a.image_size, checkpoint_every=10**9, log_every=1, max_steps=a.steps + 3, num_workers=2,
-                device=dev))
+                device=dev, lambda_fm=10.0 if a.texture else 0.0))
             sps, ips = _rate(run, 2, a.translator_batch)
             results.append(("translator (DL-Pix2Pix)", dev, f"{a.image_size}²", a.translator_batch, sps, ips))
     print(f"\n{'trainer':<30} {'device':<7} {'size':>6} {'batch':>5} {'steps/s':>9} {'img/s':>9}")
