@@ -367,12 +367,18 @@ class Synthesizer:
         return m[: len(keys)].to(torch.uint8)
 
     @torch.inference_mode()
-    def _translate(self, masks: torch.Tensor) -> torch.Tensor:
+    def _translate(self, masks: torch.Tensor, keys: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
         n = masks.shape[0]
         x = self._one_hot(self._pad(masks).long(), NUM_CLASSES).to(self.device)
         x = x.contiguous(memory_format=torch.channels_last)
+        kw = {}
+        if getattr(getattr(self.tsgan, "translator_config", None), "noise", False):
+            # decoder noise of sample (i, attempt j): its own seed (a stream apart from the latent's),
+            # padding rows seed 0 — so the texture too is a pure function of (weights, seed, i)
+            seeds = [sample_seed(self.config.seed, i, j + (1 << 32)) for i, j in keys]
+            kw["noise_seeds"] = seeds + [0] * (self.config.block - len(seeds))
         with autocast(self.device):
-            y = self.tsgan.translator(x)
+            y = self.tsgan.translator(x, **kw)
         return unit_to_hu(y[:n, 0].float().clamp(-1, 1)).clamp(HU_MIN, HU_MAX)
 
     # ---- public API -----------------------------------------------------------------------------
@@ -404,7 +410,7 @@ class Synthesizer:
             while ready and (len(ready) >= B or force):
                 chunk, ready[:] = ready[:B], ready[B:]
                 masks = torch.stack([c[2] for c in chunk])
-                hu = self._translate(masks).cpu()
+                hu = self._translate(masks, [(c[0], c[1]) for c in chunk]).cpu()
                 finite = torch.isfinite(hu).flatten(1).all(1).tolist()
                 for k, (i, j, m, bx) in enumerate(chunk):
                     if not finite[k]:
@@ -454,7 +460,7 @@ class Synthesizer:
         hus, boxes = [], []
         for s in range(0, len(m), self.config.block):
             part = m[s : s + self.config.block].to(self.device)
-            hus.append(self._translate(part).cpu())
+            hus.append(self._translate(part, [(s + k, 0) for k in range(len(part))]).cpu())
             bad = (~torch.isfinite(hus[-1]).flatten(1).all(1)).nonzero().flatten().tolist()
             if bad:
                 which = names[s + bad[0]] if names is not None else str(s + bad[0])
