@@ -1,7 +1,8 @@
 """CPU recipe: retrain both TSGAN stages on the prepared real corpus, whole patients held out.
 
     python benchmarks/retrain.py --prepared /work/prepared --out /work/retrain --minutes 40
-    python benchmarks/retrain.py --prepared /work/prepared --out RUN --stage translator --preset paper
+    python benchmarks/retrain.py --prepared /work/prepared --out RUN2 --stage translator --preset paper \
+        --masks-run /work/retrain/masks          # another translator preset, same mask StyleGAN
 
 Data: ``nodulesynth prepare`` folders under --prepared that carry patient-level splits; only their
 TRAIN split is used (the trainers' default), so val/test patients stay unseen for evaluation.
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
                         "measured 0.21 vs 2.6 s per level-0 mask step at load 11 on 2 cores")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--masks-run", type=Path, default=None,
+                   help="with --stage translator: the finished mask run to export the weights with")
     p.add_argument("--resume", action="store_true", help="continue both runs from their checkpoints")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
     if args.stage in ("both", "translator"):
         recipe["translator"] = train_translator_stage(args, data2, weights)
     recipe["wall_minutes"] = round((time.monotonic() - t0) / 60, 1)
-    masks_run, tr_run = args.out / "masks", args.out / "translator"
+    masks_run, tr_run = args.masks_run or args.out / "masks", args.out / "translator"
     if (masks_run / "export").is_dir() and (tr_run / "export").is_dir():
         from nodulesynth.models.export import export_tsgan
 
