@@ -1,0 +1,423 @@
+"""Does it help a detector? Real-only vs real + N synthetic, YOLO from scratch, folds by patient.
+
+    # real LIDC nodules (768 patients), windows with the nodule at a random position + negatives
+    python benchmarks/detection.py --protocol patches --out /tmp/det-patches
+    # prepared 512² slice datasets (LUNA16 / LIDC / phantom), the paper's protocol, + FROC/CPM
+    python benchmarks/detection.py --protocol slices --data PREPARED [PREPARED ...] --out /tmp/det-slices
+    # a few-second end-to-end run (the test suite runs this)
+    python benchmarks/detection.py --protocol patches --smoke --out /tmp/det-smoke
+
+Arms (per detector, per fold): ``real`` (N = 0), ``real+N`` for each N in ``--n-synth``, all with
+the same epochs (as the paper), and ``real (equal steps)``: real only, trained for as many
+optimiser steps as the largest mixed arm (nbs = batch, so one batch = one step), so that a gain
+cannot come from longer training alone. Folds are by patient; test sets are real only; metrics
+are ultralytics' P, R, mAP50, mAP50-95 of the last epoch's weights (no selection on the test
+fold), mean ± std over folds, in the paper's Table 3 layout. ``--eval`` scores every model on an
+external real set too. Writes results.json (command, versions, seeds, per-fold rows), results.csv
+and map_vs_n.png under --out; the synthetic windows/slices are cached under --out/work.
+
+Synthetic data: ``--weights`` (default: the shipped ``pretrained``) through the Synthesizer, seed
+``--seed``; in `patches` each generated slice is resampled to the crops' pixel spacing
+(``--patch-spacing-mm``, default LIDC's median 0.7 mm) and cut into windows exactly like the real
+crops (one positive per nodule, one negative from lung away from any nodule). N counts generated
+slices (real counts crops), so each arm adds about N positive and N negative windows.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from nodulesynth.errors import NoduleSynthError
+
+FULL = dict(folds=5, epochs=30, n_synth=[0, 500, 1000, 2000], detectors=["yolov8n", "yolov5nu"], imgsz_patches=64,
+            imgsz_slices=512, batch=32)
+SMOKE = dict(folds=2, epochs=1, n_synth=[0, 4], detectors=["yolov8n"], max_patients=6, imgsz_patches=64,
+             imgsz_slices=64, batch=8)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_crops(path: str, max_patients: int | None, seed: int):
+    """The shared crops npz (images, reader_masks, patient) → arrays, optionally a patient subset."""
+    p = Path(path)
+    if not p.is_file():
+        raise NoduleSynthError(f"--crops {p}: no such file (the lidc-nodule-crops npz)")
+    try:
+        with np.load(p, allow_pickle=False) as d:
+            missing = {"images", "reader_masks", "patient"} - set(d.files)
+            if missing:
+                raise NoduleSynthError(f"--crops {p}: not a crops npz (missing {sorted(missing)})")
+            images, masks, patient = d["images"], d["reader_masks"], d["patient"].astype(np.int64)
+    except (ValueError, OSError) as e:
+        raise NoduleSynthError(f"--crops {p}: unreadable npz ({e})") from e
+    if images.ndim != 3 or images.shape != masks.shape or len(patient) != len(images) or images.dtype != np.uint8:
+        raise NoduleSynthError(f"--crops {p}: expected uint8 images and reader_masks (N,H,W) and patient (N,)")
+    if max_patients:
+        pats = np.random.default_rng(seed).permutation(np.unique(patient))[:max_patients]
+        keep = np.isin(patient, pats)
+        images, masks, patient = images[keep], masks[keep], patient[keep]
+    return images, masks, patient
+
+
+def group_of(rec) -> str:
+    """Patient of a prepared slice record (``patient`` when the record has it, else its series)."""
+    return str(getattr(rec, "patient", "") or rec.series_uid)
+
+
+def load_slices(paths: list[str]):
+    """Prepared slice datasets → (images HU (N,H,W) int16, masks, boxes, groups, series, slice index, spacing)."""
+    from nodulesynth.data.slices import SliceDataset
+
+    ims, mks, boxes, groups, series, sidx, sp = [], [], [], [], [], [], []
+    shape = None
+    for p in paths:
+        ds = SliceDataset(p)
+        if shape is None:
+            shape = ds.images.shape[1:]
+        elif ds.images.shape[1:] != shape:
+            raise NoduleSynthError(f"--data {p}: slice size {ds.images.shape[1:]} differs from {shape}")
+        ims.append(np.asarray(ds.images))
+        mks.append(np.asarray(ds.masks))
+        for r in ds.records:
+            boxes.append(np.asarray(r.boxes, np.float32).reshape(-1, 4))
+            groups.append(f"{p}:{group_of(r)}")
+            series.append(f"{p}:{r.series_uid}")
+            sidx.append(int(r.slice_index))
+            sp.append(float(r.spacing_mm[0]))
+    return (np.concatenate(ims), np.concatenate(mks), boxes, np.asarray(groups), np.asarray(series),
+            np.asarray(sidx), float(np.median(sp)))
+
+
+def synthesize(weights: str, n: int, seed: int, cache: Path, device: str):
+    """n generated 512² slices (HU float16, masks) from ``weights``, cached by (weights, revision, seed)."""
+    from nodulesynth.models.tsgan import TSGAN
+    from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
+
+    model = TSGAN.from_pretrained(weights, device=device)
+    key = f"{Path(str(model.source)).name}-{model.revision}-seed{seed}-block{min(16, n)}"
+    f = cache / f"synthetic-{key}.npz"
+    have_h, have_m, prov = np.zeros((0, 512, 512), np.float16), np.zeros((0, 512, 512), np.uint8), {}
+    if f.is_file():
+        with np.load(f, allow_pickle=False) as d:
+            have_h, have_m = d["images"], d["masks"]
+    if len(have_h) < n:
+        from tqdm import tqdm
+
+        # block (the fixed forward-pass shape, part of the reproducibility key) ≤ n: no padded compute
+        syn = Synthesizer(model, GenerationConfig(seed=seed, block=min(16, n)))
+        hs, ms = [have_h], [have_m]
+        with tqdm(total=n - len(have_h), desc="synthetic slices", unit="img") as bar:
+            for s in range(len(have_h), n, 32):
+                b = syn.generate(range(s, min(n, s + 32)), progress=bar.update)
+                hs.append(b.images_hu.numpy().astype(np.float16))
+                ms.append(b.masks.numpy())
+                have_h, have_m = np.concatenate(hs), np.concatenate(ms)
+                hs, ms = [have_h], [have_m]
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_suffix(".tmp.npz")
+                np.savez(tmp, images=have_h, masks=have_m)
+                tmp.replace(f)  # atomic: a killed run resumes from the last whole chunk
+        prov = {"gate": syn.stats.summary()}
+    meta = {"weights": str(model.source), "revision": str(model.revision), "seed": seed,
+            "block": min(16, n), "spacing_mm": float(getattr(model, "meta", {}).get("spacing_mm", 0.8) or 0.8), **prov}
+    return have_h[:n].astype(np.float32), have_m[:n], meta
+
+
+def fit_slices(images, masks, spacing, target_spacing, shape):
+    """Generated slices → the real set's spacing and size (resample, then centre crop / pad with air)."""
+    from nodulesynth.detect.windows import resample_slice
+    from nodulesynth.masks.boxes import mask_to_boxes
+
+    H, W = shape
+    oi, om, ob = [], [], []
+    for h, m in zip(images, masks):
+        h, m = resample_slice(h, m, spacing, target_spacing)
+        ph, pw = max(0, H - h.shape[0]), max(0, W - h.shape[1])
+        h = np.pad(h, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), constant_values=-1024)
+        m = np.pad(m, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
+        y0, x0 = (h.shape[0] - H) // 2, (h.shape[1] - W) // 2
+        h, m = h[y0 : y0 + H, x0 : x0 + W], m[y0 : y0 + H, x0 : x0 + W]
+        oi.append(h)
+        om.append(m)
+        ob.append(mask_to_boxes(m))
+    return np.stack(oi), np.stack(om), ob
+
+
+# ----------------------------------------------------------------------------------------------- runs
+def summarise(rows: list[dict]) -> list[dict]:
+    keys = ("precision", "recall", "map50", "map50_95", "cpm")
+    out: dict = {}
+    for r in rows:
+        if r["test"] != "fold":
+            continue
+        out.setdefault((r["detector"], r["arm"], r["n_synth"], r["epochs"]), []).append(r)
+    table = []
+    for (det, arm, n, ep), rs in out.items():
+        row = {"detector": det, "arm": arm, "n_synth": n, "epochs": ep, "folds": len(rs)}
+        for k in keys:
+            v = [r[k] for r in rs if r.get(k) is not None]
+            if v:
+                row[k], row[k + "_std"] = float(np.mean(v)), float(np.std(v))
+        table.append(row)
+    return table
+
+
+def print_table(table: list[dict], note: str) -> str:
+    lines = [note, f"{'Detector':9} {'Data quantity':22} {'Precision':13} {'Recall':13} {'mAP50':13} {'mAP50-95':13} "
+             f"{'CPM':13} epochs folds"]
+    f = lambda r, k: f"{r[k]:.3f}±{r[k + '_std']:.3f}" if k in r else "-"
+    for r in table:
+        lines.append(f"{r['detector']:9} {r['arm']:22} {f(r, 'precision'):13} {f(r, 'recall'):13} {f(r, 'map50'):13} "
+                     f"{f(r, 'map50_95'):13} {f(r, 'cpm'):13} {r['epochs']:6} {r['folds']:5}")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot(table: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for det in dict.fromkeys(r["detector"] for r in table):
+        rs = sorted((r for r in table if r["detector"] == det and not r["arm"].startswith("real (equal")),
+                    key=lambda r: r["n_synth"])
+        if "map50_95" not in rs[0]:
+            continue
+        ax.errorbar([r["n_synth"] for r in rs], [r["map50_95"] for r in rs], yerr=[r["map50_95_std"] for r in rs],
+                    marker="o", capsize=3, label=f"{det} (same epochs)")
+        for r in table:
+            if r["detector"] == det and r["arm"].startswith("real (equal"):
+                ax.errorbar([0], [r["map50_95"]], yerr=[r["map50_95_std"]], marker="s", capsize=3, linestyle="none",
+                            label=f"{det} real, equal steps")
+    ax.set_xlabel("synthetic slices added (N)")
+    ax.set_ylabel("mAP50-95 on real test folds")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--protocol", choices=["patches", "slices"], default="patches")
+    p.add_argument("--out", required=True)
+    p.add_argument("--crops", default="../shared/data/lidc-nodule-crops/lidc_nodule_crops.npz")
+    p.add_argument("--data", nargs="+", help="prepared slice dataset folders (protocol slices)")
+    p.add_argument("--weights", default="pretrained", help="TSGAN weights for the synthetic arm")
+    p.add_argument("--detectors", nargs="+", choices=["yolov8n", "yolov5nu"])
+    p.add_argument("--detector-weights", nargs="*", default=[], metavar="DET=PT",
+                   help="start a detector from a local ultralytics .pt (your own file: .pt files are pickles)")
+    p.add_argument("--n-synth", nargs="+", type=int)
+    p.add_argument("--folds", type=int)
+    p.add_argument("--run-folds", type=int, help="run only the first K folds (CPU budget); said in the table")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--no-control", action="store_true", help="skip the real-only equal-optimiser-steps control")
+    p.add_argument("--max-patients", type=int, help="use a random subset of patients (CPU budget)")
+    p.add_argument("--imgsz", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--window", type=int, default=48, help="patches: window side in px")
+    p.add_argument("--patch-spacing-mm", type=float, default=None, help="patches: pixel spacing of the crops")
+    p.add_argument("--eval", dest="eval_set", help="external real test set: a crops npz or a prepared folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, end to end")
+    a = p.parse_args(argv)
+    try:
+        return run(a, argv)
+    except NoduleSynthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(a, argv) -> int:
+    from nodulesynth.detect import windows as W
+    from nodulesynth.detect import yolo as Y
+    from nodulesynth.io import write_json
+
+    t0 = time.time()
+    size = SMOKE if a.smoke else FULL
+    folds = a.folds or size["folds"]
+    epochs = a.epochs or size["epochs"]
+    n_list = sorted(set(a.n_synth if a.n_synth is not None else size["n_synth"]) | {0})
+    detectors = a.detectors or size["detectors"]
+    batch = a.batch or size["batch"]
+    max_pat = a.max_patients or size.get("max_patients")
+    if any(n < 0 for n in n_list) or epochs < 1 or batch < 1:
+        raise NoduleSynthError("--n-synth must be ≥ 0, --epochs and --batch ≥ 1")
+    det_weights = {}
+    for s in a.detector_weights:
+        k, _, v = s.partition("=")
+        if k not in Y.DETECTORS or not Path(v).is_file():
+            raise NoduleSynthError(f"--detector-weights {s}: expected DET=FILE with DET in {sorted(Y.DETECTORS)} and an existing file")
+        det_weights[k] = v
+    out = Path(a.out).resolve()
+    work = out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    Y.offline(work)
+
+    wcfg = W.WindowConfig(size=a.window if not a.smoke else 24)
+    n_max = max(n_list)
+    if a.protocol == "patches":
+        imgsz = a.imgsz or size["imgsz_patches"]
+        images, masks, patient = load_crops(a.crops, max_pat, a.seed)
+        real = W.windows_from_crops(images, masks, patient, wcfg, seed=a.seed)
+        target_sp = a.patch_spacing_mm or W.LIDC_MEDIAN_SPACING_MM
+        n_units = {int(g): int((patient == g).sum()) for g in np.unique(patient)}  # crops per patient
+        syn = W.Windows.concat([], wcfg.size)
+        syn_meta = {}
+        if n_max:
+            sh, sm, syn_meta = synthesize(a.weights, n_max, a.seed, out / "work", a.device)
+            syn = W.windows_from_slices(sh, sm, syn_meta["spacing_mm"], target_sp, wcfg, seed=a.seed)
+        real_series = None
+    else:
+        if not a.data:
+            raise NoduleSynthError("--protocol slices needs --data PREPARED [PREPARED ...]")
+        imgsz = a.imgsz or size["imgsz_slices"]
+        rh, rm, rb, rg, rs, ri, sp = load_slices(a.data)
+        if max_pat:
+            pats = np.random.default_rng(a.seed).permutation(np.unique(rg))[:max_pat]
+            k = np.isin(rg, pats)
+            rh, rm, rb, rg, rs, ri = rh[k], rm[k], [b for b, kk in zip(rb, k) if kk], rg[k], rs[k], ri[k]
+        _, groups = np.unique(rg, return_inverse=True)
+        real = W.Windows(rh.astype(np.float32), rb, groups.astype(np.int64))
+        real_series = (rs, ri)
+        n_units = {int(g): int((groups == g).sum()) for g in np.unique(groups)}
+        syn = W.Windows.concat([], rh.shape[1])
+        syn_meta = {}
+        if n_max:
+            sh, sm, syn_meta = synthesize(a.weights, n_max, a.seed, out / "work", a.device)
+            fh, _, fb = fit_slices(sh, sm, syn_meta["spacing_mm"], sp, rh.shape[1:])
+            syn = W.Windows(fh, fb, np.arange(len(fh), dtype=np.int64))
+    if not real.n_positive:
+        raise NoduleSynthError("no real positive windows/slices to train on")
+
+    pool = work / "pool"
+    real_paths = np.array(Y.write_images(pool, "real", real.images, real.boxes))
+    syn_paths = np.array(Y.write_images(pool, "synthetic", syn.images, syn.boxes)) if len(syn) else np.array([])
+    fold_pats = W.patient_folds(real.group, folds, seed=a.seed)
+    run_folds = min(a.run_folds or folds, folds)
+
+    ext = None
+    if a.eval_set:
+        e = Path(a.eval_set)
+        if e.is_file():
+            ei, em, ep = load_crops(str(e), None, a.seed)
+            ew = W.windows_from_crops(ei, em, ep, wcfg, seed=a.seed + 1)
+        elif e.is_dir():
+            eh, emk, eb, eg, *_ = load_slices([str(e)])
+            if a.protocol == "patches":
+                ew = W.windows_from_slices(eh, emk, _ := 0.8, target_sp, wcfg, seed=a.seed + 1)
+            else:
+                ew = W.Windows(eh.astype(np.float32), eb, np.zeros(len(eh), np.int64))
+        else:
+            raise NoduleSynthError(f"--eval {e}: no such file or folder")
+        ext_paths = Y.write_images(pool, "external", ew.images, ew.boxes)
+        ext = Y.write_data_yaml(work / "external.yaml", ext_paths[:1], ext_paths)
+
+    rows: list[dict] = []
+    for f in range(run_folds):
+        test_mask = np.isin(real.group, fold_pats[f])
+        train_idx = np.nonzero(~test_mask)[0]
+        test_idx = np.nonzero(test_mask)[0]
+        n_real_train = sum(v for g, v in n_units.items() if g not in set(fold_pats[f].tolist()))
+        rng = np.random.default_rng(a.seed + f)
+        val_idx = rng.choice(train_idx, size=min(len(train_idx), 32), replace=False)  # ultralytics' mandatory final val
+        test_yaml = Y.write_data_yaml(work / f"fold{f}" / "test.yaml", real_paths[val_idx[:1]].tolist(),
+                                      real_paths[test_idx].tolist())
+        arms = [(f"real+{n}" if n else "real", n, epochs) for n in n_list]
+        if not a.no_control and n_max:
+            ctrl_epochs = int(round(epochs * (len(train_idx) + len(np.nonzero(syn.group < n_max)[0])) / len(train_idx)))
+            arms.append((f"real (equal steps as +{n_max})", 0, ctrl_epochs))
+        for det in detectors:
+            for arm, n, ep in arms:
+                syn_idx = np.nonzero(syn.group < n)[0] if n else np.zeros(0, np.int64)
+                train_list = real_paths[train_idx].tolist() + syn_paths[syn_idx].tolist()
+                name = f"fold{f}/{det}/{arm.split(' ')[0] if '(' not in arm else 'real-equal-steps'}"
+                dy = Y.write_data_yaml(work / name / "data.yaml", train_list, real_paths[val_idx].tolist())
+                cfg = Y.YoloConfig(model=det_weights.get(det, Y.DETECTORS[det]), epochs=ep, imgsz=imgsz, batch=batch,
+                                   device=a.device, seed=a.seed + f)
+                t1 = time.time()
+                weights = Y.train(dy, work / name, cfg)
+                train_s = time.time() - t1
+                m = Y.validate(weights, test_yaml, cfg)
+                row = {"fold": f, "detector": det, "arm": arm, "n_synth": int(n), "epochs": ep, "test": "fold",
+                       "train_images": len(train_list), "test_images": len(test_idx),
+                       "optimizer_steps": ep * int(np.ceil(len(train_list) / batch)), "train_s": round(train_s, 1), **m,
+                       "cpm": None}
+                if real_series is not None:
+                    row.update(froc_for(weights, real, real_series, test_idx, cfg))
+                rows.append(row)
+                print(f"[fold {f}] {det} {arm}: P {m['precision']:.3f} R {m['recall']:.3f} mAP50 {m['map50']:.3f} "
+                      f"mAP50-95 {m['map50_95']:.3f} ({train_s:.0f} s, {len(train_list)} train images)", flush=True)
+                if ext is not None:
+                    rows.append({**row, "test": "external", **Y.validate(weights, ext, cfg), "cpm": None})
+                _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, syn, syn_meta, imgsz,
+                       batch, detectors, n_list, t0, write_json)
+    table = _write(out, a, argv, rows, fold_pats, run_folds, folds, None, real, syn, syn_meta, imgsz, batch, detectors,
+                   n_list, t0, write_json, final=True)
+    return 0 if table else 1
+
+
+def froc_for(weights, real, series, test_idx, cfg) -> dict:
+    """FROC/CPM of one model on the test slices, grouped into scans by series (FP per scan counts
+    only the slices the prepared dataset holds for each scan)."""
+    from nodulesynth.detect import yolo as Y
+    from nodulesynth.metrics.froc import Detection, froc, link_nodules
+
+    rs, ri = series
+    dets = Y.predict(weights, real.images[test_idx], cfg)
+    nodules, detections = [], []
+    for s in np.unique(rs[test_idx]):
+        k = test_idx[rs[test_idx] == s]
+        nodules += link_nodules(s, [(int(ri[i]), real.boxes[i]) for i in k])
+    for i, (b, sc) in zip(test_idx, dets):
+        detections += [Detection(rs[i], int(ri[i]), bb, float(c)) for bb, c in zip(b, sc)]
+    r = froc(nodules, detections, n_scans=len(np.unique(rs[test_idx])))
+    return {"cpm": r.cpm, "froc": r.to_dict()}
+
+
+def _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, syn, syn_meta, imgsz, batch, detectors,
+           n_list, t0, write_json, final=False):
+    from nodulesynth.detect import yolo as Y
+
+    table = summarise(rows)
+    note = (f"protocol {a.protocol}: {run_folds} of {folds} patient folds run, "
+            f"{len(np.unique(real.group))} patients, {len(real)} real windows/slices ({real.n_positive} with a nodule), "
+            f"imgsz {imgsz}, batch {batch} (nbs = batch), from scratch, last-epoch weights; test folds real only")
+    doc = {
+        "command": "python " + " ".join(shlex.quote(x) for x in (["benchmarks/detection.py"] + list(argv if argv is not None else sys.argv[1:]))),
+        "versions": Y.versions(), "seed": a.seed, "protocol": a.protocol, "note": note,
+        "folds": folds, "run_folds": run_folds, "fold_patients": [fp.tolist() for fp in fold_pats[:run_folds]],
+        "n_synth": n_list, "detectors": detectors, "synthetic": syn_meta, "n_synthetic_windows": len(syn),
+        "window": a.window if a.protocol == "patches" else None, "finished": final,
+        "wall_s": round(time.time() - t0, 1), "table": table, "rows": rows,
+    }
+    write_json(out / "results.json", doc)
+    keys = ["detector", "arm", "n_synth", "epochs", "folds", "precision", "precision_std", "recall", "recall_std",
+            "map50", "map50_std", "map50_95", "map50_95_std", "cpm", "cpm_std"]
+    with open(out / "results.csv.tmp", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(table)
+    (out / "results.csv.tmp").replace(out / "results.csv")
+    if final:
+        (out / "table.txt").write_text(print_table(table, note) + "\n")
+        if table:
+            plot(table, out / "map_vs_n.png", note[:120])
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

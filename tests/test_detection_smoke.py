@@ -1,0 +1,127 @@
+"""Detection benchmark: window cutting (no centre prior, never a labelled half-nodule), patient
+folds, and both protocols end to end on tiny data (YOLO for one epoch on 64² images)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+from nodulesynth.detect.windows import WindowConfig, consensus, patient_folds, windows_from_crops, windows_from_slices
+from nodulesynth.errors import NoduleSynthError
+from nodulesynth.masks.classes import MaskClass
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _crops(n=24, size=128, seed=0):
+    """Crops in the shared npz format: a bright disc at the centre, outlined by 2–3 readers."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.full((n, size, size), 20, np.uint8)  # ≈ −820 HU lung
+    masks = np.zeros((n, size, size), np.uint8)
+    for k in range(n):
+        r = rng.integers(3, 9)
+        disc = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 <= r * r
+        images[k][disc] = 130
+        masks[k][disc] = 0b0011 | (0b0100 if k % 2 else 0)
+        masks[k][(yy - size // 2) ** 2 + (xx - size // 2) ** 2 <= (r + 1) ** 2] |= 0b1000  # a generous 4th reader
+    return images, masks, np.repeat(np.arange(n // 4) + 1, 4).astype(np.int16)
+
+
+def test_windows_from_crops_random_position_and_clean_negatives():
+    images, masks, pats = _crops()
+    w = windows_from_crops(images, masks, pats, WindowConfig(size=48), seed=0)
+    pos = [i for i, b in enumerate(w.boxes) if len(b)]
+    neg = [i for i, b in enumerate(w.boxes) if not len(b)]
+    assert len(pos) == len(images) and len(neg) == len(images)
+    centres = np.array([(w.boxes[i][0, :2] + w.boxes[i][0, 2:]) / 2 for i in pos])
+    assert centres.std(0).min() > 4  # the nodule is not always in the middle of the window
+    for i in pos:  # the labelled box holds the bright disc, wholly inside the window
+        x0, y0, x1, y1 = w.boxes[i][0].astype(int)
+        assert 0 <= x0 and x1 <= 48 and w.images[i][y0:y1, x0:x1].max() > 0
+    for i in neg:  # a negative never shows nodule intensity
+        assert w.images[i].max() < 0
+    # consensus: ≥ 2 readers; the 4th reader's wider ring alone is not nodule
+    c = consensus(masks[:1])
+    assert c.sum() == ((masks[0] & 0b0011) > 0).sum()
+    assert set(w.group.tolist()) == set(pats.tolist())
+
+
+def test_windows_from_slices_and_folds():
+    m = np.full((2, 96, 96), MaskClass.BODY, np.uint8)
+    m[:, 10:86, 10:45] = MaskClass.RIGHT_LUNG
+    m[:, 10:86, 50:86] = MaskClass.LEFT_LUNG
+    m[0, 30:36, 20:26] = MaskClass.NODULE
+    hu = np.where(m == MaskClass.NODULE, 40, -800).astype(np.float32)
+    w = windows_from_slices(hu, m, spacing_mm=0.8, target_mm=0.8, cfg=WindowConfig(size=32), seed=1)
+    assert w.n_positive == 1 and len(w) == 3  # one nodule → one positive; one negative per slice
+    assert all(w.images[i].max() < 0 for i, b in enumerate(w.boxes) if not len(b))
+    folds = patient_folds(np.array([1, 1, 2, 3, 4, 5]), 2, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == [1, 2, 3, 4, 5]
+    with pytest.raises(NoduleSynthError):
+        patient_folds(np.array([1, 2]), 3)
+
+
+def _run(args, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "detection.py"), *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "YOLO_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+                            "NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.slow
+def test_detection_patches_smoke(tmp_path):
+    pytest.importorskip("ultralytics")
+    images, masks, pats = _crops(n=24)
+    npz = tmp_path / "crops.npz"
+    np.savez(npz, images=images, reader_masks=masks, patient=pats, nodule=np.zeros(24, np.int16),
+             slice=np.zeros(24, np.int16))
+    out = tmp_path / "out"
+    _run(["--protocol", "patches", "--smoke", "--crops", str(npz), "--n-synth", "0", "1", "--out", str(out),
+          "--eval", str(npz)], tmp_path)
+    doc = json.loads((out / "results.json").read_text())
+    arms = {(r["arm"], r["test"]) for r in doc["rows"]}
+    assert {("real", "fold"), ("real+1", "fold"), ("real", "external")} <= arms
+    assert any(a.startswith("real (equal steps") for a, _ in arms)
+    assert doc["finished"] and doc["versions"]["ultralytics"] and "detection.py" in doc["command"]
+    # folds are by patient: no patient in two folds
+    fp = [set(f) for f in doc["fold_patients"]]
+    assert not (fp[0] & fp[1])
+    for r in doc["rows"]:
+        assert 0 <= r["map50_95"] <= r["map50"] <= 1
+    assert (out / "results.csv").is_file() and (out / "map_vs_n.png").is_file()
+
+
+@pytest.mark.slow
+def test_detection_slices_smoke_with_froc(tmp_path):
+    pytest.importorskip("ultralytics")
+    rng = np.random.default_rng(0)
+    n, s = 16, 64
+    images = np.full((n, s, s), -800, np.int16)
+    masks = np.full((n, s, s), MaskClass.LEFT_LUNG, np.uint8)
+    recs = []
+    for k in range(n):
+        series = f"s{k // 4}"
+        x, y = rng.integers(8, 48, 2)
+        images[k, y : y + 6, x : x + 6] = 40
+        masks[k, y : y + 6, x : x + 6] = MaskClass.NODULE
+        recs.append(SliceRecord(series, float(k), k % 4, (0.8, 0.8), np.array([[x, y, x + 6, y + 6]], np.float32),
+                                "phantom", True))
+    write_slice_dataset(tmp_path / "ds", images, masks, recs)
+    out = tmp_path / "out"
+    _run(["--protocol", "slices", "--smoke", "--data", str(tmp_path / "ds"), "--n-synth", "0", "--out", str(out)],
+         tmp_path)
+    doc = json.loads((out / "results.json").read_text())
+    assert all(r["froc"]["n_scans"] >= 1 and 0 <= r["cpm"] <= 1 for r in doc["rows"])
+
+
+def test_detection_bad_input_one_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "detection.py"), "--crops", str(tmp_path / "no.npz"),
+                        "--out", str(tmp_path / "o"), "--n-synth", "0"], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "YOLO_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no.npz" in r.stderr
