@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nodulesynth.export.coco import CocoWriter, ParallelEncoder  # noqa: E402
+from nodulesynth.export.writer import DatasetWriter, ExportItem, ExportSpec, finalize  # noqa: E402
 from nodulesynth.runtime import resolve_device  # noqa: E402
 from nodulesynth.synth.dataset import load_tsgan  # noqa: E402
 from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer, quality_gate  # noqa: E402
@@ -48,7 +48,7 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def bench_device(model, dev: torch.device, cfg: GenerationConfig, n: int) -> dict:
+def bench_device(model, dev: torch.device, cfg: GenerationConfig, n: int, workers: int = 1) -> dict:
     synth = Synthesizer(model.to(dev), cfg)
     synth.generate(range(cfg.block))  # warm-up (allocations, kernel choice)
     keys = [(i, 0) for i in range(cfg.block)]
@@ -75,17 +75,18 @@ def bench_device(model, dev: torch.device, cfg: GenerationConfig, n: int) -> dic
     mem = n / (time.perf_counter() - t)
 
     tmp = Path(tempfile.mkdtemp(prefix="nodulesynth-bench-"))
-    try:
+    try:  # what `generate` does: COCO 8-bit PNG + RLE on export worker processes
         t = time.perf_counter()
-        enc = ParallelEncoder()
-        w = CocoWriter(tmp, "png", encoder=enc)
+        spec = ExportSpec(("coco",), "png")
+        w = DatasetWriter(tmp, spec, workers)
         for s in range(0, n, cfg.batch_size):
             b = synth.generate(range(s, min(s + cfg.batch_size, n)))
             hu = b.images_hu.round().short().numpy()
             for k, prov in enumerate(b.provenance):
-                w.add(f"synth_{prov['index']:06d}", hu[k], b.masks[k].numpy(), b.boxes[k], {"provenance": prov})
+                w.add(ExportItem(f"synth_{prov['index']:06d}", hu[k], b.masks[k].numpy(), b.boxes[k], "synthetic",
+                                 (synth.spacing_mm, synth.spacing_mm), prov, "train", s + k))
+        finalize(tmp, spec, w.drain(), {}, tmp)
         w.close()
-        enc.close()
         disk = n / (time.perf_counter() - t)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--block", type=int, default=16, help="forward-pass rows (GenerationConfig.block)")
+    p.add_argument("--workers", type=int, default=1, help="export worker processes for the to-disk run (0 = inline)")
     p.add_argument("--devices", default="auto", help="comma list (cpu,cuda) or auto = cpu + cuda if present")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         dev = resolve_device(d)
         model = fresh_tsgan(a.size) if a.fresh else load_tsgan(a.weights, dev)
         cfg = GenerationConfig(block=a.block, batch_size=a.block, gate=not a.fresh)
-        rows.append(bench_device(model, dev, cfg, a.n))
+        rows.append(bench_device(model, dev, cfg, a.n, a.workers))
         print(f"done {d}", file=sys.stderr)
     head = f"{'device':8} {'n':>4} {'block':>5} {'in-memory img/s':>16} {'to-disk img/s':>14}  s/img: masks gate translate"
     print(head)
