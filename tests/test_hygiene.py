@@ -200,7 +200,8 @@ def _nan_synth(nan_rows):
     """A synthesizer whose translator output is NaN for the given (call, row) pairs."""
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
 
-    synth = Synthesizer(tiny_tsgan(), GenerationConfig(seed=0, block=4, gate=False, min_nodules=0, max_attempts=3))
+    synth = Synthesizer(tiny_tsgan(), GenerationConfig(seed=0, block=4, gate=False, min_nodules=0, max_attempts=3,
+                                                       nodules="stylegan"))
     real, calls = synth._translate, []
 
     def translate(masks, *args, **kwargs):
