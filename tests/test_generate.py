@@ -120,6 +120,31 @@ def test_yolo_val_is_real_only_and_split_by_patient(tmp_path, weights):
     assert [m["pixel_spacing_mm"] for m in man["items"] if m["source"] == "real"] == [[0.7, 0.75]] * 8
 
 
+def test_recorded_patient_split_is_used_and_test_patients_left_out(tmp_path, weights, capsys):
+    """A real dataset that records its own patient split (prepare) keeps it: val patients validate,
+    test patients' slices never enter the generated (training) dataset."""
+    from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+    from nodulesynth.masks.boxes import mask_to_boxes
+
+    if "split" not in SliceRecord.__dataclass_fields__:
+        pytest.skip("SliceRecord records no split yet")
+    masks = np.stack([scene_mask([(18, 30, 3)])] * 6)
+    splits = ["train", "train", "val", "test", "train", "val"]
+    recs = [SliceRecord(series_uid=f"1.2.{k}", z_mm=float(k), slice_index=k, spacing_mm=(0.8, 0.8),
+                        boxes=mask_to_boxes(masks[k]), source="lidc", has_nodule=True, patient=f"P{k}",
+                        split=splits[k]) for k in range(6)]
+    real = write_slice_dataset(tmp_path / "real", np.full(masks.shape, -800, np.int16), masks, recs)
+    out = tmp_path / "y"
+    assert main(["generate", "--real", str(real), "--n", "0", "--out", str(out), "--weights", weights,
+                 "--device", "cpu", "--format", "yolo"]) == 0
+    assert "left out" in capsys.readouterr().err
+    man = json.loads((out / "manifest.json").read_text())
+    assert [(m["name"], m["split"]) for m in man["items"]] == [
+        ("real_000000", "train"), ("real_000001", "train"), ("real_000002", "val"), ("real_000004", "train"),
+        ("real_000005", "val")]
+    assert man["validation"]["test_patients"] == ["P3"] and man["n_real"] == 5
+
+
 def test_refuses_existing_out_unless_overwrite(tmp_path, weights, capsys):
     out = tmp_path / "taken"
     out.mkdir()

@@ -138,23 +138,35 @@ def patient_of(record) -> str:
     return str(getattr(record, "patient", None) or getattr(record, "series_uid", "") or "unknown")
 
 
-def patient_split(records, fraction: float, seed: int) -> tuple[set[int], dict]:
-    """Validation positions among the real slices: whole patients, ``round(fraction · patients)`` of
-    them (at least one, never all), chosen by ``seed``. Returns (val indices, description)."""
+def patient_split(records, fraction: float, seed: int) -> tuple[set[int], set[int], dict]:
+    """(validation indices, left-out indices, description) of the real slices; whole patients only.
+
+    When the real data records its own patient split (``prepare --split-fractions``), it is used as
+    is: its val patients are the validation split and its test patients' slices are left out of the
+    dataset (they are for the final evaluation). Otherwise ``round(fraction · patients)`` patients
+    (at least one, never all) chosen by ``seed`` are held out as validation."""
     patients = sorted({patient_of(r) for r in records})
     rule = "real slices only, whole patients (SliceRecord.patient, else series_uid); synthetic slices are train"
+    if records and all(getattr(r, "split", "") in ("train", "val", "test") for r in records):
+        val = {i for i, r in enumerate(records) if r.split == "val"}
+        test = {i for i, r in enumerate(records) if r.split == "test"}
+        return val, test, {"rule": "the real data's own patient split (prepare): val patients validate, test "
+                                   "patients' slices are left out; synthetic slices are train",
+                           "n_val": len(val), "val_patients": sorted({patient_of(records[i]) for i in val}),
+                           "n_test_left_out": len(test), "test_patients": sorted({patient_of(records[i]) for i in test}),
+                           **({} if val else {"none_because": "the real data's split has no val patients"})}
     if fraction <= 0 or not records:
         why = "--val-fraction 0" if records else "no real slices (--real)"
-        return set(), {"rule": rule, "n_val": 0, "val_patients": [], "none_because": why}
+        return set(), set(), {"rule": rule, "n_val": 0, "val_patients": [], "none_because": why}
     if len(patients) < 2:
-        return set(), {"rule": rule, "n_val": 0, "val_patients": [],
-                       "none_because": f"only one real patient ({patients[0]}); none can be held out"}
+        return set(), set(), {"rule": rule, "n_val": 0, "val_patients": [],
+                              "none_because": f"only one real patient ({patients[0]}); none can be held out"}
     k = min(max(1, int(round(fraction * len(patients)))), len(patients) - 1)
     rng = np.random.default_rng(seed)
     val_patients = sorted(patients[i] for i in rng.permutation(len(patients))[:k])
     chosen = set(val_patients)
     val = {i for i, r in enumerate(records) if patient_of(r) in chosen}
-    return val, {"rule": rule, "n_val": len(val), "val_patients": val_patients, "val_fraction": fraction}
+    return val, set(), {"rule": rule, "n_val": len(val), "val_patients": val_patients, "val_fraction": fraction}
 
 
 @dataclasses.dataclass
@@ -162,13 +174,17 @@ class Plan:
     """What the whole dataset holds, in order; the same in every rank."""
 
     real: object | None
-    n_real: int
+    real_idx: list[int]  # the real slices used, in order (a recorded test split is left out)
     n_synth: int
     start_index: int
     masks: list[tuple[str, np.ndarray]]  # (output name, (H,W) mask) per mask-in slice
     val: set[int]
     spacing_mm: tuple[float, float]  # synthetic / mask-in slices
     preview: bool
+
+    @property
+    def n_real(self) -> int:
+        return len(self.real_idx)
 
     @property
     def total(self) -> int:
@@ -193,7 +209,7 @@ def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_
     only_real = plan.n_synth + len(plan.masks) == 0
 
     def emit(pos: int, name: str, hu, mask, boxes, source: str, spacing, prov: dict) -> None:
-        split = "val" if source == "real" and pos in plan.val else "train"
+        split = "val" if source == "real" and prov["index"] in plan.val else "train"
         writer.add(ExportItem(name, hu, mask, np.asarray(boxes, np.float32).reshape(-1, 4), source,
                               tuple(float(v) for v in spacing), prov, split, plan.start_index + pos))
         counts[{"real": "n_real", "synthetic": "n_synthetic", "mask-in": "n_mask_in"}[source]] += 1
@@ -203,10 +219,11 @@ def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_
 
     lo, hi = positions.start, positions.stop
     for k in range(max(lo, 0), min(hi, plan.n_real)):
-        it = plan.real[k]
+        i = plan.real_idx[k]
+        it = plan.real[i]
         rec = it["record"]
-        emit(k, f"real_{k:06d}", np.asarray(it["image_hu"]), np.asarray(it["mask"]), it["boxes"], "real",
-             tuple(rec.spacing_mm), real_provenance(rec, k))
+        emit(k, f"real_{i:06d}", np.asarray(it["image_hu"]), np.asarray(it["mask"]), it["boxes"], "real",
+             tuple(rec.spacing_mm), real_provenance(rec, i))
     s0, s1 = max(lo, plan.n_real) - plan.n_real, min(hi, plan.n_real + plan.n_synth) - plan.n_real
     for s in range(s0, max(s0, s1), batch_size):
         idx = range(plan.start_index + s, plan.start_index + min(s + batch_size, s1))
@@ -297,7 +314,10 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
     cfg.validate()
     mask_files = _mask_files(args.masks) if args.masks else []
     real = open_real(args.real) if args.real else None
-    n_real = len(real) if real is not None else 0
+    val, left_out, validation = patient_split(real.records if real is not None else [], args.val_fraction, args.seed)
+    real_idx = [i for i in range(len(real))] if real is not None else []
+    real_idx = [i for i in real_idx if i not in left_out]
+    n_real = len(real_idx)
     n_synth = 0 if mask_files else mixed_counts(args.n, n_real, args.ratio, real is not None, CLI_NAMES)
 
     tsgan = load_tsgan(args.weights, device, args.revision)
@@ -316,9 +336,11 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
         m = _load_mask(f, size)
         masks += [(f.stem if len(m) == 1 else f"{f.stem}_{j:04d}", m[j]) for j in range(len(m))]
     check_real_size(real, size, f"--real {args.real}")
-    val, validation = patient_split(real.records if real is not None else [], args.val_fraction, args.seed)
     spacing = float(synth.spacing_mm)
-    plan = Plan(real, n_real, n_synth, args.start_index, masks, val, (spacing, spacing), args.preview)
+    plan = Plan(real, real_idx, n_synth, args.start_index, masks, val, (spacing, spacing), args.preview)
+    if dist.rank == 0 and left_out:
+        print(f"note: {len(left_out)} real slices of the test patients {validation['test_patients']} are left out "
+              "(the real data's own split keeps them for the final evaluation)", file=sys.stderr)
     if dist.rank == 0 and not validation["n_val"] and {"yolo", "monai"} & set(formats):
         print(f"note: no validation split ({validation['none_because']}); synthetic slices are never used for "
               "validation: bring held-out real patients' slices to validate", file=sys.stderr)
