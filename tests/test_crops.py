@@ -117,6 +117,12 @@ def test_crop_mask_classes():
     assert (m[:, 24:36] == MaskClass.BODY).mean() > 0.95  # chest wall
     assert (m[:, 45:] == MaskClass.RIGHT_LUNG).sum() > 0.9 * (m[:, 45:].size - nod.sum())
     assert (m[nod] == MaskClass.NODULE).all() and not (m == MaskClass.LEFT_LUNG).any()
+    # a darker lung piece cut off by a vessel (2 mm) is lung, not outside air: no chest wall between
+    hu2 = (8.0 * crop_image(rng, outside_left=False) - 980).astype(np.int16)
+    hu2[:, 100:103] = 40
+    hu2[:, 103:] = rng.normal(-960, 10, (128, 25)).astype(np.int16)
+    m2 = crop_mask(hu2, 0.7, nod, MaskClass.LEFT_LUNG)
+    assert (m2[:, 106:] == MaskClass.LEFT_LUNG).mean() > 0.95 and not (m2 == MaskClass.BACKGROUND).any()
 
 
 def test_match_side_and_spacing(crops):

