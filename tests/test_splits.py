@@ -88,3 +88,19 @@ def test_lidc_sample_records_patients(lidc_sample, tmp_path):
     assert {r.patient for r in ds.records} == {"LIDC-IDRI-0001", "LIDC-IDRI-0002"}
     assert ds.meta["split"]["patients"] == {"train": 1, "val": 0, "test": 1}
     check_disjoint(ds.records)
+
+
+def test_real_mixing_uses_the_train_split(tmp_path):
+    """SyntheticNoduleDataset(real=...) serves only the real TRAIN patients unless told otherwise."""
+    from nodulesynth.synth.dataset import SyntheticNoduleDataset
+
+    recs = _records({"A": 3, "B": 2, "C": 4, "D": 1})
+    assign_splits(recs, (0.5, 0.25, 0.25), seed=0)
+    imgs = np.full((10, 8, 8), -1000, np.int16)
+    write_slice_dataset(tmp_path / "real", imgs, np.zeros((10, 8, 8), np.uint8), recs, {"format": "x"})
+    train = {r.patient for r in recs if r.split == "train"}
+    ds = SyntheticNoduleDataset(n=0, real=tmp_path / "real", device="cpu")
+    assert len(ds) == sum(r.split == "train" for r in recs)
+    assert {recs[int(i)].patient for i in ds.real_index} == train
+    assert ds.raw(0)["source"] == "real" and ds.raw(0)["hu"].shape == (8, 8)
+    assert len(SyntheticNoduleDataset(n=0, real=tmp_path / "real", device="cpu", real_split=None)) == 10
