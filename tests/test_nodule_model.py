@@ -205,3 +205,29 @@ def test_pipeline_lidc_mode_tiny_model(tmp_path):
     added = Synthesizer(model, GenerationConfig(add_nodules=True, num_nodules=1, **cfg)).translate(
         scene_mask(size=64), names=["mine"])
     assert added.provenance[0]["nodules"][0]["lidc_annotation"] >= 0 and len(added.boxes[0]) == 1
+
+    # real slices + LIDC nodules: only the new nodules (and their soft rim) change the real HU
+    real_mask = scene_mask([(20, 30, 2)])
+    real_hu = np.where(real_mask == C.BODY, 40, np.where(real_mask == 0, -1024, -850)).astype(np.float32)
+    s2 = Synthesizer(model, GenerationConfig(num_nodules=1, min_size_mm=6, **{**cfg, "max_size_mm": None}))
+    r = s2.add_nodules_to_real(real_hu[None], real_mask[None], ["r0"])
+    fresh = (r.masks[0].numpy() == C.NODULE) & (real_mask != C.NODULE)
+    assert fresh.any() and len(r.boxes[0]) == 2 and r.provenance[0]["source"] == "real+lidc-nodules"
+    from scipy.ndimage import binary_dilation
+
+    far = ~binary_dilation(fresh, iterations=3)
+    np.testing.assert_array_equal(r.images_hu[0].numpy()[far], real_hu[far])
+    assert not np.array_equal(r.images_hu[0].numpy()[fresh], real_hu[fresh])
+
+    # the dataset's real= slices get them too (conditions add_nodules)
+    from nodulesynth import SyntheticNoduleDataset
+    from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+
+    recs = [SliceRecord(series_uid=f"1.2.{k}", z_mm=float(k), slice_index=k, spacing_mm=(3.0, 3.0),
+                        boxes=mask_to_boxes(real_mask), source="phantom", has_nodule=True) for k in range(3)]
+    folder = write_slice_dataset(tmp_path / "real", np.stack([real_hu.astype(np.int16)] * 3),
+                                 np.stack([real_mask] * 3), recs)
+    ds = SyntheticNoduleDataset(0, weights=model, real=folder, device="cpu", batch_size=4, seed=2,
+                                conditions={"add_nodules": True, "num_nodules": 1, **cfg})
+    item = ds[1]
+    assert item["source"] == "real" and len(item["boxes"]) == 2 and item["provenance"]["nodules"]

@@ -199,6 +199,8 @@ class SyntheticNoduleDataset(Dataset):
                 "SyntheticNoduleDataset: CUDA generation must run in the main process; use num_workers=0, "
                 "or call ds.pregenerate() before creating a DataLoader with workers"
             )
+        if isinstance(b, tuple):  # ("real", block): real slices with LIDC nodules added
+            return self._real_nodule_block(b[1])
         lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.n_synth)
         out = self.synthesizer.generate(range(lo, hi))
         return {
@@ -207,6 +209,20 @@ class SyntheticNoduleDataset(Dataset):
             "boxes": out.boxes,
             "provenance": out.provenance,
         }
+
+    def _real_nodule_block(self, b: int) -> dict:
+        """``conditions={"add_nodules": True}``: real slices b·bs … get LIDC nodules (the conditions),
+        translated texture pasted with a soft edge (Synthesizer.add_nodules_to_real); mask stream
+        of real slice j: (seed, crc32("real<j>"))."""
+        lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.n_real)
+        items = [self.real[int(self.real_index[i])] for i in range(lo, hi)]
+        out = self.synthesizer.add_nodules_to_real(np.stack([np.asarray(it["image_hu"]) for it in items]),
+                                                   np.stack([np.asarray(it["mask"]) for it in items]),
+                                                   [f"real{int(self.real_index[i])}" for i in range(lo, hi)])
+        prov = [{**real_provenance(it["record"], int(self.real_index[i])), **p}
+                for i, it, p in zip(range(lo, hi), items, out.provenance)]
+        return {"hu": out.images_hu.round().to(torch.int16).numpy(), "masks": out.masks.numpy(),
+                "boxes": out.boxes, "provenance": prov}
 
     def _block(self, b: int) -> dict:
         if b in self._cache:
@@ -244,6 +260,11 @@ class SyntheticNoduleDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for dataset of length {len(self)}")
         i = i % len(self)
+        if i < self.n_real and self.config.add_nodules:  # real slice + LIDC nodules, made per block
+            blk = self._block(("real", i // self.batch_size))
+            k = i % self.batch_size
+            return {"hu": blk["hu"][k], "mask": blk["masks"][k], "boxes": blk["boxes"][k],
+                    "source": "real", "provenance": blk["provenance"][k]}
         if i < self.n_real:
             item = self.real[int(self.real_index[i])]
             rec = item["record"]
