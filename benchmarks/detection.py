@@ -39,7 +39,7 @@ from nodulesynth.errors import NoduleSynthError
 
 FULL = dict(folds=5, epochs=30, n_synth=[0, 500, 1000, 2000], detectors=["yolov8n", "yolov5nu"], imgsz_patches=64,
             imgsz_slices=512, batch=32)
-SMOKE = dict(folds=2, epochs=1, n_synth=[0, 4], detectors=["yolov8n"], max_patients=6, imgsz_patches=64,
+SMOKE = dict(folds=2, run_folds=1, epochs=1, n_synth=[0, 4], detectors=["yolov8n"], max_patients=6, imgsz_patches=64,
              imgsz_slices=64, batch=8)
 
 
@@ -233,8 +233,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, end to end")
+    p.add_argument("--from-json", help="only re-summarise a (possibly partial) results.json into --out")
     a = p.parse_args(argv)
     try:
+        if a.from_json:
+            return summarise_json(Path(a.from_json), Path(a.out))
         return run(a, argv)
     except NoduleSynthError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -264,6 +267,8 @@ def run(a, argv) -> int:
         det_weights[k] = v
     out = Path(a.out).resolve()
     work = out / "work"
+    if a.protocol == "patches":
+        load_crops(a.crops, 1, a.seed)  # one clear error for a bad --crops before anything is set up
     out.mkdir(parents=True, exist_ok=True)
     Y.offline(work)
 
@@ -307,7 +312,7 @@ def run(a, argv) -> int:
     real_paths = np.array(Y.write_images(pool, "real", real.images, real.boxes))
     syn_paths = np.array(Y.write_images(pool, "synthetic", syn.images, syn.boxes)) if len(syn) else np.array([])
     fold_pats = W.patient_folds(real.group, folds, seed=a.seed)
-    run_folds = min(a.run_folds or folds, folds)
+    run_folds = min(a.run_folds or size.get("run_folds") or folds, folds)
 
     ext = None
     if a.eval_set:
@@ -370,6 +375,33 @@ def run(a, argv) -> int:
     return 0 if table else 1
 
 
+def summarise_json(src: Path, out: Path) -> int:
+    """Table, CSV and plot from the rows of a results.json (e.g. of a run stopped after some folds);
+    the note says how many folds each row averages."""
+    try:
+        doc = json.loads(src.read_text())
+        rows = doc["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        raise NoduleSynthError(f"--from-json {src}: not a detection results.json ({e})") from e
+    out.mkdir(parents=True, exist_ok=True)
+    table = summarise(rows)
+    done = sorted({r["fold"] for r in rows})
+    note = doc["note"].split(":", 1)[0] + f": folds completed {done} of {doc['folds']} (" + doc["note"].split(", ", 1)[1] + ")"
+    from nodulesynth.io import write_json
+
+    write_json(out / "results.json", {**doc, "table": table, "summarised_from": str(src), "note": note})
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["detector", "arm", "n_synth", "epochs", "folds", "precision", "precision_std",
+                                           "recall", "recall_std", "map50", "map50_std", "map50_95", "map50_95_std",
+                                           "cpm", "cpm_std"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(table)
+    (out / "table.txt").write_text(print_table(table, note) + "\n")
+    if table:
+        plot(table, out / "map_vs_n.png", note[:120])
+    return 0
+
+
 def froc_for(weights, real, series, test_idx, cfg) -> dict:
     """FROC/CPM of one model on the test slices, grouped into scans by series (FP per scan counts
     only the slices the prepared dataset holds for each scan)."""
@@ -399,7 +431,7 @@ def _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, 
     doc = {
         "command": "python " + " ".join(shlex.quote(x) for x in (["benchmarks/detection.py"] + list(argv if argv is not None else sys.argv[1:]))),
         "versions": Y.versions(), "seed": a.seed, "protocol": a.protocol, "note": note,
-        "folds": folds, "run_folds": run_folds, "fold_patients": [fp.tolist() for fp in fold_pats[:run_folds]],
+        "folds": folds, "run_folds": run_folds, "fold_patients": [fp.tolist() for fp in fold_pats],
         "n_synth": n_list, "detectors": detectors, "synthetic": syn_meta, "n_synthetic_windows": len(syn),
         "window": a.window if a.protocol == "patches" else None, "finished": final,
         "wall_s": round(time.time() - t0, 1), "table": table, "rows": rows,

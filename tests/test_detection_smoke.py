@@ -90,8 +90,9 @@ def test_detection_patches_smoke(tmp_path):
     assert any(a.startswith("real (equal steps") for a, _ in arms)
     assert doc["finished"] and doc["versions"]["ultralytics"] and "detection.py" in doc["command"]
     # folds are by patient: no patient in two folds
-    fp = [set(f) for f in doc["fold_patients"]]
-    assert not (fp[0] & fp[1])
+    assert doc["run_folds"] == 1 and doc["folds"] == 2
+    f0, f1 = (set(f) for f in doc["fold_patients"])  # folds by patient: disjoint, covering all
+    assert not (f0 & f1) and f0 | f1 == set(pats.tolist())
     for r in doc["rows"]:
         assert 0 <= r["map50_95"] <= r["map50"] <= 1
     assert (out / "results.csv").is_file() and (out / "map_vs_n.png").is_file()
