@@ -136,6 +136,19 @@ def test_no_val_split_never_points_val_at_train(tmp_path, batch):
     assert "NO VALIDATION SPLIT" in text
 
 
+def test_ultralytics_refuses_to_validate_without_a_val_split(tmp_path, batch, monkeypatch):
+    _write(tmp_path / "d", "yolo", [_item(batch, k) for k in range(3)])
+    for k in ("YOLO_OFFLINE", "YOLO_CONFIG_DIR"):
+        monkeypatch.setenv(k, os.environ.get(k, ""))
+    ultralytics_offline(tmp_path / "run")
+    from ultralytics import YOLO
+
+    with pytest.raises(FileNotFoundError, match="images/val"), contextlib.redirect_stdout(io.StringIO()):
+        YOLO("yolov8n.yaml").train(data=str(tmp_path / "d" / "data.yaml"), epochs=1, imgsz=64, batch=2, device="cpu",
+                                   project=str(tmp_path / "run"), name="x", workers=0, plots=False, verbose=False,
+                                   amp=False)
+
+
 def test_ultralytics_trains_on_export_offline(yolo_dir, tmp_path_factory, monkeypatch):
     run = tmp_path_factory.mktemp("ultra")
     for k in ("YOLO_OFFLINE", "YOLO_CONFIG_DIR"):
