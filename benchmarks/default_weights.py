@@ -102,7 +102,7 @@ def ship(args) -> None:
     from nodulesynth.models.export import export_tsgan
     from nodulesynth.models.tsgan import TSGAN
 
-    card = Path(args.card).read_text() if args.card else None
+    card = Path(args.card).read_text(encoding="utf-8") if args.card else None
     export_tsgan(args.masks, args.translator, args.out, model_card_extra=card, overwrite=True,
                  spacing_mm=args.spacing, dtype=torch.float16, data_note=args.data_note or None)
     print(f"shipped {args.out}: revision {TSGAN.from_pretrained(args.out).revision}")

@@ -111,7 +111,7 @@ def test_dataset_weights_typo_is_an_error(shipped, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- 2. configs at load
 def _edit(path, **changes):
-    d = json.loads(path.read_text())
+    d = json.loads(path.read_text(encoding="utf-8"))
     target = d["config"] if "config" in d else d
     for k, v in changes.items():
         if k.startswith("meta."):
@@ -261,11 +261,11 @@ def test_train_export_records_training_spacing_and_the_generator_uses_it(tmp_pat
     masks, translator = _runs(tmp_path)
     out = tmp_path / "tsgan"
     assert main(["train", "export", "--masks", str(masks), "--translator", str(translator), "--out", str(out)]) == 0
-    assert json.loads((out / "tsgan.json").read_text())["meta"]["spacing_mm"] == 0.7
+    assert json.loads((out / "tsgan.json").read_text(encoding="utf-8"))["meta"]["spacing_mm"] == 0.7
     model = TSGAN.from_pretrained(out)
     assert model.spacing_mm == 0.7
     assert Synthesizer(model, GenerationConfig(gate=False, min_nodules=0)).spacing_mm == 0.7
-    card = (out / "README.md").read_text()
+    card = (out / "README.md").read_text(encoding="utf-8")
     assert "Pixel spacing: 0.7 mm per pixel" in card and "not for" in card and "diagnosis" in card
 
 
@@ -296,10 +296,10 @@ def test_one_model_card_writer():
     assert engine.export_tsgan is export.export_tsgan
     root = Path(__file__).resolve().parents[1]
     writers = [p.relative_to(root).as_posix() for p in [*root.glob("nodulesynth/**/*.py"), *root.glob("benchmarks/*.py")]
-               if "## Intended use" in p.read_text() or "library_name: nodulesynth" in p.read_text()
-               or "def _model_card" in p.read_text()]
+               if "## Intended use" in p.read_text(encoding="utf-8") or "library_name: nodulesynth" in p.read_text(encoding="utf-8")
+               or "def _model_card" in p.read_text(encoding="utf-8")]
     assert writers == ["nodulesynth/models/card.py"]
-    assert "export_tsgan" in (root / "benchmarks" / "default_weights.py").read_text()
+    assert "export_tsgan" in (root / "benchmarks" / "default_weights.py").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- 7. one nodule size
@@ -370,7 +370,7 @@ def test_no_paper_citation_for_what_the_paper_does_not_say():
     root = Path(__file__).resolve().parents[1] / "nodulesynth"
     bad = re.compile(r"paper, Sec\. 4: \[-1000|paper's lung window|as the paper's detectors saw", re.I)
     hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
-            for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if bad.search(line)]
     assert hits == []
 
 
@@ -382,7 +382,7 @@ def test_export_reads_spacing_from_several_data_folders(tmp_path):
     other.mkdir()
     (other / "index.json").write_text(json.dumps({"meta": {}, "records": [{"spacing_mm": [0.9, 0.9]}]}))
     for run in (masks, translator):
-        cfg = json.loads((run / "config.json").read_text())
+        cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
         (run / "config.json").write_text(json.dumps({"data": [cfg["data"], str(other)]}))
     with pytest.raises(NoduleSynthError, match="different pixel spacings"):
         export_tsgan(masks, translator, tmp_path / "o")

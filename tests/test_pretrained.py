@@ -29,10 +29,10 @@ def test_shipped_folder_is_small_safetensors_with_a_model_card(shipped):
     assert {"mask_generator.safetensors", "translator.safetensors", "tsgan.json", "README.md"} <= set(files)
     assert sum(files.values()) <= 32 * 2**20
     assert not any(n.endswith((".pt", ".pth", ".pkl", ".bin")) for n in files)
-    card = (DEFAULT_WEIGHTS_DIR / "README.md").read_text()
+    card = (DEFAULT_WEIGHTS_DIR / "README.md").read_text(encoding="utf-8")
     for must in ("LIDC-IDRI", "phantom", "steps", "not for diagnosis"):
         assert must.lower() in card.lower(), must
-    meta = json.loads((DEFAULT_WEIGHTS_DIR / "tsgan.json").read_text())
+    meta = json.loads((DEFAULT_WEIGHTS_DIR / "tsgan.json").read_text(encoding="utf-8"))
     assert meta["image_size"] == 512 and meta["meta"]["spacing_mm"] > 0
     assert shipped.source.startswith("local:") and len(shipped.revision) == 12
 
@@ -80,7 +80,7 @@ def test_default_weights_are_package_data():
     pkg = Path(nodulesynth.__file__).resolve().parent
     assert DEFAULT_WEIGHTS_DIR.resolve().parent == pkg
     root = pkg.parent
-    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["nodulesynth"]
+    globs = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]["nodulesynth"]
     files = [p.relative_to(pkg).as_posix() for p in DEFAULT_WEIGHTS_DIR.iterdir() if p.is_file()]
     assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)
     top = root / "pretrained"  # the design card's shipped folder: a link to the package data

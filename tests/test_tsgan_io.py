@@ -31,7 +31,7 @@ def test_round_trip_bit_identical_fp32(tmp_path):
     torch.manual_seed(0)
     net = DLPix2PixGenerator(cfg).eval()
     save_module(net, cfg, tmp_path, "translator")
-    assert json.loads((tmp_path / "translator.json").read_text())["config"]["ngf"] == 4
+    assert json.loads((tmp_path / "translator.json").read_text(encoding="utf-8"))["config"]["ngf"] == 4
     back = load_module(DLPix2PixGenerator, TranslatorConfig, tmp_path, "translator")
     assert not back.training
     a, b = net.state_dict(), back.state_dict()
@@ -71,7 +71,7 @@ def test_missing_corrupt_and_mismatched_files(tmp_path):
         load_module(DLPix2PixGenerator, TranslatorConfig, tmp_path, "translator")
     weights.write_bytes(good)
     meta_path = tmp_path / "translator.json"
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     # shape mismatch: config says a wider network than the weights hold
     meta["config"]["ngf"] = 8
     meta_path.write_text(json.dumps(meta))
@@ -99,9 +99,9 @@ def test_save_pretrained_and_from_pretrained_local(tmp_path, caplog):
     out = tmp_path / "export"
     model.save_pretrained(out)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(tsgan_mod.LAYOUT)
-    info = json.loads((out / "tsgan.json").read_text())
+    info = json.loads((out / "tsgan.json").read_text(encoding="utf-8"))
     assert info["format"] == "nodulesynth-tsgan" and info["image_size"] == 16 and info["meta"] == {"steps": 123}
-    assert "TSGAN" in (out / "README.md").read_text()
+    assert "TSGAN" in (out / "README.md").read_text(encoding="utf-8")
     with caplog.at_level(logging.INFO, logger="nodulesynth.models.tsgan"):
         back = TSGAN.from_pretrained(str(out))
     assert back.source == f"local:{out.resolve()}" and back.source in caplog.text
@@ -115,7 +115,7 @@ def test_save_pretrained_and_from_pretrained_local(tmp_path, caplog):
     assert torch.equal(masks, ref_masks) and torch.equal(images, ref_images)
     # re-export into the same folder replaces it; a custom card is kept verbatim; revision follows content
     tiny_tsgan(seed=1).save_pretrained(out, model_card="my card")
-    assert (out / "README.md").read_text() == "my card"
+    assert (out / "README.md").read_text(encoding="utf-8") == "my card"
     assert TSGAN.from_pretrained(out).revision != back.revision
     # an unrelated non-empty folder is never clobbered
     other = tmp_path / "other"
