@@ -240,7 +240,7 @@ def test_export_loads_as_tsgan(mask_runs, translator_runs, tmp_path):
 
     folder = engine.export_tsgan(mask_runs[0], translator_runs[0], tmp_path / "tsgan", "test card")
     model = TSGAN.from_pretrained(str(folder))
-    assert model.image_size == 64 and "test card" in (folder / "README.md").read_text()
+    assert model.image_size == 64 and "test card" in (folder / "README.md").read_text(encoding="utf-8")
     masks, images = model(torch.randn(2, 16))
     assert masks.shape == (2, 64, 64) and images.shape == (2, 1, 64, 64)
 
