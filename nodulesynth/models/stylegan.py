@@ -15,7 +15,7 @@ mask, conv–conv–avgpool blocks, fade-in of the downsampled input path, minib
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +30,17 @@ _LRELU_GAIN = math.sqrt(2.0)  # keeps activation variance ≈ 1 after LeakyReLU(
 class MaskGANConfig:
     """Both networks of the mask StyleGAN. Channels at resolution r: min(fmap_max, max(fmap_min, fmap_base // r))."""
 
-    resolution: int = 512
+    resolution: int = field(default=512, metadata={"help": "final mask size (4·2^k; paper: 512)"})
     num_classes: int = 6
-    z_dim: int = 512
-    w_dim: int | None = None  # None: the same as z_dim (StyleGAN's 512/512)
-    mapping_layers: int = 8
-    fmap_base: int = 8192
-    fmap_max: int = 512
-    fmap_min: int = 16
-    mapping_lr_mul: float = 0.01
-    w_avg_beta: float = 0.995
-    mbstd_group: int = 4
+    z_dim: int = field(default=512, metadata={"help": "latent size (paper: 512)"})
+    w_dim: int | None = field(default=None, metadata={"help": "style size (default: --z-dim)"})
+    mapping_layers: int = field(default=8, metadata={"help": "mapping network depth (StyleGAN: 8)"})
+    fmap_base: int = field(default=8192, metadata={"help": "channel budget: channels at res r = base / r"})
+    fmap_max: int = field(default=512, metadata={"help": "most channels at any resolution"})
+    fmap_min: int = field(default=16, metadata={"help": "fewest channels at any resolution"})
+    mapping_lr_mul: float = field(default=0.01, metadata={"help": "mapping network LR multiplier (StyleGAN)"})
+    w_avg_beta: float = field(default=0.995, metadata={"help": "decay of the tracked mean w (truncation)"})
+    mbstd_group: int = field(default=4, metadata={"help": "minibatch-stddev group size of D"})
 
     def __post_init__(self) -> None:
         if self.w_dim is None:

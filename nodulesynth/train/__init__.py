@@ -1,6 +1,9 @@
 """Trainers for both TSGAN stages (imported lazily: torch models load only when used).
 
     from nodulesynth.train import MaskTrainConfig, train_masks, TranslatorTrainConfig, train_translator
+
+Both stages run the one loop of ``engine.Trainer`` (resume, signals, time budget, checkpoints,
+metrics); ``MaskTrainer`` / ``TranslatorTrainer`` supply its hooks.
 """
 from __future__ import annotations
 
@@ -12,6 +15,11 @@ _LAZY = {
     "TranslatorTrainConfig": "nodulesynth.train.translator",
     "train_translator": "nodulesynth.train.translator",
     "export_tsgan": "nodulesynth.train.engine",
+    "Trainer": "nodulesynth.train.engine",
+    "MaskTrainer": "nodulesynth.train.masks",
+    "TranslatorTrainer": "nodulesynth.train.translator",
+    "PRESETS": "nodulesynth.train.translator",
+    "preset_config": "nodulesynth.train.translator",
 }
 
 __all__ = sorted(_LAZY)
