@@ -9,9 +9,11 @@ TRAIN split is used (the trainers' default), so val/test patients stay unseen fo
   full slices (512², 0.8 mm): tcga, pyradiomics, lidc-sample → stage 1 (all slices) and stage 2
   nodule crops (128², native spacing): lidc-crops           → stage 2 only (not whole anatomy)
 Stage 2 rescales every slice to --spacing mm, takes random --crop crops and draws the folders in
-the --weights shares (the full slices are few: they are over-sampled, the crops sub-sampled).
-Stage 1 trains the anatomy mask StyleGAN on all full slices at --mask-res (nodules come from the
-LIDC library at generation time, so slices without nodules are anatomy data too).
+the --weights shares (default: half full slices, half crops; among full slices every train
+patient equally likely, so a one-patient volume does not weigh like 28 TCGA patients).
+Stage 1 trains the anatomy mask StyleGAN on all full slices at --mask-res, patients equally
+likely (nodules come from the LIDC library at generation time, so slices without nodules are
+anatomy data too).
 
 Each stage gets --minutes of wall time: a few calibration steps (through the trainers' hooks)
 measure the step time, the schedule (translator epochs; mask steps per level) is sized so that
@@ -94,6 +96,7 @@ def mask_config(args, data: list[str]):
 
     model = MaskGANConfig(resolution=args.mask_res, z_dim=512, fmap_base=512, fmap_max=64, fmap_min=8)
     return MaskTrainConfig(data=data, out=str(args.out / "masks"), model=model, nodule_only=False,
+                           data_weights=default_weights(data, []),  # each train patient equally likely
                            batch_sizes=(32, 32, 32, 16, 16, 8), steps_per_level=100, sample_every=500,
                            eval_samples=64, checkpoint_every=args.checkpoint_every, log_every=25, seed=args.seed,
                            device="cpu", overwrite=args.overwrite, resume=args.resume)
@@ -155,6 +158,17 @@ def calibrate_levels(trainer, steps: int) -> list[float]:
     return out
 
 
+def default_weights(slices: list[str], crops: list[str]) -> str:
+    """Half the draws from full slices, half from crops; among the full-slice folders each train
+    PATIENT is equally likely (one 33-slice patient must not weigh as much as 28 TCGA patients)."""
+    from nodulesynth.train.sources import SliceSources
+
+    patients = [s["patients"] for s in SliceSources(slices, "train").summary()]
+    half = sum(patients)
+    shares = list(patients) + [half / len(crops)] * len(crops) if crops else list(patients)
+    return ",".join(f"{w:g}" for w in shares)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prepared", type=Path, default=Path("/work/prepared"), help="folder of prepared datasets")
@@ -165,7 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--spacing", type=float, default=0.8, help="common pixel spacing of stage 2 (mm)")
     p.add_argument("--crop", type=int, default=64, help="stage 2 training crop (multiple of 2**num_downs)")
     p.add_argument("--weights", default=None,
-                   help="shares of the stage 2 folders in order (default: full slices 1:1 with the crops)")
+                   help="shares of the stage 2 folders in order (default: full slices 1:1 with the crops, "
+                        "full-slice folders by their train patients)")
     p.add_argument("--ngf", type=int, default=24)
     p.add_argument("--ndf", type=int, default=32)
     p.add_argument("--num-downs", type=int, default=6)
@@ -192,7 +207,7 @@ def main(argv=None) -> int:
     if not slices:
         sys.exit(f"--prepared {args.prepared}: none of {', '.join(SLICE_SETS)} is a prepared dataset")
     data2 = slices + crops
-    weights = args.weights or ",".join(["1"] * len(slices) + [str(len(slices))] * len(crops))
+    weights = args.weights or default_weights(slices, crops)
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = {"argv": sys.argv, "args": {k: str(v) for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads()}
     t0 = time.monotonic()
