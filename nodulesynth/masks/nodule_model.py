@@ -363,7 +363,7 @@ class NoduleModel:
             rng = (f"{self.lib.box_mm[anyrow].min():.1f}–{self.lib.box_mm[anyrow].max():.1f} mm"
                    if len(anyrow) else "none")
             raise NoduleSynthError(
-                f"nodule conditions cannot be met: no LIDC cross-section has a 2-D size in "
+                f"nodule conditions cannot be met: no LIDC cross-section has a size (longest box side) in "
                 f"[{c.min_size_mm or 0}, {c.max_size_mm or 'inf'}] mm"
                 f"{' with texture ' + c.texture if c.texture else ''}{' in the ' + c.lung + ' lung' if c.lung else ''} "
                 f"(LIDC's sizes for these: {rng})")
