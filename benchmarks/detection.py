@@ -209,6 +209,34 @@ def plot(table: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def preview(real, syn, path: Path, n: int = 8, seed: int = 0) -> None:
+    """A grid of windows as the detector sees them (lung window, box outlines): rows real with a
+    nodule, real without, synthetic with, synthetic without."""
+    from PIL import Image, ImageDraw
+
+    from nodulesynth.hu import window_uint8
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for w in (real, syn):
+        pos = [i for i, b in enumerate(w.boxes) if len(b)]
+        neg = [i for i, b in enumerate(w.boxes) if not len(b)]
+        for idx in (pos, neg):
+            rows.append(rng.choice(idx, min(n, len(idx)), replace=False).tolist() if idx else [])
+            rows[-1] = [(w, i) for i in rows[-1]]
+    s = 96
+    size = real.images.shape[1]
+    canvas = Image.new("RGB", (n * (s + 2), len(rows) * (s + 2)), (40, 40, 40))
+    for r, items in enumerate(rows):
+        for c, (w, i) in enumerate(items):
+            tile = Image.fromarray(window_uint8(w.images[i])).convert("RGB").resize((s, s), Image.NEAREST)
+            d = ImageDraw.Draw(tile)
+            for b in w.boxes[i]:
+                d.rectangle([v * s / size for v in b], outline=(235, 40, 40))
+            canvas.paste(tile, (c * (s + 2), r * (s + 2)))
+    canvas.save(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", choices=["patches", "slices"], default="patches")
@@ -308,6 +336,8 @@ def run(a, argv) -> int:
     if not real.n_positive:
         raise NoduleSynthError("no real positive windows/slices to train on")
 
+    if len(real):
+        preview(real, syn if len(syn) else real, out / "windows_preview.png", seed=a.seed)
     pool = work / "pool"
     real_paths = np.array(Y.write_images(pool, "real", real.images, real.boxes))
     syn_paths = np.array(Y.write_images(pool, "synthetic", syn.images, syn.boxes)) if len(syn) else np.array([])

@@ -195,6 +195,7 @@ def main(argv=None) -> int:
 
 
 def run(a, argv) -> int:
+    from nodulesynth.detect.yolo import git_revision
     from nodulesynth.io import write_json
     from nodulesynth.metrics.kid import InceptionFeatures, fid, kid
     from nodulesynth.models.tsgan import TSGAN
@@ -296,7 +297,8 @@ def run(a, argv) -> int:
     import platform
 
     doc = {"command": "python " + " ".join(shlex.quote(x) for x in ["benchmarks/realism.py"] + list(argv if argv is not None else sys.argv[1:])),
-           "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+           "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                        "nodulesynth_git": git_revision()},
            "seed": a.seed, "device": a.device, "smoke": a.smoke, "dilate_px": a.dilate_px, "kid_subsets": subsets,
            "real": {"tcga_slices": len(tcga), "tcga_patients": int(len(np.unique(tpat))), "half_a": len(ia), "half_b": len(ib),
                     "lesion_slices": len(les_i), "lidc_windows_per_half": n_crops if crops is not None else 0},

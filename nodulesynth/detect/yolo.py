@@ -153,7 +153,8 @@ def versions() -> dict:
 
     import torch
 
-    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+         "nodulesynth_git": git_revision()}
     try:
         import ultralytics
 
@@ -161,6 +162,22 @@ def versions() -> dict:
     except ModuleNotFoundError:
         v["ultralytics"] = None
     return v
+
+
+def git_revision() -> str | None:
+    """Commit of the checkout the benchmark runs from (+ "-dirty" with uncommitted changes), or None."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip()[:12] + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def config_dict(cfg: YoloConfig) -> dict:
