@@ -23,6 +23,18 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _keep_locale():
+    """SimpleITK's GDCM DICOM writer (used by tests to write series) switches LC_CTYPE to "C" for
+    good, which turns every later default-encoding read_text() into ASCII: restore it per test."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_CTYPE)
+    yield
+    if locale.setlocale(locale.LC_CTYPE) != saved:
+        locale.setlocale(locale.LC_CTYPE, saved)
+
+
 LIDC_SAMPLE = (Path(__file__).resolve().parents[1] / "../shared/data/lidc-idri-sample").resolve()
 
 
