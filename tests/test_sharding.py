@@ -71,7 +71,7 @@ def _free_port() -> int:
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **extra}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     return env
 
@@ -87,13 +87,14 @@ def single(setup):
 
 
 def test_torchrun_two_ranks_equal_single_run(setup, single):
+    """Two gloo ranks, at another batch size, write the single run's files (every format, DICOM UIDs included)."""
     root, weights, real = setup
     out = root / "torchrun"
     # torchrun's own parser would take `--n` for its --nnodes/--nproc-per-node: `--` ends its options
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "nodulesynth", "--", "generate", "--n", "5", "--real", real, "--out", str(out), "--weights", weights,
-           "--device", "cpu", "--format", FORMATS, "--val-fraction", "0.5", "--preview", "--batch-size", "2"]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+           "--device", "cpu", "--format", FORMATS, "--val-fraction", "0.5", "--preview", "--batch-size", "3"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same(single, out)
     assert (out / "preview.png").is_file() and not (out / ".shards").exists()
@@ -113,7 +114,7 @@ def test_a_failing_rank_fails_the_run_and_leaves_nothing(setup, tmp_path):
             "'--device', 'cpu']))\n")
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                              encoding="utf-8", errors="replace", env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in (0, 1)]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [2, 2], results
@@ -141,4 +142,7 @@ def test_start_index_parts_merge_into_the_single_run(setup, tmp_path, capsys):
     assert main(["generate", "--n", "2", "--start-index", "3", "--out", str(tmp_path / "q1")] + common[:-1] + ["3"]) == 0
     assert main(["merge", str(tmp_path / "p0"), str(tmp_path / "q1"), "--out", str(tmp_path / "m4")]) == 2
     assert "seed differs" in capsys.readouterr().err
-    assert not (tmp_path / "m3").exists() and not (tmp_path / "m4").exists()
+    (tmp_path / "p1" / "coco" / "images" / "synth_000004.png").unlink()  # a damaged part
+    assert main(["merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "m5")]) == 2
+    assert "synth_000004.png is listed in manifest.json but missing" in capsys.readouterr().err
+    assert not any((tmp_path / m).exists() for m in ("m3", "m4", "m5"))

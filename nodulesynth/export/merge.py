@@ -105,6 +105,10 @@ def merge_datasets(shards: list[Path], base: Path, final_root: Path, move: bool 
         for k, it in enumerate(m["items"]):
             for files in it["files"].values():
                 for f in files:
+                    if Path(f).is_absolute() or ".." in Path(f).parts:
+                        raise NoduleSynthError(f"{s / 'manifest.json'}: file {f!r} lies outside the dataset")
+                    if not (s / f).is_file():
+                        raise NoduleSynthError(f"{s}: {f} is listed in manifest.json but missing")
                     _transfer(s / f, base / f, move)
             rec = {"manifest": it}
             if coco_recs is not None:

@@ -291,7 +291,6 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
 
     from .. import __version__
     from ..export.dicom import DicomContext
-    from ..export.merge import merge_datasets
     from ..export.merge import PREVIEW_NPZ
     from ..export.writer import DatasetWriter, ExportSpec, finalize, save_preview
     from .dataset import check_real_size, load_tsgan, mixed_counts, open_real
@@ -362,7 +361,9 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
             writer.close()
 
     def spec_for(day: str) -> ExportSpec:
-        key = f"{getattr(tsgan, 'revision', '')}|{args.seed}|{sorted(dataclasses.asdict(cfg).items())}"
+        # what decides the samples (never batch_size): the DICOM UIDs' entropy
+        decisive = sorted((k, v) for k, v in dataclasses.asdict(cfg).items() if k != "batch_size")
+        key = f"{getattr(tsgan, 'revision', '')}|{decisive}"
         ctx = DicomContext(key, str(getattr(tsgan, "source", args.weights)), str(getattr(tsgan, "revision", "")),
                            __version__, day)
         return ExportSpec(formats, args.image_format, ctx if "dicom" in formats else None)
