@@ -4,9 +4,11 @@ with ``monai.data.load_decathlon_datalist(path, data_list_key="training")``.
 Each entry: ``image`` (a NIfTI slice, path relative to the json), ``box`` (world mm boxes, mode
 ``xyxy`` = [x_min, y_min, x_max, y_max], 2-D), ``label`` (0 = nodule for every box), plus
 ``mask`` (the six-class label NIfTI), ``spacing_mm`` and ``name``. World coordinates are LPS as
-ITK/DICOM define them, with the geometry of ``export.volume``; MONAI loads NIfTI with an RAS
-affine, so convert with ``AffineBoxToImageCoordinated(..., affine_lps_to_ras=True)`` exactly as its
-LUNA16 detection tutorial does. ``validation`` holds the real held-out patients' slices, and is
+ITK/DICOM define them, with the geometry of ``export.volume``. MONAI loads NIfTI with an RAS
+affine that is 4×4 even for 2-D slices, so ``AffineBoxToImageCoordinated`` (built for 3-D) does not
+apply as is: flip x and y (LPS → RAS) and apply the inverse of the affine's 2-D part (rows/columns
+0, 1, 3) with ``box_ops.apply_affine_to_boxes``; image coordinates then have pixel centres on
+integers (our pixel-edge boxes minus 0.5). tests/test_formats.py does exactly this. ``validation`` holds the real held-out patients' slices, and is
 absent when there is no validation split.
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ from ..io import write_json
 from .volume import world_boxes
 
 BOX_MODE = "xyxy"
-COORDINATES = "LPS world mm (ITK/DICOM); MONAI: AffineBoxToImageCoordinated(affine_lps_to_ras=True)"
+COORDINATES = ("LPS world mm (ITK/DICOM); to MONAI image coordinates: negate x, y (LPS->RAS), then the inverse "
+               "of the 2-D part (rows/cols 0,1,3) of the loaded RAS affine via box_ops.apply_affine_to_boxes")
 
 
 def monai_entry(item, image: str, mask: str) -> dict:
