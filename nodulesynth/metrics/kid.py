@@ -6,10 +6,9 @@ extra ``realism``; in ``.[dev]``). The file is located with ``importlib.util.fin
 importing that package (whose import pulls cv2 and a downloader) and is loaded only when its
 SHA-1 matches the published one, so no other file is ever deserialised.
 
-Input: a CT slice is shown as a reader sees it: the lung window −1000…400 HU (hu.LUNG_WINDOW; the paper states
-none) → 8 bits
-(as exported PNGs), grey → 3 channels, resized to 299² (bilinear, antialiased), scaled to the
-TF range (−1 … 0.9921875, i.e. (v − 128)/128).
+Input: a CT slice is shown as a reader sees it: the lung window −1000…400 HU (hu.LUNG_WINDOW; the
+paper states none) → 8 bits (as exported PNGs), grey → 3 channels, resized to 299² (bilinear,
+antialiased), scaled to the TF range (−1 … 0.9921875, i.e. (v − 128)/128).
 
 KID (Bińkowski et al. 2018): unbiased MMD² with the cubic polynomial kernel
 k(x, y) = (xᵀy/d + 1)³, averaged over random subsets, with the std over subsets. Unlike FID it
