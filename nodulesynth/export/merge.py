@@ -61,6 +61,7 @@ def _sum_gate(counts: list[dict]) -> dict:
         out["accepted"] += c.get("accepted", 0)
         for k, v in c.get("rejected", {}).items():
             out["rejected"][k] = out["rejected"].get(k, 0) + v
+    out["rejected"] = dict(sorted(out["rejected"].items()))  # the single run's order, whatever the shards saw
     return out
 
 
