@@ -280,10 +280,16 @@ def run(args: argparse.Namespace) -> int:
 
     formats = _check_args(args)
     dist = shard.from_env()
+    sync = False
     try:
-        return _run(args, formats, dist)
+        rc = _run(args, formats, dist)
+        sync = True
+        return rc
+    except NoduleSynthError:  # raised on every rank, after the same collectives
+        sync = True
+        raise
     finally:
-        shard.close(dist)
+        shard.close(dist, sync)
 
 
 def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:

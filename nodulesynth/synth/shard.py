@@ -64,8 +64,17 @@ def from_env() -> Dist:
     return Dist(rank, world, local, created)
 
 
-def close(d: Dist) -> None:
-    if d.initialized:
-        import torch.distributed as td
+def close(d: Dist, sync: bool = True) -> None:
+    """Leave the process group. ``sync``: every rank went through the same collectives, so meet at a
+    barrier first — a rank tearing gloo down while a peer still talks to it can abort at exit
+    ("terminate called without an active exception"). Not after Ctrl-C/SIGTERM: peers may be gone."""
+    if not d.initialized:
+        return
+    import torch.distributed as td
 
-        td.destroy_process_group()
+    if sync:
+        try:
+            td.monitored_barrier(timeout=_dt.timedelta(seconds=120))
+        except RuntimeError:  # a peer is gone or stuck: nothing left to wait for
+            pass
+    td.destroy_process_group()
