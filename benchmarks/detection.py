@@ -354,15 +354,16 @@ def run(a, argv) -> int:
             ei, em, ep = load_crops(str(e), None, a.seed)
             ew = W.windows_from_crops(ei, em, ep, wcfg, seed=a.seed + 1)
         elif e.is_dir():
-            eh, emk, eb, eg, *_ = load_slices([str(e)])
+            eh, emk, eb, eg, _, _, esp = load_slices([str(e)])
             if a.protocol == "patches":
-                ew = W.windows_from_slices(eh, emk, _ := 0.8, target_sp, wcfg, seed=a.seed + 1)
+                ew = W.windows_from_slices(eh, emk, esp, target_sp, wcfg, seed=a.seed + 1)
             else:
                 ew = W.Windows(eh.astype(np.float32), eb, np.zeros(len(eh), np.int64))
         else:
             raise NoduleSynthError(f"--eval {e}: no such file or folder")
         ext_paths = Y.write_images(pool, "external", ew.images, ew.boxes)
         ext = Y.write_data_yaml(work / "external.yaml", ext_paths[:1], ext_paths)
+        n_ext = len(ext_paths)
 
     rows: list[dict] = []
     for f in range(run_folds):
@@ -400,7 +401,8 @@ def run(a, argv) -> int:
                 print(f"[fold {f}] {det} {arm}: P {m['precision']:.3f} R {m['recall']:.3f} mAP50 {m['map50']:.3f} "
                       f"mAP50-95 {m['map50_95']:.3f} ({train_s:.0f} s, {len(train_list)} train images)", flush=True)
                 if ext is not None:
-                    rows.append({**row, "test": "external", **Y.validate(weights, ext, cfg), "cpm": None})
+                    rows.append({**row, "test": "external", "test_images": n_ext, **Y.validate(weights, ext, cfg),
+                                 "cpm": None, "froc": None})
                 _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, syn, syn_meta, imgsz,
                        batch, detectors, n_list, t0, write_json)
     table = _write(out, a, argv, rows, fold_pats, run_folds, folds, None, real, syn, syn_meta, imgsz, batch, detectors,
