@@ -504,3 +504,20 @@ def test_train_refuses_unwritable_or_data_overlapping_out(data_dir, tmp_path):
     with pytest.raises(NoduleSynthError, match="--data"):
         train_translator(tr_cfg(data_dir, os.path.join(data_dir, "run")))
     assert not os.path.exists(os.path.join(data_dir, "run"))
+
+
+def test_init_weights_fine_tunes_from_the_shipped_translator(tmp_path):
+    """--init-weights starts from a weights folder's translator (its architecture replaces the config's)."""
+    from nodulesynth.errors import NoduleSynthError
+    from nodulesynth.models.tsgan import TSGAN
+    from nodulesynth.train.translator import TranslatorTrainConfig, _init_generator
+
+    cfg = TranslatorTrainConfig(data=[str(tmp_path)], out=str(tmp_path / "run"), init_weights="pretrained")
+    G = _init_generator(cfg)
+    shipped = TSGAN.from_pretrained("pretrained").translator
+    assert cfg.model.num_downs == shipped.cfg.num_downs and cfg.model.ngf == shipped.cfg.ngf
+    assert G.training
+    for (k, a), b in zip(G.state_dict().items(), shipped.state_dict().values()):
+        assert torch.equal(a.float(), b.float()), k
+    with pytest.raises(NoduleSynthError, match="no translator.safetensors"):
+        _init_generator(TranslatorTrainConfig(data=[str(tmp_path)], out=str(tmp_path / "r2"), init_weights=str(tmp_path)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,8 @@ class TranslatorTrainConfig(engine.RunConfig):
     vgg_weights: str | None = opt(None, "torchvision VGG-19 weights file for the perceptual loss")
     num_samples: int = opt(4, "slices in each preview grid")
     num_workers: int = opt(2, "DataLoader workers", flag="--workers")
+    init_weights: str | None = opt(None, "fine-tune: start the generator from the translator of this weights "
+                                         "folder (a TSGAN folder or a run's export/); its architecture is used")
 
 
 _PAPER: dict[str, Any] = {
@@ -80,6 +83,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     "texture": {**_PAPER, "model": {**_PAPER["model"], "noise": True, "upsample": "bilinear", "num_d": 2},
                 "lambda_l1": 50.0, "l1_lowpass": 4, "lambda_fm": 10.0, "crop_size": 256},
 }
+
+
+def _init_generator(cfg: "TranslatorTrainConfig"):
+    """The generator of ``cfg.init_weights`` (safetensors only), in training mode. Its architecture
+    replaces ``cfg.model``'s generator fields, so the discriminator and losses match it."""
+    import dataclasses
+
+    from ..models.io import load_module
+    from ..models.pix2pix import DLPix2PixGenerator, TranslatorConfig
+    from ..models.tsgan import DEFAULT_WEIGHTS_DIR
+
+    folder = Path(DEFAULT_WEIGHTS_DIR) if cfg.init_weights == "pretrained" else Path(cfg.init_weights).expanduser()
+    if not (folder / "translator.safetensors").is_file():
+        raise NoduleSynthError(f"--init-weights {cfg.init_weights}: no translator.safetensors in {folder}")
+    G = load_module(DLPix2PixGenerator, TranslatorConfig, folder, "translator").float().train()
+    keep = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
+            if f.name in ("ndf", "n_layers_d", "num_d")}
+    cfg.model = dataclasses.replace(G.cfg, **keep)
+    return G
 
 
 def preset_config(name: str | None, model: dict | None = None, **fields) -> TranslatorTrainConfig:
@@ -228,7 +250,10 @@ class TranslatorTrainer(engine.Trainer):
 
         cfg, device = self.cfg, self.device
         self.fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        self.G = DLPix2PixGenerator(cfg.model).to(device, memory_format=self.fmt)
+        if cfg.init_weights:
+            self.G = _init_generator(cfg).to(device, memory_format=self.fmt)
+        else:
+            self.G = DLPix2PixGenerator(cfg.model).to(device, memory_format=self.fmt)
         self.D = build_discriminator(cfg.model).to(device, memory_format=self.fmt)
         self.G_t, self.D_t = self.G, self.D
         perc = PerceptualLoss.try_create(cfg.vgg_weights)

@@ -1,0 +1,167 @@
+"""Realism on held-out patients, judged against the real-vs-real floor in the same run.
+
+    python benchmarks/heldout_realism.py --prepared /work/prepared --weights pretrained RUN/weights \
+        --names shipped retrained --out /tmp/heldout
+
+This is the yardstick for every model change (issue 13): the training corpus is the TRAIN split of
+prepared datasets (``nodulesynth prepare`` records a patient-level split per slice); evaluation uses
+only their VAL + TEST patients, which no model trained by ``benchmarks/retrain.py`` has seen.
+
+- **KID full slice** (×1000, TF-Inception pool features of the lung window −1000…400 HU, 299²,
+  unbiased MMD², cubic kernel): generated slices vs held-out real 512² slices, beside
+  KID(train real, held-out real), the floor. Goal: generated ≤ 2 × floor.
+- **KID nodule region**: 64² windows centred on each generated nodule (resampled to LIDC's median
+  0.7 mm) vs the central 64² of held-out LIDC nodule crops; floor: train crops vs held-out crops.
+- **Paired translation** of the held-out slices' own masks: PSNR / SSIM of the 8-bit lung window
+  (L = 255) and PSNR with MAX = 4095 on HU + 1024 (the paper's eq. 12).
+- **Lung structure**: share of lung pixels above −700 HU (vessels, bronchial walls, fissures),
+  generated vs held-out real: an empty, vessel-free lung reads near 0.
+Writes OUT/heldout_realism.{json,txt} and OUT/heldout_grid.png (top: generated, bottom: held-out real).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SLICE_SETS = ("tcga", "pyradiomics", "lidc-sample")
+CROP_SET = "lidc-crops"
+HELD_OUT = ("val", "test")
+VESSEL_HU = -700.0
+
+
+def _slices(prepared: Path, split) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(HU float32 (N,512,512), masks uint8, patients) of every 512² prepared set's ``split``."""
+    from nodulesynth.data.slices import SliceDataset
+    from nodulesynth.data.splits import patient_of, split_indices
+
+    ims, mks, pats = [], [], []
+    for name in SLICE_SETS:
+        if not (prepared / name / "index.json").is_file():
+            continue
+        ds = SliceDataset(prepared / name)
+        idx = split_indices(ds, split)
+        ims.append(np.asarray(ds.images[idx], np.float32))
+        mks.append(np.asarray(ds.masks[idx]))
+        pats += [f"{name}:{patient_of(ds.records[i])}" for i in idx]
+    if not ims:
+        raise SystemExit(f"--prepared {prepared}: none of {', '.join(SLICE_SETS)} is a prepared dataset")
+    return np.concatenate(ims), np.concatenate(mks), pats
+
+
+def _crop_windows(prepared: Path, split, n: int, seed: int, size: int = 64) -> np.ndarray | None:
+    """Central size² HU of up to ``n`` nodule crops of ``split`` (one per nodule: its middle crop)."""
+    from nodulesynth.data.slices import SliceDataset
+    from nodulesynth.data.splits import split_indices
+
+    if not (prepared / CROP_SET / "index.json").is_file():
+        return None
+    ds = SliceDataset(prepared / CROP_SET)
+    idx = split_indices(ds, split)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(idx, min(n, len(idx)), replace=False))
+    o = (ds.images.shape[1] - size) // 2
+    return np.asarray(ds.images[idx][:, o : o + size, o : o + size], np.float32)
+
+
+def lung_structure_share(hu: np.ndarray, masks: np.ndarray) -> float:
+    """Share of lung pixels (classes 2, 3) above −700 HU."""
+    lung = np.isin(masks, (2, 3))
+    return float((hu[lung] > VESSEL_HU).mean()) if lung.any() else float("nan")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prepared", type=Path, default=Path("/work/prepared"))
+    p.add_argument("--weights", nargs="+", default=["pretrained"])
+    p.add_argument("--names", nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--n-generated", type=int, default=64)
+    p.add_argument("--n-crops", type=int, default=200, help="nodule windows per side (train / held-out)")
+    p.add_argument("--subsets", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block", type=int, default=8)
+    a = p.parse_args(argv)
+    from realism import nodule_windows, paired  # same helpers as the Table-1 benchmark
+
+    from nodulesynth.detect.windows import LIDC_MEDIAN_SPACING_MM
+    from nodulesynth.metrics.kid import InceptionFeatures, kid
+    from nodulesynth.models.tsgan import TSGAN
+    from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
+    from nodulesynth.viz import preview_grid
+
+    t0 = time.time()
+    a.out.mkdir(parents=True, exist_ok=True)
+    names = a.names or [Path(w).name for w in a.weights]
+    net = InceptionFeatures("cpu")
+    tr_i, _, tr_p = _slices(a.prepared, "train")
+    ho_i, ho_m, ho_p = _slices(a.prepared, list(HELD_OUT))
+    leak = set(tr_p) & set(ho_p)
+    if leak:
+        raise SystemExit(f"patients on both sides of the split: {sorted(leak)[:5]}")
+    print(f"real 512² slices: train {len(tr_i)} ({len(set(tr_p))} patients), held-out {len(ho_i)} "
+          f"({len(set(ho_p))} patients)", flush=True)
+
+    def k1000(x, y):
+        r = kid(x, y, subsets=a.subsets, subset_size=max(2, min(len(x), len(y)) // 2), seed=a.seed)
+        return round(r.mean * 1000, 2), round(r.std * 1000, 2)
+
+    f_tr, f_ho = net(tr_i), net(ho_i)
+    floor = {"model": "real train vs held-out (floor)", "kid_full": k1000(f_tr, f_ho),
+             "lung_share": round(lung_structure_share(ho_i, ho_m), 4)}
+    c_tr, c_ho = _crop_windows(a.prepared, "train", a.n_crops, a.seed), _crop_windows(a.prepared, list(HELD_OUT), a.n_crops, a.seed)
+    g_ho = None
+    if c_tr is not None and len(c_ho) >= 2:
+        g_tr, g_ho = net(c_tr), net(c_ho)
+        floor["kid_nodule"] = k1000(g_tr, g_ho)
+    rows, grid = [], None
+    for name, w in zip(names, a.weights):
+        t1 = time.time()
+        model = TSGAN.from_pretrained(w, device="cpu")
+        syn = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block))
+        b = syn.generate(range(a.n_generated))
+        gen, gm = b.images_hu.numpy(), b.masks.numpy()
+        row = {"model": name, "weights": str(model.source), "revision": str(model.revision),
+               "kid_full": k1000(net(gen), f_ho), "lung_share": round(lung_structure_share(gen, gm), 4)}
+        if g_ho is not None:
+            sp = float(model.meta.get("spacing_mm") or 0.8)
+            gw = nodule_windows(gen, gm, sp, LIDC_MEDIAN_SPACING_MM)
+            if len(gw) >= 2:
+                row["kid_nodule"] = k1000(net(gw), g_ho)
+        row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in paired(model, ho_i, ho_m, 8, a.block).items()})
+        row["kid_ratio"] = round(row["kid_full"][0] / max(floor["kid_full"][0], 1e-9), 2)
+        row["seconds"] = round(time.time() - t1, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if grid is None or name == names[-1]:
+            grid = (gen[:6], gm[:6], [bx for bx in b.boxes[:6]])
+    rows.append(floor)
+    lines = [f"{'model':32} {'KID×1000 full':>15} {'ratio':>6} {'KID×1000 nodule':>16} {'SSIM':>6} {'PSNR8':>6} "
+             f"{'PSNR4095':>8} {'lung>-700HU':>11}"]
+    for r in rows:
+        kf, kn = r["kid_full"], r.get("kid_nodule")
+        lines.append(f"{r['model'][:32]:32} {kf[0]:>8.1f}±{kf[1]:<6.1f} {r.get('kid_ratio', ''):>6} "
+                     f"{(f'{kn[0]:.1f}±{kn[1]:.1f}' if kn else '-'):>16} {r.get('ssim_full', '-'):>6} "
+                     f"{r.get('psnr8_full', '-'):>6} {r.get('psnr_full', '-'):>8} {r['lung_share']:>11}")
+    text = "\n".join(lines)
+    print(text)
+    doc = {"command": " ".join(sys.argv), "n_generated": a.n_generated, "held_out_splits": HELD_OUT,
+           "n_train_slices": len(tr_i), "n_heldout_slices": len(ho_i), "heldout_patients": sorted(set(ho_p)),
+           "rows": rows, "seconds": round(time.time() - t0, 1)}
+    (a.out / "heldout_realism.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    (a.out / "heldout_realism.txt").write_text(text + "\n", encoding="utf-8")
+    gi, gmk, gb = grid
+    preview_grid(a.out / "heldout_grid.png", [*gi, *ho_i[:6]], [*gmk, *ho_m[:6]],
+                 [*gb, *[np.zeros((0, 4), np.float32)] * min(6, len(ho_i))], columns=6, tile=192)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
