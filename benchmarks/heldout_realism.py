@@ -1,6 +1,6 @@
 """Realism on held-out patients, judged against the real-vs-real floor in the same run.
 
-    python benchmarks/heldout_realism.py --prepared /work/prepared --weights pretrained RUN/weights \
+    python benchmarks/heldout_realism.py --prepared prepared --weights pretrained RUN/weights \
         --names shipped retrained --out /tmp/heldout
 
 This is the yardstick for every model change (issue 13): the training corpus is the TRAIN split of
@@ -79,7 +79,7 @@ def lung_structure_share(hu: np.ndarray, masks: np.ndarray) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prepared", type=Path, default=Path("/work/prepared"))
+    p.add_argument("--prepared", type=Path, default=Path("prepared"))
     p.add_argument("--weights", nargs="+", default=["pretrained"])
     p.add_argument("--names", nargs="+")
     p.add_argument("--out", type=Path, required=True)

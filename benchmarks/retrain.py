@@ -1,8 +1,8 @@
 """CPU recipe: retrain both TSGAN stages on the prepared real corpus, whole patients held out.
 
-    python benchmarks/retrain.py --prepared /work/prepared --out /work/retrain --minutes 40
-    python benchmarks/retrain.py --prepared /work/prepared --out RUN2 --stage translator --preset paper \
-        --masks-run /work/retrain/masks          # another translator preset, same mask StyleGAN
+    python benchmarks/retrain.py --prepared prepared --out runs/retrain --minutes 40
+    python benchmarks/retrain.py --prepared prepared --out RUN2 --stage translator --preset paper \
+        --masks-run runs/retrain/masks          # another translator preset, same mask StyleGAN
 
 Data: ``nodulesynth prepare`` folders under --prepared that carry patient-level splits; only their
 TRAIN split is used (the trainers' default), so val/test patients stay unseen for evaluation.
@@ -171,7 +171,7 @@ def default_weights(slices: list[str], crops: list[str]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prepared", type=Path, default=Path("/work/prepared"), help="folder of prepared datasets")
+    p.add_argument("--prepared", type=Path, default=Path("prepared"), help="folder of prepared datasets")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--minutes", type=float, default=40.0, help="wall time per stage")
     p.add_argument("--stage", choices=("both", "masks", "translator"), default="both")
