@@ -44,7 +44,7 @@ import math
 import sqlite3
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -327,11 +327,9 @@ class CropsConfig:
     def fingerprint(self) -> dict:
         """What a shard depends on: settings and the npz's identity (size, mtime)."""
         st = Path(self.npz).stat()
-        d = asdict(self)
-        for k in ("out", "preview", "overwrite", "split_fractions", "split_seed"):
-            d.pop(k)
-        d = {k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in d.items()}
-        return {**d, "kind": "lidc-crops", "npz_size": st.st_size, "npz_mtime_ns": st.st_mtime_ns}
+        from .prepare import settings_fingerprint
+
+        return {**settings_fingerprint(self), "kind": "lidc-crops", "npz_size": st.st_size, "npz_mtime_ns": st.st_mtime_ns}
 
 
 def _nodule_table(arrs: dict, index: PylidcIndex, cfg: CropsConfig) -> tuple[dict, dict]:

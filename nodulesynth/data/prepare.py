@@ -75,23 +75,43 @@ class PrepareConfig:
     def validate(self) -> None:
         if (self.luna16 is None) == (self.lidc is None):
             raise NoduleSynthError("prepare: give exactly one of --luna16 ROOT or --lidc ROOT")
-        if not 16 <= self.size <= 4096:
-            raise NoduleSynthError(f"--size {self.size}: must be between 16 and 4096")
-        if not 0.05 <= self.spacing_mm <= 10:
-            raise NoduleSynthError(f"--spacing {self.spacing_mm}: must be between 0.05 and 10 mm")
-        if not 0 <= self.negatives <= 10:
-            raise NoduleSynthError(f"--negatives {self.negatives}: must be between 0 and 10")
-        if self.max_scans is not None and self.max_scans < 1:
-            raise NoduleSynthError(f"--max-scans {self.max_scans}: must be ≥ 1")
-        if self.seed < 0:
-            raise NoduleSynthError(f"--seed {self.seed}: must be ≥ 0")
+        check_slice_settings(self)
 
     def fingerprint(self) -> dict:
         """Settings a shard depends on (resume only reuses shards made with the same ones)."""
-        d = asdict(self)
-        for k in ("out", "preview", "overwrite", "max_scans", "split_fractions", "split_seed"):
-            d.pop(k)
-        return {k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in d.items()}
+        return settings_fingerprint(self)
+
+
+def check_slice_settings(cfg) -> None:
+    """The resampling/selection options every scan source shares (``--size``, ``--spacing``,
+    ``--negatives``, ``--max-scans``, ``--seed``): one clear error for the first bad one."""
+    if not 16 <= cfg.size <= 4096:
+        raise NoduleSynthError(f"--size {cfg.size}: must be between 16 and 4096")
+    if not 0.05 <= cfg.spacing_mm <= 10:
+        raise NoduleSynthError(f"--spacing {cfg.spacing_mm}: must be between 0.05 and 10 mm")
+    if not 0 <= cfg.negatives <= 10:
+        raise NoduleSynthError(f"--negatives {cfg.negatives}: must be between 0 and 10")
+    if cfg.max_scans is not None and cfg.max_scans < 1:
+        raise NoduleSynthError(f"--max-scans {cfg.max_scans}: must be ≥ 1")
+    if cfg.seed < 0:
+        raise NoduleSynthError(f"--seed {cfg.seed}: must be ≥ 0")
+
+
+# Config fields that change neither a shard's content nor its meaning (output place, resume limit, splits).
+_NOT_IN_FINGERPRINT = ("out", "preview", "overwrite", "max_scans", "split_fractions", "split_seed")
+
+
+def settings_fingerprint(cfg) -> dict:
+    """A config dataclass as the JSON-able settings its shards depend on (paths resolved, lists
+    of paths too), so a resume only reuses shards made with the same ones."""
+
+    def norm(v):
+        return str(Path(v).resolve()) if isinstance(v, Path) else [norm(x) for x in v] if isinstance(v, list) else v
+
+    d = asdict(cfg)
+    for k in _NOT_IN_FINGERPRINT:
+        d.pop(k, None)
+    return {k: norm(v) for k, v in d.items()}
 
 
 @dataclass

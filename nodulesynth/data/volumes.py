@@ -31,7 +31,7 @@ import shutil
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -221,24 +221,14 @@ class VolumeConfig:
             raise NoduleSynthError(f"--every-k {self.every_k}: must be ≥ 1")
         if not 0 <= self.min_lung_mm2 <= 1e5:
             raise NoduleSynthError(f"--min-lung-mm2 {self.min_lung_mm2}: must be between 0 and 100000")
-        if not 16 <= self.size <= 4096:
-            raise NoduleSynthError(f"--size {self.size}: must be between 16 and 4096")
-        if not 0.05 <= self.spacing_mm <= 10:
-            raise NoduleSynthError(f"--spacing {self.spacing_mm}: must be between 0.05 and 10 mm")
-        if not 0 <= self.negatives <= 10:
-            raise NoduleSynthError(f"--negatives {self.negatives}: must be between 0 and 10")
-        if self.seed < 0:
-            raise NoduleSynthError(f"--seed {self.seed}: must be ≥ 0")
+        from .prepare import check_slice_settings
+
+        check_slice_settings(self)
 
     def fingerprint(self) -> dict:
-        d = asdict(self)
-        for k in ("out", "preview", "overwrite", "max_scans", "split_fractions", "split_seed"):
-            d.pop(k)
+        from .prepare import settings_fingerprint
 
-        def norm(v):
-            return str(Path(v).resolve()) if isinstance(v, Path) else [norm(x) for x in v] if isinstance(v, list) else v
-
-        return {k: norm(v) for k, v in d.items()} | {"kind": self.source}
+        return settings_fingerprint(self) | {"kind": self.source}
 
 
 def volume_jobs(cfg: VolumeConfig) -> tuple[list[VolumeJob], dict]:
