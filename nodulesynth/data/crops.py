@@ -52,10 +52,10 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from ..errors import NoduleSynthError
-from ..io import atomic_dir, check_out_dir, write_json
+from ..io import check_out_dir, write_json
 from ..masks.boxes import mask_to_boxes
 from ..masks.classes import MaskClass
-from .slices import SliceRecord, write_slice_dataset
+from .slices import SliceRecord
 from .splits import DEFAULT_FRACTIONS, assign_splits
 
 ARRAYS = ("images", "reader_masks", "patient", "nodule", "slice")
@@ -410,7 +410,7 @@ def _process_chunk(arrs: dict, rows: range, table: dict, index: PylidcIndex, cfg
 
 def prepare_crops(cfg: CropsConfig) -> Path:
     """Run the whole crops preparation (resumable by chunk shards); returns ``cfg.out``."""
-    from .prepare import _open_shards, _preview, _read_shard, _write_shard
+    from .prepare import _open_shards, _read_shard, _write_shard, write_prepared
 
     cfg.validate()
     arrs = load_crops(cfg.npz)
@@ -457,14 +457,7 @@ def prepare_crops(cfg: CropsConfig) -> Path:
         "split": split,
         "seconds": round(time.time() - t0, 2),
     }
-    with atomic_dir(out, cfg.overwrite, inputs=inputs) as tmp:
-        write_slice_dataset(tmp, [p[0] for p in parts], [p[1] for p in parts], records, meta)
-        if cfg.preview:
-            _preview(tmp, records)
-    import shutil
-
-    shutil.rmtree(shards, ignore_errors=True)
-    return out
+    return write_prepared(out, shards, parts, records, meta, cfg, inputs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

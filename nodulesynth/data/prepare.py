@@ -476,7 +476,14 @@ def prepare(cfg: PrepareConfig) -> Path:
     need = sum(p[0].nbytes + p[1].nbytes for p in parts)
     if free_bytes(out.parent) < need:  # the dataset is as big as the shards: refuse before writing
         raise disk_full_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), out.parent, need)
-    with atomic_dir(out, cfg.overwrite, inputs=_inputs(cfg), need_bytes=need) as tmp:
+    return write_prepared(out, shards, parts, records, meta, cfg, _inputs(cfg), need_bytes=need)
+
+
+def write_prepared(out: Path, shards: Path, parts: list, records: list[SliceRecord], meta: dict, cfg,
+                   inputs, need_bytes: int | None = None) -> Path:
+    """Last step of every source: the shards' slices as one dataset folder (atomically, with the
+    preview grid if ``cfg.preview``), then the shards go (only once the dataset stands)."""
+    with atomic_dir(out, cfg.overwrite, inputs=inputs, need_bytes=need_bytes) as tmp:
         write_slice_dataset(tmp, [p[0] for p in parts], [p[1] for p in parts], records, meta)
         if cfg.preview:
             _preview(tmp, records)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
-import shutil
 import time
 import zlib
 from collections import Counter
@@ -40,13 +39,13 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from ..errors import NoduleSynthError
-from ..io import atomic_dir, check_out_dir
+from ..io import check_out_dir
 from ..masks.boxes import mask_to_boxes
 from ..masks.classes import MaskClass
 from ..masks.semantic import semantic_mask
 from .ct import CTVolume, _image_geometry, _to_hu_int16, check_hu_plausible
 from .dicom_tree import DicomVolumeRef, read_dicom_volume, scan_dicom_tree
-from .slices import SliceRecord, write_slice_dataset
+from .slices import SliceRecord
 from .splits import DEFAULT_FRACTIONS, assign_splits
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -377,12 +376,7 @@ def prepare_volumes(cfg: VolumeConfig) -> Path:
         "split": split,
         "seconds": round(time.time() - t0, 2),
     }
-    with atomic_dir(out, cfg.overwrite, inputs=inputs) as tmp:
-        write_slice_dataset(tmp, [p[0] for p in parts], [p[1] for p in parts], records, meta)
-        if cfg.preview:
-            prep._preview(tmp, records)
-    shutil.rmtree(shards, ignore_errors=True)
-    return out
+    return prep.write_prepared(out, shards, parts, records, meta, cfg, inputs)
 
 
 def prepare_other_source(args) -> Path | None:
