@@ -70,24 +70,17 @@ def stylegan_mode(model, draws: int, block: int) -> tuple[dict, dict]:
 
 
 def real_anatomy(n_masks: int, per_mask: int) -> tuple[dict, list[str], dict] | None:
-    import pydicom
-
-    from nodulesynth.data.prepare import _body_center, resample_slice
-    from nodulesynth.masks.classes import MaskClass as C
-    from nodulesynth.masks.semantic import semantic_mask
+    from nodulesynth.data.prepare import dicom_slice_mask
 
     files = sorted((DATA / "tcga-chest-slices").rglob("*.dcm"))
     if not files:
         return None
     masks, patients = [], set()
     for f in tqdm(files, desc="real masks", unit="slice"):
-        ds = pydicom.dcmread(f)
-        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        sp = tuple(float(v) for v in ds.PixelSpacing)
-        m = semantic_mask(hu, sp)
-        if min((m == C.LEFT_LUNG).sum(), (m == C.RIGHT_LUNG).sum()) * sp[0] * sp[1] < 1500:
+        m = dicom_slice_mask(f, 1500, 512, 0.8)
+        if m is None:
             continue
-        masks.append(resample_slice(hu, m, sp, _body_center(m), 512, 0.8)[1])
+        masks.append(m)
         patients.add(f.parent.name)
         if len(masks) == n_masks:
             break

@@ -35,20 +35,14 @@ def anatomy() -> np.ndarray:
 
 def _real_masks(n: int = 4) -> np.ndarray:
     """Real anatomy: TCGA chest slices through the project's mask builder, 0.8 mm, body-centred."""
-    import pydicom
-
-    from nodulesynth.data.prepare import _body_center, resample_slice
-    from nodulesynth.masks.semantic import semantic_mask
+    from nodulesynth.data.prepare import dicom_slice_mask
 
     out = []
     for f in sorted(TCGA.rglob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        sp = tuple(float(v) for v in ds.PixelSpacing)
-        m = semantic_mask(hu, sp)
-        if min((m == C.LEFT_LUNG).sum(), (m == C.RIGHT_LUNG).sum()) * sp[0] * sp[1] < 3000:
+        m = dicom_slice_mask(f, 3000, 512, SPACING)
+        if m is None:
             continue
-        out.append(resample_slice(hu, m, sp, _body_center(m), 512, SPACING)[1])
+        out.append(m)
         if len(out) == n:
             break
     return np.stack(out)

@@ -216,6 +216,21 @@ def _body_center(mask: np.ndarray) -> tuple[float, float]:
     return ((ys.min() + ys.max()) / 2.0, (xs.min() + xs.max()) / 2.0)
 
 
+def dicom_slice_mask(path: Path, min_lung_mm2: float, size: int = 512, target: float = 0.8) -> np.ndarray | None:
+    """One single-slice CT DICOM file → its 6-class mask resampled as ``prepare`` does (``target``
+    mm pixels, size×size, body-centred), or None when either lung covers < ``min_lung_mm2``
+    (a slice above or below the lungs): real anatomy for benchmarks and tests."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    sp = tuple(float(v) for v in ds.PixelSpacing)
+    m = semantic_mask(hu, sp)
+    if min((m == MaskClass.LEFT_LUNG).sum(), (m == MaskClass.RIGHT_LUNG).sum()) * sp[0] * sp[1] < min_lung_mm2:
+        return None
+    return resample_slice(hu, m, sp, _body_center(m), size, target)[1]
+
+
 def _load_job(job: ScanJob, cfg: PrepareConfig) -> tuple[CTVolume, list[Nodule], np.ndarray | None]:
     raw = load_ct(job.path, files=job.files)
     ct = raw.canonical()
