@@ -124,6 +124,27 @@ UID_FLIPPED = "1.2.826.0.1.3680043.9.9999.2"
 UID_EMPTY = "1.2.826.0.1.3680043.9.9999.3"
 
 
+@pytest.fixture
+def interrupt_second_job(monkeypatch):
+    """``real, calls = interrupt_second_job(module, "process_scan")``: the per-job function
+    ``module.name(job, cfg)`` now records each ``job.key`` in ``calls`` and raises KeyboardInterrupt
+    (a Ctrl-C) on the second job, for the resume tests of every prepare source."""
+
+    def arm(module, name: str):
+        real, calls = getattr(module, name), []
+
+        def crash_on_second(job, cfg):
+            calls.append(job.key)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(job, cfg)
+
+        monkeypatch.setattr(module, name, crash_on_second)
+        return real, calls
+
+    return arm
+
+
 @pytest.fixture(scope="session")
 def luna16_root(tmp_path_factory) -> Path:
     """subset0/ with a plain and a flipped scan (same anatomy, one nodule each) and a scan without

@@ -54,18 +54,9 @@ def test_prepare_luna16(luna16_root, tmp_path):
         prepare(PrepareConfig(out=out, luna16=luna16_root, size=128, spacing_mm=2.0))
 
 
-def test_prepare_resumes_from_shards(luna16_root, tmp_path, monkeypatch):
+def test_prepare_resumes_from_shards(luna16_root, tmp_path, monkeypatch, interrupt_second_job):
     cfg = PrepareConfig(out=tmp_path / "ds", luna16=luna16_root, size=64, spacing_mm=4.0, negatives=0.0)
-    real = prep.process_scan
-    calls = []
-
-    def crash_on_second(job, c):
-        calls.append(job.key)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(job, c)
-
-    monkeypatch.setattr(prep, "process_scan", crash_on_second)
+    real, calls = interrupt_second_job(prep, "process_scan")
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg)
     assert not cfg.out.exists() and len(list((tmp_path / ".ds.shards").glob("*.json"))) == 2  # settings + 1 scan

@@ -37,18 +37,10 @@ def _small(out: Path, root: Path) -> PrepareConfig:
 # ---------------------------------------------------------------- resume keyed on inputs
 
 
-def test_resume_after_editing_annotations_equals_a_fresh_run(luna16_root, tmp_path, monkeypatch):
+def test_resume_after_editing_annotations_equals_a_fresh_run(luna16_root, tmp_path, monkeypatch, interrupt_second_job):
     root = _copy(luna16_root, tmp_path)
     cfg = _small(tmp_path / "ds", root)
-    real, calls = prep.process_scan, []
-
-    def crash_on_second(job, c):
-        calls.append(job.key)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C while the second scan is processed
-        return real(job, c)
-
-    monkeypatch.setattr(prep, "process_scan", crash_on_second)
+    real, _ = interrupt_second_job(prep, "process_scan")  # Ctrl-C while the second scan is processed
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg)
     monkeypatch.setattr(prep, "process_scan", real)

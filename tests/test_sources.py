@@ -221,20 +221,12 @@ def test_real_pyradiomics_pair():
     assert int(label.sum()) == 837 and int(label.reshape(48, -1).any(1).sum()) == 3  # README: 837 voxels, 3 slices
 
 
-def test_dicom_prepare_resumes(dicom_tree, tmp_path, monkeypatch):
+def test_dicom_prepare_resumes(dicom_tree, tmp_path, monkeypatch, interrupt_second_job):
     """Interrupted after the first volume: nothing under --out, the finished volume's shard is
     reused by the rerun (only the other two are processed again)."""
     from nodulesynth.data import volumes
 
-    real, calls = volumes.process_volume, []
-
-    def flaky(job, cfg):
-        calls.append(job.key)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(job, cfg)
-
-    monkeypatch.setattr(volumes, "process_volume", flaky)
+    real, calls = interrupt_second_job(volumes, "process_volume")
     cfg = VolumeConfig(out=tmp_path / "ds", dicom=dicom_tree[0], size=128, spacing_mm=2.0)
     with pytest.raises(KeyboardInterrupt):
         prepare_volumes(cfg)
