@@ -521,3 +521,23 @@ def test_init_weights_fine_tunes_from_the_shipped_translator(tmp_path):
         assert torch.equal(a.float(), b.float()), k
     with pytest.raises(NoduleSynthError, match="no translator.safetensors"):
         _init_generator(TranslatorTrainConfig(data=[str(tmp_path)], out=str(tmp_path / "r2"), init_weights=str(tmp_path)))
+
+
+def test_init_weights_with_noise_starts_from_the_same_output(tmp_path):
+    """--init-weights + --noise adds decoder noise at zero scale: the output equals the init network's."""
+    import dataclasses
+
+    from nodulesynth.models.tsgan import TSGAN
+    from nodulesynth.train.translator import TranslatorTrainConfig, _init_generator
+
+    cfg = TranslatorTrainConfig(data=[str(tmp_path)], out=str(tmp_path / "run"), init_weights="pretrained")
+    cfg.model = dataclasses.replace(cfg.model, noise=True)
+    G = _init_generator(cfg).eval()
+    shipped = TSGAN.from_pretrained("pretrained").translator.float().eval()
+    assert cfg.model.noise and G.noises is not None and shipped.noises is None
+    assert all(float(n.weight.detach().abs().max()) == 0 for n in G.noises)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 6, (1, 128, 128)), 6).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        assert torch.allclose(G(onehot, noise_seeds=[3]), shipped(onehot), atol=1e-5)
+        G.noises[0].weight.fill_(1.0)  # once learned, the noise changes the output
+        assert not torch.allclose(G(onehot, noise_seeds=[3]), shipped(onehot), atol=1e-3)

@@ -62,7 +62,8 @@ class TranslatorTrainConfig(engine.RunConfig):
     num_samples: int = opt(4, "slices in each preview grid")
     num_workers: int = opt(2, "DataLoader workers", flag="--workers")
     init_weights: str | None = opt(None, "fine-tune: start the generator from the translator of this weights "
-                                         "folder (a TSGAN folder or a run's export/); its architecture is used")
+                                         "folder (a TSGAN folder or a run's export/); its architecture is used, "
+                                         "plus decoder noise if --noise is given")
 
 
 _PAPER: dict[str, Any] = {
@@ -98,6 +99,15 @@ def _init_generator(cfg: "TranslatorTrainConfig"):
     if not (folder / "translator.safetensors").is_file():
         raise NoduleSynthError(f"--init-weights {cfg.init_weights}: no translator.safetensors in {folder}")
     G = load_module(DLPix2PixGenerator, TranslatorConfig, folder, "translator").float().train()
+    if cfg.model.noise and not G.cfg.noise:
+        # Decoder noise added to a network trained without it: its scales start at 0, so the
+        # fine-tune starts from exactly the init network's output and learns how much texture to add.
+        with_noise = DLPix2PixGenerator(dataclasses.replace(G.cfg, noise=True))
+        missing, unexpected = with_noise.load_state_dict(G.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("noises.") for k in missing):
+            raise NoduleSynthError(f"--init-weights {cfg.init_weights}: cannot add decoder noise "
+                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        G = with_noise.float().train()
     keep = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
             if f.name in ("ndf", "n_layers_d", "num_d")}
     cfg.model = dataclasses.replace(G.cfg, **keep)
