@@ -16,6 +16,8 @@ only their VAL + TEST patients, which no model trained by ``benchmarks/retrain.p
   0.7 mm) vs the central 64² of held-out LIDC nodule crops; floor: train crops vs held-out crops.
 - **Paired translation** of the held-out slices' own masks: PSNR / SSIM of the 8-bit lung window
   (L = 255) and PSNR with MAX = 4095 on HU + 1024 (the paper's eq. 12).
+- **Checkerboard**: median :func:`nodulesynth.metrics.artifacts.checkerboard_score` (spectral
+  peaks at periods 2/4/8 px over their neighbourhood, log10; real CT ≈ 0.1).
 - **Lung structure**: share of lung pixels above −700 HU (vessels, bronchial walls, fissures),
   generated vs held-out real: an empty, vessel-free lung reads near 0.
 Writes OUT/heldout_realism.{json,txt} and OUT/heldout_grid.png (top: generated, bottom: held-out real).
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
     from realism import nodule_windows, paired  # same helpers as the Table-1 benchmark
 
     from nodulesynth.detect.windows import LIDC_MEDIAN_SPACING_MM
+    from nodulesynth.metrics.artifacts import checkerboard_score
     from nodulesynth.metrics.kid import InceptionFeatures, kid
     from nodulesynth.models.tsgan import TSGAN
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
 
     f_tr, f_ho = net(tr_i), net(ho_i)
     floor = {"model": "real train vs held-out (floor)", "kid_full": k1000(f_tr, f_ho),
+             "checkerboard": round(float(checkerboard_score(torch.from_numpy(ho_i)).median()), 3),
              "lung_share": round(lung_structure_share(ho_i, ho_m), 4)}
     c_tr, c_ho = _crop_windows(a.prepared, "train", a.n_crops, a.seed), _crop_windows(a.prepared, list(HELD_OUT), a.n_crops, a.seed)
     g_ho = None
@@ -131,7 +135,8 @@ def main(argv=None) -> int:
         b = syn.generate(range(a.n_generated))
         gen, gm = b.images_hu.numpy(), b.masks.numpy()
         row = {"model": name, "weights": str(model.source), "revision": str(model.revision),
-               "kid_full": k1000(net(gen), f_ho), "lung_share": round(lung_structure_share(gen, gm), 4)}
+               "kid_full": k1000(net(gen), f_ho), "lung_share": round(lung_structure_share(gen, gm), 4),
+               "checkerboard": round(float(checkerboard_score(b.images_hu).median()), 3)}
         if g_ho is not None:
             sp = float(model.meta.get("spacing_mm") or 0.8)
             gw = nodule_windows(gen, gm, sp, LIDC_MEDIAN_SPACING_MM)
@@ -151,14 +156,14 @@ def main(argv=None) -> int:
             grid = (gen[:6], gm[:6], [bx for bx in b.boxes[:6]])
     rows.append(floor)
     lines = [f"{'model':32} {'KID×1000 full':>15} {'ratio':>6} {'KID×1000 stage 2':>16} {'KID×1000 nodule':>16} {'SSIM':>6} {'PSNR8':>6} "
-             f"{'PSNR4095':>8} {'lung>-700HU':>11}"]
+             f"{'PSNR4095':>8} {'lung>-700HU':>11} {'grid':>5}"]
     for r in rows:
         kf, kn = r["kid_full"], r.get("kid_nodule")
         k2 = r.get("kid_stage2")
         lines.append(f"{r['model'][:32]:32} {kf[0]:>8.1f}±{kf[1]:<6.1f} {r.get('kid_ratio', ''):>6} "
                      f"{(f'{k2[0]:.1f}±{k2[1]:.1f}' if k2 else '-'):>16} "
                      f"{(f'{kn[0]:.1f}±{kn[1]:.1f}' if kn else '-'):>16} {r.get('ssim_full', '-'):>6} "
-                     f"{r.get('psnr8_full', '-'):>6} {r.get('psnr_full', '-'):>8} {r['lung_share']:>11}")
+                     f"{r.get('psnr8_full', '-'):>6} {r.get('psnr_full', '-'):>8} {r['lung_share']:>11} {r['checkerboard']:>5}")
     text = "\n".join(lines)
     print(text)
     doc = {"command": " ".join(sys.argv), "n_generated": a.n_generated, "held_out_splits": HELD_OUT,
