@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--subsets", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block", type=int, default=8)
+    p.add_argument("--psi", type=float, default=None, help="truncation ψ of the mask StyleGAN (default: generate's)")
     a = p.parse_args(argv)
     from realism import nodule_windows, paired  # same helpers as the Table-1 benchmark
 
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
     for name, w in zip(names, a.weights):
         t1 = time.time()
         model = TSGAN.from_pretrained(w, device="cpu")
-        syn = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block))
+        psi = {} if a.psi is None else {"truncation_psi": a.psi}
+        syn = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, **psi))
         b = syn.generate(range(a.n_generated))
         gen, gm = b.images_hu.numpy(), b.masks.numpy()
         row = {"model": name, "weights": str(model.source), "revision": str(model.revision),

@@ -541,3 +541,27 @@ def test_init_weights_with_noise_starts_from_the_same_output(tmp_path):
         assert torch.allclose(G(onehot, noise_seeds=[3]), shipped(onehot), atol=1e-5)
         G.noises[0].weight.fill_(1.0)  # once learned, the noise changes the output
         assert not torch.allclose(G(onehot, noise_seeds=[3]), shipped(onehot), atol=1e-3)
+
+
+def test_mask_fine_tune_starts_at_full_resolution_and_warms_the_critic(data_dir, mask_runs, tmp_path):
+    """--init-weights: G starts as the given generator (its config replaces the model flags), every
+    step is at the full resolution, and during --critic-warmup only the fresh critic learns."""
+    from nodulesynth.train.masks import MaskTrainer
+
+    full = mask_runs[0]
+    cfg = mask_cfg(data_dir, tmp_path, init_weights=str(full / "export"), critic_warmup=2, final_level_steps=3,
+                   model=MaskGANConfig(resolution=64), nodule_only=False)
+    t = _ready(MaskTrainer(cfg), tmp_path)
+    assert cfg.model.resolution == 8 and t.total_steps() == 3 and len(t.sources) == 8
+    init = {k: v.detach().clone() for k, v in t.G.named_parameters()}  # (buffers: w_avg tracks anyway)
+    d0 = {k: v.detach().clone() for k, v in t.D.named_parameters()}
+    for step, batch in enumerate(t.batches(0, 3)):
+        level, alpha, real = batch
+        assert (level, alpha) == (cfg.model.num_levels - 1, 1.0) and real.shape[-1] == 8
+        t.step = step
+        t.train_step(batch)
+        moved = any(not torch.equal(v, dict(t.G.named_parameters())[k]) for k, v in init.items())
+        assert moved == (step >= 2), step
+    assert any(not torch.equal(v, dict(t.D.named_parameters())[k]) for k, v in d0.items())
+    with pytest.raises(NoduleSynthError, match="no mask_generator.safetensors"):
+        _ready(MaskTrainer(mask_cfg(data_dir, tmp_path / "x", init_weights=str(tmp_path))), tmp_path / "x")

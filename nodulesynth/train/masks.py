@@ -60,6 +60,10 @@ class MaskTrainConfig(engine.RunConfig):
     nodule_gain: float = opt(1.0, "critic weight of the nodule channel (>1 counters nodule collapse; 1 = paper)")
     nodule_only: bool = opt(True, "train on all slices, not only nodule slices", flag="--all-slices")
     sample_every: int = opt(500, "steps between nodule-rate measurements")
+    init_weights: str | None = opt(None, "fine-tune: start G and its EMA from the mask generator of this weights "
+                                         "folder (a TSGAN folder or a run's export/) at its full resolution, with "
+                                         "its architecture; no progressive growing")
+    critic_warmup: int = opt(0, "fine-tuning: steps that train only the (fresh) critic before G moves")
     eval_samples: int = opt(256, "masks per nodule-rate measurement")
 
 
@@ -156,6 +160,8 @@ class MaskTrainer(engine.Trainer):
         cfg = self.cfg
         if cfg.steps_per_level < 1 or not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
             raise NoduleSynthError("--steps-per-level and --batch-size must be positive")
+        # fine-tuning: the init network's architecture (and resolution) replaces cfg.model first
+        self.init_G = _init_generator(cfg) if cfg.init_weights else None
         keep = (lambda ds, r: r.has_nodule) if cfg.nodule_only else None
         self.sources = SliceSources(cfg.data, None if cfg.split == "all" else cfg.split, cfg.data_weights, keep,
                                     "only nodule slices are used (pass --all-slices for all)")
@@ -173,7 +179,7 @@ class MaskTrainer(engine.Trainer):
 
         cfg, device = self.cfg, self.device
         self.reals = _RealMasks(self.sources, cfg.model.resolution, device)
-        self.G = MaskGenerator(cfg.model).to(device)
+        self.G = (self.init_G if self.init_G is not None else MaskGenerator(cfg.model)).to(device)
         self.D = MaskDiscriminator(cfg.model).to(device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
@@ -191,7 +197,14 @@ class MaskTrainer(engine.Trainer):
 
     def total_steps(self) -> int:
         cfg = self.cfg
-        return cfg.steps_per_level * (cfg.model.num_levels - 1) + (cfg.final_level_steps or cfg.steps_per_level)
+        final = cfg.final_level_steps or cfg.steps_per_level
+        return final if cfg.init_weights else cfg.steps_per_level * (cfg.model.num_levels - 1) + final
+
+    def schedule(self, step: int) -> tuple[int, float]:
+        """(level, alpha) of a step; a fine-tune starts (and stays) at the full resolution."""
+        if self.cfg.init_weights:
+            return self.cfg.model.num_levels - 1, 1.0
+        return schedule(step, self.cfg.steps_per_level, self.cfg.model.num_levels)
 
     def batch_size(self, level: int) -> int:
         return self.cfg.batch_sizes[min(level, len(self.cfg.batch_sizes) - 1)]
@@ -199,7 +212,7 @@ class MaskTrainer(engine.Trainer):
     def batches(self, step: int, stop_at: int):
         """Lazily: (level, alpha, faded real fractions) for each step, drawn when the step runs."""
         for s in range(step, stop_at):
-            level, alpha = schedule(s, self.cfg.steps_per_level, self.cfg.model.num_levels)
+            level, alpha = self.schedule(s)
             idx = [i for i, _ in self.stream.take(self.batch_size(level))]
             yield level, alpha, fade_reals(self.reals.fractions(idx, 4 * 2**level), alpha)
 
@@ -228,8 +241,9 @@ class MaskTrainer(engine.Trainer):
         self.opt_g.zero_grad(set_to_none=True)
         with autocast(device, cfg.amp):
             loss_g = wgan_g_loss(self.critic(self.G_t(z, level=level, alpha=alpha).float().softmax(1), level, alpha))
-        loss_g.backward()
-        self.opt_g.step()
+        if self.step >= cfg.critic_warmup:  # a fresh critic first learns what real masks are
+            loss_g.backward()
+            self.opt_g.step()
         world = self.info.world_size
         self.images_seen += bs * world
         half_life = cfg.ema_half_life_images
@@ -267,8 +281,7 @@ class MaskTrainer(engine.Trainer):
         self.opt_g.load_state_dict(st["opt_g"]); self.opt_d.load_state_dict(st["opt_d"])
         self.stream.load_state_dict(st["data"])
         self.images_seen = int(st["images_seen"])
-        self.level, self.alpha = schedule(max(int(st["step"]) - 1, 0), self.cfg.steps_per_level,
-                                          self.cfg.model.num_levels)
+        self.level, self.alpha = self.schedule(max(int(st["step"]) - 1, 0))
 
     @torch.no_grad()
     def preview(self) -> None:
@@ -288,6 +301,22 @@ class MaskTrainer(engine.Trainer):
         from ..models.io import save_module
 
         save_module(self.G_ema, self.cfg.model, self.out / "export", "mask_generator")
+
+
+def _init_generator(cfg: MaskTrainConfig):
+    """The mask generator of ``cfg.init_weights`` (safetensors only); its config replaces ``cfg.model``."""
+    from pathlib import Path
+
+    from ..models.io import load_module
+    from ..models.stylegan import MaskGenerator
+    from ..models.tsgan import DEFAULT_WEIGHTS_DIR
+
+    folder = Path(DEFAULT_WEIGHTS_DIR) if cfg.init_weights == "pretrained" else Path(cfg.init_weights).expanduser()
+    if not (folder / "mask_generator.safetensors").is_file():
+        raise NoduleSynthError(f"--init-weights {cfg.init_weights}: no mask_generator.safetensors in {folder}")
+    G = load_module(MaskGenerator, MaskGANConfig, folder, "mask_generator").float().train()
+    cfg.model = G.cfg
+    return G
 
 
 def train_masks(cfg: MaskTrainConfig):
