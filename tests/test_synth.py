@@ -57,7 +57,7 @@ def test_same_samples_for_any_batch_size_and_order(model):
     assert any(p["attempt"] > 0 for p in ref.provenance), "rejection sampling was not exercised"
     assert ref.provenance[4] == {"source": "synthetic", "model": model.source, "revision": model.revision,
                                  "seed": 7, "index": 4, "attempt": ref.provenance[4]["attempt"], "block": 8,
-                                 "nodule_mode": "stylegan"}
+                                 "truncation_psi": 1.0, "nodule_mode": "stylegan"}
     diff = Synthesizer(model, GenerationConfig(seed=8, **GATE)).generate([0])
     assert not torch.equal(diff.masks[0], ref.masks[0])
 
@@ -113,6 +113,9 @@ def test_unsatisfiable_conditions_fail_clearly(model):
         s.generate([0])
     with pytest.raises(NoduleSynthError, match="min-size-mm"):
         GenerationConfig(min_size_mm=9, max_size_mm=3).validate()
+    for psi in (-0.1, float("nan"), 3.0):
+        with pytest.raises(NoduleSynthError, match="truncation_psi"):
+            GenerationConfig(truncation_psi=psi).validate()
 
 
 def test_mask_in_mode_translates_given_masks(model):

@@ -200,7 +200,7 @@ class MaskGenerator(nn.Module):
         return self.synthesis(self.mapping(z, truncation_psi), level, alpha, noise_mode)
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, truncation_psi: float = 0.7, noise_mode: str = "const",
+    def sample(self, z: torch.Tensor, truncation_psi: float = 1.0, noise_mode: str = "const",
                size: int | None = None) -> torch.Tensor:
         """uint8 label masks (B, S, S): argmax of the full-resolution logits (resized to ``size`` first)."""
         w = self.mapping(z, truncation_psi, update_w_avg=False)

@@ -76,7 +76,7 @@ class TSGAN(nn.Module):
         return cls(MaskGenerator(mask_cfg), DLPix2PixGenerator(translator_cfg), {**(meta or {}), "image_size": image_size})
 
     @torch.no_grad()
-    def forward(self, z: torch.Tensor, truncation_psi: float = 0.7, noise_mode: str = "const"):
+    def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, noise_mode: str = "const"):
         """z → (uint8 masks (B, S, S), images (B, 1, S, S) in [-1, 1]), S = image_size."""
         masks = self.mask_generator.sample(z, truncation_psi, noise_mode, size=self.image_size)
         images = self.translator(one_hot(masks, self.translator_config.in_classes).to(z.dtype))

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of coco, yolo, nifti, mha, dicom, monai (both = coco,yolo); several → OUT/<format>/")
     p.add_argument("--seed", type=int, default=0, help="sample i is a pure function of (weights, seed, i)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--truncation-psi", type=float, default=1.0,
+                   help="StyleGAN truncation of the anatomy masks: < 1 trades variety for typical anatomy (1 = none)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per generation call (speed only, never results); networks run in fixed 16-row blocks")
     p.add_argument("--weights", default="pretrained", help="'pretrained' (shipped), a folder, or a hub repo id")
     p.add_argument("--revision", default=None, help="hub revision of --weights")
@@ -315,7 +317,7 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
     cfg = GenerationConfig(seed=args.seed, batch_size=args.batch_size, min_size_mm=args.min_size_mm,
                            max_size_mm=args.max_size_mm, num_nodules=args.num_nodules, nodules=args.nodules,
                            lung=args.lung, texture=args.texture, region=tuple(args.region) if args.region else None,
-                           add_nodules=args.add_nodules)
+                           add_nodules=args.add_nodules, truncation_psi=args.truncation_psi)
     cfg.validate()
     mask_files = _mask_files(args.masks) if args.masks else []
     real = open_real(args.real) if args.real else None

@@ -49,7 +49,9 @@ class GenerationConfig:
     seed: int = 0
     batch_size: int = 16  # samples produced per call chunk; never changes results
     block: int = 16  # fixed forward-pass shape (rows); part of the reproducibility key
-    truncation_psi: float = 0.7
+    # StyleGAN truncation of the mask latents. 1.0 (none): measured on held-out patients, KID×1000
+    # 279 vs 308 at 0.7 with every draw still passing the gate (README "Retraining on the real corpus").
+    truncation_psi: float = 1.0
     max_attempts: int = 256  # rejection budget per sample (mask draws are cheap; 0.9**256 ≈ 2e-12)
     spacing_mm: float | None = None  # pixel size of generated slices; None: model meta or FOV/size
     # Quality gate (documented in README): a returned positive always has a real nodule in a lung.
@@ -85,6 +87,8 @@ class GenerationConfig:
             bad("block", f"must be ≥ 1, got {self.block}")
         if self.max_attempts < 1:
             bad("max_attempts", f"must be ≥ 1, got {self.max_attempts}")
+        if not (isinstance(self.truncation_psi, (int, float)) and 0 <= self.truncation_psi <= 2):
+            bad("truncation_psi", f"must be in [0, 2] (1 = no truncation), got {self.truncation_psi!r}")
         if not (isinstance(self.min_nodule_mm, (int, float)) and 0 <= self.min_nodule_mm < math.inf):
             bad("min_nodule_mm", f"must be a size in mm ≥ 0, got {self.min_nodule_mm!r}")
         if self.min_nodules < 0:
@@ -345,6 +349,7 @@ class Synthesizer:
             "index": int(index),
             "attempt": int(attempt),
             "block": int(self.config.block),
+            "truncation_psi": float(self.config.truncation_psi),
             "nodule_mode": self.config.nodules,
             **({"nodules": self.lidc.placed.pop((int(index), int(attempt)), [])} if self.lidc is not None else {}),
         }
