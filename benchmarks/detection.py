@@ -425,15 +425,7 @@ def summarise_json(src: Path, out: Path) -> int:
     from nodulesynth.io import write_json
 
     write_json(out / "results.json", {**doc, "table": table, "summarised_from": str(src), "note": note})
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["detector", "arm", "n_synth", "epochs", "folds", "precision", "precision_std",
-                                           "recall", "recall_std", "map50", "map50_std", "map50_95", "map50_95_std",
-                                           "cpm", "cpm_std"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(table)
-    (out / "table.txt").write_text(print_table(table, note) + "\n")
-    if table:
-        plot(table, out / "map_vs_n.png", note)
+    _write_tables(out, table, note, final=True)
     return 0
 
 
@@ -472,10 +464,18 @@ def _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, 
         "wall_s": round(time.time() - t0, 1), "table": table, "rows": rows,
     }
     write_json(out / "results.json", doc)
-    keys = ["detector", "arm", "n_synth", "epochs", "folds", "precision", "precision_std", "recall", "recall_std",
+    _write_tables(out, table, note, final)
+    return table
+
+
+CSV_KEYS = ["detector", "arm", "n_synth", "epochs", "folds", "precision", "precision_std", "recall", "recall_std",
             "map50", "map50_std", "map50_95", "map50_95_std", "cpm", "cpm_std"]
+
+
+def _write_tables(out: Path, table: list[dict], note: str, final: bool) -> None:
+    """results.csv (atomically, after every arm); table.txt and the plot once the run is final."""
     with open(out / "results.csv.tmp", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=CSV_KEYS, extrasaction="ignore")
         w.writeheader()
         w.writerows(table)
     (out / "results.csv.tmp").replace(out / "results.csv")
@@ -483,7 +483,6 @@ def _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, 
         (out / "table.txt").write_text(print_table(table, note) + "\n")
         if table:
             plot(table, out / "map_vs_n.png", note)
-    return table
 
 
 if __name__ == "__main__":

@@ -146,9 +146,7 @@ def main(argv=None) -> int:
                 row["kid_nodule"] = k1000(net(gw), g_ho)
         # Stage 2 alone: the train patients' real masks translated, against held-out real — the same
         # anatomy as the floor's train side, so the gap to the floor is the translator's texture.
-        tr_fake = np.concatenate([syn.translate(tr_m[s : s + a.block]).images_hu.numpy()
-                                  for s in range(0, len(tr_m), a.block)])
-        row["kid_stage2"] = k1000(net(tr_fake), f_ho)
+        row["kid_stage2"] = k1000(net(syn.translate(tr_m).images_hu.numpy()), f_ho)
         row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in paired(model, ho_i, ho_m, 8, a.block).items()})
         row["kid_ratio"] = round(row["kid_full"][0] / max(floor["kid_full"][0], 1e-9), 2)
         row["seconds"] = round(time.time() - t1, 1)

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of coco, yolo, nifti, mha, dicom, monai (both = coco,yolo); several → OUT/<format>/")
     p.add_argument("--seed", type=int, default=0, help="sample i is a pure function of (weights, seed, i)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--truncation-psi", type=float, default=1.0,
+    p.add_argument("--truncation-psi", type=float, default=GenerationConfig.truncation_psi,
                    help="StyleGAN truncation of the anatomy masks: < 1 trades variety for typical anatomy (1 = none)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per generation call (speed only, never results); networks run in fixed 16-row blocks")
     p.add_argument("--weights", default="pretrained", help="'pretrained' (shipped), a folder, or a hub repo id")

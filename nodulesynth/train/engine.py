@@ -235,6 +235,19 @@ def seed_everything(seed: int, rank: int = 0, stream: int = 0) -> None:
     torch.manual_seed(s)
 
 
+# ----------------------------------------------------------------------------- fine-tuning
+def load_init_module(init_weights: str, cls, config_cls, name: str):
+    """``--init-weights``: network ``name`` of a weights folder ("pretrained": the shipped one; a TSGAN
+    folder or a run's export/), safetensors only, fp32, in training mode."""
+    from ..models.io import load_module
+    from ..models.tsgan import DEFAULT_WEIGHTS_DIR
+
+    folder = Path(DEFAULT_WEIGHTS_DIR) if init_weights == "pretrained" else Path(init_weights).expanduser()
+    if not (folder / f"{name}.safetensors").is_file():
+        raise NoduleSynthError(f"--init-weights {init_weights}: no {name}.safetensors in {folder}")
+    return load_module(cls, config_cls, folder, name).float().train()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def checkpoint_path(out: Path, step: int) -> Path:
     return Path(out) / CKPT_DIR / f"step-{step:08d}"

@@ -200,7 +200,7 @@ class MaskTrainer(engine.Trainer):
         final = cfg.final_level_steps or cfg.steps_per_level
         return final if cfg.init_weights else cfg.steps_per_level * (cfg.model.num_levels - 1) + final
 
-    def schedule(self, step: int) -> tuple[int, float]:
+    def level_at(self, step: int) -> tuple[int, float]:
         """(level, alpha) of a step; a fine-tune starts (and stays) at the full resolution."""
         if self.cfg.init_weights:
             return self.cfg.model.num_levels - 1, 1.0
@@ -212,7 +212,7 @@ class MaskTrainer(engine.Trainer):
     def batches(self, step: int, stop_at: int):
         """Lazily: (level, alpha, faded real fractions) for each step, drawn when the step runs."""
         for s in range(step, stop_at):
-            level, alpha = self.schedule(s)
+            level, alpha = self.level_at(s)
             idx = [i for i, _ in self.stream.take(self.batch_size(level))]
             yield level, alpha, fade_reals(self.reals.fractions(idx, 4 * 2**level), alpha)
 
@@ -281,7 +281,7 @@ class MaskTrainer(engine.Trainer):
         self.opt_g.load_state_dict(st["opt_g"]); self.opt_d.load_state_dict(st["opt_d"])
         self.stream.load_state_dict(st["data"])
         self.images_seen = int(st["images_seen"])
-        self.level, self.alpha = self.schedule(max(int(st["step"]) - 1, 0))
+        self.level, self.alpha = self.level_at(max(int(st["step"]) - 1, 0))
 
     @torch.no_grad()
     def preview(self) -> None:
@@ -304,17 +304,10 @@ class MaskTrainer(engine.Trainer):
 
 
 def _init_generator(cfg: MaskTrainConfig):
-    """The mask generator of ``cfg.init_weights`` (safetensors only); its config replaces ``cfg.model``."""
-    from pathlib import Path
-
-    from ..models.io import load_module
+    """The mask generator of ``cfg.init_weights``; its config replaces ``cfg.model``."""
     from ..models.stylegan import MaskGenerator
-    from ..models.tsgan import DEFAULT_WEIGHTS_DIR
 
-    folder = Path(DEFAULT_WEIGHTS_DIR) if cfg.init_weights == "pretrained" else Path(cfg.init_weights).expanduser()
-    if not (folder / "mask_generator.safetensors").is_file():
-        raise NoduleSynthError(f"--init-weights {cfg.init_weights}: no mask_generator.safetensors in {folder}")
-    G = load_module(MaskGenerator, MaskGANConfig, folder, "mask_generator").float().train()
+    G = engine.load_init_module(cfg.init_weights, MaskGenerator, MaskGANConfig, "mask_generator")
     cfg.model = G.cfg
     return G
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,18 +86,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _init_generator(cfg: "TranslatorTrainConfig"):
-    """The generator of ``cfg.init_weights`` (safetensors only), in training mode. Its architecture
-    replaces ``cfg.model``'s generator fields, so the discriminator and losses match it."""
-    import dataclasses
-
-    from ..models.io import load_module
+    """The generator of ``cfg.init_weights``, in training mode. Its architecture replaces
+    ``cfg.model``'s generator fields, so the discriminator and losses match it."""
     from ..models.pix2pix import DLPix2PixGenerator, TranslatorConfig
-    from ..models.tsgan import DEFAULT_WEIGHTS_DIR
 
-    folder = Path(DEFAULT_WEIGHTS_DIR) if cfg.init_weights == "pretrained" else Path(cfg.init_weights).expanduser()
-    if not (folder / "translator.safetensors").is_file():
-        raise NoduleSynthError(f"--init-weights {cfg.init_weights}: no translator.safetensors in {folder}")
-    G = load_module(DLPix2PixGenerator, TranslatorConfig, folder, "translator").float().train()
+    G = engine.load_init_module(cfg.init_weights, DLPix2PixGenerator, TranslatorConfig, "translator")
     if cfg.model.noise and not G.cfg.noise:
         # Decoder noise added to a network trained without it: its scales start at 0, so the
         # fine-tune starts from exactly the init network's output and learns how much texture to add.
