@@ -67,9 +67,9 @@ def translator_config(args, data: list[str], weights: str):
 
     model = {"ngf": args.ngf, "ndf": args.ndf, "num_downs": args.num_downs, "dwmh_depth": min(5, args.num_downs)}
     return preset_config(args.preset, model=model, data=data, data_weights=weights, out=str(args.out / "translator"),
-                         spacing_mm=args.spacing, crop_size=args.crop, batch_size=args.batch, lr=args.lr,
+                         spacing_mm=args.spacing if args.crop else None, crop_size=args.crop, batch_size=args.batch, lr=args.lr,
                          num_workers=args.workers, checkpoint_every=args.checkpoint_every, log_every=25,
-                         seed=args.seed, device="cpu", overwrite=args.overwrite, resume=args.resume)
+                         seed=args.seed, device=args.device, overwrite=args.overwrite, resume=args.resume)
 
 
 def train_translator_stage(args, data: list[str], weights: str) -> dict:
@@ -99,7 +99,7 @@ def mask_config(args, data: list[str]):
                            data_weights=default_weights(data, []),  # each train patient equally likely
                            batch_sizes=(32, 32, 32, 16, 16, 8), steps_per_level=100, sample_every=500,
                            eval_samples=64, checkpoint_every=args.checkpoint_every, log_every=25, seed=args.seed,
-                           device="cpu", overwrite=args.overwrite, resume=args.resume)
+                           device=args.device, overwrite=args.overwrite, resume=args.resume)
 
 
 def _saved(run: Path, *keys: str) -> list | None:
@@ -174,10 +174,13 @@ def main(argv=None) -> int:
     p.add_argument("--prepared", type=Path, default=Path("prepared"), help="folder of prepared datasets")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--minutes", type=float, default=40.0, help="wall time per stage")
-    p.add_argument("--stage", choices=("both", "masks", "translator"), default="both")
+    p.add_argument("--stage", choices=("both", "masks", "translator", "export"), default="both",
+                   help="export: only assemble OUT/weights from finished runs (two stages trained side by side)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--preset", default="texture", help="translator preset (train translator --preset)")
     p.add_argument("--spacing", type=float, default=0.8, help="common pixel spacing of stage 2 (mm)")
-    p.add_argument("--crop", type=int, default=64, help="stage 2 training crop (multiple of 2**num_downs)")
+    p.add_argument("--crop", type=int, default=64,
+                   help="stage 2 training crop (multiple of 2**num_downs); 0 = whole 512² slices, no nodule crops")
     p.add_argument("--weights", default=None,
                    help="shares of the stage 2 folders in order (default: full slices 1:1 with the crops, "
                         "full-slice folders by their train patients)")
@@ -206,21 +209,28 @@ def main(argv=None) -> int:
     slices, crops = _folders(args.prepared, SLICE_SETS), _folders(args.prepared, CROP_SETS)
     if not slices:
         sys.exit(f"--prepared {args.prepared}: none of {', '.join(SLICE_SETS)} is a prepared dataset")
-    data2 = slices + crops
-    weights = args.weights or default_weights(slices, crops)
+    data2 = slices + (crops if args.crop else [])  # whole slices: one size per batch
+    weights = args.weights or default_weights(slices, crops if args.crop else [])
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = {"argv": sys.argv, "args": {k: str(v) for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads()}
+    if args.stage == "export" and (args.out / "recipe.json").is_file():  # keep the training run's record
+        recipe = {**json.loads((args.out / "recipe.json").read_text()), "export_argv": sys.argv}
+    hardware = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
+    recipe.setdefault("hardware", hardware)
     t0 = time.monotonic()
     if args.stage in ("both", "masks"):
         recipe["masks"] = train_mask_stage(args, slices)
     if args.stage in ("both", "translator"):
         recipe["translator"] = train_translator_stage(args, data2, weights)
-    recipe["wall_minutes"] = round((time.monotonic() - t0) / 60, 1)
+    if args.stage != "export":
+        recipe["wall_minutes"] = round((time.monotonic() - t0) / 60, 1)
     masks_run, tr_run = args.masks_run or args.out / "masks", args.out / "translator"
     if (masks_run / "export").is_dir() and (tr_run / "export").is_dir():
         from nodulesynth.models.export import export_tsgan
 
-        card = (f"Retrained on CPU with benchmarks/retrain.py ({args.minutes} min per stage, preset {args.preset}); "
+        ra = recipe["args"]  # on --stage export: the training run's own arguments
+        card = (f"Retrained on {recipe['hardware']} with benchmarks/retrain.py ({ra['minutes']} min per stage, "
+                f"preset {ra['preset']}); "
                 f"data: train split of {', '.join(Path(d).name for d in data2)}; see recipe.json.")
         export_tsgan(masks_run, tr_run, args.out / "weights", card, overwrite=True, dtype=torch.float16)
         recipe["weights"] = str(args.out / "weights")

@@ -170,6 +170,21 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
     return rows
 
 
+def write(a, argv, dev: torch.device, peak: float | None, rows: list[dict]) -> Path:
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cuda = dev.type == "cuda"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({
+        "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": torch.cuda.get_device_name(dev) if cuda else (platform.processor() or platform.machine()),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(), "peak_bf16_tflops": peak, "size": a.size,
+        "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
+    tmp.replace(out)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
@@ -212,6 +227,7 @@ def main(argv=None) -> int:
             rows += end_to_end_rows(name, tsgan, dev, batches[-1:], n, gate, workers, True)
         for r in rows:
             r.setdefault("translator_gflops", gflops)
+        write(a, argv, dev, peak, rows)  # after each model: a run cut short still leaves its rows
         print(f"done {name}", file=sys.stderr)
     print(f"{'model':8} {'stage':28} {'variant':28} {'batch':>5} {'img/s':>9} {'to disk':>8} {'roofline':>8}")
     for r in rows:
@@ -219,15 +235,7 @@ def main(argv=None) -> int:
         disk = f"{r['to_disk_img_s']:8.2f}" if r.get("to_disk_img_s") else f"{'':8}"
         roof = f"{100 * r['roofline_frac']:7.1f}%" if r.get("roofline_frac") else f"{'':8}"
         print(f"{r['model']:8} {r['stage']:28} {r['variant']:28} {r['batch']:5d} {ips} {disk} {roof}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": torch.cuda.get_device_name(dev) if cuda else (platform.processor() or platform.machine()),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(), "peak_bf16_tflops": peak, "size": a.size,
-        "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write(a, argv, dev, peak, rows)}")
     return 0
 
 

@@ -51,7 +51,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The full parser; with ``only``, just that subcommand's module is imported (the others are
+    listed by their one-line help), so `nodulesynth generate` never loads the DICOM/ITK readers."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="nodulesynth", description=__doc__.splitlines()[0])
@@ -59,6 +61,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = {}
     for name, (modname, help_) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_)
+            continue
         mod = importlib.import_module(modname)
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
         mod.add_arguments(p)
@@ -66,8 +71,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     return parser, modules
 
 
+def _command(argv: list[str]) -> str:
+    """The subcommand named on the command line ('' when none is: `--help`, `--version`)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser, modules = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, modules = build_parser(only=_command(argv))
     args = parser.parse_args(argv)
     try:
         with _terminate_as_interrupt():

@@ -236,3 +236,22 @@ def test_more_bad_arguments_fail_clearly(tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err
         assert not (tmp_path / argv[argv.index("--out") + 1]).exists()
+
+
+def test_cli_imports_only_the_chosen_subcommand():
+    """`generate` must not load the readers of real CT (SimpleITK, pydicom): faster start-up, and a
+    machine with the generation stack alone runs it. `--help` still lists every subcommand."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom nodulesynth.cli import main\n"
+            "for argv in (['generate', '--help'], ['--help']):\n"
+            "    try: main(argv)\n    except SystemExit: pass\n"
+            "print('LOADED', sorted(m for m in ('SimpleITK', 'pydicom', 'nodulesynth.data.prepare') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "LOADED []" in out.stdout, out.stdout[-300:]
+    for name in ("generate", "merge", "prepare", "phantom", "train"):
+        assert name in out.stdout
+    with pytest.raises(SystemExit):  # a chosen subcommand still gets its full parser
+        main(["prepare", "--help"])

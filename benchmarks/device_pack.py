@@ -1,0 +1,123 @@
+"""What a lent GPU session carries, built here ahead of time (issues 11 and 13).
+
+    python benchmarks/device_pack.py pack --prepared prepared      # here: .devpack/ + .whl/
+    python benchmarks/device_pack.py unpack .devpack /tmp/prepared  # there (benchmarks/device_session.sh)
+
+Why: a device call carries at most 64 MiB with the working tree (~23 MiB), and the GPU image lacks
+some of our packages. The prepared 512² slice sets (tcga, pyradiomics, lidc-sample: 117 slices of 39
+patients, every split, so the session can evaluate on the held-out patients too) are 91 MB as .npy
+but ~18 MB as xz-compressed .npy, losslessly; the wheels the GPU image lacks for training and the
+tests (albumentations and its needs, pycocotools) are ~8 MB. SimpleITK (53 MB) cannot travel: the
+test modules that read real CT files are skipped there, and nothing on the GPU path imports it.
+
+``pack`` also writes ``.devpack/MANIFEST.json`` (sizes, SHA-256 of every decompressed array) and
+``unpack`` checks it, so a truncated transfer fails loudly instead of training on garbage. Both
+folders are git-ignored (``.git/info/exclude``); a session names them in the device call's carry.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import lzma
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SETS = ("tcga", "pyradiomics", "lidc-sample")
+# Packages the GPU image lacks (device KINDS.md lists what it holds), pinned to what this checkout's
+# environment runs, with their own needs that the image lacks too.
+WHEELS = ("albumentations", "albucore", "pydantic", "pydantic-core", "simsimd", "stringzilla",
+          "annotated-types", "typing-inspection", "pycocotools")
+PIP_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                 "manylinux2014_x86_64", "manylinux1_x86_64")
+CARRY_LIMIT = 64 * 2**20
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def pack(prepared: Path, out: Path, wheels: Path | None) -> dict:
+    for name in SETS:
+        if not (prepared / name / "index.json").is_file():
+            raise SystemExit(f"--prepared {prepared}: {name}/index.json missing (run `nodulesynth prepare` first)")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    manifest = {"sets": {}}
+    for name in SETS:
+        src = prepared / name
+        (tmp / name).mkdir()
+        shutil.copy2(src / "index.json", tmp / name / "index.json")
+        entry = {}
+        for arr in ("images", "masks"):
+            a = np.load(src / f"{arr}.npy", mmap_mode="r")
+            with lzma.open(tmp / name / f"{arr}.npy.xz", "wb", preset=6) as fh:
+                np.save(fh, np.asarray(a))
+            entry[arr] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha(np.asarray(a)),
+                          "bytes_xz": (tmp / name / f"{arr}.npy.xz").stat().st_size}
+        manifest["sets"][name] = entry
+    (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
+    tmp.rename(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    manifest["bytes"] = size
+    if wheels is not None:
+        manifest["wheel_bytes"] = fetch_wheels(wheels)
+    return manifest
+
+
+def fetch_wheels(dest: Path) -> int:
+    """Linux x86-64 / CPython 3.12 wheels (the GPU image's Python) of WHEELS, at this environment's
+    versions, with pip download (no dependencies resolved: the list is complete for that image)."""
+    from importlib.metadata import version
+
+    pins = [f"{n}=={version(n)}" for n in WHEELS]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+           "3.12", "--implementation", "cp", *[a for p in PIP_PLATFORMS for a in ("--platform", p)], "-d", str(dest), *pins]
+    subprocess.run(cmd, check=True)
+    return sum(p.stat().st_size for p in dest.glob("*.whl"))
+
+
+def unpack(src: Path, dest: Path) -> None:
+    manifest = json.loads((src / "MANIFEST.json").read_text())
+    for name, entry in manifest["sets"].items():
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        for arr, facts in entry.items():
+            with lzma.open(src / name / f"{arr}.npy.xz", "rb") as fh:
+                a = np.load(fh)
+            if list(a.shape) != facts["shape"] or _sha(a) != facts["sha256"]:
+                raise SystemExit(f"{src / name / (arr + '.npy.xz')}: content does not match MANIFEST.json (truncated copy?)")
+            np.save(dest / name / f"{arr}.npy", a)
+        shutil.copy2(src / name / "index.json", dest / name / "index.json")
+    print(f"unpacked {', '.join(manifest['sets'])} into {dest}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("pack")
+    a.add_argument("--prepared", type=Path, default=Path("prepared"))
+    a.add_argument("--out", type=Path, default=Path(".devpack"))
+    a.add_argument("--wheels", type=Path, default=Path(".whl"), help="wheel folder to fill ('' to skip)")
+    u = sub.add_parser("unpack")
+    u.add_argument("src", type=Path)
+    u.add_argument("dest", type=Path)
+    args = p.parse_args(argv)
+    if args.cmd == "unpack":
+        unpack(args.src, args.dest)
+        return 0
+    m = pack(args.prepared, args.out, args.wheels if str(args.wheels) else None)
+    total = m["bytes"] + m.get("wheel_bytes", 0)
+    print(f"{args.out}: {m['bytes'] / 2**20:.1f} MiB; wheels {m.get('wheel_bytes', 0) / 2**20:.1f} MiB; "
+          f"carry with the working tree must stay under {CARRY_LIMIT / 2**20:.0f} MiB (this: {total / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# One device call that does what only a GPU can (issues 11 and 13), sized for a 15-minute lease:
+#
+#   here:   python benchmarks/device_pack.py pack --prepared prepared        # .devpack/ + .whl/, once
+#   device: run(command="bash benchmarks/device_session.sh", carry=[".devpack", ".whl"], timeout_s=590)
+#   here:   bash benchmarks/device_session.sh --collect /work/.device/<files_at>   # weights → runs/gpu/
+#
+# In ~9 minutes on the GPU, side by side:
+#   1. trains the mask StyleGAN at 512² and two translators at the shippable size (ngf 32, 7 downs:
+#      ≤ 22 MiB fp16) on whole 512² slices of the TRAIN patients: "texture" (decoder noise, resize-conv,
+#      2-scale D + feature matching, low-pass L1 50) and "paper" (deterministic, L1 200), DS_MINUTES each;
+#   2. meanwhile runs tests/test_cuda.py, then the whole suite (modules needing SimpleITK, which
+#      cannot travel, fail to collect and are reported);
+#   3. after training: benchmarks/throughput.py (no compile, then compile at batch 64 if time is left);
+#   4. writes to $OUT: session.log, results.tgz (recipes, metrics, previews, test reports, throughput
+#      JSON) and weights.tar.part-* (fp16 TSGAN folders, split under the 16 MiB per-file limit).
+# Held-out KID is measured back here (the TF-Inception weights cannot travel):
+#   python benchmarks/heldout_realism.py --weights pretrained runs/gpu/texture runs/gpu/paper ...
+#
+# Dry run on the CPU (tiny budget; checks the plumbing, not the models):
+#   DS_DEVICE=cpu DS_MINUTES=0.3 DS_DEADLINE=400 OUT=/tmp/ds-out bash benchmarks/device_session.sh
+set -uo pipefail
+
+if [[ "${1:-}" == "--collect" ]]; then  # here, after the call: reassemble the weights folders
+  src=${2:?usage: --collect FILES_AT [DEST]}; dest=${3:-runs/gpu}
+  mkdir -p "$dest" && cat "$src"/weights.tar.part-* | tar -x -C "$dest" && tar -xzf "$src/results.tgz" -C "$dest"
+  echo "weights in $dest: $(ls "$dest")"; exit
+fi
+
+T0=$(date +%s)
+MIN=${DS_MINUTES:-4.5}          # training minutes per run (the three run at once)
+DEADLINE=${DS_DEADLINE:-540}    # seconds after start by which everything is written to $OUT
+DEV=${DS_DEVICE:-cuda}
+OUT=${OUT:-device-out}
+W=${DS_WORK:-/tmp/ds}           # runs stay on the machine's disk between calls (a --resume call can follow)
+mkdir -p "$OUT" "$W/results"
+exec > >(tee -a "$OUT/session.log") 2>&1
+left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
+say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 PYTHONDONTWRITEBYTECODE=1
+PY=python3
+
+say "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
+if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1 && [[ "$DEV" != cpu ]]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY -c "import torch, nodulesynth; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+if [[ -d .devpack ]]; then $PY benchmarks/device_pack.py unpack .devpack "$W/prepared" || exit 1; P=$W/prepared
+else P=${DS_PREPARED:-prepared}; fi
+
+# ---- 1. training, three runs side by side ------------------------------------------------------
+SIZE=(--ngf 32 --ndf 64 --num-downs 7 --crop 0 --batch 8 --lr 2e-4)
+[[ "$DEV" == cpu ]] && SIZE=(--ngf 8 --ndf 8 --num-downs 7 --crop 0 --batch 1 --lr 2e-4)
+MASKRES=512; [[ "$DEV" == cpu ]] && MASKRES=32
+common=(--prepared "$P" --minutes "$MIN" --device "$DEV" --threads 2 --calibration-steps 4 --checkpoint-every 400)
+say "training $MIN min per run"
+$PY benchmarks/retrain.py "${common[@]}" --out "$W/masks" --stage masks --mask-res $MASKRES --workers 2 \
+  > "$W/results/train_masks.log" 2>&1 & pm=$!
+$PY benchmarks/retrain.py "${common[@]}" --out "$W/texture" --stage translator --preset texture "${SIZE[@]}" \
+  --workers 4 > "$W/results/train_texture.log" 2>&1 & pt=$!
+$PY benchmarks/retrain.py "${common[@]}" --out "$W/paper" --stage translator --preset paper "${SIZE[@]}" \
+  --workers 4 > "$W/results/train_paper.log" 2>&1 & pp=$!
+
+# ---- 2. tests while the GPU trains ---------------------------------------------------------------
+say "tests/test_cuda.py"
+timeout $(( $(left) / 3 )) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_boxes.py \
+  --junitxml="$W/results/test_cuda.xml" 2>&1 | tail -25
+budget=$(( $(left) - 300 )); (( budget > 240 )) && budget=240
+if (( budget > 30 )); then
+  say "whole suite (${budget}s at most)"
+  NX=(); $PY -c "import xdist" 2>/dev/null && NX=(-n 4)
+  timeout "$budget" $PY -m pytest -q -p no:cacheprovider "${NX[@]}" --continue-on-collection-errors tests \
+    --junitxml="$W/results/test_suite.xml" > "$W/results/test_suite.log" 2>&1
+  tail -15 "$W/results/test_suite.log"
+fi
+
+# ---- wait for training, export -------------------------------------------------------------------
+for pid in $pm $pt $pp; do wait "$pid" || say "a training run exited with $?"; done
+say "training done"
+for r in masks texture paper; do tail -3 "$W/results/train_$r.log"; done
+for r in texture paper; do
+  $PY benchmarks/retrain.py --prepared "$P" --out "$W/$r" --stage export --masks-run "$W/masks/masks" --device "$DEV" \
+    >> "$W/results/train_$r.log" 2>&1 && say "exported $r" || say "export $r failed"
+done
+
+# ---- 3. throughput ------------------------------------------------------------------------------
+if [[ "$DEV" != cpu ]]; then
+  t=$(( $(left) - 90 ))
+  if (( t > 40 )); then
+    say "throughput, no compile (${t}s at most)"
+    timeout "$t" $PY benchmarks/throughput.py --no-compile --batches 16,64,128 --seconds 2 --n 512 \
+      --out "$W/results/throughput.json" 2>&1 | tail -30
+  fi
+  t=$(( $(left) - 45 ))
+  if (( t > 60 )); then
+    say "throughput with torch.compile at batch 64 (${t}s at most)"
+    timeout "$t" $PY benchmarks/throughput.py --models paper --batches 64 --seconds 2 --n 512 \
+      --out "$W/results/throughput_compile.json" 2>&1 | tail -12
+  fi
+fi
+
+# ---- 4. bring back -------------------------------------------------------------------------------
+say "packing results"
+for r in masks texture paper; do
+  run=$W/$r/$([[ $r == masks ]] && echo masks || echo translator)
+  mkdir -p "$W/results/$r"
+  cp "$W/$r/recipe.json" "$W/results/$r/" 2>/dev/null
+  cp "$run/metrics.csv" "$run/config.json" "$W/results/$r/" 2>/dev/null
+  last=$(ls "$run"/samples/*.png 2>/dev/null | tail -1); [[ -n "$last" ]] && cp "$last" "$W/results/$r/"
+done
+tar -czf "$OUT/results.tgz" -C "$W" results
+names=(); for r in texture paper; do [[ -d "$W/$r/weights" ]] && { rm -rf "$W/pack/$r"; mkdir -p "$W/pack"; cp -r "$W/$r/weights" "$W/pack/$r"; names+=("$r"); }; done
+if (( ${#names[@]} )); then tar -cf - -C "$W/pack" "${names[@]}" | split -b 15m -d - "$OUT/weights.tar.part-"; fi
+ls -la "$OUT"
+say "done (limit was ${DEADLINE}s)"

@@ -1,0 +1,48 @@
+"""benchmarks/device_pack.py: what a GPU session carries must come back bit-identical, and a
+truncated or altered copy must fail loudly rather than train on garbage."""
+from __future__ import annotations
+
+import lzma
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train import synth_slices
+
+from nodulesynth.data.slices import SliceDataset, write_slice_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import device_pack  # noqa: E402
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    for k, name in enumerate(device_pack.SETS):
+        images, masks, records = synth_slices(3, 32, seed=k)
+        write_slice_dataset(tmp_path / "prepared" / name, images, masks, records)
+    return tmp_path / "prepared"
+
+
+def test_pack_unpack_round_trip_and_refuses_altered_copies(prepared, tmp_path):
+    m = device_pack.pack(prepared, tmp_path / "pack", wheels=None)
+    assert set(m["sets"]) == set(device_pack.SETS) and m["bytes"] > 0
+    device_pack.unpack(tmp_path / "pack", tmp_path / "there")
+    for name in device_pack.SETS:
+        a, b = SliceDataset(prepared / name), SliceDataset(tmp_path / "there" / name)
+        assert np.array_equal(np.asarray(a.images), np.asarray(b.images))
+        assert np.array_equal(np.asarray(a.masks), np.asarray(b.masks))
+        assert [r.series_uid for r in a.records] == [r.series_uid for r in b.records]
+    victim = tmp_path / "pack" / "tcga" / "images.npy.xz"
+    with lzma.open(victim, "rb") as fh:
+        arr = np.load(fh)
+    arr[0, 0, 0] += 1
+    with lzma.open(victim, "wb") as fh:
+        np.save(fh, arr)
+    with pytest.raises(SystemExit, match="does not match MANIFEST"):
+        device_pack.unpack(tmp_path / "pack", tmp_path / "again")
+
+
+def test_pack_names_a_missing_set(tmp_path):
+    with pytest.raises(SystemExit, match="index.json missing"):
+        device_pack.pack(tmp_path / "nothing", tmp_path / "pack", wheels=None)
