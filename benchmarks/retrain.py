@@ -228,10 +228,11 @@ def main(argv=None) -> int:
     if (masks_run / "export").is_dir() and (tr_run / "export").is_dir():
         from nodulesynth.models.export import export_tsgan
 
-        ra = recipe["args"]  # on --stage export: the training run's own arguments
+        ra = recipe["args"]  # on --stage export: the training run's own arguments and data
+        used = [d["path"] for d in recipe.get("translator", {}).get("data", [])] or data2
         card = (f"Retrained on {recipe['hardware']} with benchmarks/retrain.py ({ra['minutes']} min per stage, "
                 f"preset {ra['preset']}); "
-                f"data: train split of {', '.join(Path(d).name for d in data2)}; see recipe.json.")
+                f"data: train split of {', '.join(Path(d).name for d in used)}; see recipe.json.")
         export_tsgan(masks_run, tr_run, args.out / "weights", card, overwrite=True, dtype=torch.float16)
         recipe["weights"] = str(args.out / "weights")
     (args.out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
