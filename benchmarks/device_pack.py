@@ -57,10 +57,10 @@ def pack(prepared: Path, out: Path, wheels: Path | None) -> dict:
         shutil.copy2(src / "index.json", tmp / name / "index.json")
         entry = {}
         for arr in ("images", "masks"):
-            a = np.load(src / f"{arr}.npy", mmap_mode="r")
+            a = np.load(src / f"{arr}.npy")  # read once: compressed and hashed from memory
             with lzma.open(tmp / name / f"{arr}.npy.xz", "wb", preset=6) as fh:
-                np.save(fh, np.asarray(a))
-            entry[arr] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha(np.asarray(a)),
+                np.save(fh, a)
+            entry[arr] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha(a),
                           "bytes_xz": (tmp / name / f"{arr}.npy.xz").stat().st_size}
         manifest["sets"][name] = entry
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))

@@ -112,7 +112,9 @@ for r in masks texture paper; do
   last=$(ls "$run"/samples/*.png 2>/dev/null | tail -1); [[ -n "$last" ]] && cp "$last" "$W/results/$r/"
 done
 tar -czf "$OUT/results.tgz" -C "$W" results
-names=(); for r in texture paper; do [[ -d "$W/$r/weights" ]] && { rm -rf "$W/pack/$r"; mkdir -p "$W/pack"; cp -r "$W/$r/weights" "$W/pack/$r"; names+=("$r"); }; done
-if (( ${#names[@]} )); then tar -cf - -C "$W/pack" "${names[@]}" | split -b 15m -d - "$OUT/weights.tar.part-"; fi
+names=(); for r in texture paper; do [[ -d "$W/$r/weights" ]] && names+=("$r/weights"); done
+if (( ${#names[@]} )); then  # archived as texture/, paper/: the folders --collect hands to heldout_realism
+  tar -cf - -C "$W" --transform 's,/weights,,' "${names[@]}" | split -b 15m -d - "$OUT/weights.tar.part-"
+fi
 ls -la "$OUT"
 say "done (limit was ${DEADLINE}s)"

@@ -110,7 +110,7 @@ def test_samples_do_not_depend_on_batch_size_on_device(pair):
         np.testing.assert_array_equal(b.boxes[0], many.boxes[i])
 
 
-def test_cli_generate_on_device(tmp_path):
+def test_cli_generate_on_device(pair, tmp_path):
     from nodulesynth.cli import main
 
     out = tmp_path / "coco"
@@ -120,7 +120,7 @@ def test_cli_generate_on_device(tmp_path):
     coco = json.loads((out / "annotations.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(coco["images"]) == 4 and len(coco["annotations"]) >= 4
-    assert manifest["n_synthetic"] == 4 and manifest["revision"] == TSGAN.from_pretrained("pretrained").revision
+    assert manifest["n_synthetic"] == 4 and manifest["revision"] == pair[0].tsgan.revision
 
 
 def test_both_trainers_step_on_device(tmp_path):

@@ -239,9 +239,10 @@ class MaskTrainer(engine.Trainer):
         # --- generator step (eq. 2); D's grads from this pass are discarded at the next zero_grad
         z = torch.randn(bs, cfg.model.z_dim, device=device)
         self.opt_g.zero_grad(set_to_none=True)
-        with autocast(device, cfg.amp):
+        learn_g = self.step >= cfg.critic_warmup  # a fresh critic first learns what real masks are
+        with torch.set_grad_enabled(learn_g), autocast(device, cfg.amp):  # warm-up: g_loss logged, no graph
             loss_g = wgan_g_loss(self.critic(self.G_t(z, level=level, alpha=alpha).float().softmax(1), level, alpha))
-        if self.step >= cfg.critic_warmup:  # a fresh critic first learns what real masks are
+        if learn_g:
             loss_g.backward()
             self.opt_g.step()
         world = self.info.world_size
