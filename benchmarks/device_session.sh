@@ -17,6 +17,8 @@
 # Held-out KID is measured back here (the TF-Inception weights cannot travel):
 #   python benchmarks/heldout_realism.py --weights pretrained runs/gpu/texture runs/gpu/paper ...
 #
+# A short follow-up call (translators only, shipped masks, test_cuda only, schedule from a known step time):
+#   DS_MASKS=shipped DS_SUITE=0 DS_THROUGHPUT=0 DS_STEP_SECONDS=0.12 DS_MINUTES=3.3 DS_DEADLINE=280 bash ...
 # Dry run on the CPU (tiny budget; checks the plumbing, not the models):
 #   DS_DEVICE=cpu DS_MINUTES=0.3 DS_DEADLINE=400 OUT=/tmp/ds-out bash benchmarks/device_session.sh
 set -uo pipefail
@@ -33,6 +35,10 @@ DEADLINE=${DS_DEADLINE:-540}    # seconds after start by which everything is wri
 DEV=${DS_DEVICE:-cuda}
 OUT=${OUT:-device-out}
 W=${DS_WORK:-/tmp/ds}           # runs stay on the machine's disk between calls (a --resume call can follow)
+MASKS=${DS_MASKS:-train}        # train | shipped (export the translators with the shipped mask generator)
+SUITE=${DS_SUITE:-1}            # 0: only tests/test_cuda.py
+THROUGHPUT=${DS_THROUGHPUT:-1}
+STEPSEC=${DS_STEP_SECONDS:-}    # translator step time to size the schedule with (skips calibration)
 mkdir -p "$OUT" "$W/results"
 exec > >(tee -a "$OUT/session.log") 2>&1
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
@@ -56,9 +62,13 @@ SIZE=(--ngf 32 --ndf 64 --num-downs 7 --crop 0 --batch 8 --lr 2e-4)
 [[ "$DEV" == cpu ]] && SIZE=(--ngf 8 --ndf 8 --num-downs 7 --crop 0 --batch 1 --lr 2e-4)
 MASKRES=512; [[ "$DEV" == cpu ]] && MASKRES=32
 common=(--prepared "$P" --minutes "$MIN" --device "$DEV" --threads 2 --calibration-steps 4 --checkpoint-every 400)
-say "training $MIN min per run"
-$PY benchmarks/retrain.py "${common[@]}" --out "$W/masks" --stage masks --mask-res $MASKRES --workers 2 \
-  > "$W/results/train_masks.log" 2>&1 & pm=$!
+[[ -n "$STEPSEC" ]] && SIZE+=(--step-seconds "$STEPSEC")
+say "training $MIN min per run (masks: $MASKS)"
+pm=
+if [[ "$MASKS" == train ]]; then
+  $PY benchmarks/retrain.py "${common[@]}" --out "$W/masks" --stage masks --mask-res $MASKRES --workers 2 \
+    > "$W/results/train_masks.log" 2>&1 & pm=$!
+fi
 $PY benchmarks/retrain.py "${common[@]}" --out "$W/texture" --stage translator --preset texture "${SIZE[@]}" \
   --workers 4 > "$W/results/train_texture.log" 2>&1 & pt=$!
 $PY benchmarks/retrain.py "${common[@]}" --out "$W/paper" --stage translator --preset paper "${SIZE[@]}" \
@@ -69,7 +79,7 @@ say "tests/test_cuda.py"
 timeout $(( $(left) / 3 )) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_boxes.py \
   --junitxml="$W/results/test_cuda.xml" 2>&1 | tail -25
 budget=$(( $(left) - 300 )); (( budget > 240 )) && budget=240
-if (( budget > 30 )); then
+if (( SUITE && budget > 30 )); then
   say "whole suite (${budget}s at most)"
   NX=(); $PY -c "import xdist" 2>/dev/null && NX=(-n 4)
   timeout "$budget" $PY -m pytest -q -p no:cacheprovider "${NX[@]}" --continue-on-collection-errors tests \
@@ -80,14 +90,19 @@ fi
 # ---- wait for training, export -------------------------------------------------------------------
 for pid in $pm $pt $pp; do wait "$pid" || say "a training run exited with $?"; done
 say "training done"
-for r in masks texture paper; do tail -3 "$W/results/train_$r.log"; done
+for r in masks texture paper; do tail -3 "$W/results/train_$r.log" 2>/dev/null; done
+M=$W/masks/masks
+if [[ ! -f "$M/export/mask_generator.safetensors" ]]; then  # no mask run (or it failed): the shipped generator
+  M=$W/shipped_masks; mkdir -p "$M/export" && cp nodulesynth/pretrained/mask_generator.* "$M/export/"
+  say "exporting with the shipped mask generator"
+fi
 for r in texture paper; do
-  $PY benchmarks/retrain.py --prepared "$P" --out "$W/$r" --stage export --masks-run "$W/masks/masks" --device "$DEV" \
-    >> "$W/results/train_$r.log" 2>&1 && say "exported $r" || say "export $r failed"
+  $PY benchmarks/retrain.py --prepared "$P" --out "$W/$r" --stage export --masks-run "$M" --device "$DEV" \
+    >> "$W/results/train_$r.log" 2>&1 && [[ -d "$W/$r/weights" ]] && say "exported $r" || say "export $r failed"
 done
 
 # ---- 3. throughput ------------------------------------------------------------------------------
-if [[ "$DEV" != cpu ]]; then
+if [[ "$DEV" != cpu ]] && (( THROUGHPUT )); then
   t=$(( $(left) - 90 ))
   if (( t > 40 )); then
     say "throughput, no compile (${t}s at most)"

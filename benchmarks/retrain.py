@@ -77,7 +77,13 @@ def train_translator_stage(args, data: list[str], weights: str) -> dict:
 
     cfg = translator_config(args, data, weights)
     probe = TranslatorTrainer(translator_config(args, data, weights))
-    sec = calibrate(probe, args.calibration_steps)
+    if args.step_seconds:  # only the data side (steps per epoch), in a scratch folder
+        with tempfile.TemporaryDirectory() as tmp:
+            probe.out = Path(tmp)
+            probe.setup()
+        sec = args.step_seconds
+    else:
+        sec = calibrate(probe, args.calibration_steps)
     budget = args.minutes * 60
     steps = max(1, int(budget * 0.92 / sec))  # leave room for checkpoints, previews, export
     saved = _saved(Path(cfg.out), "epochs") if args.resume else None
@@ -192,6 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--mask-res", type=int, default=128)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--calibration-steps", type=int, default=6)
+    p.add_argument("--step-seconds", type=float, default=None,
+                   help="translator: size the schedule from this step time instead of calibrating (a GPU shared "
+                        "by several runs calibrates badly); --minutes still stops the run")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (0: torch's default). On a shared, loaded machine 1 is fastest: "
                         "measured 0.21 vs 2.6 s per level-0 mask step at load 11 on 2 cores")

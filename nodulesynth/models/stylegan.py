@@ -192,7 +192,8 @@ class MaskGenerator(nn.Module):
         logits = self.to_logits[level](x)
         if prev_logits is not None:
             prev_logits = F.interpolate(prev_logits, scale_factor=2, mode="bilinear", align_corners=False)
-            logits = torch.lerp(prev_logits, logits, float(alpha))
+            # under CUDA autocast the upsample runs in fp32 and the 1×1 conv in bf16: one dtype for lerp
+            logits = torch.lerp(prev_logits.to(logits.dtype), logits, float(alpha))
         return logits
 
     def forward(self, z: torch.Tensor, level: int | None = None, alpha: float = 1.0, truncation_psi: float = 1.0,
