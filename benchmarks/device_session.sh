@@ -6,19 +6,21 @@
 #   here:   bash benchmarks/device_session.sh --collect /work/.device/<files_at>   # weights → runs/gpu/
 #
 # In ~9 minutes on the GPU, side by side:
+#   0. runs tests/test_cuda.py (alone on the GPU, ~25 s);
 #   1. trains the mask StyleGAN at 512² and two translators at the shippable size (ngf 32, 7 downs:
 #      ≤ 22 MiB fp16) on whole 512² slices of the TRAIN patients: "texture" (decoder noise, resize-conv,
 #      2-scale D + feature matching, low-pass L1 50) and "paper" (deterministic, L1 200), DS_MINUTES each;
-#   2. meanwhile runs tests/test_cuda.py, then the whole suite (modules needing SimpleITK, which
-#      cannot travel, fail to collect and are reported);
-#   3. after training: benchmarks/throughput.py (no compile, then compile at batch 64 if time is left);
+#   2. with DS_SUITE=1, meanwhile the whole suite (modules needing SimpleITK, which cannot travel,
+#      fail to collect and are reported);
+#   3. after training: benchmarks/throughput.py (paper-size then shipped networks, no compile, with a
+#      host-side profile of the end-to-end pass; then compile at batch 64 if time is left);
 #   4. writes to $OUT: session.log, results.tgz (recipes, metrics, previews, test reports, throughput
 #      JSON) and weights.tar.part-* (fp16 TSGAN folders, split under the 16 MiB per-file limit).
 # Held-out KID is measured back here (the TF-Inception weights cannot travel):
 #   python benchmarks/heldout_realism.py --weights pretrained runs/gpu/texture runs/gpu/paper ...
 #
 # A short follow-up call (translators only, shipped masks, test_cuda only, schedule from a known step time):
-#   DS_MASKS=shipped DS_SUITE=0 DS_THROUGHPUT=0 DS_STEP_SECONDS=0.12 DS_MINUTES=3.3 DS_DEADLINE=280 bash ...
+#   DS_MASKS=shipped DS_THROUGHPUT=0 DS_MINUTES=3.4 DS_DEADLINE=270 bash ...   (the 2026-11-26 second call)
 # Dry run on the CPU (tiny budget; checks the plumbing, not the models):
 #   DS_DEVICE=cpu DS_MINUTES=0.3 DS_DEADLINE=400 OUT=/tmp/ds-out bash benchmarks/device_session.sh
 set -uo pipefail
@@ -36,9 +38,10 @@ DEV=${DS_DEVICE:-cuda}
 OUT=${OUT:-device-out}
 W=${DS_WORK:-/tmp/ds}           # runs stay on the machine's disk between calls (a --resume call can follow)
 MASKS=${DS_MASKS:-train}        # train | shipped (export the translators with the shipped mask generator)
-SUITE=${DS_SUITE:-1}            # 0: only tests/test_cuda.py
+SUITE=${DS_SUITE:-0}            # 1: the whole suite too (on the H200 it passed but for packages the image lacks)
 THROUGHPUT=${DS_THROUGHPUT:-1}
-STEPSEC=${DS_STEP_SECONDS:-}    # translator step time to size the schedule with (skips calibration)
+STEPSEC=${DS_STEP_SECONDS-0.1}  # translator step time sizing the schedule (H200, two runs side by side: 0.074 s);
+                                # '' calibrates instead, which a GPU shared by starting runs makes read ~300x high
 mkdir -p "$OUT" "$W/results"
 exec > >(tee -a "$OUT/session.log") 2>&1
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
@@ -62,7 +65,13 @@ SIZE=(--ngf 32 --ndf 64 --num-downs 7 --crop 0 --batch 8 --lr 2e-4)
 [[ "$DEV" == cpu ]] && SIZE=(--ngf 8 --ndf 8 --num-downs 7 --crop 0 --batch 1 --lr 2e-4)
 MASKRES=512; [[ "$DEV" == cpu ]] && MASKRES=32
 common=(--prepared "$P" --minutes "$MIN" --device "$DEV" --threads 2 --calibration-steps 4 --checkpoint-every 400)
-[[ -n "$STEPSEC" ]] && SIZE+=(--step-seconds "$STEPSEC")
+[[ -n "$STEPSEC" && "$DEV" != cpu ]] && SIZE+=(--step-seconds "$STEPSEC")
+
+# ---- 0. the CUDA tests first, alone on the GPU (~25 s) -------------------------------------------
+say "tests/test_cuda.py"
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_boxes.py \
+  --junitxml="$W/results/test_cuda.xml" 2>&1 | tail -25
+
 say "training $MIN min per run (masks: $MASKS)"
 pm=
 if [[ "$MASKS" == train ]]; then
@@ -74,10 +83,7 @@ $PY benchmarks/retrain.py "${common[@]}" --out "$W/texture" --stage translator -
 $PY benchmarks/retrain.py "${common[@]}" --out "$W/paper" --stage translator --preset paper "${SIZE[@]}" \
   --workers 4 > "$W/results/train_paper.log" 2>&1 & pp=$!
 
-# ---- 2. tests while the GPU trains ---------------------------------------------------------------
-say "tests/test_cuda.py"
-timeout $(( $(left) / 3 )) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_boxes.py \
-  --junitxml="$W/results/test_cuda.xml" 2>&1 | tail -25
+# ---- 2. the whole suite while the GPU trains (DS_SUITE=1) -----------------------------------------
 budget=$(( $(left) - 300 )); (( budget > 240 )) && budget=240
 if (( SUITE && budget > 30 )); then
   say "whole suite (${budget}s at most)"
@@ -105,8 +111,8 @@ done
 if [[ "$DEV" != cpu ]] && (( THROUGHPUT )); then
   t=$(( $(left) - 90 ))
   if (( t > 40 )); then
-    say "throughput, no compile (${t}s at most)"
-    timeout "$t" $PY benchmarks/throughput.py --no-compile --batches 16,64,128 --seconds 2 --n 512 \
+    say "throughput, no compile (${t}s at most)"  # the paper-size networks first: not measured yet
+    timeout "$t" $PY benchmarks/throughput.py --no-compile --models paper,shipped --batches 32,128 --seconds 2 --n 256 \
       --out "$W/results/throughput.json" 2>&1 | tail -30
   fi
   t=$(( $(left) - 45 ))

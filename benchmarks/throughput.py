@@ -146,6 +146,7 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
             synth.generate(range(s, min(s + B, n)))
         sync(dev)
         mem = n / (time.perf_counter() - t0)
+        prof = profile_generate(synth, n, B, dev) if B == batches[-1] and not compile_ else None
         tmp = Path(tempfile.mkdtemp(prefix="nodulesynth-throughput-"))
         try:
             spec = ExportSpec((disk_format(),), "png")
@@ -167,7 +168,27 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
         rows.append({"model": name, "stage": "end to end", "variant": ("bf16+cl" if dev.type == "cuda" else "fp32+cl")
                      + ("+compile" if compile_ else ""), "batch": B, "img_s": mem, "to_disk_img_s": disk,
                      "export_workers": workers, "export_format": disk_format(), "gate": gate})
+        if prof:
+            rows[-1]["profile_top_tottime"] = prof
     return rows
+
+
+def profile_generate(synth, n: int, B: int, dev: torch.device, top: int = 20) -> list[dict]:
+    """Where an end-to-end pass spends its host time (cProfile, functions by own time): on a GPU
+    the slices/s are bound by whichever host-side step this lists first, not by the kernels."""
+    import cProfile
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for s in range(0, n, B):
+        synth.generate(range(s, min(s + B, n)))
+    sync(dev)
+    pr.disable()
+    st = pstats.Stats(pr)
+    rows = sorted(((v[2], v[3], v[1], k) for k, v in st.stats.items()), reverse=True)[:top]
+    return [{"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4),
+             "calls": nc, "ms_per_slice": round(1000 * tt / n, 3)} for tt, ct, nc, k in rows]
 
 
 def write(a, argv, dev: torch.device, peak: float | None, rows: list[dict]) -> Path:
