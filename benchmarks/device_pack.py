@@ -35,13 +35,32 @@ WHEELS = ("albumentations", "albucore", "pydantic", "pydantic-core", "simsimd", 
 PIP_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
                  "manylinux2014_x86_64", "manylinux1_x86_64")
 CARRY_LIMIT = 64 * 2**20
+# The LIDC nodule crops (128² of real parenchyma, 713 patients) do not fit whole (≈ 75 MiB packed):
+# the pack carries an evenly spaced subset of their TRAIN crops (≈ 10 KiB each packed), never a
+# held-out patient's.
+CROP_SET, MAX_CROPS = "lidc-crops", 1200  # ≈ 12 MiB: with the tracked tree (22 MiB), the slices and wheels, < 64
+
+
+def crop_subset(prepared: Path, dest: Path, n: int) -> int:
+    """Write ``n`` TRAIN crops of ``prepared/lidc-crops`` (evenly spaced over the index, so over
+    patients) as a prepared dataset in ``dest``; returns how many."""
+    from nodulesynth.data.slices import SliceDataset, write_slice_dataset
+    from nodulesynth.data.splits import split_indices
+
+    ds = SliceDataset(prepared / CROP_SET)
+    train = split_indices(ds, "train")
+    pick = train[np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int)]
+    pick = np.unique(pick)
+    write_slice_dataset(dest, np.asarray(ds.images[pick]), np.asarray(ds.masks[pick]),
+                        [ds.records[int(i)] for i in pick], meta={k: v for k, v in ds.meta.items() if k != "format"})
+    return len(pick)
 
 
 def _sha(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def pack(prepared: Path, out: Path, wheels: Path | None) -> dict:
+def pack(prepared: Path, out: Path, wheels: Path | None, max_crops: int = MAX_CROPS) -> dict:
     for name in SETS:
         if not (prepared / name / "index.json").is_file():
             raise SystemExit(f"--prepared {prepared}: {name}/index.json missing (run `nodulesynth prepare` first)")
@@ -51,8 +70,12 @@ def pack(prepared: Path, out: Path, wheels: Path | None) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     manifest = {"sets": {}}
-    for name in SETS:
-        src = prepared / name
+    sources = {name: prepared / name for name in SETS}
+    if max_crops > 0 and (prepared / CROP_SET / "index.json").is_file():
+        sources[CROP_SET] = tmp / ".crops-subset"
+        manifest["crops_subset"] = {"of": str(prepared / CROP_SET), "split": "train",
+                                    "n": crop_subset(prepared, sources[CROP_SET], max_crops)}
+    for name, src in sources.items():
         (tmp / name).mkdir()
         shutil.copy2(src / "index.json", tmp / name / "index.json")
         entry = {}
@@ -63,6 +86,7 @@ def pack(prepared: Path, out: Path, wheels: Path | None) -> dict:
             entry[arr] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha(a),
                           "bytes_xz": (tmp / name / f"{arr}.npy.xz").stat().st_size}
         manifest["sets"][name] = entry
+    shutil.rmtree(tmp / ".crops-subset", ignore_errors=True)
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
     tmp.rename(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -104,7 +128,9 @@ def main(argv=None) -> int:
     a = sub.add_parser("pack")
     a.add_argument("--prepared", type=Path, default=Path("prepared"))
     a.add_argument("--out", type=Path, default=Path(".devpack"))
-    a.add_argument("--wheels", type=Path, default=Path(".whl"), help="wheel folder to fill ('' to skip)")
+    a.add_argument("--wheels", default=".whl", help="wheel folder to fill ('' to skip)")
+    a.add_argument("--max-crops", type=int, default=MAX_CROPS,
+                   help=f"TRAIN LIDC crops to carry from {CROP_SET}/ when it is there (0: none)")
     u = sub.add_parser("unpack")
     u.add_argument("src", type=Path)
     u.add_argument("dest", type=Path)
@@ -112,11 +138,26 @@ def main(argv=None) -> int:
     if args.cmd == "unpack":
         unpack(args.src, args.dest)
         return 0
-    m = pack(args.prepared, args.out, args.wheels if str(args.wheels) else None)
-    total = m["bytes"] + m.get("wheel_bytes", 0)
-    print(f"{args.out}: {m['bytes'] / 2**20:.1f} MiB; wheels {m.get('wheel_bytes', 0) / 2**20:.1f} MiB; "
-          f"carry with the working tree must stay under {CARRY_LIMIT / 2**20:.0f} MiB (this: {total / 2**20:.1f} MiB)")
+    wheels = Path(args.wheels) if args.wheels else None
+    m = pack(args.prepared, args.out, wheels, args.max_crops)
+    if wheels is None and Path(".whl").is_dir():  # not refetched, but still carried
+        m["wheel_bytes"] = sum(p.stat().st_size for p in Path(".whl").glob("*.whl"))
+    total = m["bytes"] + m.get("wheel_bytes", 0) + tracked_bytes()
+    print(f"{args.out}: {m['bytes'] / 2**20:.1f} MiB; wheels {m.get('wheel_bytes', 0) / 2**20:.1f} MiB; with the "
+          f"tracked files {total / 2**20:.1f} MiB travel (limit {CARRY_LIMIT / 2**20:.0f} MiB)")
+    if total > CARRY_LIMIT:
+        print(f"too large for a device call: lower --max-crops (now {args.max_crops})", file=sys.stderr)
+        return 1
     return 0
+
+
+def tracked_bytes() -> int:
+    """Size of the files git tracks here (they travel with every device call); 0 outside a checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return 0
+    return sum(Path(f).stat().st_size for f in out.decode().split("\0") if f and Path(f).is_file())
 
 
 if __name__ == "__main__":

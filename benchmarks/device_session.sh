@@ -9,7 +9,9 @@
 #   0. runs tests/test_cuda.py (alone on the GPU, ~25 s);
 #   1. trains the mask StyleGAN at 512² and two translators at the shippable size (ngf 32, 7 downs:
 #      ≤ 22 MiB fp16) on whole 512² slices of the TRAIN patients: "texture" (decoder noise, resize-conv,
-#      2-scale D + feature matching, low-pass L1 50) and "paper" (deterministic, L1 200), DS_MINUTES each;
+#      2-scale D + feature matching, low-pass L1 50) and "crops" (the same preset first on 128² crops of
+#      the slices and of the LIDC nodule crops, 60 %, then on whole slices, 40 %), DS_MINUTES each
+#      (DS_SECOND=paper trains the paper's configuration instead: measured 2026-11-26, it keeps the grid);
 #   2. with DS_SUITE=1, meanwhile the whole suite (modules needing SimpleITK, which cannot travel,
 #      fail to collect and are reported);
 #   3. after training: benchmarks/throughput.py (paper-size then shipped networks, no compile, with a
@@ -17,7 +19,7 @@
 #   4. writes to $OUT: session.log, results.tgz (recipes, metrics, previews, test reports, throughput
 #      JSON) and weights.tar.part-* (fp16 TSGAN folders, split under the 16 MiB per-file limit).
 # Held-out KID is measured back here (the TF-Inception weights cannot travel):
-#   python benchmarks/heldout_realism.py --weights pretrained runs/gpu/texture runs/gpu/paper ...
+#   python benchmarks/heldout_realism.py --weights pretrained runs/gpu/texture runs/gpu/crops ...
 #
 # A short follow-up call (translators only, shipped masks, test_cuda only, schedule from a known step time):
 #   DS_MASKS=shipped DS_THROUGHPUT=0 DS_MINUTES=3.4 DS_DEADLINE=270 bash ...   (the 2026-11-26 second call)
@@ -40,6 +42,7 @@ W=${DS_WORK:-/tmp/ds}           # runs stay on the machine's disk between calls 
 MASKS=${DS_MASKS:-train}        # train | shipped (export the translators with the shipped mask generator)
 SUITE=${DS_SUITE:-0}            # 1: the whole suite too (on the H200 it passed but for packages the image lacks)
 THROUGHPUT=${DS_THROUGHPUT:-1}
+SECOND=${DS_SECOND:-crops}      # the second translator: crops (texture on crops incl. LIDC, then whole slices) | paper
 STEPSEC=${DS_STEP_SECONDS-0.1}  # translator step time sizing the schedule (H200, two runs side by side: 0.074 s);
                                 # '' calibrates instead, which a GPU shared by starting runs makes read ~300x high
 mkdir -p "$OUT" "$W/results"
@@ -80,8 +83,19 @@ if [[ "$MASKS" == train ]]; then
 fi
 $PY benchmarks/retrain.py "${common[@]}" --out "$W/texture" --stage translator --preset texture "${SIZE[@]}" \
   --workers 4 > "$W/results/train_texture.log" 2>&1 & pt=$!
-$PY benchmarks/retrain.py "${common[@]}" --out "$W/paper" --stage translator --preset paper "${SIZE[@]}" \
-  --workers 4 > "$W/results/train_paper.log" 2>&1 & pp=$!
+if [[ "$SECOND" == paper ]]; then
+  $PY benchmarks/retrain.py "${common[@]}" --out "$W/paper" --stage translator --preset paper "${SIZE[@]}" \
+    --workers 4 > "$W/results/train_paper.log" 2>&1 & pp=$!
+else  # "crops": texture preset on 128² crops of the slices AND the LIDC nodule crops (713 patients of real
+  # parenchyma, native spacing), then whole slices from there, so train and use see the same context
+  m1=$(awk "BEGIN{print $MIN*0.6}"); m2=$(awk "BEGIN{print $MIN*0.4}")
+  P1=(--crop 128 --spacing 0 --batch 32); [[ "$DEV" == cpu ]] && P1=(--crop 128 --spacing 0 --batch 1)
+  [[ "$DEV" != cpu ]] && P1+=(--step-seconds 0.03)  # a guess (¼ of the pixels of a whole-slice batch); the time budget stops it
+  ( $PY benchmarks/retrain.py "${common[@]}" --minutes "$m1" --out "$W/crops1" --stage translator --preset texture \
+      "${SIZE[@]}" "${P1[@]}" --workers 4 \
+    && $PY benchmarks/retrain.py "${common[@]}" --minutes "$m2" --out "$W/crops" --stage translator --preset texture \
+      "${SIZE[@]}" --lr 1e-4 --init-weights "$W/crops1/translator/export" --workers 4 ) > "$W/results/train_crops.log" 2>&1 & pp=$!
+fi
 
 # ---- 2. the whole suite while the GPU trains (DS_SUITE=1) -----------------------------------------
 budget=$(( $(left) - 300 )); (( budget > 240 )) && budget=240
@@ -96,13 +110,13 @@ fi
 # ---- wait for training, export -------------------------------------------------------------------
 for pid in $pm $pt $pp; do wait "$pid" || say "a training run exited with $?"; done
 say "training done"
-for r in masks texture paper; do tail -3 "$W/results/train_$r.log" 2>/dev/null; done
+for r in masks texture $SECOND; do tail -3 "$W/results/train_$r.log" 2>/dev/null; done
 M=$W/masks/masks
 if [[ ! -f "$M/export/mask_generator.safetensors" ]]; then  # no mask run (or it failed): the shipped generator
   M=$W/shipped_masks; mkdir -p "$M/export" && cp nodulesynth/pretrained/mask_generator.* "$M/export/"
   say "exporting with the shipped mask generator"
 fi
-for r in texture paper; do
+for r in texture $SECOND; do
   $PY benchmarks/retrain.py --prepared "$P" --out "$W/$r" --stage export --masks-run "$M" --device "$DEV" \
     >> "$W/results/train_$r.log" 2>&1 && [[ -d "$W/$r/weights" ]] && say "exported $r" || say "export $r failed"
 done
@@ -125,7 +139,7 @@ fi
 
 # ---- 4. bring back -------------------------------------------------------------------------------
 say "packing results"
-for r in masks texture paper; do
+for r in masks texture $SECOND $([[ $SECOND == crops ]] && echo crops1); do
   run=$W/$r/$([[ $r == masks ]] && echo masks || echo translator)
   mkdir -p "$W/results/$r"
   cp "$W/$r/recipe.json" "$W/results/$r/" 2>/dev/null
@@ -133,8 +147,8 @@ for r in masks texture paper; do
   last=$(ls "$run"/samples/*.png 2>/dev/null | tail -1); [[ -n "$last" ]] && cp "$last" "$W/results/$r/"
 done
 tar -czf "$OUT/results.tgz" -C "$W" results
-names=(); for r in texture paper; do [[ -d "$W/$r/weights" ]] && names+=("$r/weights"); done
-if (( ${#names[@]} )); then  # archived as texture/, paper/: the folders --collect hands to heldout_realism
+names=(); for r in texture $SECOND; do [[ -d "$W/$r/weights" ]] && names+=("$r/weights"); done
+if (( ${#names[@]} )); then  # archived as texture/, crops/ (or paper/): the folders --collect hands to heldout_realism
   tar -cf - -C "$W" --transform 's,/weights,,' "${names[@]}" | split -b 15m -d - "$OUT/weights.tar.part-"
 fi
 ls -la "$OUT"

@@ -67,7 +67,8 @@ def translator_config(args, data: list[str], weights: str):
 
     model = {"ngf": args.ngf, "ndf": args.ndf, "num_downs": args.num_downs, "dwmh_depth": min(5, args.num_downs)}
     return preset_config(args.preset, model=model, data=data, data_weights=weights, out=str(args.out / "translator"),
-                         spacing_mm=args.spacing if args.crop else None, crop_size=args.crop, batch_size=args.batch, lr=args.lr,
+                         spacing_mm=args.spacing if args.crop and args.spacing > 0 else None, crop_size=args.crop,
+                         init_weights=args.init_weights, batch_size=args.batch, lr=args.lr,
                          num_workers=args.workers, checkpoint_every=args.checkpoint_every, log_every=25,
                          seed=args.seed, device=args.device, overwrite=args.overwrite, resume=args.resume)
 
@@ -184,7 +185,11 @@ def main(argv=None) -> int:
                    help="export: only assemble OUT/weights from finished runs (two stages trained side by side)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--preset", default="texture", help="translator preset (train translator --preset)")
-    p.add_argument("--spacing", type=float, default=0.8, help="common pixel spacing of stage 2 (mm)")
+    p.add_argument("--spacing", type=float, default=0.8,
+                   help="common pixel spacing of stage 2 (mm); 0 = each set at its own (the 128² LIDC crops are "
+                        "~0.7 mm: rescaled to 0.8 they are too small for a 128 crop)")
+    p.add_argument("--init-weights", default=None,
+                   help="translator: start from this translator (a weights folder or a run's export/)")
     p.add_argument("--crop", type=int, default=64,
                    help="stage 2 training crop (multiple of 2**num_downs); 0 = whole 512² slices, no nodule crops")
     p.add_argument("--weights", default=None,
@@ -241,7 +246,9 @@ def main(argv=None) -> int:
         used = [d["path"] for d in recipe.get("translator", {}).get("data", [])] or data2
         card = (f"Retrained on {recipe['hardware']} with benchmarks/retrain.py ({ra['minutes']} min per stage, "
                 f"preset {ra['preset']}); "
-                f"data: train split of {', '.join(Path(d).name for d in used)}; see recipe.json.")
+                f"data: train split of {', '.join(Path(d).name for d in used)}"
+                + (f"; translator started from {ra['init_weights']}" if ra.get("init_weights", "None") != "None" else "")
+                + "; see recipe.json.")
         export_tsgan(masks_run, tr_run, args.out / "weights", card, overwrite=True, dtype=torch.float16)
         recipe["weights"] = str(args.out / "weights")
     (args.out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))

@@ -46,3 +46,23 @@ def test_pack_unpack_round_trip_and_refuses_altered_copies(prepared, tmp_path):
 def test_pack_names_a_missing_set(tmp_path):
     with pytest.raises(SystemExit, match="index.json missing"):
         device_pack.pack(tmp_path / "nothing", tmp_path / "pack", wheels=None)
+
+
+def test_pack_carries_only_train_crops_evenly_spaced(prepared, tmp_path):
+    import dataclasses
+
+    images, masks, records = synth_slices(12, 32, seed=9)
+    records = [dataclasses.replace(r, split="train" if k % 3 else "test", patient=f"p{k}") for k, r in enumerate(records)]
+    write_slice_dataset(prepared / device_pack.CROP_SET, images, masks, records)
+    m = device_pack.pack(prepared, tmp_path / "pack", wheels=None, max_crops=4)
+    assert m["crops_subset"]["n"] == 4 and device_pack.CROP_SET in m["sets"]
+    assert not (tmp_path / "pack" / ".crops-subset").exists()
+    device_pack.unpack(tmp_path / "pack", tmp_path / "there")
+    got = SliceDataset(tmp_path / "there" / device_pack.CROP_SET)
+    assert [r.split for r in got.records] == ["train"] * 4  # never a held-out patient's crop
+    train = [k for k in range(12) if k % 3]
+    picked = [int(r.patient[1:]) for r in got.records]
+    assert picked[0] == train[0] and picked[-1] == train[-1]  # spread over the whole index
+    for r, k in zip(got.records, picked):
+        assert np.array_equal(np.asarray(got.images[got.records.index(r)]), images[k])
+    assert device_pack.pack(prepared, tmp_path / "none", wheels=None, max_crops=0).get("crops_subset") is None
