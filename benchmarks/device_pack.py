@@ -49,10 +49,9 @@ def crop_subset(prepared: Path, dest: Path, n: int) -> int:
 
     ds = SliceDataset(prepared / CROP_SET)
     train = split_indices(ds, "train")
-    pick = train[np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int)]
-    pick = np.unique(pick)
+    pick = train[np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int)]  # distinct: step ≥ 1
     write_slice_dataset(dest, np.asarray(ds.images[pick]), np.asarray(ds.masks[pick]),
-                        [ds.records[int(i)] for i in pick], meta={k: v for k, v in ds.meta.items() if k != "format"})
+                        [ds.records[int(i)] for i in pick], meta=ds.meta)
     return len(pick)
 
 

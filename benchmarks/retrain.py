@@ -42,14 +42,17 @@ def _folders(root: Path, names) -> list[str]:
     return [str(root / n) for n in names if (root / n / "index.json").is_file()]
 
 
-def calibrate(trainer, steps: int, warmup: int = 2) -> float:
+def calibrate(trainer, steps: int, warmup: int = 2, known: float | None = None) -> float:
     """Seconds per training step, timed through the stage hooks in a scratch folder (nothing of
-    the real run is touched). Includes data loading."""
+    the real run is touched). Includes data loading. With ``known`` only the data side is set up
+    (steps per epoch) and ``known`` is returned."""
     from nodulesynth.train import engine
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer.out = Path(tmp)
         trainer.setup()
+        if known:
+            return known
         engine.seed_everything(trainer.cfg.seed)
         trainer.build()
         times, last = [], time.monotonic()
@@ -78,13 +81,7 @@ def train_translator_stage(args, data: list[str], weights: str) -> dict:
 
     cfg = translator_config(args, data, weights)
     probe = TranslatorTrainer(translator_config(args, data, weights))
-    if args.step_seconds:  # only the data side (steps per epoch), in a scratch folder
-        with tempfile.TemporaryDirectory() as tmp:
-            probe.out = Path(tmp)
-            probe.setup()
-        sec = args.step_seconds
-    else:
-        sec = calibrate(probe, args.calibration_steps)
+    sec = calibrate(probe, args.calibration_steps, known=args.step_seconds)
     budget = args.minutes * 60
     steps = max(1, int(budget * 0.92 / sec))  # leave room for checkpoints, previews, export
     saved = _saved(Path(cfg.out), "epochs") if args.resume else None
