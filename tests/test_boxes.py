@@ -90,3 +90,19 @@ def test_device_labelling_matches_scipy_labelling():
     # same partition: a bijection between the two label sets over foreground pixels
     pairs = torch.unique(torch.stack([a[fg], b[fg]], 1), dim=0)
     assert len(pairs) == len(torch.unique(a[fg])) == len(torch.unique(b[fg]))
+
+
+def test_device_boxes_match_cpu_boxes():
+    """The accelerator path (max-pool labels + scatter extents), run here on CPU tensors, gives the
+    CPU path's boxes in the same order, including empty items and components at the border."""
+    from nodulesynth.masks.boxes import _boxes_from_labels, _label_maxpool
+
+    rng = np.random.default_rng(5)
+    masks = (rng.random((5, 40, 48)) < 0.1).astype(np.uint8) * N
+    masks[1] = 0
+    masks[3, :32] = _known_mask()[:, :48]
+    t = torch.from_numpy(masks)
+    dev = _boxes_from_labels(_label_maxpool(t == N))
+    cpu = masks_to_boxes_batch(t)
+    assert [b.tolist() for b in dev] == [b.tolist() for b in cpu]
+    assert cpu[1].shape == (0, 4)

@@ -194,6 +194,15 @@ def _integral(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x.to(torch.int32).cumsum(1).cumsum(2), (1, 0, 1, 0))
 
 
+def class_counts(masks: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """(B, len(classes)) int64 pixel counts of each class per label mask, on the masks' device.
+    On CPU through numpy (a bool reduction there is ~6× faster than torch's on 512² masks)."""
+    if masks.device.type == "cpu":
+        m = masks.numpy()
+        return torch.from_numpy(np.stack([(m == c).sum((1, 2), dtype=np.int64) for c in classes], 1))
+    return torch.stack([(masks == c).flatten(1).sum(1) for c in classes], 1)
+
+
 def quality_gate(
     masks: torch.Tensor, config: GenerationConfig, spacing_mm: float
 ) -> tuple[torch.Tensor, list[str | None], list[torch.Tensor]]:
@@ -215,13 +224,15 @@ def quality_gate(
     left = masks == MaskClass.LEFT_LUNG
     right = masks == MaskClass.RIGHT_LUNG
     no = torch.zeros(B, dtype=torch.bool, device=dev)
-    no_body = (masks == MaskClass.BODY).flatten(1).sum(1) < config.min_body_fraction * area
-    no_lung = ((left.flatten(1).sum(1) < config.min_lung_fraction * area)
-               | (right.flatten(1).sum(1) < config.min_lung_fraction * area))
+    n_body, n_left, n_right, n_nod = class_counts(
+        masks, (MaskClass.BODY, MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG, MaskClass.NODULE)).unbind(1)
+    no_body = n_body < config.min_body_fraction * area
+    no_lung = (n_left < config.min_lung_fraction * area) | (n_right < config.min_lung_fraction * area)
     no_body = no_body if config.require_body and config.gate else no
     no_lung = no_lung if config.require_lungs and config.gate else no
-    # Components only for masks whose anatomy passed (labelling is the expensive part).
-    keep = torch.nonzero(~(no_body | no_lung)).flatten().tolist()
+    # Components only for masks whose anatomy passed and that hold nodule pixels at all
+    # (labelling is the expensive part; LIDC mode gates anatomy that has none).
+    keep = torch.nonzero(~(no_body | no_lung) & (n_nod > 0)).flatten().tolist()
     kept = masks_to_boxes_batch(masks[keep]) if keep else []
     boxes = [torch.zeros(0, 4, device=dev) for _ in range(B)]
     for k, b in zip(keep, kept):
