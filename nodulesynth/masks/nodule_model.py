@@ -265,18 +265,25 @@ class LungFrame:
 
     @classmethod
     def of(cls, mask: np.ndarray, side: str) -> "LungFrame | None":
-        lab, n = ndi.label(mask == SIDE_CLASS[side])
-        if n == 0:
+        return cls.of_lung(mask == SIDE_CLASS[side])
+
+    @classmethod
+    def of_lung(cls, lung: np.ndarray) -> "LungFrame | None":
+        """From a boolean lung map; labelled inside the lung's bounding box only (same frame)."""
+        rows, cols = np.flatnonzero(lung.any(1)), np.flatnonzero(lung.any(0))
+        if len(rows) == 0:
             return None
+        ya, xa = int(rows[0]), int(cols[0])
+        lab, _ = ndi.label(lung[ya : rows[-1] + 1, xa : cols[-1] + 1])
         comp = lab == (1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
         rows = np.flatnonzero(comp.any(1))
         y0, y1 = int(rows[0]), int(rows[-1])
         c = comp[y0 : y1 + 1]
         has = c.any(1)
         W = c.shape[1]
-        xl = np.where(has, c.argmax(1), np.nan).astype(np.float64)
-        xr = np.where(has, W - 1 - c[:, ::-1].argmax(1), np.nan).astype(np.float64)
-        return cls(y0, y1, xl, xr)
+        xl = np.where(has, c.argmax(1) + xa, np.nan).astype(np.float64)
+        xr = np.where(has, W - 1 - c[:, ::-1].argmax(1) + xa, np.nan).astype(np.float64)
+        return cls(y0 + ya, y1 + ya, xl, xr)
 
     def _row(self, y: float) -> tuple[float, float]:
         k = int(np.clip(round(y) - self.y0, 0, len(self.xl) - 1))
@@ -386,22 +393,23 @@ class NoduleModel:
                     f"of lung, more than {PACKING:.0%} of a typical {'lung' if c.lung else 'lung pair'}"
                     f"{' in that region' if c.region else ''} ({lung_mm2:.0f} mm²)")
 
-    def _fits(self, side_lung: np.ndarray, body: np.ndarray, free: np.ndarray, centre: np.ndarray,
+    def _fits(self, side_lung: np.ndarray, body: np.ndarray, taken: np.ndarray, centre: np.ndarray,
               off: np.ndarray, jp: bool) -> bool:
-        H, W = free.shape
+        H, W = taken.shape
         p = off + centre
         if (p < 0).any() or (p[:, 0] >= H).any() or (p[:, 1] >= W).any():
             return False
         y, x = p[:, 0], p[:, 1]
-        if not free[y, x].all():
-            return False
         in_lung = side_lung[y, x]
+        allowed = (in_lung | body[y, x]) if jp else in_lung  # juxta-pleural ones may reach into the body
+        if not (allowed & ~taken[y, x]).all():  # and never near another nodule
+            return False
         if jp:
             if in_lung.mean() < JP_MIN_LUNG:
                 return False
             ny, nx = (y[:, None] + NEIGHBOURS[:, 0]).clip(0, H - 1), (x[:, None] + NEIGHBOURS[:, 1]).clip(0, W - 1)
             return bool(body[ny, nx].any())  # touches the chest wall / mediastinum
-        return bool(in_lung.all())
+        return True
 
     def place(self, mask: np.ndarray, spacing_mm: float, rng: np.random.Generator,
               count: int | None = None) -> tuple[np.ndarray, list[dict]]:
@@ -422,12 +430,16 @@ class NoduleModel:
             yy, xx = np.mgrid[:H, :W]
             x0, y0, x1, y1 = c.region
             in_region = (xx + 0.5 >= x0 * W) & (xx + 0.5 <= x1 * W) & (yy + 0.5 >= y0 * H) & (yy + 0.5 <= y1 * H)
-        else:
-            in_region = np.ones((H, W), bool)
         lo_px = None if c.min_size_mm is None else c.min_size_mm / spacing_mm
         hi_px = None if c.max_size_mm is None else c.max_size_mm / spacing_mm
-        frames: dict[str, LungFrame | None] = {}  # per side, measured on first use
-        dts: dict[str, np.ndarray] = {}  # per side: distance (px) to the nearest pixel that is not free lung
+        # Per side, on first use, kept current as nodules are placed: the lung's frame, its pixels,
+        # its free pixels (lung and not near a nodule), their bounding box (candidates are looked for
+        # only there) and the distance (px) to the nearest pixel that is not free lung.
+        frames: dict[str, LungFrame | None] = {}
+        lungs: dict[str, np.ndarray] = {}
+        frees: dict[str, np.ndarray] = {}
+        boxes: dict[str, tuple[slice, slice]] = {}
+        dts: dict[str, np.ndarray] = {}
         for k in range(count):
             done = False
             # Juxta-pleural or not is drawn once (the library's share among the allowed rows) and
@@ -442,50 +454,57 @@ class NoduleModel:
                     continue
                 if ndi.label(_patch(off), structure=np.ones((3, 3)))[1] != 1:
                     continue  # an outline in pieces at this spacing: it would count as several nodules
-                ext = extent_px(off)
                 side = SIDES[self.lib.side[i]]
                 if side not in frames:
-                    frames[side] = LungFrame.of(m, side)
+                    lungs[side] = m == SIDE_CLASS[side]
+                    frames[side] = LungFrame.of_lung(lungs[side])
+                    if frames[side] is not None:
+                        frees[side] = lungs[side] & ~taken
+                        dts[side] = _edt_in_box(frees[side], frees[side])
+                        ys, xs = np.flatnonzero(lungs[side].any(1)), np.flatnonzero(lungs[side].any(0))
+                        boxes[side] = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
                 frame = frames[side]
                 if frame is None:
                     continue
-                side_lung = m == SIDE_CLASS[side]
-                lung_free = side_lung & ~taken
-                if side not in dts:
-                    dts[side] = _edt_in_box(lung_free, lung_free)
-                dt = dts[side]
+                side_lung, lung_free, dt, box = lungs[side], frees[side], dts[side], boxes[side]
                 r = float(np.sqrt((off.astype(float) ** 2).sum(1)).max())
                 # free nodules: every pixel > GAP_PX from anything but free lung; juxta-pleural: centre
                 # within reach of the border (the exact test below decides)
-                cand = lung_free & in_region & ((dt <= r + 1.5) if jp else (dt >= r + GAP_PX + 1))
+                d = dt[box]
+                cand = lung_free[box] & ((d <= r + 1.5) if jp else (d >= r + GAP_PX + 1))
+                if c.region is not None:
+                    cand &= in_region[box]
                 cy, cx = np.nonzero(cand)
                 if len(cy) == 0:
                     continue
+                cy, cx = cy + box[0].start, cx + box[1].start
                 tx, ty = frame.from_uv(self.lib.u[i], self.lib.v[i])
                 d2 = (cx - tx) ** 2 + (cy - ty) ** 2
                 near = np.argpartition(d2, CANDIDATES)[:CANDIDATES] if len(d2) > CANDIDATES else np.arange(len(d2))
                 order = near[np.lexsort((near, d2[near]))]  # nearest first, ties by scan order (deterministic)
-                free = ~taken & (side_lung | body) if jp else lung_free
                 for j in order:
                     centre = np.array([cy[j], cx[j]])
-                    if not self._fits(side_lung, body, free, centre, off, jp):
+                    if not self._fits(side_lung, body, taken, centre, off, jp):
                         continue
                     p = off + centre
                     if not jp and (dt[p[:, 0], p[:, 1]] < GAP_PX + 1).any():
                         continue
                     m[p[:, 0], p[:, 1]] = MaskClass.NODULE
+                    side_lung[p[:, 0], p[:, 1]] = False  # (a juxta-pleural nodule's other pixels were body)
                     y0, x0 = np.maximum(p.min(0) - GAP_PX - 1, 0)
                     y1, x1 = min(p[:, 0].max() + GAP_PX + 2, H), min(p[:, 1].max() + GAP_PX + 2, W)
                     blob = np.zeros((y1 - y0, x1 - x0), bool)
                     blob[p[:, 0] - y0, p[:, 1] - x0] = True
                     taken[y0:y1, x0:x1] |= ndi.binary_dilation(blob, iterations=GAP_PX)
+                    for sd in frees:
+                        frees[sd][y0:y1, x0:x1] = lungs[sd][y0:y1, x0:x1] & ~taken[y0:y1, x0:x1]
                     if k + 1 < count:  # refresh this lung's distances around the new nodule (exact in the
                         # window; beyond DT_WINDOW px only distances larger than any nodule change)
                         wy0, wx0 = max(y0 - DT_WINDOW, 0), max(x0 - DT_WINDOW, 0)
                         wy1, wx1 = y1 + DT_WINDOW, x1 + DT_WINDOW
-                        free_w = (m[wy0:wy1, wx0:wx1] == SIDE_CLASS[side]) & ~taken[wy0:wy1, wx0:wx1]
                         dts[side][wy0:wy1, wx0:wx1] = np.minimum(dts[side][wy0:wy1, wx0:wx1],
-                                                                 ndi.distance_transform_edt(free_w))
+                                                                 ndi.distance_transform_edt(lung_free[wy0:wy1, wx0:wx1]))
+                    ext = extent_px(off)
                     placed.append({
                         "lidc_annotation": int(self.lib.annotation[i]), "lidc_nodule": int(self.lib.nodule[i]),
                         "patient": f"LIDC-IDRI-{int(self.lib.patient[i]):04d}", "z_mm": float(self.lib.z_mm[i]),

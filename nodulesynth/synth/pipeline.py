@@ -221,8 +221,6 @@ def quality_gate(
     B, H, W = masks.shape
     dev = masks.device
     area = H * W
-    left = masks == MaskClass.LEFT_LUNG
-    right = masks == MaskClass.RIGHT_LUNG
     no = torch.zeros(B, dtype=torch.bool, device=dev)
     n_body, n_left, n_right, n_nod = class_counts(
         masks, (MaskClass.BODY, MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG, MaskClass.NODULE)).unbind(1)
@@ -248,14 +246,15 @@ def quality_gate(
     remap = torch.full((B,), -1, dtype=torch.long, device=dev)
     remap[sub] = torch.arange(len(sub), device=dev)
     sidx = remap[bidx]
-    nod = masks[sub] == MaskClass.NODULE
+    msub = masks[sub]
+    nod = msub == MaskClass.NODULE
 
     def near(m: torch.Tensor) -> torch.Tensor:  # 8-neighbourhood dilation
         return F.max_pool2d(m[:, None].float(), 3, 1, 1)[:, 0] > 0
 
     npix = _box_sums(_integral(nod), sidx, ib)
-    touch_l = _box_sums(_integral(nod & near(left[sub])), sidx, ib) > 0
-    touch_r = _box_sums(_integral(nod & near(right[sub])), sidx, ib) > 0
+    touch_l = _box_sums(_integral(nod & near(msub == MaskClass.LEFT_LUNG)), sidx, ib) > 0
+    touch_r = _box_sums(_integral(nod & near(msub == MaskClass.RIGHT_LUNG)), sidx, ib) > 0
 
     min_pix = 4 if config.min_nodule_pixels is None else config.min_nodule_pixels
     size_mm = nodule_size_mm(allb, spacing_mm)  # the one definition of nodule size
@@ -264,7 +263,7 @@ def quality_gate(
     m = THORAX_MARGIN
     grown = torch.stack([(ib[:, 0] - m).clamp(min=0), (ib[:, 1] - m).clamp(min=0),
                          (ib[:, 2] + m).clamp(max=W), (ib[:, 3] + m).clamp(max=H)], 1)
-    outside = _box_sums(_integral(masks[sub] == MaskClass.BACKGROUND), sidx, grown) > 0
+    outside = _box_sums(_integral(msub == MaskClass.BACKGROUND), sidx, grown) > 0
     bad_comp = ((npix < min_pix) | (size_mm < config.min_nodule_mm) | ~(touch_l | touch_r) | outside) & config.gate
     cond = torch.zeros_like(bad_comp)
     if config.min_size_mm is not None:
