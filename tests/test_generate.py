@@ -201,6 +201,7 @@ def test_interrupt_leaves_nothing_behind(tmp_path, weights, monkeypatch, capsys)
     (["--masks", "/no/such/masks"], "--masks"),
     (["--n", "2", "--format", "coco,nrrd"], "--format: unknown format 'nrrd'"),
     (["--n", "2", "--start-index", "-1"], "--start-index"),
+    (["--n", "2", "--place-workers", "-1"], "--place-workers: must be ≥ 0"),
     (["--n", "2", "--start-index", "4", "--real", "."], "--start-index: shards synthetic samples only"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, weights, capsys, extra, message):

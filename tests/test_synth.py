@@ -62,6 +62,26 @@ def test_same_samples_for_any_batch_size_and_order(model):
     assert not torch.equal(diff.masks[0], ref.masks[0])
 
 
+def test_placement_workers_change_nothing(model):
+    """LIDC nodules placed on 2 worker processes (while the translator runs) give the samples, attempts
+    and provenance of the in-process placement; a dead worker is one clear error, not a hang."""
+    cfg = dict(seed=3, block=4, batch_size=4, max_size_mm=12)
+    ref = Synthesizer(model, GenerationConfig(place_workers=0, **cfg)).generate(range(9))
+    with Synthesizer(model, GenerationConfig(place_workers=2, **cfg)) as s:
+        got = s.generate(range(9))
+        assert s.lidc._pool is not None  # the workers really ran
+        assert torch.equal(got.masks, ref.masks) and torch.equal(got.images_hu, ref.images_hu)
+        assert got.provenance == ref.provenance and all(p["nodules"] for p in got.provenance)
+        assert [b.tolist() for b in got.boxes] == [b.tolist() for b in ref.boxes]
+        for proc in list(s.lidc._pool._processes.values()):
+            proc.kill()
+            proc.join()
+        with pytest.raises(NoduleSynthError, match="placement worker process died"):
+            s.generate(range(9, 13))
+        assert s.generate([2]).provenance == [ref.provenance[2]]  # a fresh pool after the failure
+    assert s.lidc._pool is None  # closed on leaving the block
+
+
 def test_boxes_match_masks_and_gate_holds(model):
     s = Synthesizer(model, GenerationConfig(seed=1, **GATE))
     b = s.generate(range(8))

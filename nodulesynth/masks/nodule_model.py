@@ -45,6 +45,7 @@ Labels stay hard (the mask has classes only); the translator draws the partial-v
 """
 from __future__ import annotations
 
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -603,6 +604,60 @@ def compare_to_lidc(gen: dict[str, np.ndarray], textures: list[str], lib: Nodule
     return out
 
 
+# ---------------------------------------------------------------- placement of drawn masks, in process or on workers
+
+@dataclass(frozen=True)
+class PlacementTask:
+    """What gating and filling one drawn mask needs. Torch-free and picklable, so worker processes
+    start light (numpy + scipy) and compute exactly what the main process would."""
+
+    conditions: NoduleConditions
+    counts: tuple[int, int]  # nodules per slice, inclusive range
+    spacing_mm: float
+    seed: int
+    min_body_fraction: float  # the anatomy part of synth.pipeline.quality_gate (0: not required)
+    min_lung_fraction: float
+
+
+# codes of gate_and_fill's outcome; LidcPlacer maps them to the pipeline's gate reasons
+PLACED, NO_BODY, MISSING_LUNG, DOES_NOT_FIT = range(4)
+
+
+def gate_and_fill(task: PlacementTask, model: NoduleModel, raw: np.ndarray, index: int, attempt: int):
+    """One drawn mask → (code, changed pixel indices, their new labels, provenance or the no-fit
+    message): its StyleGAN nodules become lung, the anatomy must pass the gate, then LIDC nodules
+    from the stream of (seed, index, attempt). A pure function of its arguments."""
+    anat = remove_nodules(raw)
+    code, info = PLACED, None
+    if (anat == MaskClass.BODY).sum() < task.min_body_fraction * anat.size:
+        code = NO_BODY
+    elif min((anat == MaskClass.LEFT_LUNG).sum(), (anat == MaskClass.RIGHT_LUNG).sum()) < task.min_lung_fraction * anat.size:
+        code = MISSING_LUNG
+    else:
+        rng = placement_rng(task.seed, index, attempt)
+        lo, hi = task.counts
+        count = lo if lo == hi else int(rng.integers(lo, hi + 1))
+        try:
+            anat, info = model.place(anat, task.spacing_mm, rng, count=count)
+        except PlacementError as e:
+            code, info = DOES_NOT_FIT, str(e)
+    changed = np.flatnonzero(anat != raw)  # a few hundred pixels travel back, not the mask
+    return code, changed.astype(np.int32), anat.ravel()[changed], info
+
+
+_WORKER: tuple[PlacementTask, NoduleModel] | None = None
+
+
+def _worker_init(task: PlacementTask) -> None:
+    global _WORKER
+    _WORKER = (task, NoduleModel(task.conditions))
+
+
+def _worker_run(jobs: list[tuple[np.ndarray, int, int]]) -> list:
+    task, model = _WORKER
+    return [gate_and_fill(task, model, *job) for job in jobs]
+
+
 # ---------------------------------------------------------------- glue for synth.pipeline
 
 NO_FIT = "nodules do not fit"  # gate reason: the anatomy had no room for the requested nodules
@@ -612,9 +667,14 @@ class LidcPlacer:
     """The Synthesizer's LIDC nodule mode: a drawn mask keeps its anatomy (StyleGAN nodule pixels
     become the nearest lung), must pass the anatomy part of the quality gate (body, both lungs),
     and then gets its nodules from :class:`NoduleModel` with the stream of (seed, index, attempt).
-    ``placed[(index, attempt)]`` holds the provenance of the nodules until the pipeline takes it."""
+    ``placed[(index, attempt)]`` holds the provenance of the nodules until the pipeline takes it.
 
-    def __init__(self, config, spacing_mm: float):
+    With ``workers`` > 0 the per-mask work runs on that many spawned processes (``submit`` returns
+    at once, ``collect`` waits), so a GPU translates while the host places; results are identical."""
+
+    def __init__(self, config, spacing_mm: float, workers: int = 0):
+        from ..synth.pipeline import anatomy_minimums
+
         self.config, self.spacing_mm = config, float(spacing_mm)
         n = config.num_nodules
         if n is None:
@@ -623,9 +683,13 @@ class LidcPlacer:
             self.counts = (int(n), int(n))
         else:
             self.counts = (int(n[0]), int(n[1]))
-        self.model = NoduleModel(NoduleConditions(
+        conditions = NoduleConditions(
             count=self.counts[1], min_size_mm=config.min_size_mm, max_size_mm=config.max_size_mm,
-            lung=config.lung, texture=config.texture, region=config.region))
+            lung=config.lung, texture=config.texture, region=config.region)
+        self.model = NoduleModel(conditions)  # refuses impossible conditions now
+        self.task = PlacementTask(conditions, self.counts, self.spacing_mm, int(config.seed), *anatomy_minimums(config))
+        self.workers = int(workers)
+        self._pool = None
         self.placed: dict[tuple[int, int], list[dict]] = {}
         self.no_fit, self.fitted = 0, False
 
@@ -633,40 +697,84 @@ class LidcPlacer:
         lo, hi = self.counts
         return lo if lo == hi else int(rng.integers(lo, hi + 1))
 
-    def gate_and_place(self, masks, keys: list[tuple[int, int]]):
-        """masks: (B,H,W) uint8 tensor. Returns (new masks, then quality_gate's triple)."""
-        import dataclasses
+    def _executor(self):
+        if self._pool is None:
+            import multiprocessing
+            import sys
+            from concurrent.futures import ProcessPoolExecutor
 
+            # fork on Linux, as torch's DataLoader workers: the workers never touch torch or CUDA, start
+            # at once with the library loaded and need no `if __name__ == "__main__"` in the caller's
+            # script; spawn elsewhere (macOS / Windows default), where scripts need that guard anyway.
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
+                                             initializer=_worker_init, initargs=(self.task,))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def submit(self, masks, keys: list[tuple[int, int]]):
+        """Start gating and filling a batch of drawn masks (B,H,W) uint8; ``collect`` finishes it."""
+        import multiprocessing
+
+        raw = masks.cpu().numpy()
+        jobs = [(raw[k], int(i), int(j)) for k, (i, j) in enumerate(keys)]
+        if self.workers <= 0 or multiprocessing.current_process().daemon:  # e.g. inside a DataLoader worker
+            return raw, keys, [gate_and_fill(self.task, self.model, *job) for job in jobs]
+        per = max(1, -(-len(jobs) // (2 * self.workers)))  # two chunks per worker: even load, few messages
+        pool = self._executor()
+        try:
+            return raw, keys, [pool.submit(_worker_run, jobs[s : s + per]) for s in range(0, len(jobs), per)]
+        except BrokenProcessPool as e:
+            self._died(e)
+
+    def _died(self, e: BaseException):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None  # the next batch starts a fresh pool
+        raise NoduleSynthError(f"a nodule placement worker process died ({e}); run with 0 placement workers "
+                               "to see the error in this process") from None
+
+    def collect(self, job, device):
+        """(masks on ``device``, passed (B,) bool, first failing reason per mask or None, boxes)."""
         import torch
 
         from ..masks.boxes import masks_to_boxes_batch
-        from ..synth.pipeline import quality_gate
+        from ..synth.pipeline import MISSING_LUNG_REASON, NO_BODY_REASON
 
-        anat = np.stack([remove_nodules(x) for x in masks.cpu().numpy()])
-        cfg = dataclasses.replace(self.config, nodules="stylegan", min_nodules=0, num_nodules=None, min_size_mm=None,
-                                  max_size_mm=None, region=None, lung=None, texture=None, add_nodules=False)
-        passed, reasons, _ = quality_gate(torch.from_numpy(anat).to(masks.device), cfg, self.spacing_mm)
-        passed = passed.clone()
-        for k, (i, j) in enumerate(keys):
-            if not passed[k]:
-                continue
-            rng = placement_rng(self.config.seed, i, j)
+        raw, keys, parts = job
+        if parts and not isinstance(parts[0], tuple):
             try:
-                anat[k], prov = self.model.place(anat[k], self.spacing_mm, rng, count=self._count(rng))
-            except PlacementError as e:
-                passed[k], reasons[k] = False, NO_FIT
+                parts = [r for f in parts for r in f.result()]
+            except BrokenProcessPool as e:
+                self._died(e)
+        out = raw.copy()
+        passed = torch.zeros(len(keys), dtype=torch.bool)
+        reasons: list[str | None] = []
+        why = {NO_BODY: NO_BODY_REASON, MISSING_LUNG: MISSING_LUNG_REASON, DOES_NOT_FIT: NO_FIT}
+        for k, ((i, j), (code, changed, labels, info)) in enumerate(zip(keys, parts)):
+            out[k].ravel()[changed] = labels
+            reasons.append(why.get(code))
+            if code == DOES_NOT_FIT:
                 self.no_fit += 1
                 if self.no_fit >= NO_FIT_LIMIT and not self.fitted:
                     raise NoduleSynthError(
                         f"nodule conditions cannot be met by these weights' anatomy: {self.no_fit} drawn masks in a row "
-                        f"had no room ({e})") from None
-                continue
-            self.no_fit, self.fitted = 0, True
-            self.placed[(int(i), int(j))] = prov
-        masks = torch.from_numpy(anat).to(masks.device)
+                        f"had no room ({info})")
+            elif code == PLACED:
+                passed[k] = True
+                self.no_fit, self.fitted = 0, True
+                self.placed[(int(i), int(j))] = info
+        masks = torch.from_numpy(out).to(device)
         with torch.inference_mode():
             boxes = [b if ok else b[:0] for b, ok in zip(masks_to_boxes_batch(masks), passed.tolist())]
         return masks, passed, reasons, boxes
+
+    def gate_and_place(self, masks, keys: list[tuple[int, int]]):
+        """masks: (B,H,W) uint8 tensor. Returns (new masks, then quality_gate's triple)."""
+        return self.collect(self.submit(masks, keys), masks.device)
 
     def add_to(self, masks, names: list[str] | None = None):
         """Mask-in mode: LIDC nodules added to each given mask (its own nodules kept and avoided).

@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="export worker processes (encoding off the generator's back; 0 = inline; default: "
                         "inline for < 64 slices, else half the cores, at least 1)")
+    p.add_argument("--place-workers", type=int, default=None,
+                   help="processes that place the LIDC nodules while the device translates (never changes the "
+                        "samples; default: 0 on CPU, on a GPU min(8, cores per rank − 1))")
     p.add_argument("--start-index", type=int, default=0,
                    help="first synthetic sample index (manual sharding, e.g. a SLURM array: part k gets "
                         "--start-index k·n); merge the parts with `nodulesynth merge`")
@@ -118,8 +121,9 @@ def _check_args(args: argparse.Namespace) -> tuple[str, ...]:
         raise NoduleSynthError(f"--seed: must be ≥ 0, got {args.seed}")
     if not 0 <= args.val_fraction < 1:
         raise NoduleSynthError(f"--val-fraction: must be in [0, 1), got {args.val_fraction}")
-    if args.workers is not None and args.workers < 0:
-        raise NoduleSynthError(f"--workers: must be ≥ 0, got {args.workers}")
+    for flag, v in (("--workers", args.workers), ("--place-workers", args.place_workers)):
+        if v is not None and v < 0:
+            raise NoduleSynthError(f"{flag}: must be ≥ 0, got {v}")
     formats = parse_formats(args.format)
     if "yolo" in formats and args.image_format != "png":
         raise NoduleSynthError("--image-format: YOLO datasets use 8-bit PNG; png16/npy only apply to COCO")
@@ -256,7 +260,7 @@ def _header(args, formats, tsgan, cfg: GenerationConfig, plan: Plan, validation:
     from ..export.merge import gate_summary
     from ..hu import LUNG_WINDOW
 
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}
+    config = cfg.decisive()
     return {
         "version": __version__, "source": "nodulesynth generate",
         "weights": str(getattr(tsgan, "source", args.weights)), "revision": str(getattr(tsgan, "revision", "")),
@@ -317,7 +321,8 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
     cfg = GenerationConfig(seed=args.seed, batch_size=args.batch_size, min_size_mm=args.min_size_mm,
                            max_size_mm=args.max_size_mm, num_nodules=args.num_nodules, nodules=args.nodules,
                            lung=args.lung, texture=args.texture, region=tuple(args.region) if args.region else None,
-                           add_nodules=args.add_nodules, truncation_psi=args.truncation_psi)
+                           add_nodules=args.add_nodules, truncation_psi=args.truncation_psi,
+                           place_workers=args.place_workers)
     cfg.validate()
     mask_files = _mask_files(args.masks) if args.masks else []
     real = open_real(args.real) if args.real else None
@@ -367,10 +372,11 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
         finally:
             done[0] = len(writer.records)
             writer.close()
+            synth.close()
 
     def spec_for(day: str) -> ExportSpec:
         # what decides the samples (never batch_size): the DICOM UIDs' entropy
-        decisive = sorted((k, v) for k, v in dataclasses.asdict(cfg).items() if k != "batch_size")
+        decisive = sorted(cfg.decisive().items())
         key = f"{getattr(tsgan, 'revision', '')}|{decisive}"
         ctx = DicomContext(key, str(getattr(tsgan, "source", args.weights)), str(getattr(tsgan, "revision", "")),
                            __version__, day)
