@@ -10,7 +10,8 @@ is not timed) and batch size:
   (forward FLOPs counted with FlopCounterMode as in benchmarks/model_cost.py; peak from --peak-tflops
   or the device name);
 - end to end (masks, gate, translation, boxes — the `generate` pipeline at block = batch), in memory
-  and to disk (COCO 8-bit PNG + RLE, encoded on export worker processes as `generate` does);
+  and to disk (COCO 8-bit PNG + RLE, encoded on export worker processes as `generate` does), with
+  the LIDC nodules placed in process and on `generate`'s default placement workers;
 - reference: the same translator one image at a time in fp32 (the reference pix2pix test loop).
 Writes benchmarks/results/throughput.json (device, versions, every row) and prints a table.
 """
@@ -132,10 +133,10 @@ def disk_format() -> str:
 
 
 def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: int, gate: bool, workers: int,
-                    compile_: bool) -> list[dict]:
+                    compile_: bool, place: int | None = None, profile: bool = True) -> list[dict]:
     rows = []
     for B in batches:
-        cfg = GenerationConfig(block=B, batch_size=B, gate=gate)
+        cfg = GenerationConfig(block=B, batch_size=B, gate=gate, place_workers=place)
         synth = Synthesizer(tsgan.to(dev), cfg)
         if compile_:
             synth.tsgan.translator = torch.compile(synth.tsgan.translator)
@@ -146,7 +147,7 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
             synth.generate(range(s, min(s + B, n)))
         sync(dev)
         mem = n / (time.perf_counter() - t0)
-        prof = profile_generate(synth, n, B, dev) if B == batches[-1] and not compile_ else None
+        prof = profile_generate(synth, n, B, dev) if B == batches[-1] and not compile_ and profile else None
         tmp = Path(tempfile.mkdtemp(prefix="nodulesynth-throughput-"))
         try:
             spec = ExportSpec((disk_format(),), "png")
@@ -165,9 +166,12 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
             shutil.rmtree(tmp, ignore_errors=True)
         if compile_:
             synth.tsgan.translator = synth.tsgan.translator._orig_mod
+        place_workers = synth.lidc.workers if synth.lidc is not None else 0
+        synth.close()
         rows.append({"model": name, "stage": "end to end", "variant": ("bf16+cl" if dev.type == "cuda" else "fp32+cl")
                      + ("+compile" if compile_ else ""), "batch": B, "img_s": mem, "to_disk_img_s": disk,
-                     "export_workers": workers, "export_format": disk_format(), "gate": gate})
+                     "export_workers": workers, "export_format": disk_format(), "gate": gate,
+                     "place_workers": place_workers})
         if prof:
             rows[-1]["profile_top_tottime"] = prof
     return rows
@@ -215,6 +219,9 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="time per translator measurement (default 3 CUDA, 0 CPU)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--workers", type=int, default=None, help="export worker processes (default: half the cores)")
+    p.add_argument("--place-workers", default=None,
+                   help="comma list of LIDC placement worker counts for the end-to-end rows, 'auto' = generate's "
+                        "default (default: 0,auto on CUDA, 0 on CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile / CUDA-graph variants")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for the roofline (default by name)")
     p.add_argument("--out", default=str(RESULTS))
@@ -228,6 +235,7 @@ def main(argv=None) -> int:
     seconds = a.seconds if a.seconds is not None else (3.0 if cuda else 0.0)
     workers = a.workers if a.workers is not None else max(1, (os.cpu_count() or 2) // 2)
     compile_ = cuda and not a.no_compile
+    places = [None if v == "auto" else int(v) for v in (a.place_workers or ("0,auto" if cuda else "0")).split(",")]
     peak = peak_tflops(dev, a.peak_tflops)
     rows = []
     for name in models:
@@ -243,19 +251,21 @@ def main(argv=None) -> int:
         gflops = translator_gflops(tsgan.translator, size)
         rows.append(reference_row(name, tsgan, dev, seconds, size))
         rows += translator_rows(name, tsgan, dev, batches, seconds, size, gflops, peak, compile_)
-        rows += end_to_end_rows(name, tsgan, dev, batches, n, gate, workers, False)
+        for k, pw in enumerate(places):
+            rows += end_to_end_rows(name, tsgan, dev, batches, n, gate, workers, False, pw, profile=k == 0)
         if compile_:
-            rows += end_to_end_rows(name, tsgan, dev, batches[-1:], n, gate, workers, True)
+            rows += end_to_end_rows(name, tsgan, dev, batches[-1:], n, gate, workers, True, places[-1])
         for r in rows:
             r.setdefault("translator_gflops", gflops)
         write(a, argv, dev, peak, rows)  # after each model: a run cut short still leaves its rows
         print(f"done {name}", file=sys.stderr)
-    print(f"{'model':8} {'stage':28} {'variant':28} {'batch':>5} {'img/s':>9} {'to disk':>8} {'roofline':>8}")
+    print(f"{'model':8} {'stage':28} {'variant':28} {'batch':>5} {'img/s':>9} {'to disk':>8} {'roofline':>8} {'place':>5}")
     for r in rows:
         ips = f"{r['img_s']:9.2f}" if "img_s" in r else f"{'error':>9}"
         disk = f"{r['to_disk_img_s']:8.2f}" if r.get("to_disk_img_s") else f"{'':8}"
         roof = f"{100 * r['roofline_frac']:7.1f}%" if r.get("roofline_frac") else f"{'':8}"
-        print(f"{r['model']:8} {r['stage']:28} {r['variant']:28} {r['batch']:5d} {ips} {disk} {roof}")
+        place = f"{r['place_workers']:5d}" if "place_workers" in r else f"{'':5}"
+        print(f"{r['model']:8} {r['stage']:28} {r['variant']:28} {r['batch']:5d} {ips} {disk} {roof} {place}")
     print(f"wrote {write(a, argv, dev, peak, rows)}")
     return 0
 
