@@ -10,7 +10,8 @@ is not timed) and batch size:
   (forward FLOPs counted with FlopCounterMode as in benchmarks/model_cost.py; peak from --peak-tflops
   or the device name);
 - end to end (masks, gate, translation, boxes — the `generate` pipeline at block = batch), in memory
-  and to disk (COCO 8-bit PNG + RLE, encoded on export worker processes as `generate` does), with
+  and to disk (COCO 8-bit PNG + RLE, encoded on export worker processes as `generate` does; their
+  start-up is timed apart, `export_start_s`; writing annotations.json is in), with
   the LIDC nodules placed in process and on `generate`'s default placement workers;
 - reference: the same translator one image at a time in fp32 (the reference pix2pix test loop).
 Writes benchmarks/results/throughput.json (device, versions, every row) and prints a table.
@@ -153,6 +154,9 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
             spec = ExportSpec((disk_format(),), "png")
             w = DatasetWriter(tmp, spec, workers)
             t0 = time.perf_counter()
+            w.start()  # the export processes' start-up, reported apart from the steady rate
+            start_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             for s in range(0, n, B):
                 b = synth.generate(range(s, min(s + B, n)))
                 hu = b.images_hu.round().short().numpy()
@@ -170,7 +174,7 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
         synth.close()
         rows.append({"model": name, "stage": "end to end", "variant": ("bf16+cl" if dev.type == "cuda" else "fp32+cl")
                      + ("+compile" if compile_ else ""), "batch": B, "img_s": mem, "to_disk_img_s": disk,
-                     "export_workers": workers, "export_format": disk_format(), "gate": gate,
+                     "export_workers": workers, "export_start_s": start_s, "export_format": disk_format(), "gate": gate,
                      "place_workers": place_workers})
         if prof:
             rows[-1]["profile_top_tottime"] = prof

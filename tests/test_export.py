@@ -180,3 +180,24 @@ def test_segmentation_is_each_components_own_pixels_when_boxes_overlap():
                 for a in anns)
     assert union.max() == 1 and np.array_equal(union.astype(bool), m == C.NODULE)
 
+
+
+def test_writer_on_started_workers_equals_inline(tmp_path, batch):
+    """start() brings up every export process before the first item; what they write (files and
+    records, in order) equals the inline writer's."""
+    spec = ExportSpec(("coco",), "png")
+    items = [_item(batch, k) for k in range(len(batch))]
+    recs = {}
+    for workers in (0, 2):
+        root = tmp_path / f"w{workers}"
+        w = DatasetWriter(root, spec, workers=workers)
+        w.start()
+        if workers:
+            assert len(w._pool._processes) == workers
+        for it in items:
+            w.add(it)
+        recs[workers] = w.drain()
+        w.close()
+    assert recs[0] == recs[2]
+    for f in sorted((tmp_path / "w0" / "images").iterdir()):
+        assert f.read_bytes() == (tmp_path / "w2" / "images" / f.name).read_bytes()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -149,12 +150,22 @@ class DatasetWriter:
         self._pending: deque[Future] = deque()
         self._pool: ProcessPoolExecutor | None = None
 
-    def _submit(self, item: ExportItem) -> Future:
+    def _submit_fn(self, fn, *args) -> Future:
         if self._pool is None:
             ctx = multiprocessing.get_context("forkserver")  # never fork a process holding torch's threads
             ctx.set_forkserver_preload(["nodulesynth.export.writer"])
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
-        return self._pool.submit(write_item, self.spec, self.base, item)
+        return self._pool.submit(fn, *args)
+
+    def _submit(self, item: ExportItem) -> Future:
+        return self._submit_fn(write_item, self.spec, self.base, item)
+
+    def start(self) -> None:
+        """Start the worker processes now and wait until each answers (they start lazily otherwise),
+        so that a benchmark times the encoding, not the start-up."""
+        if self.workers:  # tasks that overlap in time: the pool spawns a process for each
+            for f in [self._submit_fn(time.sleep, 0.2) for _ in range(self.workers)]:
+                f.result()
 
     def add(self, item: ExportItem) -> None:
         if not self.workers:
