@@ -185,6 +185,38 @@ def test_interrupt_leaves_nothing_behind(tmp_path, weights, monkeypatch, capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["old"] and sorted(p.name for p in old.iterdir()) == [".nodulesynth", "a.txt"]
 
 
+def test_ctrl_c_in_a_terminal_is_one_line(tmp_path, weights):
+    """A terminal's Ctrl-C reaches every process of its group, export and placement workers too: the
+    run ends with status 130 and its one line, no worker traceback, and leaves nothing behind."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "o"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "nodulesynth", "generate", "--n", "100000", "--out", str(out), "--weights", weights,
+         "--device", "cpu", "--batch-size", "4", "--workers", "1", "--place-workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    text, deadline = b"", time.time() + 120
+    while not re.search(rb"\| *[1-9]\d*/100000 \[", text) and time.time() < deadline and p.poll() is None:
+        text += p.stdout.read1(4096)  # until items are written: both kinds of worker are running
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        text += p.communicate(timeout=60)[0]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    text = text.decode(errors="replace")
+    assert p.returncode == 130, text[-2000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-2000:]
+    assert "interrupted; nothing half-written was left behind" in text
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--n", "0"], "--n: must be"),
     (["--n", "-3"], "--n: must be"),

@@ -135,8 +135,13 @@ def write_item(spec: ExportSpec, base: Path, item: ExportItem) -> dict:
     return rec
 
 
-def _init_worker() -> None:  # encoding workers: one thread each, the generator owns the cores
+def _init_worker() -> None:
+    """Encoding workers: one thread each (the generator owns the cores), and Ctrl-C is the main
+    process's to handle (it shuts the pool down); a terminal sends it to every process of the group."""
+    import signal
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class DatasetWriter:

@@ -649,8 +649,11 @@ _WORKER: tuple[PlacementTask, NoduleModel] | None = None
 
 
 def _worker_init(task: PlacementTask) -> None:
+    import signal
+
     global _WORKER
     _WORKER = (task, NoduleModel(task.conditions))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it shuts the pool down
 
 
 def _worker_run(jobs: list[tuple[np.ndarray, int, int]]) -> list:
