@@ -13,9 +13,7 @@ provenance and the files it owns in each format.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
-import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ import numpy as np
 from ..errors import NoduleSynthError
 from ..hu import LUNG_WINDOW
 from ..io import write_json
+from ..workers import worker_pool
 from . import coco, dicom, monai, volume, yolo
 
 FORMATS = ("coco", "yolo", "nifti", "mha", "dicom", "monai")
@@ -135,13 +134,8 @@ def write_item(spec: ExportSpec, base: Path, item: ExportItem) -> dict:
     return rec
 
 
-def _init_worker() -> None:
-    """Encoding workers: one thread each (the generator owns the cores), and Ctrl-C is the main
-    process's to handle (it shuts the pool down); a terminal sends it to every process of the group."""
-    import signal
-
+def _init_worker() -> None:  # encoding workers: one thread each, the generator owns the cores
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class DatasetWriter:
@@ -155,22 +149,16 @@ class DatasetWriter:
         self._pending: deque[Future] = deque()
         self._pool: ProcessPoolExecutor | None = None
 
-    def _submit_fn(self, fn, *args) -> Future:
-        if self._pool is None:
-            ctx = multiprocessing.get_context("forkserver")  # never fork a process holding torch's threads
-            ctx.set_forkserver_preload(["nodulesynth.export.writer"])
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
-        return self._pool.submit(fn, *args)
-
     def _submit(self, item: ExportItem) -> Future:
-        return self._submit_fn(write_item, self.spec, self.base, item)
+        self.start()
+        return self._pool.submit(write_item, self.spec, self.base, item)
 
     def start(self) -> None:
-        """Start the worker processes now and wait until each answers (they start lazily otherwise),
-        so that a benchmark times the encoding, not the start-up."""
-        if self.workers:  # tasks that overlap in time: the pool spawns a process for each
-            for f in [self._submit_fn(time.sleep, 0.2) for _ in range(self.workers)]:
-                f.result()
+        """Start the worker processes now (otherwise at the first item), so that a benchmark times
+        the encoding, not the start-up."""
+        if self.workers and self._pool is None:
+            # forkserver: never fork a process holding torch's threads; Ctrl-C stays the main process's
+            self._pool = worker_pool(self.workers, "forkserver", _init_worker)
 
     def add(self, item: ExportItem) -> None:
         if not self.workers:

@@ -649,11 +649,8 @@ _WORKER: tuple[PlacementTask, NoduleModel] | None = None
 
 
 def _worker_init(task: PlacementTask) -> None:
-    import signal
-
     global _WORKER
     _WORKER = (task, NoduleModel(task.conditions))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it shuts the pool down
 
 
 def _worker_run(jobs: list[tuple[np.ndarray, int, int]]) -> list:
@@ -702,16 +699,15 @@ class LidcPlacer:
 
     def _executor(self):
         if self._pool is None:
-            import multiprocessing
             import sys
-            from concurrent.futures import ProcessPoolExecutor
+
+            from ..workers import worker_pool
 
             # fork on Linux, as torch's DataLoader workers: the workers never touch torch or CUDA, start
             # at once with the library loaded and need no `if __name__ == "__main__"` in the caller's
             # script; spawn elsewhere (macOS / Windows default), where scripts need that guard anyway.
             method = "fork" if sys.platform.startswith("linux") else "spawn"
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
-                                             initializer=_worker_init, initargs=(self.task,))
+            self._pool = worker_pool(self.workers, method, _worker_init, (self.task,))
         return self._pool
 
     def close(self) -> None:
