@@ -464,12 +464,16 @@ class Synthesizer:
                 masks = torch.stack([c[2] for c in chunk])
                 hu = self._translate(masks, [(c[0], c[1]) for c in chunk]).cpu()
                 finite = torch.isfinite(hu).flatten(1).all(1).tolist()
-                for k, (i, j, m, bx) in enumerate(chunk):
+                # one device→host copy per block, not one per sample (each a sync on a GPU)
+                masks = masks.cpu()
+                bxs = torch.cat([c[3].detach().reshape(-1, 4) for c in chunk]).float().cpu().numpy()
+                bxs = np.split(bxs, np.cumsum([len(c[3]) for c in chunk])[:-1])
+                for k, (i, j, _, _) in enumerate(chunk):
                     if not finite[k]:
                         retry.append(reject(i, j, NON_FINITE))
                         continue
                     self.stats.accepted += 1
-                    results[i] = (hu[k], m.cpu(), bx.detach().float().cpu().numpy().reshape(-1, 4), j)
+                    results[i] = (hu[k], masks[k], bxs[k], j)
                 if progress is not None:
                     progress(sum(finite))
             return retry
