@@ -619,6 +619,12 @@ class PlacementTask:
     min_lung_fraction: float
 
 
+def draw_count(counts: tuple[int, int], rng: np.random.Generator) -> int:
+    """Nodules in this slice: the first draw of its placement stream when a range is asked for."""
+    lo, hi = counts
+    return lo if lo == hi else int(rng.integers(lo, hi + 1))
+
+
 # codes of gate_and_fill's outcome; LidcPlacer maps them to the pipeline's gate reasons
 PLACED, NO_BODY, MISSING_LUNG, DOES_NOT_FIT = range(4)
 
@@ -635,10 +641,8 @@ def gate_and_fill(task: PlacementTask, model: NoduleModel, raw: np.ndarray, inde
         code = MISSING_LUNG
     else:
         rng = placement_rng(task.seed, index, attempt)
-        lo, hi = task.counts
-        count = lo if lo == hi else int(rng.integers(lo, hi + 1))
         try:
-            anat, info = model.place(anat, task.spacing_mm, rng, count=count)
+            anat, info = model.place(anat, task.spacing_mm, rng, count=draw_count(task.counts, rng))
         except PlacementError as e:
             code, info = DOES_NOT_FIT, str(e)
     changed = np.flatnonzero(anat != raw)  # a few hundred pixels travel back, not the mask
@@ -660,6 +664,16 @@ def _worker_run(jobs: list[tuple[np.ndarray, int, int]]) -> list:
 
 # ---------------------------------------------------------------- glue for synth.pipeline
 
+@dataclass
+class _Batch:
+    """Drawn masks on their way through LidcPlacer: results when placed in process, else futures."""
+
+    raw: np.ndarray
+    keys: list[tuple[int, int]]
+    results: list | None = None
+    futures: list | None = None
+
+
 NO_FIT = "nodules do not fit"  # gate reason: the anatomy had no room for the requested nodules
 
 
@@ -669,7 +683,7 @@ class LidcPlacer:
     and then gets its nodules from :class:`NoduleModel` with the stream of (seed, index, attempt).
     ``placed[(index, attempt)]`` holds the provenance of the nodules until the pipeline takes it.
 
-    With ``workers`` > 0 the per-mask work runs on that many spawned processes (``submit`` returns
+    With ``workers`` > 0 the per-mask work runs on that many worker processes (``submit`` returns
     at once, ``collect`` waits), so a GPU translates while the host places; results are identical."""
 
     def __init__(self, config, spacing_mm: float, workers: int = 0):
@@ -692,10 +706,6 @@ class LidcPlacer:
         self._pool = None
         self.placed: dict[tuple[int, int], list[dict]] = {}
         self.no_fit, self.fitted = 0, False
-
-    def _count(self, rng: np.random.Generator) -> int:
-        lo, hi = self.counts
-        return lo if lo == hi else int(rng.integers(lo, hi + 1))
 
     def _executor(self):
         if self._pool is None:
@@ -722,11 +732,12 @@ class LidcPlacer:
         raw = masks.cpu().numpy()
         jobs = [(raw[k], int(i), int(j)) for k, (i, j) in enumerate(keys)]
         if self.workers <= 0 or multiprocessing.current_process().daemon:  # e.g. inside a DataLoader worker
-            return raw, keys, [gate_and_fill(self.task, self.model, *job) for job in jobs]
+            return _Batch(raw, keys, results=[gate_and_fill(self.task, self.model, *job) for job in jobs])
         per = max(1, -(-len(jobs) // (2 * self.workers)))  # two chunks per worker: even load, few messages
         pool = self._executor()
         try:
-            return raw, keys, [pool.submit(_worker_run, jobs[s : s + per]) for s in range(0, len(jobs), per)]
+            return _Batch(raw, keys, futures=[pool.submit(_worker_run, jobs[s : s + per])
+                                              for s in range(0, len(jobs), per)])
         except BrokenProcessPool as e:
             self._died(e)
 
@@ -736,17 +747,17 @@ class LidcPlacer:
         raise NoduleSynthError(f"a nodule placement worker process died ({e}); run with 0 placement workers "
                                "to see the error in this process") from None
 
-    def collect(self, job, device):
+    def collect(self, job: "_Batch", device):
         """(masks on ``device``, passed (B,) bool, first failing reason per mask or None, boxes)."""
         import torch
 
         from ..masks.boxes import masks_to_boxes_batch
         from ..synth.pipeline import MISSING_LUNG_REASON, NO_BODY_REASON
 
-        raw, keys, parts = job
-        if parts and not isinstance(parts[0], tuple):
+        raw, keys, parts = job.raw, job.keys, job.results
+        if job.futures is not None:
             try:
-                parts = [r for f in parts for r in f.result()]
+                parts = [r for f in job.futures for r in f.result()]
             except BrokenProcessPool as e:
                 self._died(e)
         out = raw.copy()
@@ -788,7 +799,7 @@ class LidcPlacer:
             key = zlib.crc32(names[k].encode()) if names is not None else k
             rng = placement_rng(self.config.seed, key, 0)
             try:
-                new, prov = self.model.place(out[k].numpy(), self.spacing_mm, rng, count=self._count(rng))
+                new, prov = self.model.place(out[k].numpy(), self.spacing_mm, rng, count=draw_count(self.counts, rng))
             except PlacementError as e:
                 raise NoduleSynthError(f"mask {names[k] if names is not None else k}: {e}") from None
             out[k] = torch.from_numpy(new)
