@@ -38,7 +38,7 @@ MIN=${DS_MINUTES:-4.5}          # training minutes per run (the three run at onc
 DEADLINE=${DS_DEADLINE:-540}    # seconds after start by which everything is written to $OUT
 DEV=${DS_DEVICE:-cuda}
 OUT=${OUT:-device-out}
-W=${DS_WORK:-/tmp/ds}           # runs stay on the machine's disk between calls (a --resume call can follow)
+W=${DS_WORK:-/tmp/ds}           # runs stay on the machine's disk between calls; a second call needs another DS_WORK
 MASKS=${DS_MASKS:-train}        # train | shipped (export the translators with the shipped mask generator)
 SUITE=${DS_SUITE:-0}            # 1: the whole suite too (on the H200 it passed but for packages the image lacks)
 THROUGHPUT=${DS_THROUGHPUT:-1}
@@ -108,15 +108,21 @@ if (( SUITE && budget > 30 )); then
 fi
 
 # ---- wait for training, export -------------------------------------------------------------------
-for pid in $pm $pt $pp; do wait "$pid" || say "a training run exited with $?"; done
-say "training done"
+# only runs that trained in THIS call are exported: a second call on the same machine finds the first
+# call's run folders, which retrain.py refuses; their old weights must not come back as new ones
+declare -A RC=([masks]=1)
+[[ -n "$pm" ]] && { wait "$pm"; RC[masks]=$?; }
+wait "$pt"; RC[texture]=$?
+wait "$pp"; RC[$SECOND]=$?
+say "training done (exit status: masks ${RC[masks]}, texture ${RC[texture]}, $SECOND ${RC[$SECOND]})"
 for r in masks texture $SECOND; do tail -3 "$W/results/train_$r.log" 2>/dev/null; done
 M=$W/masks/masks
-if [[ ! -f "$M/export/mask_generator.safetensors" ]]; then  # no mask run (or it failed): the shipped generator
+if [[ "${RC[masks]}" != 0 || ! -f "$M/export/mask_generator.safetensors" ]]; then  # no mask run or it failed: the shipped one
   M=$W/shipped_masks; mkdir -p "$M/export" && cp nodulesynth/pretrained/mask_generator.* "$M/export/"
   say "exporting with the shipped mask generator"
 fi
 for r in texture $SECOND; do
+  [[ "${RC[$r]}" == 0 ]] || { say "not exporting $r: its training failed (results/train_$r.log)"; continue; }
   $PY benchmarks/retrain.py --prepared "$P" --out "$W/$r" --stage export --masks-run "$M" --device "$DEV" \
     >> "$W/results/train_$r.log" 2>&1 && [[ -d "$W/$r/weights" ]] && say "exported $r" || say "export $r failed"
 done
@@ -147,7 +153,7 @@ for r in masks texture $SECOND $([[ $SECOND == crops ]] && echo crops1); do
   last=$(ls "$run"/samples/*.png 2>/dev/null | tail -1); [[ -n "$last" ]] && cp "$last" "$W/results/$r/"
 done
 tar -czf "$OUT/results.tgz" -C "$W" results
-names=(); for r in texture $SECOND; do [[ -d "$W/$r/weights" ]] && names+=("$r/weights"); done
+names=(); for r in texture $SECOND; do [[ "${RC[$r]}" == 0 && -d "$W/$r/weights" ]] && names+=("$r/weights"); done
 if (( ${#names[@]} )); then  # archived as texture/, crops/ (or paper/): the folders --collect hands to heldout_realism
   tar -cf - -C "$W" --transform 's,/weights,,' "${names[@]}" | split -b 15m -d - "$OUT/weights.tar.part-"
 fi
