@@ -185,6 +185,22 @@ def test_interrupt_leaves_nothing_behind(tmp_path, weights, monkeypatch, capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["old"] and sorted(p.name for p in old.iterdir()) == [".nodulesynth", "a.txt"]
 
 
+def test_placement_workers_change_no_file(tmp_path, weights):
+    """--place-workers is a throughput knob: the manifest (config, items, provenance) and every image
+    are the same with the nodules placed in process or on a worker."""
+    runs = {}
+    for w in (0, 1):
+        out = tmp_path / f"w{w}"
+        assert main(["generate", "--n", "4", "--out", str(out), "--weights", weights, "--device", "cpu",
+                     "--batch-size", "2", "--seed", "5", "--place-workers", str(w)]) == 0
+        runs[w] = out
+    man = [json.loads((runs[w] / "manifest.json").read_text()) for w in (0, 1)]
+    assert man[0]["config"] == man[1]["config"] and "place_workers" not in man[0]["config"]
+    assert man[0]["items"] == man[1]["items"] and all(it["provenance"]["nodules"] for it in man[0]["items"])
+    for f in sorted((runs[0] / "images").iterdir()):
+        assert f.read_bytes() == (runs[1] / "images" / f.name).read_bytes()
+
+
 def test_ctrl_c_in_a_terminal_is_one_line(tmp_path, weights):
     """A terminal's Ctrl-C reaches every process of its group, export and placement workers too: the
     run ends with status 130 and its one line, no worker traceback, and leaves nothing behind."""
