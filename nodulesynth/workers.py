@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable
 
 
 def _init(initializer: Callable | None, initargs: tuple) -> None:
@@ -26,33 +26,36 @@ def _init(initializer: Callable | None, initargs: tuple) -> None:
         initializer(*initargs)
 
 
-def worker_pool(workers: int, method: str, initializer: Callable | None = None, initargs: tuple = (),
-                preload: Sequence[str] = ()) -> ProcessPoolExecutor:
+def worker_pool(workers: int, method: str, initializer: Callable | None = None,
+                initargs: tuple = ()) -> ProcessPoolExecutor:
     """A pool of ``workers`` processes (start ``method``), every one started before this returns."""
     ctx = multiprocessing.get_context(method)
-    if preload:
-        ctx.set_forkserver_preload(list(preload))
     main = threading.current_thread() is threading.main_thread()  # only it may change signal handlers
     held: list[int] = []
-    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
+
+    def note(signum, frame) -> None:
+        held.append(signum)
+
+    old = signal.signal(signal.SIGINT, note) if main else None
     pool = None
     try:
-        if method == "forkserver" and main:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the server and all it forks
-            multiprocessing.forkserver.ensure_running()
-            signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(initializer, initargs))
-        # tasks that overlap in time: the pool creates a process for each, now
-        started = [pool.submit(time.sleep, 0.05) for _ in range(workers)]
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, old)
-    try:
+        try:
+            if method == "forkserver" and main:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the server and all it forks
+                multiprocessing.forkserver.ensure_running()
+                signal.signal(signal.SIGINT, note)
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(initializer, initargs))
+            # tasks that overlap in time: the pool creates a process for each, now
+            started = [pool.submit(time.sleep, 0.05) for _ in range(workers)]
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
         if held:
             raise KeyboardInterrupt
         for f in started:  # their imports and initializers run with Ctrl-C the main process's again
             f.result()
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         raise
     return pool
