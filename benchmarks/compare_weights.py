@@ -16,23 +16,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def window(hu: np.ndarray) -> np.ndarray:
-    return np.clip((hu + 1000.0) / 1400.0, 0.0, 1.0)
-
-
 def tiles(hu: np.ndarray, mask: np.ndarray, tile: int, zoom_px: int = 96) -> list[np.ndarray]:
     """[whole slice, zoom on the nodule (or the centre)] at tile² each."""
     from PIL import Image
 
-    im = window(hu)
-    ys, xs = np.nonzero(mask == 5)
+    from nodulesynth.hu import window_uint8
+    from nodulesynth.masks.classes import MaskClass
+
+    im = window_uint8(hu)
+    ys, xs = np.nonzero(mask == MaskClass.NODULE)
     cy, cx = (int(ys.mean()), int(xs.mean())) if len(ys) else (im.shape[0] // 2, im.shape[1] // 2)
     h = zoom_px // 2
     y0 = int(np.clip(cy - h, 0, im.shape[0] - zoom_px))
     x0 = int(np.clip(cx - h, 0, im.shape[1] - zoom_px))
 
     def fit(a: np.ndarray, resample) -> np.ndarray:
-        return np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((tile, tile), resample))
+        return np.asarray(Image.fromarray(a).resize((tile, tile), resample))
 
     return [fit(im, Image.LANCZOS), fit(im[y0:y0 + zoom_px, x0:x0 + zoom_px], Image.NEAREST)]
 

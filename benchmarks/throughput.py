@@ -170,12 +170,11 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
             shutil.rmtree(tmp, ignore_errors=True)
         if compile_:
             synth.tsgan.translator = synth.tsgan.translator._orig_mod
-        place_workers = synth.lidc.workers if synth.lidc is not None else 0
         synth.close()
         rows.append({"model": name, "stage": "end to end", "variant": ("bf16+cl" if dev.type == "cuda" else "fp32+cl")
                      + ("+compile" if compile_ else ""), "batch": B, "img_s": mem, "to_disk_img_s": disk,
                      "export_workers": workers, "export_start_s": start_s, "export_format": disk_format(), "gate": gate,
-                     "place_workers": place_workers})
+                     "place_workers": synth.place_workers})
         if prof:
             rows[-1]["profile_top_tottime"] = prof
     return rows

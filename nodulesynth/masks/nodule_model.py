@@ -254,6 +254,14 @@ def extent_px(offsets: np.ndarray) -> float:
     return longest_extent(offsets.astype(np.float64))
 
 
+def bbox(binary: np.ndarray) -> tuple[slice, slice] | None:
+    """The bounding box of a 2-D boolean map as (rows, cols) slices; None when it is empty."""
+    ys, xs = np.flatnonzero(binary.any(1)), np.flatnonzero(binary.any(0))
+    if len(ys) == 0:
+        return None
+    return slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
+
+
 @dataclass
 class LungFrame:
     """Row-wise lung-normalised coordinates of one lung on one mask (its largest component):
@@ -266,16 +274,16 @@ class LungFrame:
 
     @classmethod
     def of(cls, mask: np.ndarray, side: str) -> "LungFrame | None":
-        return cls.of_lung(mask == SIDE_CLASS[side])
+        lung = mask == SIDE_CLASS[side]
+        return cls.of_lung(lung, bbox(lung))
 
     @classmethod
-    def of_lung(cls, lung: np.ndarray) -> "LungFrame | None":
-        """From a boolean lung map; labelled inside the lung's bounding box only (same frame)."""
-        rows, cols = np.flatnonzero(lung.any(1)), np.flatnonzero(lung.any(0))
-        if len(rows) == 0:
+    def of_lung(cls, lung: np.ndarray, box: tuple[slice, slice] | None) -> "LungFrame | None":
+        """From a boolean lung map and its :func:`bbox`; labelled inside that box only (same frame)."""
+        if box is None:
             return None
-        ya, xa = int(rows[0]), int(cols[0])
-        lab, _ = ndi.label(lung[ya : rows[-1] + 1, xa : cols[-1] + 1])
+        ya, xa = box[0].start, box[1].start
+        lab, _ = ndi.label(lung[box])
         comp = lab == (1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
         rows = np.flatnonzero(comp.any(1))
         y0, y1 = int(rows[0]), int(rows[-1])
@@ -439,7 +447,7 @@ class NoduleModel:
         frames: dict[str, LungFrame | None] = {}
         lungs: dict[str, np.ndarray] = {}
         frees: dict[str, np.ndarray] = {}
-        boxes: dict[str, tuple[slice, slice]] = {}
+        boxes: dict[str, tuple[slice, slice] | None] = {}
         dts: dict[str, np.ndarray] = {}
         for k in range(count):
             done = False
@@ -458,12 +466,11 @@ class NoduleModel:
                 side = SIDES[self.lib.side[i]]
                 if side not in frames:
                     lungs[side] = m == SIDE_CLASS[side]
-                    frames[side] = LungFrame.of_lung(lungs[side])
+                    boxes[side] = bbox(lungs[side])
+                    frames[side] = LungFrame.of_lung(lungs[side], boxes[side])
                     if frames[side] is not None:
                         frees[side] = lungs[side] & ~taken
                         dts[side] = _edt_in_box(frees[side], frees[side])
-                        ys, xs = np.flatnonzero(lungs[side].any(1)), np.flatnonzero(lungs[side].any(0))
-                        boxes[side] = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
                 frame = frames[side]
                 if frame is None:
                     continue
@@ -689,19 +696,18 @@ class LidcPlacer:
     def __init__(self, config, spacing_mm: float, workers: int = 0):
         from ..synth.pipeline import anatomy_minimums
 
-        self.config, self.spacing_mm = config, float(spacing_mm)
         n = config.num_nodules
         if n is None:
-            self.counts = (max(1, config.min_nodules),) * 2
+            counts = (max(1, config.min_nodules),) * 2
         elif isinstance(n, (int, np.integer)):
-            self.counts = (int(n), int(n))
+            counts = (int(n), int(n))
         else:
-            self.counts = (int(n[0]), int(n[1]))
+            counts = (int(n[0]), int(n[1]))
         conditions = NoduleConditions(
-            count=self.counts[1], min_size_mm=config.min_size_mm, max_size_mm=config.max_size_mm,
+            count=counts[1], min_size_mm=config.min_size_mm, max_size_mm=config.max_size_mm,
             lung=config.lung, texture=config.texture, region=config.region)
         self.model = NoduleModel(conditions)  # refuses impossible conditions now
-        self.task = PlacementTask(conditions, self.counts, self.spacing_mm, int(config.seed), *anatomy_minimums(config))
+        self.task = PlacementTask(conditions, counts, float(spacing_mm), int(config.seed), *anatomy_minimums(config))
         self.workers = int(workers)
         self._pool = None
         self.placed: dict[tuple[int, int], list[dict]] = {}
@@ -797,9 +803,10 @@ class LidcPlacer:
         out, provs = masks.clone(), []
         for k in range(len(out)):
             key = zlib.crc32(names[k].encode()) if names is not None else k
-            rng = placement_rng(self.config.seed, key, 0)
+            rng = placement_rng(self.task.seed, key, 0)
             try:
-                new, prov = self.model.place(out[k].numpy(), self.spacing_mm, rng, count=draw_count(self.counts, rng))
+                new, prov = self.model.place(out[k].numpy(), self.task.spacing_mm, rng,
+                                             count=draw_count(self.task.counts, rng))
             except PlacementError as e:
                 raise NoduleSynthError(f"mask {names[k] if names is not None else k}: {e}") from None
             out[k] = torch.from_numpy(new)

@@ -338,7 +338,7 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
     if dist.rank == 0:
         print(f"weights: {getattr(tsgan, 'source', args.weights)} (revision {getattr(tsgan, 'revision', 'unknown')}) "
               f"on {device}, {size}×{size}" + (f", {dist.world} ranks" if dist.world > 1 else "")
-              + (f", {synth.lidc.workers} nodule placement workers" if synth.lidc is not None and synth.lidc.workers else ""))
+              + (f", {synth.place_workers} nodule placement workers" if synth.place_workers else ""))
     stems = [f.stem for f in mask_files]
     clash = sorted({x for x in stems if stems.count(x) > 1})
     if clash:

@@ -364,14 +364,17 @@ class Synthesizer:
         if self.config.nodules == "lidc":
             from ..masks.nodule_model import LidcPlacer
 
-            self.lidc = LidcPlacer(self.config, self.spacing_mm, workers=self._place_workers())
+            self.lidc = LidcPlacer(self.config, self.spacing_mm, workers=self.place_workers)
 
-    def _place_workers(self) -> int:
+    @property
+    def place_workers(self) -> int:
+        """LIDC placement worker processes this synthesizer runs (``config.place_workers`` resolved)."""
+        if self.config.nodules != "lidc":
+            return 0
         if self.config.place_workers is not None:
             return self.config.place_workers
         if self.device.type == "cpu":
             return 0
-
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
@@ -484,13 +487,12 @@ class Synthesizer:
                 continue
             keys, pending = pending[:B], pending[B:]
             masks = self._masks(keys)
-            if self.lidc is not None:  # anatomy gate, then LIDC nodules placed into the anatomy
-                job = self.lidc.submit(masks, keys)
-                retry = flush(False)  # earlier full blocks translate while the workers place this one
+            job = self.lidc.submit(masks, keys) if self.lidc is not None else None  # LIDC: gate + nodules
+            retry = flush(False)  # earlier full blocks translate meanwhile (the workers place this one)
+            if job is not None:
                 masks, passed, reasons, boxes = self.lidc.collect(job, masks.device)
             else:
                 passed, reasons, boxes = quality_gate(masks, cfg, self.spacing_mm)
-                retry = []
             self.stats.attempts += len(keys)
             for k, ((i, j), ok, why) in enumerate(zip(keys, passed.tolist(), reasons)):
                 if ok:
@@ -498,8 +500,6 @@ class Synthesizer:
                 else:
                     retry.append(reject(i, j, why))
             pending = retry + pending  # retries first: keeps memory bounded and order deterministic
-            if self.lidc is None:
-                pending = flush(False) + pending
         out = [results[i] for i in indices]
         return SyntheticBatch(
             images_hu=torch.stack([o[0] for o in out]) if out else torch.zeros(0, self.image_size, self.image_size),
