@@ -317,6 +317,32 @@ def test_lowpass_l1_ignores_fine_texture():
     assert lowpass_l1_loss(real + 0.1, real, 4) == pytest.approx(0.1)  # region levels are still pinned
 
 
+def test_lung_terms_ask_for_how_much_structure_not_where():
+    """A vessel moved inside the lung costs pixel L1 but neither the lung-statistics loss nor the
+    lungs' coarse density L1; an empty lung costs all of them. Outside ``keep`` nothing counts."""
+    from nodulesynth.models.losses import (feature_matching_loss, lowpass_l1_loss, region_l1_loss,
+                                           region_stats_loss)
+
+    lung = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    lung[..., 8:56, 8:56] = True
+    base = torch.where(lung, -0.8, 0.0)
+    real, moved = base.clone(), base.clone()
+    real[..., 20:22, 14:30] = -0.3  # a bright 2 × 16 px "vessel"
+    moved[..., 36:38, 26:42] = -0.3  # the same vessel elsewhere in the lung
+    assert lowpass_l1_loss(moved, real, 1) > 0.001
+    assert float(region_stats_loss(moved, real, lung)) == pytest.approx(0, abs=1e-6)
+    assert float(region_stats_loss(base, real, lung)) > 0.001  # no vessel at all
+    assert float(region_l1_loss(base, real, lung, 64)) > 1e-3 > 1e-6 > float(region_l1_loss(moved, real, lung, 64))
+    keep = ~lung
+    assert float(region_l1_loss(moved, real, keep, 1)) == 0 < float(region_l1_loss(moved + 0.1, real, keep, 4))
+    feats = [torch.randn(1, 3, 32, 32), torch.randn(1, 3, 8, 8)]
+    changed = [f + torch.where(F.interpolate(lung.float(), f.shape[-2:]) > 0, 1.0, 0.0) for f in feats]
+    assert feature_matching_loss(feats, changed) > 0
+    assert float(feature_matching_loss(feats, changed, keep)) == 0  # keep is area-pooled to each map
+    with pytest.raises(ValueError, match="does not match"):
+        region_stats_loss(moved, real, lung[..., :32, :32])
+
+
 def test_translator_config_without_texture_fields_loads_as_the_paper(tmp_path):
     """Weights saved before the texture options existed (their JSON lacks the fields) still load."""
     import json

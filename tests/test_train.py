@@ -392,7 +392,8 @@ def test_translator_hooks_one_by_one(data_dir, tmp_path):
     assert labels.shape == (2, 32, 32) and real.shape == (2, 1, 32, 32) and -1 <= real.min() <= real.max() <= 1
     before = {k: v.clone() for k, v in t.G.state_dict().items()}
     losses = t.train_step((labels, real))
-    assert set(losses) == {"d_loss", "g_gan", "l1", "perc", "fm", "g_total"}
+    assert set(losses) == {"d_loss", "g_gan", "l1", "perc", "fm", "lung_stats", "g_total"}
+    assert losses["lung_stats"] == 0  # off unless asked for
     assert all(torch.isfinite(v) for v in losses.values()) and losses["fm"] > 0  # no VGG here: FM stands in
     assert any(not torch.equal(before[k], v) for k, v in t.G.state_dict().items())
     assert t.stream.state_dict() == {"epoch": 0, "pos": 2}  # the trainer's stream moved by one batch
@@ -404,6 +405,30 @@ def test_translator_hooks_one_by_one(data_dir, tmp_path):
     t.preview()
     assert (tmp_path / "samples" / "step-00000001.png").is_file()
     assert t.log_values(losses)["epoch"] == 0.25
+
+
+def test_lung_texture_frees_the_lungs_from_pixel_l1(data_dir, tmp_path):
+    """--preset lung-texture: shuffling the real lungs' pixels inside each 16-px block leaves the L1
+    as it was (only the lungs' coarse density counts there) and the lung-statistics loss is on."""
+    from nodulesynth.train.translator import PRESETS, TranslatorTrainer
+
+    keys = ("lung_lowpass", "lambda_lung_stats", "lambda_l1", "l1_lowpass")
+    cfg = lambda out: tr_cfg(data_dir, out, **{k: PRESETS["lung-texture"][k] for k in keys})  # noqa: E731
+    t = _ready(TranslatorTrainer(cfg(tmp_path / "a")), tmp_path / "a")
+    labels, real = next(iter(t.batches(0, 1)))
+    lung = (labels == 2) | (labels == 3)
+    assert lung.any()
+    shuffled = real.clone()
+    g = torch.Generator().manual_seed(0)
+    for b, y, x in ((b, y, x) for b in range(2) for y in (0, 16) for x in (0, 16)):
+        block, inside = shuffled[b, 0, y:y + 16, x:x + 16], lung[b, y:y + 16, x:x + 16]
+        block[inside] = block[inside][torch.randperm(int(inside.sum()), generator=g)]
+    assert not torch.equal(shuffled, real)
+    losses = t.train_step((labels, real))
+    t2 = _ready(TranslatorTrainer(cfg(tmp_path / "b")), tmp_path / "b")
+    losses2 = t2.train_step((labels, shuffled))
+    assert float(losses["lung_stats"]) > 0
+    assert float(losses["l1"]) == pytest.approx(float(losses2["l1"]), abs=1e-6)
 
 
 def test_mask_hooks_one_by_one(data_dir, tmp_path):
@@ -485,6 +510,9 @@ def test_cli_flags_come_from_the_config_dataclasses(data_dir, tmp_path):
     paper = cli.build_config(parser.parse_args(["translator", *base, "--preset", "paper"]))
     assert (paper.model.lia, paper.model.dwmh, paper.model.num_d, paper.lambda_l1, paper.lambda_perc) == \
         (True, True, 1, 200.0, 10.0)
+    assert (paper.lung_lowpass, paper.lambda_lung_stats) == (0, 0)
+    lt = cli.build_config(parser.parse_args(["translator", *base, "--preset", "lung-texture", "--lung-lowpass", "8"]))
+    assert (lt.lung_lowpass, lt.lambda_lung_stats, lt.model.noise, lt.model.num_d) == (8, 50.0, True, 2)
 
 
 def test_train_refuses_unwritable_or_data_overlapping_out(data_dir, tmp_path):

@@ -10,7 +10,11 @@ Beyond the paper (all off in the ``paper`` preset, see :data:`PRESETS`): ``lambd
 pix2pixHD feature matching over all discriminator scales (``model.num_d``; with no VGG weights
 the λ_P term already is feature matching, so the two add up), ``l1_lowpass`` takes the L1 on
 ``l1_lowpass``-times average-pooled images (texture is left to the GAN terms), and the generator's
-``noise``/``upsample`` options (models.pix2pix).
+``noise``/``upsample`` options (models.pix2pix). ``lung_lowpass`` frees the lungs from the paired
+terms: no mask says where vessels run, so any per-pixel (or per-feature) loss there paints the
+lungs empty. Inside them L1 sees only the lungs' density per ``lung_lowpass`` block, feature
+matching skips them, and ``lambda_lung_stats`` asks instead for the real amount of bright, thin
+structure (the 1-D Wasserstein distance of the lung values and their high-pass).
 
 Data: the UNet is fully convolutional, so it trains on random ``crop_size`` crops of any mix of
 prepared datasets (512² slices, 128² nodule crops at native spacing), each with its share of the
@@ -29,6 +33,7 @@ import torch
 
 from ..errors import NoduleSynthError
 from ..hu import hu_to_unit, unit_to_hu
+from ..masks.classes import MaskClass
 from ..models.pix2pix import TranslatorConfig
 from ..runtime import autocast
 from ..viz import preview_grid
@@ -52,6 +57,10 @@ class TranslatorTrainConfig(engine.RunConfig):
     l1_lowpass: int = opt(1, "L1 on images average-pooled by this factor (1 = plain L1, the paper)")
     lambda_perc: float = opt(10.0, "perceptual weight λ_P (paper: 10; VGG-19, else feature matching)")
     lambda_fm: float = opt(0.0, "extra pix2pixHD feature-matching weight over all D scales (0 = the paper)")
+    lung_lowpass: int = opt(0, "inside the lungs, no pixel L1 or feature matching: only L1 on the lungs' density pooled by "
+                               "this factor (0 = lungs like the rest)")
+    lambda_lung_stats: float = opt(0.0, "weight of the lung-statistics loss: 1-D Wasserstein between generated and real "
+                                        "lung values and their high-pass, same lungs (0 = off)")
     gan_mode: str = opt("lsgan", "GAN loss (see models.losses.gan_loss)", choices=("lsgan", "bce"))
     crop_size: int | None = opt(256, "random training crop (0 = whole slices)", none_if=0)
     spacing_mm: float | None = opt(None, "rescale every slice to this pixel spacing (mm) before cropping",
@@ -69,11 +78,11 @@ _PAPER: dict[str, Any] = {
     "model": {"ngf": 64, "ndf": 64, "num_downs": 8, "lia": True, "dwmh": True, "dropout": 0.5, "n_layers_d": 3,
               "noise": False, "upsample": "transpose", "num_d": 1},
     "epochs": 200, "batch_size": 1, "lr": 2e-4, "beta1": 0.5, "lambda_l1": 200.0, "l1_lowpass": 1,
-    "lambda_perc": 10.0, "lambda_fm": 0.0, "crop_size": None,
+    "lambda_perc": 10.0, "lambda_fm": 0.0, "lung_lowpass": 0, "lambda_lung_stats": 0.0, "crop_size": None,
 }
 
 # Named configurations (``--preset``). "paper": §4.2 and Fig. 3 exactly (whole slices, batch 1);
-# "pix2pix", "pix2pix-lia", "pix2pix-dwmh": its Table 4 ablations; "texture": every texture option
+# "pix2pix", "pix2pix-lia", "pix2pix-dwmh": its Table 4 ablations; "texture": the texture options
 # of this project at once (a candidate to measure, not a measured default).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": _PAPER,
@@ -83,6 +92,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "texture": {**_PAPER, "model": {**_PAPER["model"], "noise": True, "upsample": "bilinear", "num_d": 2},
                 "lambda_l1": 50.0, "l1_lowpass": 4, "lambda_fm": 10.0, "crop_size": 256},
 }
+# "lung-texture": the texture preset with the lungs freed from every paired loss but a coarse density
+# L1, and the lung-statistics loss in their place (vessel positions are not in the mask).
+PRESETS["lung-texture"] = {**PRESETS["texture"], "lung_lowpass": 16, "lambda_lung_stats": 50.0}
 
 
 def _init_generator(cfg: "TranslatorTrainConfig"):
@@ -190,7 +202,7 @@ class TranslatorTrainer(engine.Trainer):
     """Stage 2 hooks: pix2pix-style alternating D/G steps with eq. (8) (+ the texture options)."""
 
     name = "translator"
-    metric_fields = ("epoch", "lr", "d_loss", "g_gan", "l1", "perc", "fm", "g_total")
+    metric_fields = ("epoch", "lr", "d_loss", "g_gan", "l1", "perc", "fm", "lung_stats", "g_total")
 
     def setup(self) -> None:
         from .augment import PairAugment
@@ -201,6 +213,8 @@ class TranslatorTrainer(engine.Trainer):
             raise NoduleSynthError("--epochs and --batch-size must be positive")
         if cfg.l1_lowpass < 1:
             raise NoduleSynthError(f"--l1-lowpass {cfg.l1_lowpass}: must be ≥ 1")
+        if cfg.lung_lowpass < 0 or cfg.lambda_lung_stats < 0:
+            raise NoduleSynthError("--lung-lowpass and --lambda-lung-stats must be ≥ 0")
         if cfg.spacing_mm is not None and not (cfg.spacing_mm > 0 and np.isfinite(cfg.spacing_mm)):
             raise NoduleSynthError(f"--spacing {cfg.spacing_mm}: must be a positive number of mm")
         from ..data.slices import SliceDataset  # noqa: F401  (errors for missing folders come from here)
@@ -281,7 +295,8 @@ class TranslatorTrainer(engine.Trainer):
             generator=torch.Generator().manual_seed(cfg.seed))
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
-        from ..models.losses import (lowpass_l1_loss, multiscale_feature_matching_loss, multiscale_gan_loss)
+        from ..models.losses import (lowpass_l1_loss, multiscale_feature_matching_loss, multiscale_gan_loss,
+                                     region_l1_loss, region_stats_loss)
         from ..models.pix2pix import discriminate, one_hot
 
         cfg, device, fmt = self.cfg, self.device, self.fmt
@@ -298,25 +313,33 @@ class TranslatorTrainer(engine.Trainer):
                             + multiscale_gan_loss(discriminate(self.D_t, onehot, real), True, cfg.gan_mode))
         loss_d.backward()
         self.opt_d.step()
-        # --- G: eq. (8) (+ feature matching)
+        # --- G: eq. (8) (+ feature matching, + the lung terms)
         self.opt_g.zero_grad(set_to_none=True)
+        lungs = ((labels == MaskClass.LEFT_LUNG) | (labels == MaskClass.RIGHT_LUNG)).to(device)[:, None]
+        keep = ~lungs if cfg.lung_lowpass else None
         with autocast(device, cfg.amp):
             fake_out = discriminate(self.D_t, onehot, fake, return_features=True)
             g_gan = multiscale_gan_loss(fake_out, True, cfg.gan_mode)
-            l1 = lowpass_l1_loss(fake, real, cfg.l1_lowpass)
+            if cfg.lung_lowpass:  # the rest at l1_lowpass, the lungs' density alone at lung_lowpass
+                l1 = (region_l1_loss(fake, real, keep, cfg.l1_lowpass)
+                      + region_l1_loss(fake, real, lungs, cfg.lung_lowpass))
+            else:
+                l1 = lowpass_l1_loss(fake, real, cfg.l1_lowpass)
             fm = torch.zeros((), device=device)
             if self.perc is None or cfg.lambda_fm > 0:
                 with torch.no_grad():
                     real_out = discriminate(self.D_t, onehot, real, return_features=True)
-                fm = multiscale_feature_matching_loss(real_out, fake_out)
+                fm = multiscale_feature_matching_loss(real_out, fake_out, keep)
             p = self.perc(fake, real) if self.perc is not None else fm
-            g_total = g_gan + cfg.lambda_l1 * l1 + cfg.lambda_perc * p + cfg.lambda_fm * fm
+            lung_stats = region_stats_loss(fake, real, lungs) if cfg.lambda_lung_stats else torch.zeros((), device=device)
+            g_total = (g_gan + cfg.lambda_l1 * l1 + cfg.lambda_perc * p + cfg.lambda_fm * fm
+                       + cfg.lambda_lung_stats * lung_stats)
         g_total.backward()
         self.opt_g.step()
         self.sch_g.step(); self.sch_d.step()
         self.stream.take(cfg.batch_size)
         return {"d_loss": loss_d.detach(), "g_gan": g_gan.detach(), "l1": l1.detach(), "perc": p.detach(),
-                "fm": fm.detach(), "g_total": g_total.detach()}
+                "fm": fm.detach(), "lung_stats": lung_stats.detach(), "g_total": g_total.detach()}
 
     def log_values(self, losses) -> dict[str, Any]:
         return {"epoch": self.step / self.steps_per_epoch, "lr": self.sch_g.get_last_lr()[0], **super().log_values(losses)}
