@@ -11,7 +11,9 @@
 #      ≤ 22 MiB fp16) on whole 512² slices of the TRAIN patients: "texture" (decoder noise, resize-conv,
 #      2-scale D + feature matching, low-pass L1 50) and "crops" (the same preset first on 128² crops of
 #      the slices and of the LIDC nodule crops, 60 %, then on whole slices, 40 %), DS_MINUTES each
-#      (DS_SECOND=paper trains the paper's configuration instead: measured 2026-11-26, it keeps the grid);
+#      (DS_SECOND=paper trains the paper's configuration instead: measured 2026-11-26, it keeps the grid;
+#      DS_SECOND=lung-texture runs the crops schedule with the lung-texture preset: on the CPU it filled
+#      the lungs with speckle, not vessels, and brought the nodule windows back; untried at GPU scale);
 #   2. with DS_SUITE=1, meanwhile the whole suite (modules needing SimpleITK, which cannot travel,
 #      fail to collect and are reported);
 #   3. after training: benchmarks/throughput.py (paper-size then shipped networks, no compile, with a
@@ -43,6 +45,8 @@ MASKS=${DS_MASKS:-train}        # train | shipped (export the translators with t
 SUITE=${DS_SUITE:-0}            # 1: the whole suite too (on the H200 it passed but for packages the image lacks)
 THROUGHPUT=${DS_THROUGHPUT:-1}
 SECOND=${DS_SECOND:-crops}      # the second translator: crops (texture on crops incl. LIDC, then whole slices) | paper
+                                #   | lung-texture (the crops schedule with --preset lung-texture)
+case "$SECOND" in crops|paper|lung-texture) ;; *) echo "DS_SECOND=$SECOND: use crops, paper or lung-texture" >&2; exit 2;; esac
 STEPSEC=${DS_STEP_SECONDS-0.1}  # translator step time sizing the schedule (H200, two runs side by side: 0.074 s);
                                 # '' calibrates instead, which a GPU shared by starting runs makes read ~300x high
 mkdir -p "$OUT" "$W/results"
@@ -88,13 +92,14 @@ if [[ "$SECOND" == paper ]]; then
     --workers 4 > "$W/results/train_paper.log" 2>&1 & pp=$!
 else  # "crops": texture preset on 128² crops of the slices AND the LIDC nodule crops (713 patients of real
   # parenchyma, native spacing), then whole slices from there, so train and use see the same context
+  CP=texture; [[ "$SECOND" == lung-texture ]] && CP=lung-texture
   m1=$(awk "BEGIN{print $MIN*0.6}"); m2=$(awk "BEGIN{print $MIN*0.4}")
   P1=(--crop 128 --spacing 0 --batch 32); [[ "$DEV" == cpu ]] && P1=(--crop 128 --spacing 0 --batch 1)
   [[ "$DEV" != cpu ]] && P1+=(--step-seconds 0.03)  # a guess (¼ of the pixels of a whole-slice batch); the time budget stops it
-  ( $PY benchmarks/retrain.py "${common[@]}" --minutes "$m1" --out "$W/crops1" --stage translator --preset texture \
+  ( $PY benchmarks/retrain.py "${common[@]}" --minutes "$m1" --out "$W/${SECOND}1" --stage translator --preset $CP \
       "${SIZE[@]}" "${P1[@]}" --workers 4 \
-    && $PY benchmarks/retrain.py "${common[@]}" --minutes "$m2" --out "$W/crops" --stage translator --preset texture \
-      "${SIZE[@]}" --lr 1e-4 --init-weights "$W/crops1/translator/export" --workers 4 ) > "$W/results/train_crops.log" 2>&1 & pp=$!
+    && $PY benchmarks/retrain.py "${common[@]}" --minutes "$m2" --out "$W/$SECOND" --stage translator --preset $CP \
+      "${SIZE[@]}" --lr 1e-4 --init-weights "$W/${SECOND}1/translator/export" --workers 4 ) > "$W/results/train_$SECOND.log" 2>&1 & pp=$!
 fi
 
 # ---- 2. the whole suite while the GPU trains (DS_SUITE=1) -----------------------------------------
@@ -145,7 +150,7 @@ fi
 
 # ---- 4. bring back -------------------------------------------------------------------------------
 say "packing results"
-for r in masks texture $SECOND $([[ $SECOND == crops ]] && echo crops1); do
+for r in masks texture $SECOND $([[ $SECOND != paper ]] && echo ${SECOND}1); do
   run=$W/$r/$([[ $r == masks ]] && echo masks || echo translator)
   mkdir -p "$W/results/$r"
   cp "$W/$r/recipe.json" "$W/results/$r/" 2>/dev/null
@@ -154,7 +159,7 @@ for r in masks texture $SECOND $([[ $SECOND == crops ]] && echo crops1); do
 done
 tar -czf "$OUT/results.tgz" -C "$W" results
 names=(); for r in texture $SECOND; do [[ "${RC[$r]}" == 0 && -d "$W/$r/weights" ]] && names+=("$r/weights"); done
-if (( ${#names[@]} )); then  # archived as texture/, crops/ (or paper/): the folders --collect hands to heldout_realism
+if (( ${#names[@]} )); then  # archived as texture/, crops/ (or paper/, lung-texture/): the folders --collect hands to heldout_realism
   tar -cf - -C "$W" --transform 's,/weights,,' "${names[@]}" | split -b 15m -d - "$OUT/weights.tar.part-"
 fi
 ls -la "$OUT"
