@@ -106,8 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = sub.add_parser("translator", help="DL-Pix2Pix mask → CT translator (paper §3.2)")
     t.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="start from a named configuration: paper (§4.2 exactly: whole slices, batch 1), its "
-                        "Table 4 ablations pix2pix / pix2pix-lia / pix2pix-dwmh, or texture (all texture "
-                        "options); other flags override it")
+                        "Table 4 ablations pix2pix / pix2pix-lia / pix2pix-dwmh, texture (all texture "
+                        "options), or lung-texture (texture with the lungs freed from the paired losses); "
+                        "other flags override it")
     add_config_arguments(t, TranslatorTrainConfig)
 
     e = sub.add_parser("export", help="assemble a TSGAN folder (from_pretrained layout) from two runs")
