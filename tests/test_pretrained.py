@@ -121,3 +121,21 @@ def test_shipped_slices_show_no_strong_grid(samples):
 
     scores = checkerboard_score(samples.images_hu)
     assert float(scores.median()) < 0.6, scores
+
+
+# Share of lung pixels above −700 HU (vessels, bronchial walls, fissures) per real 512² slice, over the
+# 117 slices of the prepared TCGA, pyradiomics and LIDC sets with > 2,000 lung pixels (2026-11-26):
+# min 5.8 %, 5th percentile 6.4 %, median 12.4 %, 95th percentile 46.9 %. An empty lung reads near 0.
+REAL_LUNG_SHARE_P5, REAL_LUNG_SHARE_P95 = 0.064, 0.469
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13: the shipped lungs hold too little structure (5.4 % of lung "
+                                       "pixels above -700 HU on these samples); drop this mark with weights that pass")
+def test_generated_lungs_hold_vessel_like_structure(samples):
+    """Issue 13's vessel check: the generated lungs' share of pixels above −700 HU lies within what
+    real slices show (their 5th to 95th percentile). Strict: weights that pass turn this red until
+    the mark goes, so the suite always says where the shipped weights stand."""
+    hu, masks = samples.images_hu, samples.masks
+    lungs = (masks == C.LEFT_LUNG) | (masks == C.RIGHT_LUNG)
+    share = float((hu[lungs] > -700).float().mean())
+    assert REAL_LUNG_SHARE_P5 <= share <= REAL_LUNG_SHARE_P95, share
