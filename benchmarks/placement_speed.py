@@ -13,7 +13,6 @@ result bit for bit. Writes benchmarks/results/placement_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nodulesynth.io import write_json  # noqa: E402
 from nodulesynth.masks.nodule_model import LidcPlacer  # noqa: E402
 from nodulesynth.synth.dataset import load_tsgan  # noqa: E402
 from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer  # noqa: E402
@@ -69,13 +69,11 @@ def main(argv=None) -> int:
               f"{rows[-1]['main_cpu_ms_per_mask']:.2f} ms/mask on the main process", file=sys.stderr)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({
+    write_json(out, {
         "command": "python benchmarks/placement_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(), "n": a.n, "spacing_mm": synth.spacing_mm,
-        "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
-    tmp.replace(out)
+        "date": time.strftime("%Y-%m-%d"), "rows": rows})
     print(f"wrote {out}")
     return 0
 

@@ -302,7 +302,8 @@ class TranslatorTrainer(engine.Trainer):
         cfg, device, fmt = self.cfg, self.device, self.fmt
         labels, real = batch
         self.G.train(); self.D.train()
-        onehot = one_hot(labels.to(device, non_blocking=True), cfg.model.in_classes).to(memory_format=fmt)
+        labels = labels.to(device, non_blocking=True)
+        onehot = one_hot(labels, cfg.model.in_classes).to(memory_format=fmt)
         real = real.to(device, non_blocking=True).to(memory_format=fmt)
         with autocast(device, cfg.amp):
             fake = self.G_t(onehot)
@@ -315,7 +316,8 @@ class TranslatorTrainer(engine.Trainer):
         self.opt_d.step()
         # --- G: eq. (8) (+ feature matching, + the lung terms)
         self.opt_g.zero_grad(set_to_none=True)
-        lungs = ((labels == MaskClass.LEFT_LUNG) | (labels == MaskClass.RIGHT_LUNG)).to(device)[:, None]
+        lungs = (((labels == MaskClass.LEFT_LUNG) | (labels == MaskClass.RIGHT_LUNG))[:, None]
+                 if cfg.lung_lowpass or cfg.lambda_lung_stats else None)
         keep = ~lungs if cfg.lung_lowpass else None
         with autocast(device, cfg.amp):
             fake_out = discriminate(self.D_t, onehot, fake, return_features=True)
