@@ -198,6 +198,18 @@ def profile_generate(synth, n: int, B: int, dev: torch.device, top: int = 20) ->
              "calls": nc, "ms_per_slice": round(1000 * tt / n, 3)} for tt, ct, nc, k in rows]
 
 
+HEADER = (f"{'model':8} {'stage':28} {'variant':28} {'batch':>5} {'img/s':>9} {'to disk':>8} {'roofline':>8} "
+          f"{'place':>5}")
+
+
+def row_line(r: dict) -> str:
+    ips = f"{r['img_s']:9.2f}" if "img_s" in r else f"{'error':>9}"
+    disk = f"{r['to_disk_img_s']:8.2f}" if r.get("to_disk_img_s") else f"{'':8}"
+    roof = f"{100 * r['roofline_frac']:7.1f}%" if r.get("roofline_frac") else f"{'':8}"
+    place = f"{r['place_workers']:5d}" if "place_workers" in r else f"{'':5}"
+    return f"{r['model']:8} {r['stage']:28} {r['variant']:28} {r['batch']:5d} {ips} {disk} {roof} {place}"
+
+
 def write(a, argv, dev: torch.device, peak: float | None, rows: list[dict]) -> Path:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +252,17 @@ def main(argv=None) -> int:
     compile_ = cuda and not a.no_compile
     places = [None if v == "auto" else int(v) for v in (a.place_workers or ("0,auto" if cuda else "0")).split(",")]
     peak = peak_tflops(dev, a.peak_tflops)
-    rows = []
+    rows: list[dict] = []
+    print(HEADER, flush=True)
+
+    def emit(new: list[dict], gflops: float) -> None:
+        """Print and write each block as it is measured: a run cut short by a time limit keeps its rows."""
+        for r in new:
+            r.setdefault("translator_gflops", gflops)
+            print(row_line(r), flush=True)
+        rows.extend(new)
+        write(a, argv, dev, peak, rows)
+
     for name in models:
         if name == "shipped":
             tsgan, gate = load_tsgan("pretrained", torch.device("cpu")), True
@@ -252,26 +274,15 @@ def main(argv=None) -> int:
             p.error(f"--models: unknown model {name!r}")
         size = int(tsgan.image_size)
         gflops = translator_gflops(tsgan.translator, size)
-        rows.append(reference_row(name, tsgan, dev, seconds, size))
-        rows += translator_rows(name, tsgan, dev, batches, seconds, size, gflops, peak, compile_)
+        emit([reference_row(name, tsgan, dev, seconds, size)], gflops)
+        emit(translator_rows(name, tsgan, dev, batches, seconds, size, gflops, peak, compile_), gflops)
         for k, pw in enumerate(places):
-            rows += end_to_end_rows(name, tsgan, dev, batches, n, gate, workers, False, pw, profile=k == 0)
+            emit(end_to_end_rows(name, tsgan, dev, batches, n, gate, workers, False, pw, profile=k == 0), gflops)
         if compile_:
-            rows += end_to_end_rows(name, tsgan, dev, batches[-1:], n, gate, workers, True, places[-1])
-        for r in rows:
-            r.setdefault("translator_gflops", gflops)
-        write(a, argv, dev, peak, rows)  # after each model: a run cut short still leaves its rows
+            emit(end_to_end_rows(name, tsgan, dev, batches[-1:], n, gate, workers, True, places[-1]), gflops)
         print(f"done {name}", file=sys.stderr)
-    print(f"{'model':8} {'stage':28} {'variant':28} {'batch':>5} {'img/s':>9} {'to disk':>8} {'roofline':>8} {'place':>5}")
-    for r in rows:
-        ips = f"{r['img_s']:9.2f}" if "img_s" in r else f"{'error':>9}"
-        disk = f"{r['to_disk_img_s']:8.2f}" if r.get("to_disk_img_s") else f"{'':8}"
-        roof = f"{100 * r['roofline_frac']:7.1f}%" if r.get("roofline_frac") else f"{'':8}"
-        place = f"{r['place_workers']:5d}" if "place_workers" in r else f"{'':5}"
-        print(f"{r['model']:8} {r['stage']:28} {r['variant']:28} {r['batch']:5d} {ips} {disk} {roof} {place}")
     print(f"wrote {write(a, argv, dev, peak, rows)}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
