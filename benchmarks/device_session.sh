@@ -25,6 +25,11 @@
 #
 # A short follow-up call (translators only, shipped masks, test_cuda only, schedule from a known step time):
 #   DS_MASKS=shipped DS_THROUGHPUT=0 DS_MINUTES=3.4 DS_DEADLINE=270 bash ...   (the 2026-11-26 second call)
+# More training per device minute (the 2026-11-26 second session did this by hand): the first call with
+# DS_TEXTURE=0 trains only the second translator, alone on the GPU; a second call on the warm machine
+# continues what the first exported, on whole slices (the first call's runs stay on the machine's disk):
+#   DS_MASKS=shipped DS_TEXTURE=0 DS_THROUGHPUT=0 DS_MINUTES=7.5 DS_DEADLINE=560 bash ...
+#   DS_MASKS=shipped DS_TEXTURE=0 DS_THROUGHPUT=0 DS_CONTINUE=/tmp/ds DS_WORK=/tmp/ds2 DS_MINUTES=3 DS_DEADLINE=260 bash ...
 # Dry run on the CPU (tiny budget; checks the plumbing, not the models):
 #   DS_DEVICE=cpu DS_MINUTES=0.3 DS_DEADLINE=400 OUT=/tmp/ds-out bash benchmarks/device_session.sh
 set -uo pipefail
@@ -47,7 +52,14 @@ THROUGHPUT=${DS_THROUGHPUT:-1}
 SECOND=${DS_SECOND:-crops}      # the second translator: crops (texture on crops incl. LIDC, then whole slices) | paper
                                 #   | lung-texture (the crops schedule with --preset lung-texture)
 case "$SECOND" in crops|paper|lung-texture) ;; *) echo "DS_SECOND=$SECOND: use crops, paper or lung-texture" >&2; exit 2;; esac
-STEPSEC=${DS_STEP_SECONDS-0.1}  # translator step time sizing the schedule (H200, two runs side by side: 0.074 s);
+TEXTURE=${DS_TEXTURE:-1}         # 0: train only the second translator, alone on the GPU (twice the steps per minute)
+CONT=${DS_CONTINUE:-}           # an earlier call's DS_WORK on this machine: continue its exported translators on
+                                #   whole slices (lr 1e-4, DS_MINUTES) instead of training from scratch
+[[ -z "$CONT" || -d "$CONT" ]] || { echo "DS_CONTINUE=$CONT: no such folder on this machine (a fresh machine starts bare)" >&2; exit 2; }
+[[ -z "$CONT" || "$CONT" != "$W" ]] || { echo "DS_CONTINUE=$CONT: give this call another DS_WORK" >&2; exit 2; }
+RUNS=(); (( TEXTURE )) && RUNS+=(texture); RUNS+=("$SECOND")
+STEPSEC=${DS_STEP_SECONDS-$( (( TEXTURE )) && echo 0.1 || echo 0.06)}  # translator step time sizing the schedule
+                                # (H200, two runs side by side: 0.074-0.108 s; one alone: a guess, --minutes stops it);
                                 # '' calibrates instead, which a GPU shared by starting runs makes read ~300x high
 mkdir -p "$OUT" "$W/results"
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -85,22 +97,29 @@ if [[ "$MASKS" == train ]]; then
   $PY benchmarks/retrain.py "${common[@]}" --out "$W/masks" --stage masks --mask-res $MASKRES --workers 2 \
     > "$W/results/train_masks.log" 2>&1 & pm=$!
 fi
-$PY benchmarks/retrain.py "${common[@]}" --out "$W/texture" --stage translator --preset texture "${SIZE[@]}" \
-  --workers 4 > "$W/results/train_texture.log" 2>&1 & pt=$!
-if [[ "$SECOND" == paper ]]; then
-  $PY benchmarks/retrain.py "${common[@]}" --out "$W/paper" --stage translator --preset paper "${SIZE[@]}" \
-    --workers 4 > "$W/results/train_paper.log" 2>&1 & pp=$!
-else  # "crops": texture preset on 128² crops of the slices AND the LIDC nodule crops (713 patients of real
-  # parenchyma, native spacing), then whole slices from there, so train and use see the same context
-  CP=texture; [[ "$SECOND" == lung-texture ]] && CP=lung-texture
-  m1=$(awk "BEGIN{print $MIN*0.6}"); m2=$(awk "BEGIN{print $MIN*0.4}")
-  P1=(--crop 128 --spacing 0 --batch 32); [[ "$DEV" == cpu ]] && P1=(--crop 128 --spacing 0 --batch 1)
-  [[ "$DEV" != cpu ]] && P1+=(--step-seconds 0.03)  # a guess (¼ of the pixels of a whole-slice batch); the time budget stops it
-  ( $PY benchmarks/retrain.py "${common[@]}" --minutes "$m1" --out "$W/${SECOND}1" --stage translator --preset $CP \
-      "${SIZE[@]}" "${P1[@]}" --workers 4 \
-    && $PY benchmarks/retrain.py "${common[@]}" --minutes "$m2" --out "$W/$SECOND" --stage translator --preset $CP \
-      "${SIZE[@]}" --lr 1e-4 --init-weights "$W/${SECOND}1/translator/export" --workers 4 ) > "$W/results/train_$SECOND.log" 2>&1 & pp=$!
-fi
+declare -A PID=()
+CP=texture; [[ "$SECOND" == lung-texture ]] && CP=lung-texture
+for r in "${RUNS[@]}"; do
+  if [[ -n "$CONT" ]]; then  # a later call: the earlier call's exported translator, on whole slices
+    init=$CONT/$r/translator/export
+    [[ -f "$init/translator.safetensors" ]] || { say "no $init: $r not continued"; continue; }
+    pre=$CP; [[ "$r" == paper ]] && pre=paper; [[ "$r" == texture ]] && pre=texture
+    $PY benchmarks/retrain.py "${common[@]}" --out "$W/$r" --stage translator --preset $pre "${SIZE[@]}" --lr 1e-4 \
+      --init-weights "$init" --workers 4 > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
+  elif [[ "$r" == texture || "$r" == paper ]]; then
+    $PY benchmarks/retrain.py "${common[@]}" --out "$W/$r" --stage translator --preset $r "${SIZE[@]}" \
+      --workers 4 > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
+  else  # "crops": texture preset on 128² crops of the slices AND the LIDC nodule crops (713 patients of real
+    # parenchyma, native spacing), then whole slices from there, so train and use see the same context
+    m1=$(awk "BEGIN{print $MIN*0.6}"); m2=$(awk "BEGIN{print $MIN*0.4}")
+    P1=(--crop 128 --spacing 0 --batch 32); [[ "$DEV" == cpu ]] && P1=(--crop 128 --spacing 0 --batch 1)
+    [[ "$DEV" != cpu ]] && P1+=(--step-seconds 0.03)  # a guess (¼ of the pixels of a whole-slice batch); the time budget stops it
+    ( $PY benchmarks/retrain.py "${common[@]}" --minutes "$m1" --out "$W/${r}1" --stage translator --preset $CP \
+        "${SIZE[@]}" "${P1[@]}" --workers 4 \
+      && $PY benchmarks/retrain.py "${common[@]}" --minutes "$m2" --out "$W/$r" --stage translator --preset $CP \
+        "${SIZE[@]}" --lr 1e-4 --init-weights "$W/${r}1/translator/export" --workers 4 ) > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
+  fi
+done
 
 # ---- 2. the whole suite while the GPU trains (DS_SUITE=1) -----------------------------------------
 budget=$(( $(left) - 300 )); (( budget > 240 )) && budget=240
@@ -117,16 +136,15 @@ fi
 # call's run folders, which retrain.py refuses; their old weights must not come back as new ones
 declare -A RC=([masks]=1)
 [[ -n "$pm" ]] && { wait "$pm"; RC[masks]=$?; }
-wait "$pt"; RC[texture]=$?
-wait "$pp"; RC[$SECOND]=$?
-say "training done (exit status: masks ${RC[masks]}, texture ${RC[texture]}, $SECOND ${RC[$SECOND]})"
-for r in masks texture $SECOND; do tail -3 "$W/results/train_$r.log" 2>/dev/null; done
+for r in "${RUNS[@]}"; do RC[$r]=1; [[ -n "${PID[$r]:-}" ]] && { wait "${PID[$r]}"; RC[$r]=$?; }; done
+say "training done (exit status: masks ${RC[masks]}$(for r in "${RUNS[@]}"; do printf ', %s %s' "$r" "${RC[$r]}"; done))"
+for r in masks "${RUNS[@]}"; do tail -3 "$W/results/train_$r.log" 2>/dev/null; done
 M=$W/masks/masks
 if [[ "${RC[masks]}" != 0 || ! -f "$M/export/mask_generator.safetensors" ]]; then  # no mask run or it failed: the shipped one
   M=$W/shipped_masks; mkdir -p "$M/export" && cp nodulesynth/pretrained/mask_generator.* "$M/export/"
   say "exporting with the shipped mask generator"
 fi
-for r in texture $SECOND; do
+for r in "${RUNS[@]}"; do
   [[ "${RC[$r]}" == 0 ]] || { say "not exporting $r: its training failed (results/train_$r.log)"; continue; }
   $PY benchmarks/retrain.py --prepared "$P" --out "$W/$r" --stage export --masks-run "$M" --device "$DEV" \
     >> "$W/results/train_$r.log" 2>&1 && [[ -d "$W/$r/weights" ]] && say "exported $r" || say "export $r failed"
@@ -150,7 +168,7 @@ fi
 
 # ---- 4. bring back -------------------------------------------------------------------------------
 say "packing results"
-for r in masks texture $SECOND $([[ $SECOND != paper ]] && echo ${SECOND}1); do
+for r in masks "${RUNS[@]}" $([[ $SECOND != paper && -z "$CONT" ]] && echo ${SECOND}1); do
   run=$W/$r/$([[ $r == masks ]] && echo masks || echo translator)
   mkdir -p "$W/results/$r"
   cp "$W/$r/recipe.json" "$W/results/$r/" 2>/dev/null
@@ -158,7 +176,7 @@ for r in masks texture $SECOND $([[ $SECOND != paper ]] && echo ${SECOND}1); do
   last=$(ls "$run"/samples/*.png 2>/dev/null | tail -1); [[ -n "$last" ]] && cp "$last" "$W/results/$r/"
 done
 tar -czf "$OUT/results.tgz" -C "$W" results
-names=(); for r in texture $SECOND; do [[ "${RC[$r]}" == 0 && -d "$W/$r/weights" ]] && names+=("$r/weights"); done
+names=(); for r in "${RUNS[@]}"; do [[ "${RC[$r]}" == 0 && -d "$W/$r/weights" ]] && names+=("$r/weights"); done
 if (( ${#names[@]} )); then  # archived as texture/, crops/ (or paper/, lung-texture/): the folders --collect hands to heldout_realism
   tar -cf - -C "$W" --transform 's,/weights,,' "${names[@]}" | split -b 15m -d - "$OUT/weights.tar.part-"
 fi
