@@ -93,7 +93,7 @@ timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_b
 
 say "training $MIN min per run (masks: $MASKS)"
 pm=
-if [[ "$MASKS" == train ]]; then
+if [[ "$MASKS" == train && -z "$CONT" ]]; then  # a continuing call reuses the earlier call's masks (below)
   $PY benchmarks/retrain.py "${common[@]}" --out "$W/masks" --stage masks --mask-res $MASKRES --workers 2 \
     > "$W/results/train_masks.log" 2>&1 & pm=$!
 fi
@@ -140,6 +140,7 @@ for r in "${RUNS[@]}"; do RC[$r]=1; [[ -n "${PID[$r]:-}" ]] && { wait "${PID[$r]
 say "training done (exit status: masks ${RC[masks]}$(for r in "${RUNS[@]}"; do printf ', %s %s' "$r" "${RC[$r]}"; done))"
 for r in masks "${RUNS[@]}"; do tail -3 "$W/results/train_$r.log" 2>/dev/null; done
 M=$W/masks/masks
+[[ -n "$CONT" && "$MASKS" == train ]] && { M=$CONT/masks/masks; RC[masks]=0; }
 if [[ "${RC[masks]}" != 0 || ! -f "$M/export/mask_generator.safetensors" ]]; then  # no mask run or it failed: the shipped one
   M=$W/shipped_masks; mkdir -p "$M/export" && cp nodulesynth/pretrained/mask_generator.* "$M/export/"
   say "exporting with the shipped mask generator"

@@ -284,5 +284,6 @@ def main(argv=None) -> int:
     print(f"wrote {write(a, argv, dev, peak, rows)}")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
