@@ -98,25 +98,24 @@ if [[ "$MASKS" == train && -z "$CONT" ]]; then  # a continuing call reuses the e
     > "$W/results/train_masks.log" 2>&1 & pm=$!
 fi
 declare -A PID=()
-CP=texture; [[ "$SECOND" == lung-texture ]] && CP=lung-texture
+preset() { case $1 in paper|lung-texture) echo "$1";; *) echo texture;; esac; }  # crops: the texture preset
 for r in "${RUNS[@]}"; do
   if [[ -n "$CONT" ]]; then  # a later call: the earlier call's exported translator, on whole slices
     init=$CONT/$r/translator/export
     [[ -f "$init/translator.safetensors" ]] || { say "no $init: $r not continued"; continue; }
-    pre=$CP; [[ "$r" == paper ]] && pre=paper; [[ "$r" == texture ]] && pre=texture
-    $PY benchmarks/retrain.py "${common[@]}" --out "$W/$r" --stage translator --preset $pre "${SIZE[@]}" --lr 1e-4 \
+    $PY benchmarks/retrain.py "${common[@]}" --out "$W/$r" --stage translator --preset "$(preset "$r")" "${SIZE[@]}" --lr 1e-4 \
       --init-weights "$init" --workers 4 > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
   elif [[ "$r" == texture || "$r" == paper ]]; then
-    $PY benchmarks/retrain.py "${common[@]}" --out "$W/$r" --stage translator --preset $r "${SIZE[@]}" \
+    $PY benchmarks/retrain.py "${common[@]}" --out "$W/$r" --stage translator --preset "$(preset "$r")" "${SIZE[@]}" \
       --workers 4 > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
   else  # "crops": texture preset on 128² crops of the slices AND the LIDC nodule crops (713 patients of real
     # parenchyma, native spacing), then whole slices from there, so train and use see the same context
     m1=$(awk "BEGIN{print $MIN*0.6}"); m2=$(awk "BEGIN{print $MIN*0.4}")
     P1=(--crop 128 --spacing 0 --batch 32); [[ "$DEV" == cpu ]] && P1=(--crop 128 --spacing 0 --batch 1)
     [[ "$DEV" != cpu ]] && P1+=(--step-seconds 0.03)  # a guess (¼ of the pixels of a whole-slice batch); the time budget stops it
-    ( $PY benchmarks/retrain.py "${common[@]}" --minutes "$m1" --out "$W/${r}1" --stage translator --preset $CP \
+    ( $PY benchmarks/retrain.py "${common[@]}" --minutes "$m1" --out "$W/${r}1" --stage translator --preset "$(preset "$r")" \
         "${SIZE[@]}" "${P1[@]}" --workers 4 \
-      && $PY benchmarks/retrain.py "${common[@]}" --minutes "$m2" --out "$W/$r" --stage translator --preset $CP \
+      && $PY benchmarks/retrain.py "${common[@]}" --minutes "$m2" --out "$W/$r" --stage translator --preset "$(preset "$r")" \
         "${SIZE[@]}" --lr 1e-4 --init-weights "$W/${r}1/translator/export" --workers 4 ) > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
   fi
 done
