@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -77,8 +78,8 @@ def peak_tflops(dev: torch.device, given: float | None) -> float | None:
 
 
 def translator_rows(name: str, tsgan, dev: torch.device, batches: list[int], seconds: float, size: int,
-                    gflops: float, peak: float | None, compile_: bool) -> list[dict]:
-    rows = []
+                    gflops: float, peak: float | None, compile_: bool) -> Iterator[dict]:
+    """One row per variant and batch, yielded as measured (a compile cut short by a time limit keeps the rest)."""
     base = tsgan.translator.float().to(dev).eval()
     variants = [("fp32", torch.float32, False, None), ("bf16", torch.bfloat16, False, None),
                 ("bf16+channels_last", torch.bfloat16, True, None)]
@@ -101,14 +102,12 @@ def translator_rows(name: str, tsgan, dev: torch.device, batches: list[int], sec
             try:
                 s = timed(run, dev, seconds)
             except Exception as e:  # a variant that does not build here is reported, not fatal
-                rows.append({"model": name, "stage": "translator", "variant": label, "batch": B, "error": str(e)[:200]})
+                yield {"model": name, "stage": "translator", "variant": label, "batch": B, "error": str(e)[:200]}
                 continue
             ips = B / s
-            rows.append({"model": name, "stage": "translator", "variant": label, "batch": B, "img_s": ips,
-                         "tflops": ips * gflops / 1e3,
-                         "roofline_frac": (ips * gflops / 1e3 / peak) if peak else None})
+            yield {"model": name, "stage": "translator", "variant": label, "batch": B, "img_s": ips,
+                   "tflops": ips * gflops / 1e3, "roofline_frac": (ips * gflops / 1e3 / peak) if peak else None}
     base.to(memory_format=torch.contiguous_format)
-    return rows
 
 
 def reference_row(name: str, tsgan, dev: torch.device, seconds: float, size: int) -> dict:
@@ -273,7 +272,8 @@ def main(argv=None) -> int:
         size = int(tsgan.image_size)
         gflops = translator_gflops(tsgan.translator, size)
         emit([reference_row(name, tsgan, dev, seconds, size)], gflops)
-        emit(translator_rows(name, tsgan, dev, batches, seconds, size, gflops, peak, compile_), gflops)
+        for row in translator_rows(name, tsgan, dev, batches, seconds, size, gflops, peak, compile_):
+            emit([row], gflops)
         for k, pw in enumerate(places):
             emit(end_to_end_rows(name, tsgan, dev, batches, n, gate, workers, False, pw, profile=k == 0), gflops)
         if compile_:
