@@ -62,9 +62,14 @@ def test_same_samples_for_any_batch_size_and_order(model):
     assert not torch.equal(diff.masks[0], ref.masks[0])
 
 
-def test_placement_workers_change_nothing(model):
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_placement_workers_change_nothing(model, method, monkeypatch):
     """LIDC nodules placed on 2 worker processes (while the translator runs) give the samples, attempts
-    and provenance of the in-process placement; a dead worker is one clear error, not a hang."""
+    and provenance of the in-process placement; a dead worker is one clear error, not a hang. Both
+    start methods: forkserver is what a process holding a CUDA context gets."""
+    import nodulesynth.masks.nodule_model as nm
+
+    monkeypatch.setattr(nm, "placement_start_method", lambda: method)
     cfg = dict(seed=3, block=4, batch_size=4, max_size_mm=12)
     ref = Synthesizer(model, GenerationConfig(place_workers=0, **cfg)).generate(range(9))
     with Synthesizer(model, GenerationConfig(place_workers=2, **cfg)) as s:

@@ -659,6 +659,23 @@ def gate_and_fill(task: PlacementTask, model: NoduleModel, raw: np.ndarray, inde
 _WORKER: tuple[PlacementTask, NoduleModel] | None = None
 
 
+def placement_start_method() -> str:
+    """How placement workers start. fork on Linux, as torch's DataLoader workers (they never touch
+    torch, start at once with the library loaded, and the caller's script needs no ``__main__``
+    guard) — unless this process already holds a CUDA context: a fork copies the locks of CUDA's
+    and torch's running threads, which can deadlock the child (on an H200, 2026-11-26, two
+    throughput runs with 8 forked placement workers gave no end-to-end row before their 110 s and
+    160 s limits, where an earlier run with in-process placement had made 96 slices/s), so a
+    forkserver, started clean, forks them instead. spawn elsewhere (macOS / Windows default),
+    where scripts need that guard anyway."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return "spawn"
+    torch = sys.modules.get("torch")
+    return "forkserver" if torch is not None and torch.cuda.is_initialized() else "fork"
+
+
 def _worker_init(task: PlacementTask) -> None:
     global _WORKER
     _WORKER = (task, NoduleModel(task.conditions))
@@ -715,15 +732,9 @@ class LidcPlacer:
 
     def _executor(self):
         if self._pool is None:
-            import sys
-
             from ..workers import worker_pool
 
-            # fork on Linux, as torch's DataLoader workers: the workers never touch torch or CUDA, start
-            # at once with the library loaded and need no `if __name__ == "__main__"` in the caller's
-            # script; spawn elsewhere (macOS / Windows default), where scripts need that guard anyway.
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
-            self._pool = worker_pool(self.workers, method, _worker_init, (self.task,))
+            self._pool = worker_pool(self.workers, placement_start_method(), _worker_init, (self.task,))
         return self._pool
 
     def close(self) -> None:
