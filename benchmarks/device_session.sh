@@ -10,10 +10,10 @@
 #   1. trains the mask StyleGAN at 512² and two translators at the shippable size (ngf 32, 7 downs:
 #      ≤ 22 MiB fp16) on whole 512² slices of the TRAIN patients: "texture" (decoder noise, resize-conv,
 #      2-scale D + feature matching, low-pass L1 50) and "crops" (the same preset first on 128² crops of
-#      the slices and of the LIDC nodule crops, 60 %, then on whole slices, 40 %), DS_MINUTES each
+#      the slices and of the LIDC nodule crops, DS_CROP_SHARE of the time (0.6), then on whole slices), DS_MINUTES each
 #      (DS_SECOND=paper trains the paper's configuration instead: measured 2026-11-26, it keeps the grid;
-#      DS_SECOND=lung-texture runs the crops schedule with the lung-texture preset: on the CPU it filled
-#      the lungs with speckle, not vessels, and brought the nodule windows back; untried at GPU scale);
+#      DS_SECOND=lung-texture runs the crops schedule with the lung-texture preset: at GPU scale (third
+#      session, 6.5 min alone) the best nodule windows yet, 83.2, but whole slices 361.5: flat soft tissue);
 #   2. with DS_SUITE=1, meanwhile the whole suite (modules needing SimpleITK, which cannot travel,
 #      fail to collect and are reported);
 #   3. after training: benchmarks/throughput.py (paper-size then shipped networks, no compile, with a
@@ -30,6 +30,13 @@
 # continues what the first exported, on whole slices (the first call's runs stay on the machine's disk):
 #   DS_MASKS=shipped DS_TEXTURE=0 DS_THROUGHPUT=0 DS_MINUTES=7.5 DS_DEADLINE=560 bash ...
 #   DS_MASKS=shipped DS_TEXTURE=0 DS_THROUGHPUT=0 DS_CONTINUE=/tmp/ds DS_WORK=/tmp/ds2 DS_MINUTES=3 DS_DEADLINE=260 bash ...
+# The third session's findings, for the next one: lung-texture wins the nodule windows and loses the whole
+# slices, whose soft tissue had 2.6 min of whole-slice training; give it the slices' share and a second call:
+#   DS_MASKS=shipped DS_TEXTURE=0 DS_SECOND=lung-texture DS_CROP_SHARE=0.3 DS_THROUGHPUT=0 DS_MINUTES=7 DS_DEADLINE=530 bash ...
+#   DS_MASKS=shipped DS_TEXTURE=0 DS_SECOND=lung-texture DS_THROUGHPUT=0 DS_CONTINUE=/tmp/ds DS_WORK=/tmp/ds2 DS_MINUTES=2.5 DS_DEADLINE=230 bash ...
+# and, if a few minutes are left, the end-to-end throughput rows in a call of their own (they have never
+# come back: see benchmarks/README "Third device session"):
+#   python benchmarks/throughput.py --models paper,shipped --batches 64 --n 256 --place-workers 0,auto --out $OUT/t.json
 # Dry run on the CPU (tiny budget; checks the plumbing, not the models):
 #   DS_DEVICE=cpu DS_MINUTES=0.3 DS_DEADLINE=400 OUT=/tmp/ds-out bash benchmarks/device_session.sh
 set -uo pipefail
@@ -52,6 +59,8 @@ THROUGHPUT=${DS_THROUGHPUT:-1}
 SECOND=${DS_SECOND:-crops}      # the second translator: crops (texture on crops incl. LIDC, then whole slices) | paper
                                 #   | lung-texture (the crops schedule with --preset lung-texture)
 case "$SECOND" in crops|paper|lung-texture) ;; *) echo "DS_SECOND=$SECOND: use crops, paper or lung-texture" >&2; exit 2;; esac
+SHARE=${DS_CROP_SHARE:-0.6}      # the crops schedule: this share of DS_MINUTES on crops, the rest on whole slices
+awk "BEGIN{exit !($SHARE > 0 && $SHARE < 1)}" 2>/dev/null || { echo "DS_CROP_SHARE=$SHARE: a fraction strictly between 0 and 1" >&2; exit 2; }
 TEXTURE=${DS_TEXTURE:-1}         # 0: train only the second translator, alone on the GPU (twice the steps per minute)
 CONT=${DS_CONTINUE:-}           # an earlier call's DS_WORK on this machine: continue its exported translators on
                                 #   whole slices (lr 1e-4, DS_MINUTES) instead of training from scratch
@@ -110,7 +119,7 @@ for r in "${RUNS[@]}"; do
       --workers 4 > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
   else  # "crops": texture preset on 128² crops of the slices AND the LIDC nodule crops (713 patients of real
     # parenchyma, native spacing), then whole slices from there, so train and use see the same context
-    m1=$(awk "BEGIN{print $MIN*0.6}"); m2=$(awk "BEGIN{print $MIN*0.4}")
+    m1=$(awk "BEGIN{print $MIN*$SHARE}"); m2=$(awk "BEGIN{print $MIN*(1-$SHARE)}")
     P1=(--crop 128 --spacing 0 --batch 32); [[ "$DEV" == cpu ]] && P1=(--crop 128 --spacing 0 --batch 1)
     [[ "$DEV" != cpu ]] && P1+=(--step-seconds 0.03)  # a guess (¼ of the pixels of a whole-slice batch); the time budget stops it
     ( $PY benchmarks/retrain.py "${common[@]}" --minutes "$m1" --out "$W/${r}1" --stage translator --preset "$(preset "$r")" \

@@ -138,15 +138,22 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
     for B in batches:
         cfg = GenerationConfig(block=B, batch_size=B, gate=gate, place_workers=place)
         synth = Synthesizer(tsgan.to(dev), cfg)
+        t_start = time.perf_counter()
+
+        def step(what: str) -> None:  # on stderr as it happens: a run cut short shows where it stood
+            print(f"  [{name} end to end, batch {B}, placement workers {synth.place_workers}] {what} "
+                  f"at {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
         if compile_:
             synth.tsgan.translator = torch.compile(synth.tsgan.translator)
         synth.generate(range(B))  # warm-up (and compilation)
         sync(dev)
+        step("warm-up done")
         t0 = time.perf_counter()
         for s in range(0, n, B):
             synth.generate(range(s, min(s + B, n)))
         sync(dev)
         mem = n / (time.perf_counter() - t0)
+        step(f"{n} slices in memory")
         prof = profile_generate(synth, n, B, dev) if B == batches[-1] and not compile_ and profile else None
         tmp = Path(tempfile.mkdtemp(prefix="nodulesynth-throughput-"))
         try:
@@ -155,6 +162,7 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
             t0 = time.perf_counter()
             w.start()  # the export processes' start-up, reported apart from the steady rate
             start_s = time.perf_counter() - t0
+            step("export workers started")
             t0 = time.perf_counter()
             for s in range(0, n, B):
                 b = synth.generate(range(s, min(s + B, n)))
@@ -164,6 +172,7 @@ def end_to_end_rows(name: str, tsgan, dev: torch.device, batches: list[int], n: 
                                      (synth.spacing_mm, synth.spacing_mm), prov, "train", s + k))
             finalize(tmp, spec, w.drain(), {}, tmp)
             disk = n / (time.perf_counter() - t0)
+            step(f"{n} slices to disk")
             w.close()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -663,10 +663,10 @@ def placement_start_method() -> str:
     """How placement workers start. fork on Linux, as torch's DataLoader workers (they never touch
     torch, start at once with the library loaded, and the caller's script needs no ``__main__``
     guard) — unless this process already holds a CUDA context: a fork copies the locks of CUDA's
-    and torch's running threads, which can deadlock the child (on an H200, 2026-11-26, two
-    throughput runs with 8 forked placement workers gave no end-to-end row before their 110 s and
-    160 s limits, where an earlier run with in-process placement had made 96 slices/s), so a
-    forkserver, started clean, forks them instead. spawn elsewhere (macOS / Windows default),
+    and torch's running threads, which can deadlock the child, so a forkserver, started clean,
+    forks them instead (suspected, not proven, on an H200, 2026-11-26: two throughput runs with 8
+    forked placement workers gave no end-to-end row before their 110 s and 160 s limits, where an
+    earlier run with in-process placement had made 96 slices/s). spawn elsewhere (macOS / Windows default),
     where scripts need that guard anyway."""
     import sys
 
