@@ -666,8 +666,8 @@ def placement_start_method() -> str:
     and torch's running threads, which can deadlock the child, so a forkserver, started clean,
     forks them instead (suspected, not proven, on an H200, 2026-11-26: two throughput runs with 8
     forked placement workers gave no end-to-end row before their 110 s and 160 s limits, where an
-    earlier run with in-process placement had made 96 slices/s). spawn elsewhere (macOS / Windows default),
-    where scripts need that guard anyway."""
+    earlier run with in-process placement had made 96 slices/s). spawn elsewhere (macOS / Windows
+    default), where scripts need that guard anyway."""
     import sys
 
     if not sys.platform.startswith("linux"):
