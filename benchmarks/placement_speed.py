@@ -68,7 +68,6 @@ def main(argv=None) -> int:
         print(f"workers {w}: {rows[-1]['ms_per_mask']:.2f} ms/mask wall, "
               f"{rows[-1]['main_cpu_ms_per_mask']:.2f} ms/mask on the main process", file=sys.stderr)
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {
         "command": "python benchmarks/placement_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

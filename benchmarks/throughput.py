@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -219,8 +219,7 @@ def row_line(r: dict) -> str:
 
 
 def write(a, argv, dev: torch.device, peak: float | None, rows: list[dict]) -> Path:
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out)  # write_json makes the folder and writes through a temp file
     cuda = dev.type == "cuda"
     write_json(out, {
         "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -261,13 +260,13 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     print(HEADER, flush=True)
 
-    def emit(new: list[dict], gflops: float) -> None:
-        """Print and write each block as it is measured: a run cut short by a time limit keeps its rows."""
+    def emit(new: Iterable[dict], gflops: float) -> None:
+        """Print and write each row as it is measured: a run cut short by a time limit keeps its rows."""
         for r in new:
             r.setdefault("translator_gflops", gflops)
             print(row_line(r), flush=True)
-        rows.extend(new)
-        write(a, argv, dev, peak, rows)
+            rows.append(r)
+            write(a, argv, dev, peak, rows)
 
     for name in models:
         if name == "shipped":
@@ -281,14 +280,13 @@ def main(argv=None) -> int:
         size = int(tsgan.image_size)
         gflops = translator_gflops(tsgan.translator, size)
         emit([reference_row(name, tsgan, dev, seconds, size)], gflops)
-        for row in translator_rows(name, tsgan, dev, batches, seconds, size, gflops, peak, compile_):
-            emit([row], gflops)
+        emit(translator_rows(name, tsgan, dev, batches, seconds, size, gflops, peak, compile_), gflops)
         for k, pw in enumerate(places):
             emit(end_to_end_rows(name, tsgan, dev, batches, n, gate, workers, False, pw, profile=k == 0), gflops)
         if compile_:
             emit(end_to_end_rows(name, tsgan, dev, batches[-1:], n, gate, workers, True, places[-1]), gflops)
         print(f"done {name}", file=sys.stderr)
-    print(f"wrote {a.out}")  # emit() wrote it after the last block
+    print(f"wrote {a.out}")  # emit() wrote it after the last row
     return 0
 
 
