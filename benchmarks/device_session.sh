@@ -37,6 +37,14 @@
 # and, if a few minutes are left, the end-to-end throughput rows in a call of their own (they have never
 # come back: see benchmarks/README "Third device session"):
 #   python benchmarks/throughput.py --models paper,shipped --batches 64 --n 256 --place-workers 0,auto --out $OUT/t.json
+# GPU weights do not outlive a session (runs/ is ignored; every session starts from a fresh checkout), so
+# the three sessions so far each started from scratch. Keep a session's best translator as a tracked
+# candidate (fp16, ~16 MiB at ngf 32 resize-conv; the shipped mask generator by link) and the next lent
+# session continues it (every run's first stage from it, lr 1e-4) instead of starting over:
+#   here:   bash benchmarks/device_session.sh --keep runs/gpuN/lung-texture benchmarks/candidates/lung-texture
+#           (+ its README.md: recipe, device minutes, held-out row; commit), then device_pack.py pack again:
+#           the crops shrink to what the candidate leaves of the 64 MiB
+#   device: DS_INIT=benchmarks/candidates/lung-texture DS_MASKS=shipped DS_TEXTURE=0 DS_SECOND=lung-texture ... bash ...
 # Dry run on the CPU (tiny budget; checks the plumbing, not the models):
 #   DS_DEVICE=cpu DS_MINUTES=0.3 DS_DEADLINE=400 OUT=/tmp/ds-out bash benchmarks/device_session.sh
 set -uo pipefail
@@ -45,6 +53,19 @@ if [[ "${1:-}" == "--collect" ]]; then  # here, after the call: reassemble the w
   src=${2:?usage: --collect FILES_AT [DEST]}; dest=${3:-runs/gpu}
   mkdir -p "$dest" && cat "$src"/weights.tar.part-* | tar -x -C "$dest" && tar -xzf "$src/results.tgz" -C "$dest"
   echo "weights in $dest: $(ls "$dest")"; exit
+fi
+if [[ "${1:-}" == "--keep" ]]; then  # here: a collected GPU translator → a tracked candidate the next lent session continues
+  src=${2:?usage: --keep WEIGHTS_FOLDER benchmarks/candidates/NAME}; dest=${3:?usage: --keep WEIGHTS_FOLDER benchmarks/candidates/NAME}
+  [[ -f "$src/translator.safetensors" && -f "$src/tsgan.json" ]] || { echo "--keep $src: not a weights folder (translator.safetensors, tsgan.json)" >&2; exit 2; }
+  [[ "$dest" == benchmarks/candidates/* && "$dest" != */../* ]] || { echo "--keep $dest: candidates live in benchmarks/candidates/NAME" >&2; exit 2; }
+  [[ ! -e "$dest" || -f "$dest/tsgan.json" ]] || { echo "--keep $dest: exists and is not a candidate; not replacing it" >&2; exit 2; }
+  tmp=$dest.tmp-$$; rm -rf "$tmp"; mkdir -p "$tmp" || exit 1
+  cp "$src"/translator.safetensors "$src"/translator.json "$src"/tsgan.json "$tmp"/ || exit 1
+  for f in mask_generator.safetensors mask_generator.json; do  # the shipped masks by link (5 MiB less to carry), others by copy
+    if cmp -s "$src/$f" "nodulesynth/pretrained/$f"; then ln -s "../../../nodulesynth/pretrained/$f" "$tmp/$f"; else cp "$src/$f" "$tmp/"; fi
+  done
+  rm -rf "$dest" && mv "$tmp" "$dest" && du -shL "$dest"/translator.safetensors
+  echo "kept in $dest: write its README.md (recipe, device minutes, held-out row), commit it, repack (device_pack.py pack)"; exit
 fi
 
 T0=$(date +%s)
@@ -66,6 +87,11 @@ CONT=${DS_CONTINUE:-}           # an earlier call's DS_WORK on this machine: con
                                 #   whole slices (lr 1e-4, DS_MINUTES) instead of training from scratch
 [[ -z "$CONT" || -d "$CONT" ]] || { echo "DS_CONTINUE=$CONT: no such folder on this machine (a fresh machine starts bare)" >&2; exit 2; }
 [[ -z "$CONT" || "$CONT" != "$W" ]] || { echo "DS_CONTINUE=$CONT: give this call another DS_WORK" >&2; exit 2; }
+INIT=${DS_INIT:-}               # a candidate an earlier lent session kept (benchmarks/candidates/NAME, tracked): every run's
+                                #   first stage starts from its translator (lr 1e-4) instead of from scratch
+[[ -z "$INIT" || -f "$INIT/translator.safetensors" ]] || { echo "DS_INIT=$INIT: no translator.safetensors there" >&2; exit 2; }
+[[ -z "$INIT" || -z "$CONT" ]] || { echo "DS_INIT and DS_CONTINUE: a call starts from one of them" >&2; exit 2; }
+FROM=(); [[ -n "$INIT" ]] && FROM=(--init-weights "$INIT" --lr 1e-4)
 RUNS=(); (( TEXTURE )) && RUNS+=(texture); RUNS+=("$SECOND")
 STEPSEC=${DS_STEP_SECONDS-$( (( TEXTURE )) && echo 0.1 || echo 0.06)}  # translator step time sizing the schedule
                                 # (H200, two runs side by side: 0.074-0.108 s; one alone: a guess, --minutes stops it);
@@ -116,14 +142,14 @@ for r in "${RUNS[@]}"; do
       --init-weights "$init" --workers 4 > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
   elif [[ "$r" == texture || "$r" == paper ]]; then
     $PY benchmarks/retrain.py "${common[@]}" --out "$W/$r" --stage translator --preset "$(preset "$r")" "${SIZE[@]}" \
-      --workers 4 > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
+      "${FROM[@]}" --workers 4 > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
   else  # "crops": texture preset on 128² crops of the slices AND the LIDC nodule crops (713 patients of real
     # parenchyma, native spacing), then whole slices from there, so train and use see the same context
     m1=$(awk "BEGIN{print $MIN*$SHARE}"); m2=$(awk "BEGIN{print $MIN*(1-$SHARE)}")
     P1=(--crop 128 --spacing 0 --batch 32); [[ "$DEV" == cpu ]] && P1=(--crop 128 --spacing 0 --batch 1)
     [[ "$DEV" != cpu ]] && P1+=(--step-seconds 0.03)  # a guess (¼ of the pixels of a whole-slice batch); the time budget stops it
     ( $PY benchmarks/retrain.py "${common[@]}" --minutes "$m1" --out "$W/${r}1" --stage translator --preset "$(preset "$r")" \
-        "${SIZE[@]}" "${P1[@]}" --workers 4 \
+        "${SIZE[@]}" "${P1[@]}" "${FROM[@]}" --workers 4 \
       && $PY benchmarks/retrain.py "${common[@]}" --minutes "$m2" --out "$W/$r" --stage translator --preset "$(preset "$r")" \
         "${SIZE[@]}" --lr 1e-4 --init-weights "$W/${r}1/translator/export" --workers 4 ) > "$W/results/train_$r.log" 2>&1 & PID[$r]=$!
   fi

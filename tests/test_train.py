@@ -538,9 +538,10 @@ def test_init_weights_fine_tunes_from_the_shipped_translator(tmp_path):
     """--init-weights starts from a weights folder's translator (its architecture replaces the config's)."""
     from nodulesynth.errors import NoduleSynthError
     from nodulesynth.models.tsgan import TSGAN
-    from nodulesynth.train.translator import TranslatorTrainConfig, _init_generator
+    from nodulesynth.train.translator import TranslatorTrainConfig, _init_architecture, _init_generator
 
     cfg = TranslatorTrainConfig(data=[str(tmp_path)], out=str(tmp_path / "run"), init_weights="pretrained")
+    cfg.model = _init_architecture(cfg)
     G = _init_generator(cfg)
     shipped = TSGAN.from_pretrained("pretrained").translator
     assert cfg.model.num_downs == shipped.cfg.num_downs and cfg.model.ngf == shipped.cfg.ngf
@@ -548,7 +549,20 @@ def test_init_weights_fine_tunes_from_the_shipped_translator(tmp_path):
     for (k, a), b in zip(G.state_dict().items(), shipped.state_dict().values()):
         assert torch.equal(a.float(), b.float()), k
     with pytest.raises(NoduleSynthError, match="no translator.safetensors"):
-        _init_generator(TranslatorTrainConfig(data=[str(tmp_path)], out=str(tmp_path / "r2"), init_weights=str(tmp_path)))
+        _init_architecture(TranslatorTrainConfig(data=[str(tmp_path)], out=str(tmp_path / "r2"), init_weights=str(tmp_path)))
+
+
+def test_init_weights_run_records_and_resumes_the_init_architecture(data_dir, translator_runs, tmp_path):
+    """The run folder's config.json holds the network that trains (the init's, not the flags'), and
+    --resume of such a run passes its architecture check."""
+    full, _ = translator_runs
+    init = str(full / "export")
+    flags = dict(model=TranslatorConfig(**{**TR_MODEL, "ngf": 8}), init_weights=init)  # ngf 8 on the flags, 4 in the init
+    run = train_translator(tr_cfg(data_dir, tmp_path / "ft", max_steps=2, **flags))
+    saved = json.loads((run / "config.json").read_text())["model"]
+    assert saved["ngf"] == TR_MODEL["ngf"] and saved["ndf"] == TR_MODEL["ndf"]
+    train_translator(tr_cfg(data_dir, tmp_path / "ft", max_steps=3, resume=True, **flags))
+    assert json.loads((run / "export" / "translator.json").read_text())["config"]["ngf"] == TR_MODEL["ngf"]
 
 
 def test_init_weights_with_noise_starts_from_the_same_output(tmp_path):
@@ -556,10 +570,10 @@ def test_init_weights_with_noise_starts_from_the_same_output(tmp_path):
     import dataclasses
 
     from nodulesynth.models.tsgan import TSGAN
-    from nodulesynth.train.translator import TranslatorTrainConfig, _init_generator
+    from nodulesynth.train.translator import TranslatorTrainConfig, _init_architecture, _init_generator
 
     cfg = TranslatorTrainConfig(data=[str(tmp_path)], out=str(tmp_path / "run"), init_weights="pretrained")
-    cfg.model = dataclasses.replace(cfg.model, noise=True)
+    cfg.model = _init_architecture(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, noise=True)))
     G = _init_generator(cfg).eval()
     shipped = TSGAN.from_pretrained("pretrained").translator.float().eval()
     assert cfg.model.noise and G.noises is not None and shipped.noises is None

@@ -236,16 +236,22 @@ def seed_everything(seed: int, rank: int = 0, stream: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def load_init_module(init_weights: str, cls, config_cls, name: str):
-    """``--init-weights``: network ``name`` of a weights folder ("pretrained": the shipped one; a TSGAN
-    folder or a run's export/), safetensors only, fp32, in training mode."""
-    from ..models.io import load_module
+def init_folder(init_weights: str, name: str) -> Path:
+    """``--init-weights``: the weights folder holding network ``name`` ("pretrained": the shipped one;
+    a TSGAN folder or a run's export/)."""
     from ..models.tsgan import DEFAULT_WEIGHTS_DIR
 
     folder = Path(DEFAULT_WEIGHTS_DIR) if init_weights == "pretrained" else Path(init_weights).expanduser()
     if not (folder / f"{name}.safetensors").is_file():
         raise NoduleSynthError(f"--init-weights {init_weights}: no {name}.safetensors in {folder}")
-    return load_module(cls, config_cls, folder, name).float().train()
+    return folder
+
+
+def load_init_module(init_weights: str, cls, config_cls, name: str):
+    """``--init-weights``: network ``name`` of a weights folder, safetensors only, fp32, in training mode."""
+    from ..models.io import load_module
+
+    return load_module(cls, config_cls, init_folder(init_weights, name), name).float().train()
 
 
 # ----------------------------------------------------------------------------- checkpoints

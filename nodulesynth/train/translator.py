@@ -97,10 +97,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["lung-texture"] = {**PRESETS["texture"], "lung_lowpass": 16, "lambda_lung_stats": 50.0}
 
 
+def _init_architecture(cfg: "TranslatorTrainConfig"):
+    """The generator fields of ``cfg.init_weights`` (read before the run folder's config.json is
+    written, so it records, and --resume compares, the network that actually trains), plus decoder
+    noise if asked for; the discriminator fields stay ``cfg.model``'s."""
+    from ..models.io import read_config
+
+    init = read_config(TranslatorConfig, engine.init_folder(cfg.init_weights, "translator"), "translator")
+    keep = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
+            if f.name in ("ndf", "n_layers_d", "num_d")}
+    return dataclasses.replace(init, noise=init.noise or cfg.model.noise, **keep)
+
+
 def _init_generator(cfg: "TranslatorTrainConfig"):
-    """The generator of ``cfg.init_weights``, in training mode. Its architecture replaces
-    ``cfg.model``'s generator fields, so the discriminator and losses match it."""
-    from ..models.pix2pix import DLPix2PixGenerator, TranslatorConfig
+    """The generator of ``cfg.init_weights`` (architecture ``cfg.model``, see _init_architecture), in
+    training mode."""
+    from ..models.pix2pix import DLPix2PixGenerator
 
     G = engine.load_init_module(cfg.init_weights, DLPix2PixGenerator, TranslatorConfig, "translator")
     if cfg.model.noise and not G.cfg.noise:
@@ -112,9 +124,6 @@ def _init_generator(cfg: "TranslatorTrainConfig"):
             raise NoduleSynthError(f"--init-weights {cfg.init_weights}: cannot add decoder noise "
                                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         G = with_noise.float().train()
-    keep = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
-            if f.name in ("ndf", "n_layers_d", "num_d")}
-    cfg.model = dataclasses.replace(G.cfg, **keep)
     return G
 
 
@@ -211,6 +220,8 @@ class TranslatorTrainer(engine.Trainer):
         cfg = self.cfg
         if cfg.epochs < 1 or cfg.batch_size < 1:
             raise NoduleSynthError("--epochs and --batch-size must be positive")
+        if cfg.init_weights:
+            cfg.model = _init_architecture(cfg)
         if cfg.l1_lowpass < 1:
             raise NoduleSynthError(f"--l1-lowpass {cfg.l1_lowpass}: must be ≥ 1")
         if cfg.lung_lowpass < 0 or cfg.lambda_lung_stats < 0:
