@@ -172,6 +172,30 @@ def mask_runs(data_dir, tmp_path_factory):
     return full, resumed, part_done
 
 
+def test_mask_critic_augmentation_keeps_masks_and_exact_resume(data_dir, tmp_path):
+    """--augment-p: reals and fakes reach the critic shifted/scaled/rotated, still class fractions
+    (background outside the frame), differentiable, p = 0 the identity; resume stays bit-identical."""
+    from nodulesynth.models.pix2pix import one_hot
+    from nodulesynth.train.masks import augment_geometry
+
+    lab = torch.zeros(8, 32, 32, dtype=torch.long)
+    lab[:, 8:24, 6:26], lab[:, 12:20, 8:14] = MaskClass.BODY, MaskClass.LEFT_LUNG
+    x = one_hot(lab, 6).requires_grad_(True)
+    torch.manual_seed(1)
+    y = augment_geometry(x, 1.0)
+    assert torch.allclose(y.sum(1), torch.ones(8, 32, 32), atol=1e-5) and float(y.detach().min()) >= -1e-6
+    assert (y.argmax(1) != lab).any() and bool((y.argmax(1)[:, 0, :] == MaskClass.BACKGROUND).all())
+    y.sum().backward()
+    assert x.grad is not None
+    assert torch.equal(augment_geometry(x.detach(), 0.0), x.detach())
+    with pytest.raises(NoduleSynthError, match="--augment-p"):
+        train_masks(mask_cfg(data_dir, tmp_path / "bad", augment_p=1.5))
+    full = train_masks(mask_cfg(data_dir, tmp_path / "full", augment_p=0.5))
+    train_masks(mask_cfg(data_dir, tmp_path / "part", augment_p=0.5, max_steps=5))
+    resumed = train_masks(mask_cfg(data_dir, tmp_path / "part", augment_p=0.5, resume=True))
+    assert_same_state(final_state(full), final_state(resumed))
+
+
 def test_mask_resume_is_bit_identical(mask_runs):
     full, resumed, part_done = mask_runs
     assert part_done  # max_steps is a normal stop: export written
@@ -233,6 +257,22 @@ def test_translator_steps_lower_l1(data_dir, tmp_path):
     rows = read_metrics(train_translator(cfg))
     l1 = [float(r["l1"]) for r in rows]
     assert np.mean(l1[-3:]) < 0.8 * np.mean(l1[:3]), l1
+
+
+def test_export_pairs_a_retrained_stage_with_a_weights_folders_other(mask_runs, tmp_path):
+    """train export --masks RUN --translator pretrained: the run's mask StyleGAN, the shipped translator
+    bit for bit, the shipped translator's training record and spacing; a folder that is neither fails."""
+    from nodulesynth.models.tsgan import TSGAN
+
+    folder = engine.export_tsgan(mask_runs[0], "pretrained", tmp_path / "masks+shipped")
+    got, shipped = TSGAN.from_pretrained(folder), TSGAN.from_pretrained("pretrained")
+    assert got.mask_generator.cfg.resolution == MASK_MODEL["resolution"]
+    for (k, a), b in zip(got.translator.state_dict().items(), shipped.translator.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert got.meta["translator_training"] == shipped.meta["translator_training"]
+    assert got.meta["mask_training"]["trainer"] == "masks" and got.spacing_mm == 0.8
+    with pytest.raises(NoduleSynthError, match="not a weights folder"):
+        engine.export_tsgan(mask_runs[0], tmp_path, tmp_path / "o")
 
 
 def test_export_loads_as_tsgan(mask_runs, translator_runs, tmp_path):

@@ -1,5 +1,5 @@
 """Assemble a TSGAN weights folder (``TSGAN.save_pretrained`` layout) from two finished training
-runs: what ``nodulesynth train export`` does.
+runs, or one run and the other stage of a weights folder: what ``nodulesynth train export`` does.
 
 It also records the pixel spacing of the training slices in ``tsgan.json`` (``meta.spacing_mm``):
 every mm quantity downstream (size conditions, the quality gate's 3 mm, exported provenance) is
@@ -72,25 +72,45 @@ def run_spacing_mm(run: Path) -> float | None:
     return None
 
 
+_TRAINING_KEY = {"mask_generator": "mask_training", "translator": "translator_training"}
+
+
+def _stage_source(arg: str | os.PathLike, name: str, flag: str) -> tuple[Path, dict | None, float | None]:
+    """(folder holding ``name.safetensors``, its training record, its pixel spacing) of a training
+    run (its export/) or of a weights folder ("pretrained", a TSGAN folder): so one stage can be
+    retrained and paired with the other stage of shipped weights."""
+    from .tsgan import DEFAULT_WEIGHTS_DIR
+
+    path = Path(DEFAULT_WEIGHTS_DIR) if str(arg) == "pretrained" else Path(arg)
+    if (path / "export" / f"{name}.safetensors").is_file():
+        record = _read_json(path / "run.json") if (path / "run.json").is_file() else None
+        return path / "export", record, run_spacing_mm(path)
+    if (path / f"{name}.safetensors").is_file() and (path / "tsgan.json").is_file():
+        meta = _read_json(path / "tsgan.json").get("meta") or {}
+        sp = meta.get("spacing_mm")
+        return path, meta.get(_TRAINING_KEY[name]), float(sp) if isinstance(sp, (int, float)) else None
+    raise NoduleSynthError(f"{flag} {arg}: no export/{name}.safetensors (train it to the end or until max_steps "
+                           "first) and not a weights folder (tsgan.json beside it)")
+
+
 def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike, out: str | os.PathLike,
                  model_card_extra: str | None = None, overwrite: bool = False,
                  spacing_mm: float | None = None, dtype: "torch.dtype | None" = None,
                  data_note: str | None = None) -> Path:
-    """Write ``out`` from ``mask_run/export`` and ``translator_run/export``; ``spacing_mm`` overrides
-    the spacing read from the runs (needed only when their data folders are gone); ``dtype``
-    (torch.float16 for shipping) and ``data_note`` (one line: what the weights saw) are optional."""
+    """Write ``out`` from ``mask_run`` and ``translator_run``: each a training run (its export/) or a
+    weights folder ("pretrained": the shipped one); ``spacing_mm`` overrides the spacing read from
+    them (needed only when a run's data folders are gone); ``dtype`` (torch.float16 for shipping)
+    and ``data_note`` (one line: what the weights saw) are optional."""
     from .io import load_module
     from .pix2pix import DLPix2PixGenerator, TranslatorConfig
     from .stylegan import MaskGANConfig, MaskGenerator
     from .tsgan import TSGAN
 
-    mask_run, translator_run, out = Path(mask_run), Path(translator_run), Path(out)
-    for run, name, arg in ((mask_run, "mask_generator", "--masks"), (translator_run, "translator", "--translator")):
-        if not (run / "export" / f"{name}.safetensors").is_file():
-            raise NoduleSynthError(f"{arg} {run}: no export/{name}.safetensors (train it to the end or until max_steps first)")
+    out = Path(out)
+    (mask_dir, mask_rec, mask_sp), (tr_dir, tr_rec, tr_sp) = (
+        _stage_source(mask_run, "mask_generator", "--masks"), _stage_source(translator_run, "translator", "--translator"))
     if spacing_mm is None:
-        found = {arg: sp for arg, run in (("--masks", mask_run), ("--translator", translator_run))
-                 if (sp := run_spacing_mm(run)) is not None}
+        found = {arg: sp for arg, sp in (("--masks", mask_sp), ("--translator", tr_sp)) if sp is not None}
         if len({round(v, 6) for v in found.values()}) > 1:
             raise NoduleSynthError(f"the two runs were trained at different pixel spacings {found} mm; "
                                    "train both stages on data prepared with the same --spacing")
@@ -101,12 +121,12 @@ def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike,
         spacing_mm = next(iter(found.values()))
     if not (isinstance(spacing_mm, (int, float)) and math.isfinite(spacing_mm) and 0 < spacing_mm <= 20):
         raise NoduleSynthError(f"spacing_mm: must be a pixel size in mm (0 < spacing ≤ 20), got {spacing_mm!r}")
-    mask_g = load_module(MaskGenerator, MaskGANConfig, mask_run / "export", "mask_generator")
-    translator = load_module(DLPix2PixGenerator, TranslatorConfig, translator_run / "export", "translator")
+    mask_g = load_module(MaskGenerator, MaskGANConfig, mask_dir, "mask_generator")
+    translator = load_module(DLPix2PixGenerator, TranslatorConfig, tr_dir, "translator")
     meta: dict[str, Any] = {"mask_run": str(mask_run), "translator_run": str(translator_run)}
-    for key, run in (("mask_training", mask_run), ("translator_training", translator_run)):
-        if (run / "run.json").is_file():
-            meta[key] = _read_json(run / "run.json")
+    for key, record in (("mask_training", mask_rec), ("translator_training", tr_rec)):
+        if record is not None:
+            meta[key] = record
     meta["spacing_mm"] = float(spacing_mm)
     if data_note:
         meta["data"] = data_note

@@ -112,8 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(t, TranslatorTrainConfig)
 
     e = sub.add_parser("export", help="assemble a TSGAN folder (from_pretrained layout) from two runs")
-    e.add_argument("--masks", required=True, help="mask StyleGAN run folder")
-    e.add_argument("--translator", required=True, help="translator run folder")
+    e.add_argument("--masks", required=True,
+                   help="mask StyleGAN run folder, or a weights folder to take it from (pretrained: the shipped one)")
+    e.add_argument("--translator", required=True,
+                   help="translator run folder, or a weights folder to take it from (pretrained: the shipped one)")
     e.add_argument("--out", required=True, help="TSGAN folder to write")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--card", default=None, help="extra markdown text for the model card")
