@@ -40,7 +40,7 @@ CARRY_LIMIT = 64 * 2**20
 # the pack carries an evenly spaced subset of their TRAIN crops (≈ 10 KiB each packed), never a
 # held-out patient's.
 CROP_SET, MAX_CROPS = "lidc-crops", None  # None: as many as fit under CARRY_LIMIT − MARGIN
-CROP_BYTES = 12_500  # packed bytes a crop with its mask (measured 11–12 KiB), a first guess at the subset
+CROP_BYTES = 12_500  # packed bytes a crop with its mask (measured 11–12.2 KiB): the first guess at the subset
 MARGIN = 2 * 2**20   # left free under CARRY_LIMIT: what a session commits before its device call
 
 
@@ -97,8 +97,9 @@ def pack(prepared: Path, out: Path, max_crops: int | None = MAX_CROPS, budget: i
         if left is None or size <= left:
             break
         max_crops = int(n * left / size * 0.98)  # the estimate was low for this subset: shrink to fit, write again
-    if not max_crops:
-        manifest.pop("crops_subset", None), manifest["sets"].pop(CROP_SET, None)
+    if not max_crops:  # none asked for, or none fits
+        manifest.pop("crops_subset", None)
+        manifest["sets"].pop(CROP_SET, None)
         shutil.rmtree(tmp / CROP_SET, ignore_errors=True)
     shutil.rmtree(tmp / ".train")
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
