@@ -1,0 +1,49 @@
+"""The anatomy and resolution measures of the held-out yardstick (benchmarks/heldout_realism.py,
+benchmarks/mask_resolution.py): they decide what the masks' share of the KID gap is, so they must
+read what they claim."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import heldout_realism  # noqa: E402
+import mask_resolution  # noqa: E402
+
+
+def _chest(lung_half_width: int, size: int = 128) -> np.ndarray:
+    """A square body (class 1) with two lungs (2, 3), a trachea (4) and a nodule (5) inside."""
+    m = np.zeros((size, size), np.uint8)
+    m[16:112, 16:112] = 1
+    m[40:88, 60 - lung_half_width : 60] = 2
+    m[40:88, 68 : 68 + lung_half_width] = 3
+    m[30:34, 62:66] = 4
+    m[60:64, 50:54] = 5
+    return m
+
+
+def test_lung_of_body_is_the_median_lung_share_of_the_body():
+    small, big = _chest(10), _chest(40)
+    body = 96 * 96
+    share = lambda m: np.isin(m, (2, 3)).sum() / body  # noqa: E731
+    assert heldout_realism.lung_of_body(small[None]) == round(share(small), 3)
+    # the median over slices, so one odd slice does not move it
+    assert heldout_realism.lung_of_body(np.stack([small, big, big])) == round(share(big), 3)
+    assert heldout_realism.lung_of_body(np.zeros((2, 8, 8), np.uint8)) == 0.0  # no body: 0, not a crash
+
+
+def test_masks_through_a_lower_resolution_change_only_borders():
+    m = np.stack([_chest(20, size=256)])
+    same = mask_resolution.through(m, 256)
+    assert same.dtype == np.uint8 and np.array_equal(same, m)  # its own size: unchanged
+    low = mask_resolution.through(m, 64)
+    changed = low != m
+    assert 0 < changed.mean() < 0.05
+    # what changes lies on a class border (the 4× block around each changed pixel holds two classes)
+    ys, xs = np.nonzero(changed[0])
+    for y, x in zip(ys, xs):
+        block = m[0, max(0, y - 4) : y + 5, max(0, x - 4) : x + 5]
+        assert len(np.unique(block)) > 1
+    assert set(np.unique(low)) <= set(np.unique(m))
