@@ -294,6 +294,14 @@ def test_cli_train_and_errors(data_dir, mask_runs, translator_runs, tmp_path, ca
     args = parser.parse_args(["export", "--masks", str(mask_runs[0]), "--translator", str(translator_runs[0]),
                               "--out", str(out)])
     assert cli.run(args) == 0 and (out / "tsgan.json").is_file()
+    half = tmp_path / "exp16"  # --fp16: stored as pretrained/ ships, smaller, loads back as fp32
+    assert cli.run(parser.parse_args(["export", "--masks", str(mask_runs[0]), "--translator", str(translator_runs[0]),
+                                      "--out", str(half), "--fp16"])) == 0
+    from safetensors import safe_open
+
+    with safe_open(half / "translator.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert (half / "translator.safetensors").stat().st_size < 0.6 * (out / "translator.safetensors").stat().st_size
     args = parser.parse_args(["masks", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
                               "--resolution", "8", "--device", "cpu"])
     with pytest.raises(NoduleSynthError, match="nope"):

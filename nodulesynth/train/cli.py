@@ -119,6 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--out", required=True, help="TSGAN folder to write")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--card", default=None, help="extra markdown text for the model card")
+    e.add_argument("--fp16", action="store_true", help="store the weights in fp16, as pretrained/ ships them "
+                   "(half the size; they load back as fp32)")
 
 
 def build_config(args: argparse.Namespace):
@@ -155,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         from .engine import export_tsgan
 
-        out = export_tsgan(args.masks, args.translator, args.out, args.card, overwrite=args.overwrite)
+        import torch
+
+        out = export_tsgan(args.masks, args.translator, args.out, args.card, overwrite=args.overwrite,
+                           dtype=torch.float16 if args.fp16 else None)
     print(out)
     return 0
