@@ -196,6 +196,39 @@ def test_mask_critic_augmentation_keeps_masks_and_exact_resume(data_dir, tmp_pat
     assert_same_state(final_state(full), final_state(resumed))
 
 
+def test_mask_trainer_places_lidc_nodules_and_resumes_exactly(tmp_path):
+    """--place-nodules: copies of nodule-free real masks get one LIDC outline each, in a lung, the
+    rest of the mask untouched and the same copies every time; the critic's reals then hold nodule
+    pixels; resume stays bit-identical; a share outside 0..1 is refused."""
+    from nodulesynth.data.slices import SliceRecord
+    from nodulesynth.train.masks import placed_copies
+
+    images, masks, _ = synth_slices(6, 128, nodule_every=1000)  # only slice 0 has its own nodule
+    records = [SliceRecord("1.2.9", float(i), i, (2.5, 2.5), np.zeros((0, 4), np.float32), "phantom", i == 0)
+               for i in range(6)]
+    data = str(write_slice_dataset(tmp_path / "d", images, masks, records))
+    copies, placed = placed_copies(masks, [2.5] * 6, 2, 0, np.arange(6))
+    assert placed == 12 and np.array_equal(copies, placed_copies(masks, [2.5] * 6, 2, 0, np.arange(6))[0])
+    lungs = np.isin(masks, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG, MaskClass.BODY))
+    for c in copies:
+        new = (c == MaskClass.NODULE) & (masks != MaskClass.NODULE)
+        assert new.reshape(6, -1).any(1).all() and lungs[new].all()  # a nodule in every copy, in lung/wall
+        assert np.array_equal(c[~new], masks[~new])  # nothing else moved, slice 0's own nodule kept
+    assert not np.array_equal(copies[0], copies[1])
+    with pytest.raises(NoduleSynthError, match="--place-nodules"):
+        train_masks(mask_cfg(data, tmp_path / "bad", place_nodules=1.5))
+    bare = masks.copy()
+    bare[bare == MaskClass.NODULE] = MaskClass.RIGHT_LUNG
+    bare_data = str(write_slice_dataset(tmp_path / "bare", images, bare, records))
+    frac = lambda run: max(float(r["real_nodule_frac"]) for r in read_metrics(run) if r["real_nodule_frac"])  # noqa: E731
+    assert frac(train_masks(mask_cfg(bare_data, tmp_path / "plain", nodule_only=False))) == 0
+    assert frac(train_masks(mask_cfg(bare_data, tmp_path / "on", nodule_only=False, place_nodules=1.0))) > 5e-4
+    full = train_masks(mask_cfg(data, tmp_path / "full", nodule_only=False, place_nodules=0.5))
+    train_masks(mask_cfg(data, tmp_path / "part", nodule_only=False, place_nodules=0.5, max_steps=5))
+    resumed = train_masks(mask_cfg(data, tmp_path / "part", nodule_only=False, place_nodules=0.5, resume=True))
+    assert_same_state(final_state(full), final_state(resumed))
+
+
 def test_mask_resume_is_bit_identical(mask_runs):
     full, resumed, part_done = mask_runs
     assert part_done  # max_steps is a normal stop: export written

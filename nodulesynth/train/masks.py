@@ -67,6 +67,11 @@ class MaskTrainConfig(engine.RunConfig):
     critic_warmup: int = opt(0, "fine-tuning: steps that train only the (fresh) critic before G moves")
     augment_p: float = opt(0.0, "probability of a random shift/scale/rotation of each mask the critic sees, "
                                 "reals and fakes alike (DiffAugment; for a few dozen real slices; 0 = paper)")
+    place_nodules: float = opt(0.0, "share of the real masks the critic sees with one real LIDC nodule outline "
+                                    "placed into a lung (as generate --add-nodules does): with --all-slices the few, "
+                                    "small real nodules otherwise teach G to draw none; 0 = off (the paper)")
+    place_variants: int = opt(4, "placed copies of each real mask (different outline and position), made once "
+                                 "up front with the nodule stream of (seed, slice, copy)")
     eval_samples: int = opt(256, "masks per nodule-rate measurement")
 
 
@@ -150,23 +155,74 @@ class _RealMasks:
     one-hot pooling 512² masks at every step dominated CPU training time. Pooling these further
     equals pooling the full-size one-hot directly (power-of-two sizes), and the fractions are
     dyadic, so fp16 stores them exactly while the pooling factor² ≤ 2048. Rows are addressed by
-    the sources' global slice index."""
+    the sources' global slice index; with ``variants`` > 0 the bank also holds that many copies of
+    each mask with a placed LIDC nodule (:func:`placed_copies`), copy ``v`` at rows ``v·N + row``."""
 
-    def __init__(self, sources: SliceSources, resolution: int, device: torch.device, chunk: int = 64) -> None:
+    def __init__(self, sources: SliceSources, resolution: int, device: torch.device, chunk: int = 64,
+                 variants: int = 0, seed: int = 0) -> None:
         factor = max(ds.masks.shape[-1] for ds in sources.datasets) // resolution
         dtype = torch.float16 if factor * factor <= 2048 else torch.float32
         self.row = np.full(int(sources.offsets[-1]), -1, dtype=np.int64)
         self.row[sources.indices] = np.arange(len(sources.indices))
-        parts = []  # sources.indices are grouped by dataset, in order: the bank follows them
-        for d, ds in enumerate(sources.datasets):
+        self.n = len(sources.indices)
+        self.variants, self.placed = variants, 0
+        copies: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]
+        for d, ds in enumerate(sources.datasets):  # sources.indices are grouped by dataset, in order
             local = sources.indices[sources.groups == d] - sources.offsets[d]
             for c in np.array_split(local, max(1, len(local) // chunk)) if len(local) else []:
-                parts.append(masks_to_fractions(torch.from_numpy(np.asarray(ds.masks[c])), resolution).to(dtype))
-        self.bank = torch.cat(parts).to(device)
+                m = np.asarray(ds.masks[c])
+                copies[0].append(masks_to_fractions(torch.from_numpy(m), resolution).to(dtype))
+                if variants:
+                    spacing = [float(ds.records[i].spacing_mm[1]) for i in c]
+                    extra, ok = placed_copies(m, spacing, variants, seed, c + sources.offsets[d])
+                    self.placed += ok
+                    for v in range(variants):
+                        copies[v + 1].append(masks_to_fractions(torch.from_numpy(extra[v]), resolution).to(dtype))
+        if variants:
+            log.info("placed LIDC nodules into %d of %d mask copies", self.placed, variants * self.n)
+        self.bank = torch.cat([torch.cat(p) for p in copies]).to(device)
 
-    def fractions(self, idx, size: int) -> torch.Tensor:
-        x = self.bank[torch.from_numpy(self.row[np.asarray(idx, dtype=np.int64)]).to(self.bank.device)].float()
+    def fractions(self, idx, size: int, variant=None) -> torch.Tensor:
+        rows = self.row[np.asarray(idx, dtype=np.int64)]
+        if variant is not None:
+            rows = rows + np.asarray(variant, dtype=np.int64) * self.n
+        x = self.bank[torch.from_numpy(rows).to(self.bank.device)].float()
         return x if x.shape[-1] == size else F.adaptive_avg_pool2d(x, size)
+
+    def variant_of(self, sample_seeds, share: float) -> np.ndarray | None:
+        """Per draw: 0 (the real mask) or which placed copy, from the draw's own seed (so resume
+        and DDP ranks see what an uninterrupted run sees)."""
+        if not self.variants or share <= 0:
+            return None
+        out = []
+        for s in sample_seeds:
+            rng = np.random.default_rng([int(s), 0x504C43])
+            out.append(int(rng.integers(1, self.variants + 1)) if rng.random() < share else 0)
+        return np.asarray(out, dtype=np.int64)
+
+
+def placed_copies(masks: np.ndarray, spacing_mm: list[float], variants: int, seed: int,
+                  keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """``variants`` copies of each mask (N,H,W) with one LIDC nodule cross-section placed at its real
+    size (the mask's pixel spacing) into a lung by :class:`NoduleModel`, from the stream of (seed,
+    global slice index, copy); the mask's own nodules stay and are avoided. A mask where no outline
+    fits (no lung, a sliver of lung) keeps its copy unchanged. Returns (copies (V,N,H,W), placed)."""
+    from ..masks.nodule_model import NoduleModel, PlacementError, placement_rng
+
+    model = NoduleModel()  # any LIDC size, texture and lung: the library's own distribution
+    out = np.repeat(masks[None], variants, axis=0)
+    placed = 0
+    for v in range(variants):
+        for k, (m, sp) in enumerate(zip(masks, spacing_mm)):
+            lungs = (m == MaskClass.LEFT_LUNG).any() and (m == MaskClass.RIGHT_LUNG).any()
+            if not lungs:
+                continue
+            try:
+                out[v, k], _ = model.place(m, sp, placement_rng(seed, int(keys[k]), v), count=1)
+                placed += 1
+            except PlacementError:
+                pass
+    return out, placed
 
 
 class MaskTrainer(engine.Trainer):
@@ -188,6 +244,10 @@ class MaskTrainer(engine.Trainer):
             raise NoduleSynthError("--steps-per-level and --batch-size must be positive")
         if not 0 <= cfg.augment_p <= 1:
             raise NoduleSynthError(f"--augment-p {cfg.augment_p}: a probability, 0 to 1")
+        if not 0 <= cfg.place_nodules <= 1:
+            raise NoduleSynthError(f"--place-nodules {cfg.place_nodules}: a share, 0 to 1")
+        if cfg.place_nodules > 0 and cfg.place_variants < 1:
+            raise NoduleSynthError(f"--place-variants {cfg.place_variants}: need ≥ 1 copy with --place-nodules")
         # fine-tuning: the init network's architecture (and resolution) replaces cfg.model first
         self.init_G = _init_generator(cfg) if cfg.init_weights else None
         keep = (lambda ds, r: r.has_nodule) if cfg.nodule_only else None
@@ -206,7 +266,8 @@ class MaskTrainer(engine.Trainer):
         from ..models.stylegan import MaskDiscriminator, MaskGenerator
 
         cfg, device = self.cfg, self.device
-        self.reals = _RealMasks(self.sources, cfg.model.resolution, device)
+        self.reals = _RealMasks(self.sources, cfg.model.resolution, device,
+                                variants=cfg.place_variants if cfg.place_nodules > 0 else 0, seed=cfg.seed)
         self.G = (self.init_G if self.init_G is not None else MaskGenerator(cfg.model)).to(device)
         self.D = MaskDiscriminator(cfg.model).to(device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
@@ -217,6 +278,7 @@ class MaskTrainer(engine.Trainer):
         self.eval_z = torch.randn(cfg.eval_samples, cfg.model.z_dim, generator=gen)
         idx = self.sources.indices
         self.eval_real_idx = idx[np.random.default_rng(cfg.seed).permutation(len(idx))[: cfg.eval_samples]]
+        self.eval_real_var = self.reals.variant_of(np.arange(len(self.eval_real_idx)) + cfg.seed, cfg.place_nodules)
 
     def wrap(self) -> None:
         # progressive growing leaves the layers of later levels unused: DDP must be told
@@ -241,8 +303,10 @@ class MaskTrainer(engine.Trainer):
         """Lazily: (level, alpha, faded real fractions) for each step, drawn when the step runs."""
         for s in range(step, stop_at):
             level, alpha = self.level_at(s)
-            idx = [i for i, _ in self.stream.take(self.batch_size(level))]
-            yield level, alpha, fade_reals(self.reals.fractions(idx, 4 * 2**level), alpha)
+            draws = self.stream.take(self.batch_size(level))
+            idx = [i for i, _ in draws]
+            var = self.reals.variant_of([s for _, s in draws], self.cfg.place_nodules)
+            yield level, alpha, fade_reals(self.reals.fractions(idx, 4 * 2**level, var), alpha)
 
     def batch_images(self, batch) -> int:
         return batch[2].shape[0]
@@ -297,8 +361,9 @@ class MaskTrainer(engine.Trainer):
         with autocast(device, self.cfg.amp):
             fake = torch.cat([self.G_ema(z.to(device), level=level, alpha=alpha, noise_mode="const").float().softmax(1)
                               for z in self.eval_z.split(64)])
-        idx = self.eval_real_idx
-        real = torch.cat([self.reals.fractions(c, r) for c in np.array_split(idx, max(1, len(idx) // 64))])
+        idx, var = self.eval_real_idx, self.eval_real_var
+        parts = np.array_split(np.arange(len(idx)), max(1, len(idx) // 64))
+        real = torch.cat([self.reals.fractions(idx[c], r, None if var is None else var[c]) for c in parts])
         return {"real_nodule_rate": nodule_rate(real.argmax(1)), "ema_nodule_rate": nodule_rate(fake.argmax(1)),
                 "real_nodule_frac": real[:, MaskClass.NODULE].mean().item(),
                 "ema_nodule_frac": fake[:, MaskClass.NODULE].mean().item()}
