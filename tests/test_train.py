@@ -222,7 +222,8 @@ def test_mask_trainer_places_lidc_nodules_and_resumes_exactly(tmp_path):
     bare_data = str(write_slice_dataset(tmp_path / "bare", images, bare, records))
     frac = lambda run: max(float(r["real_nodule_frac"]) for r in read_metrics(run) if r["real_nodule_frac"])  # noqa: E731
     assert frac(train_masks(mask_cfg(bare_data, tmp_path / "plain", nodule_only=False))) == 0
-    assert frac(train_masks(mask_cfg(bare_data, tmp_path / "on", nodule_only=False, place_nodules=1.0))) > 5e-4
+    on = train_masks(mask_cfg(bare_data, tmp_path / "on", nodule_only=False, place_nodules=1.0))
+    assert frac(on) > 5e-4 and json.loads((on / "run.json").read_text())["placed_nodule_copies"] == [24, 24]
     full = train_masks(mask_cfg(data, tmp_path / "full", nodule_only=False, place_nodules=0.5))
     train_masks(mask_cfg(data, tmp_path / "part", nodule_only=False, place_nodules=0.5, max_steps=5))
     resumed = train_masks(mask_cfg(data, tmp_path / "part", nodule_only=False, place_nodules=0.5, resume=True))

@@ -305,7 +305,7 @@ class MaskTrainer(engine.Trainer):
             level, alpha = self.level_at(s)
             draws = self.stream.take(self.batch_size(level))
             idx = [i for i, _ in draws]
-            var = self.reals.variant_of([s for _, s in draws], self.cfg.place_nodules)
+            var = self.reals.variant_of([seed for _, seed in draws], self.cfg.place_nodules)
             yield level, alpha, fade_reals(self.reals.fractions(idx, 4 * 2**level, var), alpha)
 
     def batch_images(self, batch) -> int:
@@ -392,6 +392,8 @@ class MaskTrainer(engine.Trainer):
         spacing = float(next(iter(spacings))[0]) if len(spacings) == 1 else None  # one spacing, or unknown
         return {**super().run_meta(), "level": self.level, "alpha": self.alpha, "data": self.sources.summary(),
                 "spacing_mm": spacing,
+                **({"placed_nodule_copies": [self.reals.placed, self.reals.variants * self.reals.n]}
+                   if self.reals.variants else {}),
                 **{k: v for k, v in self.last_eval.items() if "nodule" in k}}
 
     def export(self) -> None:
