@@ -205,8 +205,11 @@ def placed_copies(masks: np.ndarray, spacing_mm: list[float], variants: int, see
                   keys: np.ndarray) -> tuple[np.ndarray, int]:
     """``variants`` copies of each mask (N,H,W) with one LIDC nodule cross-section placed at its real
     size (the mask's pixel spacing) into a lung by :class:`NoduleModel`, from the stream of (seed,
-    global slice index, copy); the mask's own nodules stay and are avoided. A mask where no outline
-    fits (no lung, a sliver of lung) keeps its copy unchanged. Returns (copies (V,N,H,W), placed)."""
+    global slice index, copy); the mask's own nodules stay and are avoided. Only masks with both lungs
+    get one, as ``generate``'s gate asks of a drawn anatomy (a one-lung apex slice stays as it is, and
+    a no-lung slice skips NoduleModel's futile draws); a mask where no outline fits (a sliver of lung)
+    keeps its copy unchanged too. Per-copy streams and this soft failure are why this is not
+    ``LidcPlacer.add_to`` (one stream per mask name, an error on no fit). Returns (copies (V,N,H,W), placed)."""
     from ..masks.nodule_model import NoduleModel, PlacementError, placement_rng
 
     model = NoduleModel()  # any LIDC size, texture and lung: the library's own distribution
