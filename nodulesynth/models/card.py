@@ -17,6 +17,7 @@ _FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.S)
 
 def _training_lines(meta: dict[str, Any]) -> list[str]:
     mk, tr = meta.get("mask_training") or {}, meta.get("translator_training") or {}
+    tx = meta.get("lung_texture_training") or {}
     lines = []
     if mk:
         lines.append(f"- mask StyleGAN: {mk.get('step', '?')} steps; nodule rate of real masks "
@@ -24,6 +25,8 @@ def _training_lines(meta: dict[str, Any]) -> list[str]:
     if tr:
         lines.append(f"- DL-Pix2Pix translator: {tr.get('step', '?')} steps; perceptual loss: "
                      f"{tr.get('perceptual', '?')}")
+    if tx:
+        lines.append(f"- lung texture GAN: {tx.get('step', '?')} steps on {tx.get('patches', '?')} real lung patches")
     return lines
 
 
@@ -48,6 +51,9 @@ def model_card(*, mask_resolution: int, image_size: int, revision: str, meta: di
         " progressive growing, WGAN-GP.",
         "2. **DL-Pix2Pix** (`translator.*`): mask one-hot → 1-channel CT slice in [-1, 1]",
         "   (maps linearly to HU [-1024, 1024]), UNet with LIA skips and DWMH attention, PatchGAN.",
+        *([] if not meta.get("lung_texture_run") else [
+            "3. **Lung texture** (`lung_texture.*`): a fully convolutional texture GAN trained on real lung",
+            "   patches; its field replaces the translated lungs' interior (nodules and walls stay the translator's)."]),
         "",
         f"Image size: {image_size}. Pixel spacing: {spacing_text}. Revision: `{revision}`. nodulesynth {__version__}.",
         "",

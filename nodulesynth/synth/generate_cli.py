@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--truncation-psi", type=float, default=GenerationConfig.truncation_psi,
                    help="StyleGAN truncation of the anatomy masks: < 1 trades variety for typical anatomy (1 = none)")
+    p.add_argument("--no-lung-texture", dest="lung_texture", action="store_false",
+                   help="keep the translator's own lungs even when the weights hold a lung texture model")
     p.add_argument("--batch-size", type=int, default=16, help="samples per generation call (speed only, never results); networks run in fixed 16-row blocks")
     p.add_argument("--weights", default="pretrained", help="'pretrained' (shipped), a folder, or a hub repo id")
     p.add_argument("--revision", default=None, help="hub revision of --weights")
@@ -322,7 +324,7 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
                            max_size_mm=args.max_size_mm, num_nodules=args.num_nodules, nodules=args.nodules,
                            lung=args.lung, texture=args.texture, region=tuple(args.region) if args.region else None,
                            add_nodules=args.add_nodules, truncation_psi=args.truncation_psi,
-                           place_workers=args.place_workers)
+                           place_workers=args.place_workers, lung_texture=args.lung_texture)
     cfg.validate()
     mask_files = _mask_files(args.masks) if args.masks else []
     real = open_real(args.real) if args.real else None

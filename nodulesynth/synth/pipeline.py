@@ -80,6 +80,9 @@ class GenerationConfig:
     nodules: str = "lidc"
     texture: str | None = None  # lidc only: "solid" (LIDC texture 4-5), "part-solid" (3), "ground-glass" (1-2)
     add_nodules: bool = False  # mask-in (translate): place LIDC nodules into the given masks first
+    # Weights with a lung texture model (models.lung_texture): its field replaces the translator's
+    # lung interior (False: the translator's lungs, e.g. to compare the two).
+    lung_texture: bool = True
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -401,6 +404,7 @@ class Synthesizer:
             "block": int(self.config.block),
             "truncation_psi": float(self.config.truncation_psi),
             "nodule_mode": self.config.nodules,
+            "lung_texture": self.textured,
             **({"nodules": self.lidc.placed.pop((int(index), int(attempt)), [])} if self.lidc is not None else {}),
         }
 
@@ -434,7 +438,23 @@ class Synthesizer:
             kw["noise_seeds"] = seeds + [0] * (self.config.block - len(seeds))
         with autocast(self.device):
             y = self.tsgan.translator(x, **kw)
-        return unit_to_hu(y[:n, 0].float().clamp(-1, 1)).clamp(HU_MIN, HU_MAX)
+        hu = unit_to_hu(y[:n, 0].float().clamp(-1, 1)).clamp(HU_MIN, HU_MAX)
+        if self.textured:
+            from ..models.lung_texture import composite
+
+            # the lung field of sample (i, attempt j): a third seed stream, so it too is a pure
+            # function of (weights, seed, i) and never of the batch or the device; drawn for the whole
+            # block (padding rows seed 0) so the forward pass has the block's fixed shape
+            seeds = [sample_seed(self.config.seed, i, j + (2 << 32)) for i, j in keys] or list(range(n))
+            seeds = seeds[:n] + [0] * (self.config.block - n)
+            field = self.tsgan.lung_texture.sample_hu(hu.shape[1], hu.shape[2], seeds, self.device, self.spacing_mm)
+            hu = composite(hu, masks[:n].to(hu.device), field[:n]).clamp(HU_MIN, HU_MAX)
+        return hu
+
+    @property
+    def textured(self) -> bool:
+        """Whether lung texture is composited: the weights hold a model and the config allows it."""
+        return self.config.lung_texture and getattr(self.tsgan, "lung_texture", None) is not None
 
     # ---- public API -----------------------------------------------------------------------------
     def generate(self, indices: Sequence[int], progress=None) -> SyntheticBatch:

@@ -1,4 +1,5 @@
-"""Train the TSGAN stages: `train masks` (StyleGAN), `train translator` (DL-Pix2Pix), `train export`.
+"""Train the TSGAN stages: `train masks` (StyleGAN), `train translator` (DL-Pix2Pix), `train lung-texture`
+(the lung-parenchyma texture GAN), `train export`.
 
 Every training flag is built from a field of the run's config dataclass (``MaskTrainConfig``,
 ``TranslatorTrainConfig`` and their ``model`` configs): name, type, default and help live once,
@@ -97,6 +98,7 @@ def config_values(cls: type, args: argparse.Namespace) -> tuple[dict[str, Any], 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..models.pix2pix import TranslatorConfig  # noqa: F401  (type hints of the configs)
+    from .lung_texture import LungTextureTrainConfig
     from .masks import MaskTrainConfig
     from .translator import PRESETS, TranslatorTrainConfig
 
@@ -110,12 +112,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "options), or lung-texture (texture with the lungs freed from the paired losses); "
                         "other flags override it")
     add_config_arguments(t, TranslatorTrainConfig)
+    x = sub.add_parser("lung-texture", help="lung-parenchyma texture GAN on real lung patches (composited into the "
+                                            "translated lungs)")
+    add_config_arguments(x, LungTextureTrainConfig)
 
     e = sub.add_parser("export", help="assemble a TSGAN folder (from_pretrained layout) from two runs")
     e.add_argument("--masks", required=True,
                    help="mask StyleGAN run folder, or a weights folder to take it from (pretrained: the shipped one)")
     e.add_argument("--translator", required=True,
                    help="translator run folder, or a weights folder to take it from (pretrained: the shipped one)")
+    e.add_argument("--lung-texture", default=None,
+                   help="lung texture run folder, or a weights folder to take it from (default: none)")
     e.add_argument("--out", required=True, help="TSGAN folder to write")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--card", default=None, help="extra markdown text for the model card")
@@ -131,6 +138,12 @@ def build_config(args: argparse.Namespace):
 
         top, nested = config_values(MaskTrainConfig, args)
         return MaskTrainConfig(**top, model=MaskGANConfig(**nested["model"]))
+    if args.train_command == "lung-texture":
+        from ..models.lung_texture import LungTextureConfig
+        from .lung_texture import LungTextureTrainConfig
+
+        top, nested = config_values(LungTextureTrainConfig, args)
+        return LungTextureTrainConfig(**top, model=LungTextureConfig(**nested["model"]))
     from .translator import TranslatorTrainConfig, preset_config
 
     top, nested = config_values(TranslatorTrainConfig, args)
@@ -139,7 +152,7 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.train_command in ("masks", "translator"):  # before any data is read: clear of inputs, writable
+    if args.train_command in ("masks", "translator", "lung-texture"):  # before any data is read: clear of inputs, writable
         from ..io import check_out_dir
 
         cfg = build_config(args)
@@ -154,12 +167,16 @@ def run(args: argparse.Namespace) -> int:
         from .translator import train_translator
 
         out = train_translator(cfg)
+    elif args.train_command == "lung-texture":
+        from .lung_texture import train_lung_texture
+
+        out = train_lung_texture(cfg)
     else:
         from .engine import export_tsgan
 
         import torch
 
         out = export_tsgan(args.masks, args.translator, args.out, args.card, overwrite=args.overwrite,
-                           dtype=torch.float16 if args.fp16 else None)
+                           dtype=torch.float16 if args.fp16 else None, lung_texture=args.lung_texture)
     print(out)
     return 0

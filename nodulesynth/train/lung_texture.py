@@ -1,0 +1,230 @@
+"""Lung-texture trainer: the parenchyma GAN of ``models.lung_texture`` on real lung patches.
+
+Data: every prepared dataset's TRAIN split (slices and nodule crops alike), resampled to the
+model's pixel spacing; a patch is any ``patch_size``² window (on a ``stride`` grid) whose pixels are
+at least ``min_lung`` lung (classes 2/3) and never within ``nodule_margin_px`` of a nodule, so the
+model learns parenchyma and vessels, not nodules or walls. The patch bank is built once in
+``setup`` (a few seconds; capped per slice so no one patient dominates) and drawn from with the
+global torch RNG, so resume is exact.
+
+Step: the generator draws a field ``margin`` pixels larger than the patch on every side and the
+critic sees its centre, so what it learns is the interior of a field (how it is used: one field per
+slice, cut by the lung mask), not zero-padded borders. Non-saturating loss with a lazy R1 penalty
+on the reals (StyleGAN2: ``r1_gamma``, every ``r1_every`` steps); an EMA of the generator is what
+is exported. Random flips and 90° turns of the real patches (the parenchyma has no preferred
+direction at this scale).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import NoduleSynthError
+from ..models.lung_texture import NAME, LungTextureConfig, LungTextureGenerator, PatchCritic
+from . import engine
+from .engine import opt
+from .sources import SliceSources
+
+log = logging.getLogger("nodulesynth.train")
+
+
+@dataclasses.dataclass
+class LungTextureTrainConfig(engine.RunConfig):
+    """Lung-parenchyma texture GAN run."""
+
+    model: LungTextureConfig = opt(factory=LungTextureConfig)
+    steps: int = opt(4000, "optimisation steps")
+    batch_size: int = opt(16, "patches per step")
+    patch_size: int = opt(64, "side of the real patches and of the critic's view (px at the model's spacing)")
+    margin: int = opt(16, "extra generated pixels on each side, cut off before the critic")
+    stride: int = opt(24, "grid step of candidate patches in 512² slices (px)")
+    min_lung: float = opt(0.98, "least share of lung pixels in a patch")
+    nodule_margin_px: int = opt(6, "patches keep this far from nodule pixels")
+    max_patches_per_slice: int = opt(40, "cap per slice, so large slices do not outweigh the crops' patients")
+    lr_g: float = opt(2e-4, "generator Adam learning rate")
+    lr_d: float = opt(2e-4, "critic Adam learning rate")
+    beta1: float = opt(0.5, "Adam beta1")
+    beta2: float = opt(0.99, "Adam beta2")
+    r1_gamma: float = opt(1.0, "R1 penalty weight γ on the critic's gradient at real patches")
+    r1_every: int = opt(4, "apply R1 every this many steps (lazy regularisation, scaled to match)")
+    ema_beta: float = opt(0.999, "per-step decay of the exported generator's weight average")
+    num_samples: int = opt(8, "fields in each preview grid")
+
+
+def lung_patches(hu: np.ndarray, mask: np.ndarray, size: int, stride: int, min_lung: float, nodule_margin: int,
+                 cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``cap`` ``size``² HU windows of one slice that are ≥ ``min_lung`` lung and clear of nodules."""
+    from scipy.ndimage import binary_dilation
+
+    nod = mask == 5
+    if nod.any():
+        nod = binary_dilation(nod, iterations=nodule_margin)
+    lung = np.isin(mask, (2, 3)) & ~nod
+    H, W = lung.shape
+    if H < size or W < size:
+        return np.zeros((0, size, size), np.float32)
+    ii = np.pad(lung.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    ys = np.arange(0, H - size + 1, stride)
+    xs = np.arange(0, W - size + 1, stride)
+    y, x = np.meshgrid(ys, xs, indexing="ij")
+    y, x = y.ravel(), x.ravel()
+    s = ii[y + size, x + size] - ii[y, x + size] - ii[y + size, x] + ii[y, x]
+    ok = np.flatnonzero(s >= min_lung * size * size)
+    if len(ok) == 0:
+        return np.zeros((0, size, size), np.float32)
+    ok = rng.permutation(ok)[:cap]
+    return np.stack([hu[y[k]:y[k] + size, x[k]:x[k] + size] for k in ok]).astype(np.float32)
+
+
+class LungTextureTrainer(engine.Trainer):
+    """Hooks for the parenchyma GAN: patch bank in ``setup``, hinge D/G steps."""
+
+    name = "lung-texture"
+    metric_fields = ("d_loss", "g_loss", "r1", "fake_mean_hu", "real_mean_hu", "fake_dense", "real_dense")
+
+    def setup(self) -> None:
+        from .translator import rescale_pair
+
+        cfg = self.cfg
+        if min(cfg.steps, cfg.batch_size, cfg.patch_size, cfg.stride, cfg.max_patches_per_slice) < 1 or cfg.margin < 0:
+            raise NoduleSynthError("--steps, --batch-size, --patch-size, --stride, --max-patches-per-slice must be "
+                                   "positive and --margin ≥ 0")
+        if (cfg.patch_size + 2 * cfg.margin) % cfg.model.factor:
+            raise NoduleSynthError(f"--patch-size + 2·--margin = {cfg.patch_size + 2 * cfg.margin}: must be a "
+                                   f"multiple of {cfg.model.factor} (the generator's noise grid)")
+        if not 0 < cfg.min_lung <= 1:
+            raise NoduleSynthError(f"--min-lung {cfg.min_lung}: must be in (0, 1]")
+        if cfg.r1_gamma < 0 or cfg.r1_every < 1 or not 0 <= cfg.ema_beta < 1:
+            raise NoduleSynthError("--r1-gamma must be ≥ 0, --r1-every ≥ 1 and --ema-beta in [0, 1)")
+        split = None if cfg.split == "all" else cfg.split
+        self.sources = SliceSources(cfg.data, split, None)
+        rng = np.random.default_rng(cfg.seed)
+        bank, per_set = [], []
+        for d, ds in enumerate(self.sources.datasets):
+            n0 = sum(len(b) for b in bank)
+            for g in self.sources.indices[self.sources.groups == d]:
+                i = int(g - self.sources.offsets[d])
+                hu, mask = rescale_pair(np.asarray(ds.images[i], np.float32), np.asarray(ds.masks[i]),
+                                        ds.records[i].spacing_mm, cfg.model.spacing_mm)
+                small = max(hu.shape) < 256  # nodule crops: few windows each, on a finer grid
+                p = lung_patches(hu, mask, cfg.patch_size, cfg.stride // 3 if small else cfg.stride, cfg.min_lung,
+                                 cfg.nodule_margin_px, 2 if small else cfg.max_patches_per_slice, rng)
+                if len(p):
+                    bank.append(p)
+            per_set.append(sum(len(b) for b in bank) - n0)
+        if not bank:
+            raise NoduleSynthError(f"--data {', '.join(self.sources.paths)}: no {cfg.patch_size}² window is "
+                                   f"≥ {cfg.min_lung:.0%} lung and clear of nodules; lung patches are what this model learns")
+        self.bank = cfg.model.to_unit(torch.from_numpy(np.concatenate(bank)))[:, None].contiguous()
+        self.per_set = per_set
+        log.info("lung-texture: %d patches (%s)", len(self.bank),
+                 ", ".join(f"{p}: {n}" for p, n in zip(self.sources.paths, per_set)))
+
+    def build(self) -> None:
+        cfg = self.cfg
+        self.G = LungTextureGenerator(cfg.model).to(self.device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.D = PatchCritic().to(self.device)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+        self.G.train()
+        self.D.train()
+
+    def total_steps(self) -> int:
+        return self.cfg.steps
+
+    def batches(self, step: int, stop_at: int):
+        return range(step, stop_at)
+
+    def batch_images(self, batch: Any) -> int:
+        return self.cfg.batch_size
+
+    def real_batch(self) -> torch.Tensor:
+        """``batch_size`` bank patches, each flipped and turned at random (global torch RNG)."""
+        cfg = self.cfg
+        idx = torch.randint(0, len(self.bank), (cfg.batch_size,))
+        real = self.bank[idx]
+        flip = torch.rand(cfg.batch_size) < 0.5
+        real = torch.where(flip[:, None, None, None], real.flip(-1), real)
+        k = int(torch.randint(0, 4, (1,)))
+        return torch.rot90(real, k, (2, 3)).to(self.device)
+
+    def fake_batch(self) -> torch.Tensor:
+        cfg = self.cfg
+        side, m = cfg.patch_size + 2 * cfg.margin, cfg.margin
+        fake = self.G(self.G.noise(cfg.batch_size, side, side, device=self.device))
+        return fake[:, :, m:m + cfg.patch_size, m:m + cfg.patch_size]
+
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        real, fake = self.real_batch(), self.fake_batch()
+        lazy = cfg.r1_gamma > 0 and self.step % cfg.r1_every == 0
+        real.requires_grad_(lazy)
+        d_real = self.D(real)
+        d_loss = F.softplus(-d_real).mean() + F.softplus(self.D(fake.detach())).mean()
+        r1 = torch.zeros((), device=self.device)
+        if lazy:
+            grad, = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+            r1 = grad.pow(2).sum((1, 2, 3)).mean()
+            d_loss = d_loss + cfg.r1_gamma / 2 * cfg.r1_every * r1
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        g_loss = F.softplus(-self.D(fake)).mean()
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        with torch.no_grad():
+            for e, p in zip(self.G_ema.parameters(), self.G.parameters()):
+                e.lerp_(p, 1 - cfg.ema_beta)
+        real = real.detach()
+        to_hu = self.cfg.model.to_hu
+        with torch.no_grad():
+            f, r = to_hu(fake.detach()), to_hu(real)
+            stats = {"fake_mean_hu": f.mean(), "real_mean_hu": r.mean(),
+                     "fake_dense": (f > -700).float().mean(), "real_dense": (r > -700).float().mean()}
+        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "r1": r1.detach(), **stats}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"G": self.G.state_dict(), "G_ema": self.G_ema.state_dict(), "D": self.D.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.G.load_state_dict(st["G"])
+        self.G_ema.load_state_dict(st["G_ema"])
+        self.D.load_state_dict(st["D"])
+        self.opt_g.load_state_dict(st["opt_g"])
+        self.opt_d.load_state_dict(st["opt_d"])
+
+    @torch.no_grad()
+    def preview(self) -> None:
+        """Top row: fields of the averaged generator (seeded per column); bottom row: real patches."""
+        from ..viz import preview_grid
+
+        cfg, n = self.cfg, self.cfg.num_samples
+        side = cfg.patch_size + 2 * cfg.margin
+        fake = self.G_ema.sample_hu(side, side, list(range(n)), self.device).cpu().numpy()
+        m = cfg.margin
+        real = cfg.model.to_hu(self.bank[torch.linspace(0, len(self.bank) - 1, n).long(), 0]).numpy()
+        preview_grid(self.out / "samples" / f"step-{self.step:08d}.png",
+                     images_hu=[*fake[:, m:m + cfg.patch_size, m:m + cfg.patch_size], *real], columns=n, tile=128)
+
+    def run_meta(self) -> dict[str, Any]:
+        return {**super().run_meta(), "patches": int(len(self.bank)), "patches_per_set": self.per_set,
+                "data": self.sources.summary(), "spacing_mm": self.cfg.model.spacing_mm}
+
+    def export(self) -> None:
+        from ..models.io import save_module
+
+        save_module(self.G_ema, self.cfg.model, self.out / "export", NAME)
+
+
+def train_lung_texture(cfg: LungTextureTrainConfig):
+    """Train the lung-parenchyma texture GAN; returns the run folder (weights in ``out/export``)."""
+    return LungTextureTrainer(cfg).fit()
