@@ -2,7 +2,7 @@
 
     python benchmarks/default_weights.py data  --phantom P --lidc L --out DIR   # train/holdout sets
     python benchmarks/default_weights.py eval  --weights pretrained --data DIR   # held-out quality
-    python benchmarks/default_weights.py ship  --masks RUN --translator RUN --card CARD.md
+    python benchmarks/default_weights.py ship  --masks RUN --translator RUN [--lung-texture RUN] --card CARD.md
 
 `data` splits the prepared phantom slices by series (whole scans held out) and the real LIDC-IDRI
 slices by slice (only 2 real patients exist here; every 4th slice is held out, and adjacent slices
@@ -97,14 +97,16 @@ def evaluate(args) -> None:
 
 
 def ship(args) -> None:
-    """Assemble pretrained/ from two finished runs: fp16 safetensors + configs + the model card (the
-    one card writer, models.card, with --card appended as the hand-written section)."""
+    """Assemble pretrained/ from two finished runs (and the lung texture run): fp16 safetensors +
+    configs + the model card (the one card writer, models.card, with --card appended as the
+    hand-written section)."""
     from nodulesynth.models.export import export_tsgan
     from nodulesynth.models.tsgan import TSGAN
 
     card = Path(args.card).read_text(encoding="utf-8") if args.card else None
     export_tsgan(args.masks, args.translator, args.out, model_card_extra=card, overwrite=True,
-                 spacing_mm=args.spacing, dtype=torch.float16, data_note=args.data_note or None)
+                 spacing_mm=args.spacing, dtype=torch.float16, data_note=args.data_note or None,
+                 lung_texture=args.lung_texture)
     print(f"shipped {args.out}: revision {TSGAN.from_pretrained(args.out).revision}")
 
 
@@ -128,6 +130,7 @@ def main() -> None:
     s.add_argument("--translator", required=True)
     s.add_argument("--out", default="pretrained")
     s.add_argument("--card", default=None, help="model card markdown (README.md of the weights)")
+    s.add_argument("--lung-texture", default=None, help="lung texture run (or weights folder) to ship beside them")
     s.add_argument("--spacing", type=float, default=None,
                    help="mm per pixel of the training slices (default: read from the runs' data)")
     s.add_argument("--data-note", default="", help="one line: what the weights were trained on")

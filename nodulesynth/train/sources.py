@@ -5,6 +5,9 @@ native spacing (the translator is fully convolutional), each with its own share 
 (``--data A --data B --data-weights 1,3``). Only each dataset's TRAIN split is used by default
 (:func:`nodulesynth.data.splits.split_indices`: the split stored by ``prepare``, or one computed by
 patient for datasets prepared before splits existed), so held-out patients never reach training.
+Each dataset splits its own patients, so one patient can be TRAIN in one collection and held out in
+another (an LIDC patient of the sample slices is also in the nodule crops): a patient outside the
+wanted split in *any* of the given datasets is left out of all of them.
 
 Global index ``g`` addresses slice ``g - offsets[d]`` of dataset ``d``.
 """
@@ -53,7 +56,7 @@ class SliceSources:
 
     def __init__(self, data, split: str | None = "train", weights=None, keep=None, keep_why: str = "") -> None:
         from ..data.slices import SliceDataset
-        from ..data.splits import split_indices
+        from ..data.splits import patient_of, split_indices
 
         self.paths = as_paths(data)
         self.datasets = [SliceDataset(p) for p in self.paths]
@@ -61,8 +64,21 @@ class SliceSources:
         self.weights = parse_weights(weights, len(self.datasets))
         self.split = split
         idx, groups = [], []
+        held = set()
+        if split not in (None, "all"):
+            for ds in self.datasets:
+                chosen = set(split_indices(ds, split).tolist())
+                held |= {patient_of(r) for i, r in enumerate(ds.records) if i not in chosen}
+        self.excluded = 0
         for d, (path, ds) in enumerate(zip(self.paths, self.datasets)):
             local = split_indices(ds, split)
+            if held:
+                mine = np.asarray([i for i in local if patient_of(ds.records[i]) not in held], dtype=np.int64)
+                if len(mine) < len(local):
+                    log.info("data %s: %d slices left out (their patients are held out in another --data folder)",
+                             path, len(local) - len(mine))
+                self.excluded += len(local) - len(mine)
+                local = mine
             if keep is not None:
                 local = np.asarray([i for i in local if keep(ds, ds.records[i])], dtype=np.int64)
             if len(local) == 0 and (self.weights is None or self.weights[d] > 0):
