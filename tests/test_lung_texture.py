@@ -166,6 +166,10 @@ def test_field_cut_to_boxes_equals_the_whole_field_inside_them():
     assert torch.allclose(cut[0, 10:50, 20:60], whole[0, 10:50, 20:60], atol=1e-3)
     assert torch.allclose(cut[1], whole[1], atol=1e-3)
     assert float(cut[2].max()) == g.cfg.hu_low  # nothing asked, nothing drawn
+    # the shipped architecture (noise grid 1/8): its reach, 3·8 − 1 px, is exactly enough
+    g = LungTextureGenerator(LungTextureConfig()).eval()
+    whole, cut = g.sample_hu(160, 160, [2]), g.sample_hu(160, 160, [2], boxes=torch.tensor([[41, 47, 97, 90]]))
+    assert torch.allclose(cut[0, 41:97, 47:90], whole[0, 41:97, 47:90], atol=1e-3)
     from nodulesynth.models.lung_texture import alpha_boxes
 
     a = torch.zeros(2, 8, 8)
