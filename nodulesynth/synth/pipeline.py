@@ -445,10 +445,10 @@ class Synthesizer:
             from ..models.lung_texture import composite
 
             # the lung field of sample (i, attempt j): a third seed stream, so it too is a pure
-            # function of (weights, seed, i) and never of the batch or the device; drawn for the whole
-            # block (padding rows seed 0) so the forward pass has the block's fixed shape
+            # function of (weights, seed, i) and never of the batch or the device; seeded for the
+            # whole block (padding rows seed 0). On a CPU each field is drawn only around its own
+            # lungs (the same values there, a fraction of the work); on an accelerator as one batch.
             seeds = [sample_seed(self.config.seed, i, j + (2 << 32)) for i, j in keys] or list(range(n))
-            # (on a CPU each field only around its lungs: the same values there, ~3× less work)
             seeds = seeds[:n] + [0] * (self.config.block - n)
             tex, size, cpu = self.tsgan.lung_texture, hu.shape[1:], self.device.type == "cpu"
 
