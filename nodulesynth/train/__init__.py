@@ -1,9 +1,10 @@
 """Trainers for both TSGAN stages (imported lazily: torch models load only when used).
 
     from nodulesynth.train import MaskTrainConfig, train_masks, TranslatorTrainConfig, train_translator
+    from nodulesynth.train import LungTextureTrainConfig, train_lung_texture
 
-Both stages run the one loop of ``engine.Trainer`` (resume, signals, time budget, checkpoints,
-metrics); ``MaskTrainer`` / ``TranslatorTrainer`` supply its hooks.
+All three run the one loop of ``engine.Trainer`` (resume, signals, time budget, checkpoints,
+metrics); ``MaskTrainer`` / ``TranslatorTrainer`` / ``LungTextureTrainer`` supply its hooks.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ _LAZY = {
     "MaskTrainer": "nodulesynth.train.masks",
     "TranslatorTrainer": "nodulesynth.train.translator",
     "PRESETS": "nodulesynth.train.translator",
+    "LungTextureTrainConfig": "nodulesynth.train.lung_texture",
+    "LungTextureTrainer": "nodulesynth.train.lung_texture",
+    "train_lung_texture": "nodulesynth.train.lung_texture",
     "preset_config": "nodulesynth.train.translator",
 }
 
