@@ -17,7 +17,6 @@ at chance and the generator drew blobs.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -225,7 +224,3 @@ def composite(hu: torch.Tensor, masks: torch.Tensor, field_hu: torch.Tensor | Ca
     if callable(field_hu):
         field_hu = field_hu(alpha_boxes(a))
     return torch.lerp(hu, field_hu.to(hu.dtype), a)
-
-
-def config_dict(cfg: LungTextureConfig) -> dict:
-    return dataclasses.asdict(cfg)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NoduleSynthError
+from ..masks.classes import MaskClass
 from ..models.lung_texture import NAME, LungTextureConfig, LungTextureGenerator, PatchCritic
 from . import engine
 from .engine import opt
@@ -62,10 +63,10 @@ def lung_patches(hu: np.ndarray, mask: np.ndarray, size: int, stride: int, min_l
     """Up to ``cap`` ``size``² HU windows of one slice that are ≥ ``min_lung`` lung and clear of nodules."""
     from scipy.ndimage import binary_dilation
 
-    nod = mask == 5
+    nod = mask == MaskClass.NODULE
     if nod.any():
         nod = binary_dilation(nod, iterations=nodule_margin)
-    lung = np.isin(mask, (2, 3)) & ~nod
+    lung = np.isin(mask, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)) & ~nod
     H, W = lung.shape
     if H < size or W < size:
         return np.zeros((0, size, size), np.float32)
@@ -83,13 +84,13 @@ def lung_patches(hu: np.ndarray, mask: np.ndarray, size: int, stride: int, min_l
 
 
 class LungTextureTrainer(engine.Trainer):
-    """Hooks for the parenchyma GAN: patch bank in ``setup``, hinge D/G steps."""
+    """Hooks for the parenchyma GAN: patch bank in ``setup``, non-saturating D/G steps with lazy R1."""
 
     name = "lung-texture"
     metric_fields = ("d_loss", "g_loss", "r1", "fake_mean_hu", "real_mean_hu", "fake_dense", "real_dense")
 
     def setup(self) -> None:
-        from .translator import rescale_pair
+        from .translator import PairDataset
 
         cfg = self.cfg
         if min(cfg.steps, cfg.batch_size, cfg.patch_size, cfg.stride, cfg.max_patches_per_slice) < 1 or cfg.margin < 0:
@@ -104,14 +105,13 @@ class LungTextureTrainer(engine.Trainer):
             raise NoduleSynthError("--r1-gamma must be ≥ 0, --r1-every ≥ 1 and --ema-beta in [0, 1)")
         split = None if cfg.split == "all" else cfg.split
         self.sources = SliceSources(cfg.data, split, None)
+        slices = PairDataset(self.sources, None, None, cfg.model.spacing_mm)  # its load(): HU + mask at our spacing
         rng = np.random.default_rng(cfg.seed)
         bank, per_set = [], []
-        for d, ds in enumerate(self.sources.datasets):
+        for d in range(len(self.sources.datasets)):
             n0 = sum(len(b) for b in bank)
             for g in self.sources.indices[self.sources.groups == d]:
-                i = int(g - self.sources.offsets[d])
-                hu, mask = rescale_pair(np.asarray(ds.images[i], np.float32), np.asarray(ds.masks[i]),
-                                        ds.records[i].spacing_mm, cfg.model.spacing_mm)
+                hu, mask = slices.load(int(g))
                 small = max(hu.shape) < 256  # nodule crops: few windows each, on a finer grid
                 p = lung_patches(hu, mask, cfg.patch_size, cfg.stride // 3 if small else cfg.stride, cfg.min_lung,
                                  cfg.nodule_margin_px, 2 if small else cfg.max_patches_per_slice, rng)

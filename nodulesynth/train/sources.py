@@ -64,14 +64,15 @@ class SliceSources:
         self.weights = parse_weights(weights, len(self.datasets))
         self.split = split
         idx, groups = [], []
+        chosen = [split_indices(ds, split) for ds in self.datasets]
         held = set()
         if split not in (None, "all"):
-            for ds in self.datasets:
-                chosen = set(split_indices(ds, split).tolist())
-                held |= {patient_of(r) for i, r in enumerate(ds.records) if i not in chosen}
+            for ds, local in zip(self.datasets, chosen):
+                mine = set(local.tolist())
+                held |= {patient_of(r) for i, r in enumerate(ds.records) if i not in mine}
         self.excluded = 0
         for d, (path, ds) in enumerate(zip(self.paths, self.datasets)):
-            local = split_indices(ds, split)
+            local = chosen[d]
             if held:
                 mine = np.asarray([i for i in local if patient_of(ds.records[i]) not in held], dtype=np.int64)
                 if len(mine) < len(local):
