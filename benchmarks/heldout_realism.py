@@ -101,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--subsets", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block", type=int, default=8)
+    p.add_argument("--background", nargs="+", default=["scanner"], choices=("scanner", "translator"),
+                   help="generate's --background; several: one row per weights and background")
     p.add_argument("--psi", type=float, default=None, help="truncation ψ of the mask StyleGAN (default: generate's)")
     a = p.parse_args(argv)
     from realism import nodule_windows, paired  # same helpers as the Table-1 benchmark
@@ -138,14 +140,15 @@ def main(argv=None) -> int:
         g_tr, g_ho = net(c_tr), net(c_ho)
         floor["kid_nodule"] = k1000(g_tr, g_ho)
     rows, grid = [], None
-    for name, w in zip(names, a.weights):
+    runs = [(n if len(a.background) == 1 else f"{n}, {bg} bg", w, bg) for n, w in zip(names, a.weights) for bg in a.background]
+    for name, w, background in runs:
         t1 = time.time()
         model = TSGAN.from_pretrained(w, device="cpu")
         psi = {} if a.psi is None else {"truncation_psi": a.psi}
-        syn = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, **psi))
+        syn = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, background=background, **psi))
         b = syn.generate(range(a.n_generated))
         gen, gm = b.images_hu.numpy(), b.masks.numpy()
-        row = {"model": name, "weights": str(model.source), "revision": str(model.revision),
+        row = {"model": name, "weights": str(model.source), "revision": str(model.revision), "background": background,
                "kid_full": k1000(net(gen), f_ho), "lung_share": round(lung_structure_share(gen, gm), 4),
                "lung_of_body": lung_of_body(gm),
                "checkerboard": round(float(checkerboard_score(b.images_hu).median()), 3)}
@@ -157,12 +160,12 @@ def main(argv=None) -> int:
         # Stage 2 alone: the train patients' real masks translated, against held-out real — the same
         # anatomy as the floor's train side, so the gap to the floor is the translator's texture.
         row["kid_stage2"] = k1000(net(syn.translate(tr_m).images_hu.numpy()), f_ho)
-        row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in paired(model, ho_i, ho_m, 8, a.block).items()})
+        row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in paired(model, ho_i, ho_m, 8, a.block, background).items()})
         row["kid_ratio"] = round(row["kid_full"][0] / max(floor["kid_full"][0], 1e-9), 2)
         row["seconds"] = round(time.time() - t1, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if grid is None or name == names[-1]:
+        if grid is None or name == runs[-1][0]:
             grid = (gen[:6], gm[:6], [bx for bx in b.boxes[:6]])
     rows.append(floor)
     lines = [f"{'model':32} {'KID×1000 full':>15} {'ratio':>6} {'KID×1000 stage 2':>16} {'KID×1000 nodule':>16} {'SSIM':>6} {'PSNR8':>6} "

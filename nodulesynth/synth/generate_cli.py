@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import NoduleSynthError
 from ..io import atomic_dir, check_out_dir
 from ..runtime import resolve_device
+from .background import MODES as BACKGROUND_MODES
 from .pipeline import GenerationConfig, Synthesizer, validate_masks
 
 MASK_SUFFIXES = (".png", ".npy")
@@ -46,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="StyleGAN truncation of the anatomy masks: < 1 trades variety for typical anatomy (1 = none)")
     p.add_argument("--no-lung-texture", dest="lung_texture", action="store_false",
                    help="keep the translator's own lungs even when the weights hold a lung texture model")
+    p.add_argument("--background", choices=BACKGROUND_MODES, default=GenerationConfig.background,
+                   help="outside the patient: scanner (default) = a real scanner background (table, cushions, air "
+                        "noise) from the shipped library; translator = the translator's own")
     p.add_argument("--batch-size", type=int, default=16, help="samples per generation call (speed only, never results); networks run in fixed 16-row blocks")
     p.add_argument("--weights", default="pretrained", help="'pretrained' (shipped), a folder, or a hub repo id")
     p.add_argument("--revision", default=None, help="hub revision of --weights")
@@ -324,7 +328,8 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
                            max_size_mm=args.max_size_mm, num_nodules=args.num_nodules, nodules=args.nodules,
                            lung=args.lung, texture=args.texture, region=tuple(args.region) if args.region else None,
                            add_nodules=args.add_nodules, truncation_psi=args.truncation_psi,
-                           place_workers=args.place_workers, lung_texture=args.lung_texture)
+                           place_workers=args.place_workers, lung_texture=args.lung_texture,
+                           background=args.background)
     cfg.validate()
     mask_files = _mask_files(args.masks) if args.masks else []
     real = open_real(args.real) if args.real else None

@@ -34,6 +34,8 @@ from ..masks.boxes import masks_to_boxes_batch
 from ..masks.classes import NUM_CLASSES, MaskClass
 from ..metrics.nodules import MIN_NODULE_MM, nodule_size_mm
 from ..runtime import autocast
+from .background import MODES as BACKGROUND_MODES
+from .background import ScannerBackgrounds
 
 # Default in-plane spacing of prepared slices (prepare --size 512 --spacing 0.8): 512 px ↔ 409.6 mm.
 DEFAULT_FIELD_OF_VIEW_MM = 512 * 0.8
@@ -83,6 +85,9 @@ class GenerationConfig:
     # Weights with a lung texture model (models.lung_texture): its field replaces the translator's
     # lung interior (False: the translator's lungs, e.g. to compare the two).
     lung_texture: bool = True
+    # Outside the patient: "scanner" lays a real scanner background (table, cushions, the air's noise;
+    # synth.background) around the anatomy; "translator" keeps the translator's own guess.
+    background: str = "scanner"
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -125,6 +130,8 @@ class GenerationConfig:
             bad("nodules", f"must be one of {', '.join(NODULE_MODES)}, got {self.nodules!r}")
         if self.texture is not None and self.nodules != "lidc":
             bad("texture", "needs nodules='lidc' (StyleGAN-drawn nodules carry no texture class)")
+        if self.background not in BACKGROUND_MODES:
+            bad("background", f"must be one of {', '.join(BACKGROUND_MODES)}, got {self.background!r}")
         if self.add_nodules and self.nodules != "lidc":
             bad("add_nodules", "needs nodules='lidc' (LIDC outlines are what is placed)")
 
@@ -370,6 +377,7 @@ class Synthesizer:
             from ..masks.nodule_model import LidcPlacer
 
             self.lidc = LidcPlacer(self.config, self.spacing_mm, workers=self.place_workers)
+        self.backgrounds = ScannerBackgrounds() if self.config.background == "scanner" else None
 
     @property
     def place_workers(self) -> int:
@@ -407,8 +415,15 @@ class Synthesizer:
             "truncation_psi": float(self.config.truncation_psi),
             "nodule_mode": self.config.nodules,
             "lung_texture": self.textured,
+            "background": self._background_record(index, attempt),
             **({"nodules": self.lidc.placed.pop((int(index), int(attempt)), [])} if self.lidc is not None else {}),
         }
+
+    def _background_record(self, index: int, attempt: int) -> dict | str:
+        if self.backgrounds is None:
+            return "translator"
+        k = self.backgrounds.entry(sample_seed(self.config.seed, index, attempt + (3 << 32)))
+        return {"library": self.backgrounds.revision, "entry": k, "source": self.backgrounds.source(k)}
 
     # ---- stages (always at exactly `block` rows) ----------------------------------------------
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -458,6 +473,10 @@ class Synthesizer:
                                      boxes=torch.cat([boxes, pad]) if cpu else None)[:n]
 
             hu = composite(hu, masks[:n].to(hu.device), field).clamp(HU_MIN, HU_MAX)
+        if self.backgrounds is not None:
+            # the background of sample (i, attempt j): a fourth seed stream (see synth.background)
+            seeds = [sample_seed(self.config.seed, i, j + (3 << 32)) for i, j in keys] or list(range(n))
+            hu = self.backgrounds.paste(hu, masks[:n].to(hu.device), seeds[:n], self.spacing_mm).clamp(HU_MIN, HU_MAX)
         return hu
 
     @property

@@ -1,0 +1,114 @@
+"""Scanner backgrounds: what lies outside the patient in a real slice, laid around generated anatomy.
+
+No mask class holds the table, cushions, blankets or the air's own noise, so a translator can only
+guess them (the shipped one draws a dotted table). On held-out patients, putting the real background
+back around translated real masks takes the stage-2 KID×1000 from 207 to 124 (benchmarks README,
+"Scanner backgrounds"): after the patient's body, the largest single part of the gap.
+
+The library (``scanner_backgrounds.npz``, built by ``benchmarks/build_background_library.py``) holds the
+background of real TRAIN slices at 0.8 mm with the patient replaced by the slice's own air. Each sample
+takes one entry by its own seed, shifted so that the entry's body bottom and centre meet the generated
+body's (a patient lies on the table); only background pixels (mask class 0) change. Pixels the shift
+brings in from beyond the entry's edges are that entry's air, tiled.
+"""
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import NoduleSynthError
+from ..masks.classes import MaskClass
+
+LIBRARY = Path(__file__).with_name("scanner_backgrounds.npz")
+MODES = ("scanner", "translator")
+
+
+def body_geometry(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bottom row, horizontal centre, has body) of each (B, H, W) mask's patient (classes 1–5)."""
+    body = masks != MaskClass.BACKGROUND
+    rows, cols = body.any(2), body.any(1)
+    h, w = rows.shape[1], cols.shape[1]
+    bottom = (h - 1) - rows.flip(1).int().argmax(1)
+    left, right = cols.int().argmax(1), (w - 1) - cols.flip(1).int().argmax(1)
+    return bottom, (left + right).float() / 2, rows.any(1)
+
+
+class ScannerBackgrounds:
+    """The shipped library of real scanner backgrounds (loaded on first use)."""
+
+    def __init__(self, path: str | Path = LIBRARY):
+        self.path = Path(path)
+
+    @cached_property
+    def _data(self) -> dict[str, np.ndarray]:
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                d = {k: z[k] for k in ("hu", "tile", "bottom", "centre_x", "source", "spacing_mm")}
+        except (OSError, KeyError, ValueError) as e:
+            raise NoduleSynthError(f"{self.path}: not a scanner-background library ({e}); reinstall nodulesynth "
+                                   "or rebuild it with benchmarks/build_background_library.py") from e
+        n = len(d["hu"])
+        if n == 0 or d["hu"].ndim != 3 or len(d["tile"]) != n or len(d["bottom"]) != n or len(d["source"]) != n:
+            raise NoduleSynthError(f"{self.path}: inconsistent scanner-background library (entries {n})")
+        return d
+
+    @cached_property
+    def revision(self) -> str:
+        """First 12 hex digits of the library file's SHA-256: recorded in every sample's provenance."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
+
+    def __len__(self) -> int:
+        return len(self._data["hu"])
+
+    def entry(self, seed: int) -> int:
+        """The library entry of a sample whose background seed is ``seed``."""
+        return int(seed) % len(self)
+
+    def source(self, k: int) -> str:
+        return str(self._data["source"][k])
+
+    def _scaled(self, spacing_mm: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(hu, tile, bottom, centre) at ``spacing_mm`` on ``device``; resampled once per spacing."""
+        key = (round(float(spacing_mm), 6), str(device))
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            d = self._data
+            s = float(d["spacing_mm"]) / float(spacing_mm)
+            hu, tile = torch.from_numpy(d["hu"]).float(), torch.from_numpy(d["tile"]).float()
+            if abs(s - 1) > 1e-6:
+                size = [max(1, round(x * s)) for x in hu.shape[1:]]
+                mode = "area" if s < 1 else "bilinear"
+                hu = F.interpolate(hu[:, None], size=size, mode=mode)[:, 0]
+                tile = F.interpolate(tile[:, None], size=[max(1, round(tile.shape[1] * s))] * 2, mode=mode)[:, 0]
+            bottom = torch.from_numpy(d["bottom"].astype(np.float32)) * s
+            centre = torch.from_numpy(d["centre_x"].astype(np.float32)) * s
+            cache[key] = tuple(t.to(device) for t in (hu, tile, bottom, centre))
+        return cache[key]
+
+    def paste(self, hu: torch.Tensor, masks: torch.Tensor, seeds: Sequence[int], spacing_mm: float) -> torch.Tensor:
+        """``hu`` (B, H, W) with its background pixels replaced by each sample's library entry.
+
+        Batched: one gather for the block. A mask without a body keeps its translated background."""
+        lib, tile, lb, lc = self._scaled(spacing_mm, hu.device)
+        b, h, w = hu.shape
+        e = torch.tensor([self.entry(s) for s in seeds[:b]], device=hu.device)
+        bottom, centre, has = body_geometry(masks)
+        dy = (bottom.float() - lb[e]).round().long()
+        dx = (centre - lc[e]).round().long()
+        ys = torch.arange(h, device=hu.device)[None, :] - dy[:, None]  # (B, H) rows of the entry
+        xs = torch.arange(w, device=hu.device)[None, :] - dx[:, None]
+        lh, lw = lib.shape[1:]
+        inside = ((ys >= 0) & (ys < lh))[:, :, None] & ((xs >= 0) & (xs < lw))[:, None, :]
+        ei = e[:, None, None]
+        bg = lib[ei, ys.clamp(0, lh - 1)[:, :, None], xs.clamp(0, lw - 1)[:, None, :]]
+        t = tile.shape[1]
+        air = tile[ei, (torch.arange(h, device=hu.device) % t)[None, :, None], (torch.arange(w, device=hu.device) % t)[None, None, :]]
+        bg = torch.where(inside, bg, air)
+        replace = (masks == MaskClass.BACKGROUND) & has[:, None, None]
+        return torch.where(replace, bg.to(hu.dtype), hu)
