@@ -4,6 +4,7 @@ row per folder, each sample as the whole slice and a 4x zoom on its first nodule
 the translator: the quickest way to see checkerboards, halos, vessels and nodule texture.
 
     python benchmarks/compare_weights.py --weights pretrained runs/gpu/texture --out DIR/compare.png
+    python benchmarks/compare_weights.py --weights pretrained --background translator scanner --out FILE
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4, help="samples per row")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--tile", type=int, default=192)
+    p.add_argument("--background", nargs="+", default=["scanner"], choices=("scanner", "translator"),
+                   help="generate's --background; several: one row per weights and background")
     a = p.parse_args(argv)
     from PIL import Image
 
@@ -50,12 +53,12 @@ def main(argv=None) -> int:
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
 
     rows = []
-    for w in a.weights:
+    for w, bg in [(w, bg) for w in a.weights for bg in a.background]:
         model = TSGAN.from_pretrained(w, device="cpu")
-        b = Synthesizer(model, GenerationConfig(seed=a.seed, block=8)).generate(range(a.n))
+        b = Synthesizer(model, GenerationConfig(seed=a.seed, block=8, background=bg)).generate(range(a.n))
         hu, masks = b.images_hu.numpy(), b.masks.numpy()
         rows.append(np.concatenate([t for i in range(a.n) for t in tiles(hu[i], masks[i], a.tile)], 1))
-        print(f"{w}: revision {model.revision}", flush=True)
+        print(f"{w} ({bg} background): revision {model.revision}", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name(a.out.name + ".tmp.png")
     Image.fromarray(np.concatenate(rows, 0)).save(tmp, optimize=True)
