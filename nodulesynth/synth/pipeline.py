@@ -579,7 +579,8 @@ class Synthesizer:
         prov = [
             {"source": "mask-in", "model": str(getattr(self.tsgan, "source", "unknown")),
              "revision": str(getattr(self.tsgan, "revision", "unknown")), "mask": n, "index": k,
-             **({"seed": int(self.config.seed), "nodule_mode": "lidc", "nodules": placed[k]} if placed[k] is not None else {})}
+             "seed": int(self.config.seed), "lung_texture": self.textured, "background": self._background_record(k, 0),
+             **({"nodule_mode": "lidc", "nodules": placed[k]} if placed[k] is not None else {})}
             for k, n in enumerate(names)
         ]
         return SyntheticBatch(torch.cat(hus) if hus else torch.zeros(0, self.image_size, self.image_size), m, boxes, prov)
