@@ -73,7 +73,7 @@ def run_spacing_mm(run: Path) -> float | None:
 
 
 _TRAINING_KEY = {"mask_generator": "mask_training", "translator": "translator_training",
-                 "lung_texture": "lung_texture_training"}
+                 "lung_texture": "lung_texture_training", "body_texture": "body_texture_training"}
 
 
 def _stage_source(arg: str | os.PathLike, name: str, flag: str) -> tuple[Path, dict | None, float | None]:
@@ -97,12 +97,13 @@ def _stage_source(arg: str | os.PathLike, name: str, flag: str) -> tuple[Path, d
 def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike, out: str | os.PathLike,
                  model_card_extra: str | None = None, overwrite: bool = False,
                  spacing_mm: float | None = None, dtype: "torch.dtype | None" = None,
-                 data_note: str | None = None, lung_texture: str | os.PathLike | None = None) -> Path:
+                 data_note: str | None = None, lung_texture: str | os.PathLike | None = None,
+                 body_texture: str | os.PathLike | None = None) -> Path:
     """Write ``out`` from ``mask_run`` and ``translator_run``: each a training run (its export/) or a
     weights folder ("pretrained": the shipped one); ``spacing_mm`` overrides the spacing read from
     them (needed only when a run's data folders are gone); ``dtype`` (torch.float16 for shipping)
-    and ``data_note`` (one line: what the weights saw) are optional; ``lung_texture`` adds the lung
-    texture model of that run or weights folder (none by default)."""
+    and ``data_note`` (one line: what the weights saw) are optional; ``lung_texture`` and
+    ``body_texture`` add the texture model of that run or weights folder (none by default)."""
     from .io import load_module
     from .pix2pix import DLPix2PixGenerator, TranslatorConfig
     from .stylegan import MaskGANConfig, MaskGenerator
@@ -126,15 +127,20 @@ def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike,
     mask_g = load_module(MaskGenerator, MaskGANConfig, mask_dir, "mask_generator")
     translator = load_module(DLPix2PixGenerator, TranslatorConfig, tr_dir, "translator")
     meta: dict[str, Any] = {"mask_run": str(mask_run), "translator_run": str(translator_run)}
-    texture = None
-    if lung_texture is not None:
-        from .lung_texture import NAME, LungTextureConfig, LungTextureGenerator
+    textures = {}
+    for run, flag in ((lung_texture, "--lung-texture"), (body_texture, "--body-texture")):
+        if run is None:
+            continue
+        from .lung_texture import LungTextureGenerator
+        from .tsgan import TEXTURES
 
-        tex_dir, tex_rec, _ = _stage_source(lung_texture, NAME, "--lung-texture")
-        texture = load_module(LungTextureGenerator, LungTextureConfig, tex_dir, NAME)
-        meta["lung_texture_run"] = str(lung_texture)
+        name = flag[2:].replace("-", "_")
+        config_cls, attr = TEXTURES[name]
+        tex_dir, tex_rec, _ = _stage_source(run, name, flag)
+        textures[attr] = load_module(LungTextureGenerator, config_cls, tex_dir, name)
+        meta[f"{name}_run"] = str(run)
         if tex_rec is not None:
-            meta["lung_texture_training"] = tex_rec
+            meta[f"{name}_training"] = tex_rec
     for key, record in (("mask_training", mask_rec), ("translator_training", tr_rec)):
         if record is not None:
             meta[key] = record
@@ -142,8 +148,9 @@ def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike,
     if data_note:
         meta["data"] = data_note
     image_size = meta.get("translator_training", {}).get("image_size", 512)
-    model = TSGAN(mask_g, translator, {**meta, "image_size": image_size}, lung_texture=texture)
-    inputs = [("--masks", mask_run), ("--translator", translator_run)]
-    check_out_dir(out, overwrite, inputs=inputs + ([("--lung-texture", lung_texture)] if lung_texture else []))
+    model = TSGAN(mask_g, translator, {**meta, "image_size": image_size}, **textures)
+    inputs = [("--masks", mask_run), ("--translator", translator_run),
+              *((f, r) for f, r in (("--lung-texture", lung_texture), ("--body-texture", body_texture)) if r)]
+    check_out_dir(out, overwrite, inputs=inputs)
     model.save_pretrained(out, card_extra=model_card_extra, overwrite=overwrite, dtype=dtype)
     return out

@@ -29,6 +29,7 @@ def _brief(items: list[str], n: int = 4) -> str:
 
 # Float fields with a closed range; every int field of a network config is a size or count (≥ 1).
 FLOAT_RANGES = {"w_avg_beta": (0.0, 1.0), "dropout": (0.0, 1.0), "mapping_lr_mul": (1e-8, 1e3)}
+INT_MINIMUMS = {"cond_channels": 0}  # the int fields that may be 0 (an unconditional texture model)
 
 
 def check_config_values(config_cls: type, values: dict, where: str | Path) -> None:
@@ -51,8 +52,8 @@ def check_config_values(config_cls: type, values: dict, where: str | Path) -> No
         elif base == "int":
             if isinstance(v, bool) or not isinstance(v, int):
                 raise NoduleSynthError(f"{what}: must be an integer")
-            if v < 1:
-                raise NoduleSynthError(f"{what}: must be ≥ 1")
+            if v < INT_MINIMUMS.get(f.name, 1):
+                raise NoduleSynthError(f"{what}: must be ≥ {INT_MINIMUMS.get(f.name, 1)}")
         elif base == "float":
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise NoduleSynthError(f"{what}: must be a finite number")

@@ -40,9 +40,12 @@ class LungTextureConfig:
     hu_low: float = -1024.0
     hu_high: float = 476.0  # vessels with contrast reach ≈ +300 HU
     spacing_mm: float = 0.8  # pixel size of the training patches; the field is drawn at this spacing
+    cond_channels: int = 0  # condition maps given to every block (0: an unconditional texture, the lungs)
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
+        if self.cond_channels < 0:
+            raise NoduleSynthError(f"{type(self).__name__}.cond_channels={self.cond_channels}: must be ≥ 0")
         if len(self.channels) < 2 or min(self.channels) < 1:
             raise NoduleSynthError(f"LungTextureConfig.channels={self.channels}: need ≥ 2 positive sizes")
         if not self.hu_low < self.hu_high:
@@ -65,30 +68,40 @@ class LungTextureConfig:
 
 
 class _Up(nn.Module):
-    """×2 nearest upsampling, two 3×3 convolutions, each followed by learnt-scale pixel noise."""
+    """×2 nearest upsampling (then the condition maps at that scale, if any), two 3×3 convolutions,
+    each followed by learnt-scale pixel noise."""
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, cond: int = 0) -> None:
         super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.c1 = nn.Conv2d(cin + cond, cout, 3, padding=1)
         self.c2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.n1 = nn.Parameter(torch.zeros(1, cout, 1, 1))
         self.n2 = nn.Parameter(torch.zeros(1, cout, 1, 1))
 
-    def forward(self, x: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = self.c1(F.interpolate(x, scale_factor=2, mode="nearest"))
+    def forward(self, x: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor],
+                cond: torch.Tensor | None = None) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.c1(x if cond is None else torch.cat([x, _pool_to(cond, x.shape[2:])], 1))
         x = F.leaky_relu(x + self.n1 * noise[0], 0.2)
         return F.leaky_relu(self.c2(x) + self.n2 * noise[1], 0.2)
 
 
+def _pool_to(cond: torch.Tensor, size) -> torch.Tensor:
+    """Condition maps averaged down to ``size`` (unchanged when already there)."""
+    return cond if tuple(cond.shape[2:]) == tuple(size) else F.adaptive_avg_pool2d(cond, tuple(size))
+
+
 class LungTextureGenerator(nn.Module):
-    """Noise → a lung-parenchyma field in [-1, 1] (map to HU with ``cfg.to_hu``)."""
+    """Noise (and, with ``cfg.cond_channels``, condition maps at the field's size) → a texture field
+    in [-1, 1] (map to HU with ``cfg.to_hu``). Unconditional it draws the lung parenchyma; conditioned
+    on where it draws (``models.body_texture``), the body."""
 
     def __init__(self, cfg: LungTextureConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or LungTextureConfig()
-        ch = cfg.channels
-        self.inp = nn.Conv2d(cfg.z_local + cfg.z_global, ch[0], 3, padding=1)
-        self.ups = nn.ModuleList(_Up(a, b) for a, b in zip(ch[:-1], ch[1:]))
+        ch, c = cfg.channels, cfg.cond_channels
+        self.inp = nn.Conv2d(cfg.z_local + cfg.z_global + c, ch[0], 3, padding=1)
+        self.ups = nn.ModuleList(_Up(a, b, c) for a, b in zip(ch[:-1], ch[1:]))
         self.out = nn.Conv2d(ch[-1], 1, 3, padding=1)
 
     def noise_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
@@ -120,12 +133,15 @@ class LungTextureGenerator(nn.Module):
             rows.append([torch.randn(1, *sh, generator=g) for sh in shapes])
         return [torch.cat([r[k] for r in rows]).to(device) for k in range(len(shapes))]
 
-    def forward(self, noise: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, noise: list[torch.Tensor], cond: torch.Tensor | None = None) -> torch.Tensor:
         zl, zg, *pixel = noise
-        x = torch.cat([zl, zg.expand(-1, -1, *zl.shape[2:])], 1)
+        if (cond is None) != (self.cfg.cond_channels == 0):
+            raise NoduleSynthError(f"texture generator: {self.cfg.cond_channels} condition channels expected, "
+                                   f"got {'none' if cond is None else cond.shape[1]}")
+        x = torch.cat([zl, zg.expand(-1, -1, *zl.shape[2:]), *([] if cond is None else [_pool_to(cond, zl.shape[2:])])], 1)
         x = F.leaky_relu(self.inp(x), 0.2)
         for k, up in enumerate(self.ups):
-            x = up(x, (pixel[2 * k], pixel[2 * k + 1]))
+            x = up(x, (pixel[2 * k], pixel[2 * k + 1]), cond)
         return torch.tanh(self.out(x))
 
     @property
@@ -138,23 +154,31 @@ class LungTextureGenerator(nn.Module):
 
     @torch.no_grad()
     def sample_hu(self, height: int, width: int, seeds: Sequence[int], device=None,
-                  spacing_mm: float | None = None, boxes: torch.Tensor | None = None) -> torch.Tensor:
+                  spacing_mm: float | None = None, boxes: torch.Tensor | None = None,
+                  cond: torch.Tensor | None = None) -> torch.Tensor:
         """(B, height, width) HU fields, one per seed, for pixels of ``spacing_mm`` (default: the
         model's own): drawn at the model's spacing, then resampled, so a vessel keeps its size in mm.
 
         ``boxes`` ((B, 4) y0, x0, y1, x1; empty rows allowed): where each field is needed. Each row is
         then evaluated only on its box grown by :attr:`reach` (the noise is still the whole field's,
         cut to it), which gives the whole field's values inside the box at a fraction of the cost on
-        a CPU; outside the grown box the field is ``hu_low``. Ignored when resampling."""
+        a CPU; outside the grown box the field is ``hu_low``. Ignored when resampling.
+
+        ``cond`` ((B, cond_channels, height, width)): the condition maps of a conditional model, at
+        the asked pixels (resampled with the field)."""
         dev = device if device is not None else self.inp.weight.device
         f, scale = self.cfg.factor, (spacing_mm or self.cfg.spacing_mm) / self.cfg.spacing_mm
         h, w = height, width
         if abs(scale - 1) > 1e-3:
             h, w = (-(-max(f, round(n * scale)) // f) * f for n in (height, width))
             boxes = None
+        if cond is not None:
+            cond = cond.to(dev, torch.float32)
+            if (h, w) != tuple(cond.shape[2:]):
+                cond = F.interpolate(cond, size=(h, w), mode="bilinear", align_corners=False)
         noise = self.noise(len(seeds), h, w, seeds, dev)
         if boxes is None:
-            field = self.cfg.to_hu(self(noise)[:, 0].float())
+            field = self.cfg.to_hu(self(noise, cond)[:, 0].float())
         else:
             field = torch.full((len(seeds), h, w), self.cfg.hu_low, device=dev)
             r = self.reach
@@ -165,7 +189,8 @@ class LungTextureGenerator(nn.Module):
                 y1, x1 = min(h, -(-(y1 + r) // f) * f), min(w, -(-(x1 + r) // f) * f)
                 cut = [n[b:b + 1, :, y0 * n.shape[2] // h:y1 * n.shape[2] // h, x0 * n.shape[3] // w:x1 * n.shape[3] // w]
                        if n.shape[2] > 1 else n[b:b + 1] for n in noise]
-                field[b, y0:y1, x0:x1] = self.cfg.to_hu(self(cut)[0, 0].float())
+                c = None if cond is None else cond[b:b + 1, :, y0:y1, x0:x1]
+                field[b, y0:y1, x0:x1] = self.cfg.to_hu(self(cut, c)[0, 0].float())
         if (h, w) != (height, width):
             field = F.interpolate(field[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
         return field
@@ -174,10 +199,10 @@ class LungTextureGenerator(nn.Module):
 class PatchCritic(nn.Module):
     """Patch critic: stride-2 4×4 convolutions, one logit per ~46-px receptive field."""
 
-    def __init__(self, channels: Sequence[int] = (32, 64, 128, 256)) -> None:
+    def __init__(self, channels: Sequence[int] = (32, 64, 128, 256), in_channels: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        c = 1
+        c = in_channels
         for k in channels:
             layers += [nn.Conv2d(c, k, 4, 2, 1), nn.LeakyReLU(0.2)]
             c = k
@@ -215,12 +240,12 @@ def alpha_boxes(alpha: torch.Tensor) -> torch.Tensor:
     return torch.stack([y0, x0, y1, x1], 1)
 
 
-def composite(hu: torch.Tensor, masks: torch.Tensor, field_hu: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
-              ) -> torch.Tensor:
-    """The translated slices with the texture field inside the lungs (see :func:`lung_alpha`);
-    every pixel outside the lungs and near nodules is returned unchanged. ``field_hu`` is the
-    field, or a function of the (B, 4) boxes around where it is needed that draws it."""
-    a = lung_alpha(masks.to(hu.device)).to(hu.dtype)
+def composite(hu: torch.Tensor, masks: torch.Tensor, field_hu: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+              alpha: Callable[[torch.Tensor], torch.Tensor] = lung_alpha) -> torch.Tensor:
+    """The translated slices with the texture field where ``alpha`` of the masks says (default
+    :func:`lung_alpha`: inside the lungs); every pixel where it is 0 is returned unchanged.
+    ``field_hu`` is the field, or a function of the (B, 4) boxes around where it is needed that draws it."""
+    a = alpha(masks.to(hu.device)).to(hu.dtype)
     if callable(field_hu):
         field_hu = field_hu(alpha_boxes(a))
     return torch.lerp(hu, field_hu.to(hu.dtype), a)

@@ -4,7 +4,8 @@ Folder layout (local, shipped ``pretrained/`` or a Hugging Face hub repo):
 ``tsgan.json`` (format, version, image_size, training meta), ``mask_generator.{safetensors,json}``,
 ``translator.{safetensors,json}``, ``README.md`` (model card); optionally
 ``lung_texture.{safetensors,json}`` (the lung-parenchyma texture GAN the pipeline composites into
-the lungs, ``models.lung_texture``).
+the lungs, ``models.lung_texture``) and ``body_texture.{safetensors,json}`` (its conditional twin for
+the body, ``models.body_texture``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from ..runtime import resolve_device
 from ..masks.classes import NUM_CLASSES
 from .card import model_card as write_card
 from .io import load_module, read_config, save_module, sha256_files
+from .body_texture import NAME as BODY_NAME
+from .body_texture import BodyTextureConfig
 from .lung_texture import NAME as TEXTURE_NAME
 from .lung_texture import LungTextureConfig, LungTextureGenerator
 from .pix2pix import DLPix2PixGenerator, TranslatorConfig, one_hot
@@ -37,7 +40,9 @@ FORMAT_VERSION = 1
 MASK_NAME, TRANSLATOR_NAME = "mask_generator", "translator"
 LAYOUT = ("tsgan.json", f"{MASK_NAME}.safetensors", f"{MASK_NAME}.json", f"{TRANSLATOR_NAME}.safetensors",
           f"{TRANSLATOR_NAME}.json", "README.md")
-OPTIONAL = (f"{TEXTURE_NAME}.safetensors", f"{TEXTURE_NAME}.json")
+# optional texture models: file stem → (config class, attribute of TSGAN)
+TEXTURES = {TEXTURE_NAME: (LungTextureConfig, "lung_texture"), BODY_NAME: (BodyTextureConfig, "body_texture")}
+OPTIONAL = tuple(f"{n}.{ext}" for n in TEXTURES for ext in ("safetensors", "json"))
 HUB_PATTERNS = [*LAYOUT, *OPTIONAL]
 # The shipped weights are package data (nodulesynth/pretrained/, in the wheel too, so `pip install .`
 # works without a checkout); the repository's top-level pretrained/ is a symlink to it.
@@ -46,15 +51,16 @@ DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 
 class TSGAN(nn.Module):
     """Holds ``mask_generator`` (MaskGenerator), ``translator`` (DLPix2PixGenerator) and, when the
-    weights have one, ``lung_texture`` (LungTextureGenerator; None otherwise)."""
+    weights have them, ``lung_texture`` and ``body_texture`` (LungTextureGenerator; None otherwise)."""
 
     def __init__(self, mask_generator: MaskGenerator, translator: DLPix2PixGenerator, meta: dict | None = None,
                  *, revision: str = "untrained", source: str = "memory",
-                 lung_texture: LungTextureGenerator | None = None):
+                 lung_texture: LungTextureGenerator | None = None, body_texture: LungTextureGenerator | None = None):
         super().__init__()
         self.mask_generator = mask_generator
         self.translator = translator
         self.lung_texture = lung_texture
+        self.body_texture = body_texture
         self.meta: dict[str, Any] = dict(meta or {})
         self.image_size = int(self.meta.get("image_size", 512))
         self.meta["image_size"] = self.image_size
@@ -150,18 +156,20 @@ class TSGAN(nn.Module):
         check_compatible(folder, info["image_size"], mask_cfg, translator_cfg)
         mask = load_module(MaskGenerator, MaskGANConfig, folder, MASK_NAME, device)
         translator = load_module(DLPix2PixGenerator, TranslatorConfig, folder, TRANSLATOR_NAME, device)
-        texture = None
-        present = [n for n in OPTIONAL if (folder / n).is_file()]
-        if present and len(present) != len(OPTIONAL):
-            raise NoduleSynthError(f"{folder}: {present[0]} without {set(OPTIONAL).difference(present).pop()} "
-                                   "(the lung texture model needs both)")
-        if present:
-            texture = load_module(LungTextureGenerator, LungTextureConfig, folder, TEXTURE_NAME, device)
-            files.append(folder / f"{TEXTURE_NAME}.safetensors")
+        textures = {}
+        for name, (config_cls, attr) in TEXTURES.items():
+            pair = (f"{name}.safetensors", f"{name}.json")
+            present = [n for n in pair if (folder / n).is_file()]
+            if present and len(present) != 2:
+                raise NoduleSynthError(f"{folder}: {present[0]} without {set(pair).difference(present).pop()} "
+                                       f"(the {name.replace('_', ' ')} model needs both)")
+            if present:
+                textures[attr] = load_module(LungTextureGenerator, config_cls, folder, name, device)
+                files.append(folder / f"{name}.safetensors")
         meta = {**info["meta"], "image_size": info["image_size"]}
         revision = revision or sha256_files(files)[:12]
         source = source or f"local:{folder.resolve()}"
-        model = cls(mask, translator, meta, revision=revision, source=source, lung_texture=texture).eval()
+        model = cls(mask, translator, meta, revision=revision, source=source, **textures).eval()
         log.info("TSGAN: loaded %s (revision %s)", source, revision)
         return model
 
@@ -183,8 +191,9 @@ class TSGAN(nn.Module):
             save_module(self.mask_generator, self.mask_config, tmp, MASK_NAME, dtype)
             save_module(self.translator, self.translator_config, tmp, TRANSLATOR_NAME, dtype)
             weights = [tmp / f"{MASK_NAME}.safetensors", tmp / f"{TRANSLATOR_NAME}.safetensors"]
-            if self.lung_texture is not None:
-                weights.append(save_module(self.lung_texture, self.lung_texture.cfg, tmp, TEXTURE_NAME, dtype))
+            for name, (_, attr) in TEXTURES.items():
+                if getattr(self, attr) is not None:
+                    weights.append(save_module(getattr(self, attr), getattr(self, attr).cfg, tmp, name, dtype))
             meta = {k: v for k, v in self.meta.items() if k != "image_size"}
             write_json(tmp / "tsgan.json", {"format": FORMAT, "version": FORMAT_VERSION, "image_size": self.image_size,
                                             "nodulesynth_version": __version__, "meta": meta})

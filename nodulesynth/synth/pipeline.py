@@ -85,6 +85,9 @@ class GenerationConfig:
     # Weights with a lung texture model (models.lung_texture): its field replaces the translator's
     # lung interior (False: the translator's lungs, e.g. to compare the two).
     lung_texture: bool = True
+    # Weights with a body texture model (models.body_texture): its field replaces the translator's body
+    # (class 1) but near nodules (False: the translator's body).
+    body_texture: bool = True
     # Outside the patient: "scanner" lays a real scanner background (table, cushions, the air's noise;
     # synth.background) around the anatomy; "translator" keeps the translator's own guess.
     background: str = "scanner"
@@ -368,8 +371,9 @@ class Synthesizer:
         # channels_last on every device: tensor cores on CUDA, oneDNN's fast layout on CPU (translation
         # 0.36 → 0.28 CPU-s per 512² slice measured on 2 cores; outputs differ by ≤ 2e-6 of the range)
         self.tsgan.translator.to(memory_format=torch.channels_last)
-        if getattr(self.tsgan, "lung_texture", None) is not None:  # the same layout gain (0.76 vs 1.03 s per field)
-            self.tsgan.lung_texture.to(memory_format=torch.channels_last)
+        for tex in (getattr(self.tsgan, "lung_texture", None), getattr(self.tsgan, "body_texture", None)):
+            if tex is not None:  # the same layout gain (0.76 vs 1.03 s per lung field)
+                tex.to(memory_format=torch.channels_last)
         self.stats = GateStats()
         # LIDC nodule mode: built now, so impossible conditions are refused before anything is drawn.
         self.lidc = None
@@ -415,6 +419,7 @@ class Synthesizer:
             "truncation_psi": float(self.config.truncation_psi),
             "nodule_mode": self.config.nodules,
             "lung_texture": self.textured,
+            "body_texture": self.body_textured,
             "background": self._background_record(index, attempt),
             **({"nodules": self.lidc.placed.pop((int(index), int(attempt)), [])} if self.lidc is not None else {}),
         }
@@ -456,6 +461,23 @@ class Synthesizer:
         with autocast(self.device):
             y = self.tsgan.translator(x, **kw)
         hu = unit_to_hu(y[:n, 0].float().clamp(-1, 1)).clamp(HU_MIN, HU_MAX)
+        if self.body_textured:
+            from ..models.body_texture import body_alpha, body_conditions
+            from ..models.lung_texture import composite
+
+            # the body field of sample (i, attempt j): a fifth seed stream; drawn for the masks'
+            # condition maps, on a CPU only around each body (as the lung field)
+            seeds = [sample_seed(self.config.seed, i, j + (4 << 32)) for i, j in keys] or list(range(n))
+            seeds = seeds[:n] + [0] * (self.config.block - n)
+            body, m = self.tsgan.body_texture, self._pad(masks[:n].to(hu.device))
+            cond, cpu = body_conditions(m), self.device.type == "cpu"
+
+            def body_field(boxes: torch.Tensor) -> torch.Tensor:
+                pad = torch.zeros((len(seeds) - n, 4), dtype=boxes.dtype, device=boxes.device)
+                return body.sample_hu(*hu.shape[1:], seeds, self.device, self.spacing_mm, cond=cond,
+                                      boxes=torch.cat([boxes, pad]) if cpu else None)[:n]
+
+            hu = composite(hu, masks[:n].to(hu.device), body_field, alpha=body_alpha).clamp(HU_MIN, HU_MAX)
         if self.textured:
             from ..models.lung_texture import composite
 
@@ -478,6 +500,11 @@ class Synthesizer:
             seeds = [sample_seed(self.config.seed, i, j + (3 << 32)) for i, j in keys] or list(range(n))
             hu = self.backgrounds.paste(hu, masks[:n].to(hu.device), seeds[:n], self.spacing_mm).clamp(HU_MIN, HU_MAX)
         return hu
+
+    @property
+    def body_textured(self) -> bool:
+        """Whether body texture is composited: the weights hold a model and the config allows it."""
+        return self.config.body_texture and getattr(self.tsgan, "body_texture", None) is not None
 
     @property
     def textured(self) -> bool:
@@ -579,7 +606,8 @@ class Synthesizer:
         prov = [
             {"source": "mask-in", "model": str(getattr(self.tsgan, "source", "unknown")),
              "revision": str(getattr(self.tsgan, "revision", "unknown")), "mask": n, "index": k,
-             "seed": int(self.config.seed), "lung_texture": self.textured, "background": self._background_record(k, 0),
+             "seed": int(self.config.seed), "lung_texture": self.textured, "body_texture": self.body_textured,
+             "background": self._background_record(k, 0),
              **({"nodule_mode": "lidc", "nodules": placed[k]} if placed[k] is not None else {})}
             for k, n in enumerate(names)
         ]

@@ -98,6 +98,7 @@ def config_values(cls: type, args: argparse.Namespace) -> tuple[dict[str, Any], 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..models.pix2pix import TranslatorConfig  # noqa: F401  (type hints of the configs)
+    from .body_texture import BodyTextureTrainConfig
     from .lung_texture import LungTextureTrainConfig
     from .masks import MaskTrainConfig
     from .translator import PRESETS, TranslatorTrainConfig
@@ -115,6 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     x = sub.add_parser("lung-texture", help="lung-parenchyma texture GAN on real lung patches (composited into the "
                                             "translated lungs)")
     add_config_arguments(x, LungTextureTrainConfig)
+    y = sub.add_parser("body-texture", help="body texture GAN on real body patches, conditioned on where in the body "
+                                            "it draws (composited into the translated body)")
+    add_config_arguments(y, BodyTextureTrainConfig)
 
     e = sub.add_parser("export", help="assemble a TSGAN folder (from_pretrained layout) from two runs")
     e.add_argument("--masks", required=True,
@@ -123,6 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="translator run folder, or a weights folder to take it from (pretrained: the shipped one)")
     e.add_argument("--lung-texture", default=None,
                    help="lung texture run folder, or a weights folder to take it from (default: none)")
+    e.add_argument("--body-texture", default=None,
+                   help="body texture run folder, or a weights folder to take it from (default: none)")
     e.add_argument("--out", required=True, help="TSGAN folder to write")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--card", default=None, help="extra markdown text for the model card")
@@ -144,6 +150,12 @@ def build_config(args: argparse.Namespace):
 
         top, nested = config_values(LungTextureTrainConfig, args)
         return LungTextureTrainConfig(**top, model=LungTextureConfig(**nested["model"]))
+    if args.train_command == "body-texture":
+        from ..models.body_texture import BodyTextureConfig
+        from .body_texture import BodyTextureTrainConfig
+
+        top, nested = config_values(BodyTextureTrainConfig, args)
+        return BodyTextureTrainConfig(**top, model=BodyTextureConfig(**nested["model"]))
     from .translator import TranslatorTrainConfig, preset_config
 
     top, nested = config_values(TranslatorTrainConfig, args)
@@ -152,7 +164,7 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.train_command in ("masks", "translator", "lung-texture"):  # before any data is read: clear of inputs, writable
+    if args.train_command in ("masks", "translator", "lung-texture", "body-texture"):  # before any data is read: clear of inputs, writable
         from ..io import check_out_dir
 
         cfg = build_config(args)
@@ -171,12 +183,17 @@ def run(args: argparse.Namespace) -> int:
         from .lung_texture import train_lung_texture
 
         out = train_lung_texture(cfg)
+    elif args.train_command == "body-texture":
+        from .body_texture import train_body_texture
+
+        out = train_body_texture(cfg)
     else:
         from .engine import export_tsgan
 
         import torch
 
         out = export_tsgan(args.masks, args.translator, args.out, args.card, overwrite=args.overwrite,
-                           dtype=torch.float16 if args.fp16 else None, lung_texture=args.lung_texture)
+                           dtype=torch.float16 if args.fp16 else None, lung_texture=args.lung_texture,
+                           body_texture=args.body_texture)
     print(out)
     return 0

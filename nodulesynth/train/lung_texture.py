@@ -36,8 +36,8 @@ log = logging.getLogger("nodulesynth.train")
 
 
 @dataclasses.dataclass
-class LungTextureTrainConfig(engine.RunConfig):
-    """Lung-parenchyma texture GAN run."""
+class TextureTrainConfig(engine.RunConfig):
+    """What a texture GAN run (lungs, body) has: steps, patches, optimiser, R1, EMA."""
 
     model: LungTextureConfig = opt(factory=LungTextureConfig)
     steps: int = opt(4000, "optimisation steps")
@@ -45,8 +45,6 @@ class LungTextureTrainConfig(engine.RunConfig):
     patch_size: int = opt(64, "side of the real patches and of the critic's view (px at the model's spacing)")
     margin: int = opt(16, "extra generated pixels on each side, cut off before the critic")
     stride: int = opt(24, "grid step of candidate patches in 512² slices (px)")
-    min_lung: float = opt(0.98, "least share of lung pixels in a patch")
-    nodule_margin_px: int = opt(6, "patches keep this far from nodule pixels")
     max_patches_per_slice: int = opt(40, "cap per slice, so large slices do not outweigh the crops' patients")
     lr_g: float = opt(2e-4, "generator Adam learning rate")
     lr_d: float = opt(2e-4, "critic Adam learning rate")
@@ -56,6 +54,14 @@ class LungTextureTrainConfig(engine.RunConfig):
     r1_every: int = opt(4, "apply R1 every this many steps (lazy regularisation, scaled to match)")
     ema_beta: float = opt(0.999, "per-step decay of the exported generator's weight average")
     num_samples: int = opt(8, "fields in each preview grid")
+
+
+@dataclasses.dataclass
+class LungTextureTrainConfig(TextureTrainConfig):
+    """Lung-parenchyma texture GAN run."""
+
+    min_lung: float = opt(0.98, "least share of lung pixels in a patch")
+    nodule_margin_px: int = opt(6, "patches keep this far from nodule pixels")
 
 
 def lung_patches(hu: np.ndarray, mask: np.ndarray, size: int, stride: int, min_lung: float, nodule_margin: int,
@@ -87,11 +93,11 @@ class LungTextureTrainer(engine.Trainer):
     """Hooks for the parenchyma GAN: patch bank in ``setup``, non-saturating D/G steps with lazy R1."""
 
     name = "lung-texture"
+    export_name = NAME
     metric_fields = ("d_loss", "g_loss", "r1", "fake_mean_hu", "real_mean_hu", "fake_dense", "real_dense")
 
-    def setup(self) -> None:
-        from .translator import PairDataset
-
+    def check(self) -> None:
+        """Refuse bad flags before any data is read."""
         cfg = self.cfg
         if min(cfg.steps, cfg.batch_size, cfg.patch_size, cfg.stride, cfg.max_patches_per_slice) < 1 or cfg.margin < 0:
             raise NoduleSynthError("--steps, --batch-size, --patch-size, --stride, --max-patches-per-slice must be "
@@ -99,10 +105,34 @@ class LungTextureTrainer(engine.Trainer):
         if (cfg.patch_size + 2 * cfg.margin) % cfg.model.factor:
             raise NoduleSynthError(f"--patch-size + 2·--margin = {cfg.patch_size + 2 * cfg.margin}: must be a "
                                    f"multiple of {cfg.model.factor} (the generator's noise grid)")
-        if not 0 < cfg.min_lung <= 1:
-            raise NoduleSynthError(f"--min-lung {cfg.min_lung}: must be in (0, 1]")
         if cfg.r1_gamma < 0 or cfg.r1_every < 1 or not 0 <= cfg.ema_beta < 1:
             raise NoduleSynthError("--r1-gamma must be ≥ 0, --r1-every ≥ 1 and --ema-beta in [0, 1)")
+        self.check_share()
+
+    def check_share(self) -> None:
+        if not 0 < self.cfg.min_lung <= 1:
+            raise NoduleSynthError(f"--min-lung {self.cfg.min_lung}: must be in (0, 1]")
+
+    def patches(self, hu: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The bank's patches of one slice (HU)."""
+        cfg = self.cfg
+        small = max(hu.shape) < 256  # nodule crops: few windows each, on a finer grid
+        return lung_patches(hu, mask, cfg.patch_size, cfg.stride // 3 if small else cfg.stride, cfg.min_lung,
+                            cfg.nodule_margin_px, 2 if small else cfg.max_patches_per_slice, rng)
+
+    def no_patches(self) -> str:
+        return (f"no {self.cfg.patch_size}² window is ≥ {self.cfg.min_lung:.0%} lung and clear of nodules; "
+                "lung patches are what this model learns")
+
+    def to_bank(self, patches: np.ndarray) -> torch.Tensor:
+        """Stacked patches → the (N, C, h, w) bank in the model's unit range."""
+        return self.cfg.model.to_unit(torch.from_numpy(patches))[:, None].contiguous()
+
+    def setup(self) -> None:
+        from .translator import PairDataset
+
+        cfg = self.cfg
+        self.check()
         split = None if cfg.split == "all" else cfg.split
         self.sources = SliceSources(cfg.data, split, None)
         slices = PairDataset(self.sources, None, None, cfg.model.spacing_mm)  # its load(): HU + mask at our spacing
@@ -111,26 +141,22 @@ class LungTextureTrainer(engine.Trainer):
         for d in range(len(self.sources.datasets)):
             n0 = sum(len(b) for b in bank)
             for g in self.sources.indices[self.sources.groups == d]:
-                hu, mask = slices.load(int(g))
-                small = max(hu.shape) < 256  # nodule crops: few windows each, on a finer grid
-                p = lung_patches(hu, mask, cfg.patch_size, cfg.stride // 3 if small else cfg.stride, cfg.min_lung,
-                                 cfg.nodule_margin_px, 2 if small else cfg.max_patches_per_slice, rng)
+                p = self.patches(*slices.load(int(g)), rng)
                 if len(p):
                     bank.append(p)
             per_set.append(sum(len(b) for b in bank) - n0)
         if not bank:
-            raise NoduleSynthError(f"--data {', '.join(self.sources.paths)}: no {cfg.patch_size}² window is "
-                                   f"≥ {cfg.min_lung:.0%} lung and clear of nodules; lung patches are what this model learns")
-        self.bank = cfg.model.to_unit(torch.from_numpy(np.concatenate(bank)))[:, None].contiguous()
+            raise NoduleSynthError(f"--data {', '.join(self.sources.paths)}: {self.no_patches()}")
+        self.bank = self.to_bank(np.concatenate(bank))
         self.per_set = per_set
-        log.info("lung-texture: %d patches (%s)", len(self.bank),
+        log.info("%s: %d patches (%s)", self.name, len(self.bank),
                  ", ".join(f"{p}: {n}" for p, n in zip(self.sources.paths, per_set)))
 
     def build(self) -> None:
         cfg = self.cfg
         self.G = LungTextureGenerator(cfg.model).to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        self.D = PatchCritic().to(self.device)
+        self.D = PatchCritic(in_channels=1 + cfg.model.cond_channels).to(self.device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
         self.opt_d = torch.optim.Adam(self.D.parameters(), cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
         self.G.train()
@@ -186,7 +212,7 @@ class LungTextureTrainer(engine.Trainer):
         real = real.detach()
         to_hu = self.cfg.model.to_hu
         with torch.no_grad():
-            f, r = to_hu(fake.detach()), to_hu(real)
+            f, r = to_hu(fake.detach()[:, :1]), to_hu(real[:, :1])  # channel 0: the image (then any conditions)
             stats = {"fake_mean_hu": f.mean(), "real_mean_hu": r.mean(),
                      "fake_dense": (f > -700).float().mean(), "real_dense": (r > -700).float().mean()}
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "r1": r1.detach(), **stats}
@@ -222,7 +248,7 @@ class LungTextureTrainer(engine.Trainer):
     def export(self) -> None:
         from ..models.io import save_module
 
-        save_module(self.G_ema, self.cfg.model, self.out / "export", NAME)
+        save_module(self.G_ema, self.cfg.model, self.out / "export", self.export_name)
 
 
 def train_lung_texture(cfg: LungTextureTrainConfig):
