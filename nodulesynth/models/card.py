@@ -17,7 +17,7 @@ _FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.S)
 
 def _training_lines(meta: dict[str, Any]) -> list[str]:
     mk, tr = meta.get("mask_training") or {}, meta.get("translator_training") or {}
-    tx = meta.get("lung_texture_training") or {}
+    tx, bx = meta.get("lung_texture_training") or {}, meta.get("body_texture_training") or {}
     lines = []
     if mk:
         lines.append(f"- mask StyleGAN: {mk.get('step', '?')} steps; nodule rate of real masks "
@@ -27,6 +27,8 @@ def _training_lines(meta: dict[str, Any]) -> list[str]:
                      f"{tr.get('perceptual', '?')}")
     if tx:
         lines.append(f"- lung texture GAN: {tx.get('step', '?')} steps on {tx.get('patches', '?')} real lung patches")
+    if bx:
+        lines.append(f"- body texture GAN: {bx.get('step', '?')} steps on {bx.get('patches', '?')} real body windows")
     return lines
 
 
@@ -54,6 +56,9 @@ def model_card(*, mask_resolution: int, image_size: int, revision: str, meta: di
         *([] if not meta.get("lung_texture_run") else [
             "3. **Lung texture** (`lung_texture.*`): a fully convolutional texture GAN trained on real lung",
             "   patches; its field replaces the translated lungs' interior (nodules and walls stay the translator's)."]),
+        *([] if not meta.get("body_texture_run") else [
+            "4. **Body texture** (`body_texture.*`): the same GAN conditioned on where in the body it draws, trained",
+            "   on real body windows; its field replaces the translated body (class 1) but near nodules."]),
         "",
         f"Image size: {image_size}. Pixel spacing: {spacing_text}. Revision: `{revision}`. nodulesynth {__version__}.",
         "",
