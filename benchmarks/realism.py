@@ -143,10 +143,10 @@ def halves(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return ia, ib
 
 
-def paired(model, images: np.ndarray, masks: np.ndarray, dilate_px: int, block: int, background: str = "scanner") -> dict:
+def paired(model, images: np.ndarray, masks: np.ndarray, dilate_px: int, block: int, background: str = "translator") -> dict:
     """Translator output of each real slice's mask vs that slice: PSNR/SSIM, full and masked.
-    ``background`` as generate's (a scanner background is another scan's table: no pixel of it is
-    predictable from the mask, so it lowers the full-slice scores)."""
+    ``background`` as generate's; the default, the translator's own, measures translation (a scanner
+    background is another scan's table: no pixel of it is predictable from the mask)."""
     from nodulesynth.masks.classes import MaskClass
     from nodulesynth.metrics.image_quality import dilate, psnr_8bit, psnr_ct, ssim_8bit
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
