@@ -23,7 +23,7 @@ from ..errors import NoduleSynthError
 from ..masks.classes import MaskClass
 from ..models.body_texture import NAME, BodyTextureConfig, body_conditions
 from .engine import opt
-from .lung_texture import LungTextureTrainer, TextureTrainConfig
+from .lung_texture import LungTextureTrainer, TextureTrainConfig, windows
 
 
 @dataclasses.dataclass
@@ -53,11 +53,8 @@ class BodyTextureTrainer(LungTextureTrainer):
         if max(h, w) < 256 or h < side or w < side:
             return np.zeros((0, 1 + cfg.model.cond_channels, side, side), np.float32)
         body = mask == MaskClass.BODY
-        ii = np.pad(body.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-        y, x = (a.ravel() for a in np.meshgrid(np.arange(m, h - size - m + 1, cfg.stride),
-                                              np.arange(m, w - size - m + 1, cfg.stride), indexing="ij"))
-        s = ii[y + size, x + size] - ii[y, x + size] - ii[y + size, x] + ii[y, x]
-        ok = rng.permutation(np.flatnonzero(s >= cfg.min_body * size * size))[: cfg.max_patches_per_slice]
+        y, x, ok = windows(body, size, cfg.stride, cfg.min_body, margin=m)
+        ok = rng.permutation(ok)[: cfg.max_patches_per_slice]
         if not len(ok):
             return np.zeros((0, 1 + cfg.model.cond_channels, side, side), np.float32)
         cond = body_conditions(torch.from_numpy(np.array(mask))[None])[0].numpy()

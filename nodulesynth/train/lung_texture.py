@@ -64,6 +64,19 @@ class LungTextureTrainConfig(TextureTrainConfig):
     nodule_margin_px: int = opt(6, "patches keep this far from nodule pixels")
 
 
+def windows(region: np.ndarray, size: int, stride: int, share: float, margin: int = 0
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y, x, ok): top-left corners of the ``size``² windows on a ``stride`` grid that keep
+    ``margin`` px inside the slice, and the indices of those at least ``share`` ``region``
+    (an integral image, so one pass whatever the window count)."""
+    h, w = region.shape
+    ii = np.pad(region.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    y, x = (a.ravel() for a in np.meshgrid(np.arange(margin, h - size - margin + 1, stride),
+                                          np.arange(margin, w - size - margin + 1, stride), indexing="ij"))
+    s = ii[y + size, x + size] - ii[y, x + size] - ii[y + size, x] + ii[y, x]
+    return y, x, np.flatnonzero(s >= share * size * size)
+
+
 def lung_patches(hu: np.ndarray, mask: np.ndarray, size: int, stride: int, min_lung: float, nodule_margin: int,
                  cap: int, rng: np.random.Generator) -> np.ndarray:
     """Up to ``cap`` ``size``² HU windows of one slice that are ≥ ``min_lung`` lung and clear of nodules."""
@@ -73,16 +86,9 @@ def lung_patches(hu: np.ndarray, mask: np.ndarray, size: int, stride: int, min_l
     if nod.any():
         nod = binary_dilation(nod, iterations=nodule_margin)
     lung = np.isin(mask, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)) & ~nod
-    H, W = lung.shape
-    if H < size or W < size:
+    if lung.shape[0] < size or lung.shape[1] < size:
         return np.zeros((0, size, size), np.float32)
-    ii = np.pad(lung.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    ys = np.arange(0, H - size + 1, stride)
-    xs = np.arange(0, W - size + 1, stride)
-    y, x = np.meshgrid(ys, xs, indexing="ij")
-    y, x = y.ravel(), x.ravel()
-    s = ii[y + size, x + size] - ii[y, x + size] - ii[y + size, x] + ii[y, x]
-    ok = np.flatnonzero(s >= min_lung * size * size)
+    y, x, ok = windows(lung, size, stride, min_lung)
     if len(ok) == 0:
         return np.zeros((0, size, size), np.float32)
     ok = rng.permutation(ok)[:cap]
