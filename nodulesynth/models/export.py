@@ -127,17 +127,18 @@ def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike,
     mask_g = load_module(MaskGenerator, MaskGANConfig, mask_dir, "mask_generator")
     translator = load_module(DLPix2PixGenerator, TranslatorConfig, tr_dir, "translator")
     meta: dict[str, Any] = {"mask_run": str(mask_run), "translator_run": str(translator_run)}
-    textures = {}
-    for run, flag in ((lung_texture, "--lung-texture"), (body_texture, "--body-texture")):
+    textures, inputs = {}, [("--masks", mask_run), ("--translator", translator_run)]
+    for name, run in (("lung_texture", lung_texture), ("body_texture", body_texture)):
         if run is None:
             continue
         from .lung_texture import LungTextureGenerator
         from .tsgan import TEXTURES
 
-        name = flag[2:].replace("-", "_")
         config_cls, attr = TEXTURES[name]
+        flag = "--" + name.replace("_", "-")
         tex_dir, tex_rec, _ = _stage_source(run, name, flag)
         textures[attr] = load_module(LungTextureGenerator, config_cls, tex_dir, name)
+        inputs.append((flag, run))
         meta[f"{name}_run"] = str(run)
         if tex_rec is not None:
             meta[f"{name}_training"] = tex_rec
@@ -149,8 +150,6 @@ def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike,
         meta["data"] = data_note
     image_size = meta.get("translator_training", {}).get("image_size", 512)
     model = TSGAN(mask_g, translator, {**meta, "image_size": image_size}, **textures)
-    inputs = [("--masks", mask_run), ("--translator", translator_run),
-              *((f, r) for f, r in (("--lung-texture", lung_texture), ("--body-texture", body_texture)) if r)]
     check_out_dir(out, overwrite, inputs=inputs)
     model.save_pretrained(out, card_extra=model_card_extra, overwrite=overwrite, dtype=dtype)
     return out

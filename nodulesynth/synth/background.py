@@ -31,12 +31,10 @@ MODES = ("scanner", "translator")
 
 def body_geometry(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bottom row, horizontal centre, has body) of each (B, H, W) mask's patient (classes 1–5)."""
-    body = masks != MaskClass.BACKGROUND
-    rows, cols = body.any(2), body.any(1)
-    h, w = rows.shape[1], cols.shape[1]
-    bottom = (h - 1) - rows.flip(1).int().argmax(1)
-    left, right = cols.int().argmax(1), (w - 1) - cols.flip(1).int().argmax(1)
-    return bottom, (left + right).float() / 2, rows.any(1)
+    from ..models.lung_texture import alpha_boxes
+
+    y0, x0, y1, x1 = alpha_boxes((masks != MaskClass.BACKGROUND).float()).unbind(1)  # end-exclusive
+    return y1 - 1, (x0 + x1 - 1).float() / 2, y1 > y0
 
 
 class ScannerBackgrounds:
@@ -44,6 +42,7 @@ class ScannerBackgrounds:
 
     def __init__(self, path: str | Path = LIBRARY):
         self.path = Path(path)
+        self._cache: dict[tuple[float, str], tuple[torch.Tensor, ...]] = {}  # (spacing, device) → _scaled
 
     @cached_property
     def _data(self) -> dict[str, np.ndarray]:
@@ -76,8 +75,7 @@ class ScannerBackgrounds:
     def _scaled(self, spacing_mm: float, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(hu, tile, bottom, centre) at ``spacing_mm`` on ``device``; resampled once per spacing."""
         key = (round(float(spacing_mm), 6), str(device))
-        cache = self.__dict__.setdefault("_cache", {})
-        if key not in cache:
+        if key not in self._cache:
             d = self._data
             s = float(d["spacing_mm"]) / float(spacing_mm)
             hu, tile = torch.from_numpy(d["hu"]).float(), torch.from_numpy(d["tile"]).float()
@@ -88,8 +86,8 @@ class ScannerBackgrounds:
                 tile = F.interpolate(tile[:, None], size=[max(1, round(tile.shape[1] * s))] * 2, mode=mode)[:, 0]
             bottom = torch.from_numpy(d["bottom"].astype(np.float32)) * s
             centre = torch.from_numpy(d["centre_x"].astype(np.float32)) * s
-            cache[key] = tuple(t.to(device) for t in (hu, tile, bottom, centre))
-        return cache[key]
+            self._cache[key] = tuple(t.to(device) for t in (hu, tile, bottom, centre))
+        return self._cache[key]
 
     def paste(self, hu: torch.Tensor, masks: torch.Tensor, seeds: Sequence[int], spacing_mm: float) -> torch.Tensor:
         """``hu`` (B, H, W) with its background pixels replaced by each sample's library entry.

@@ -427,7 +427,7 @@ class Synthesizer:
     def _background_record(self, index: int, attempt: int) -> dict | str:
         if self.backgrounds is None:
             return "translator"
-        k = self.backgrounds.entry(sample_seed(self.config.seed, index, attempt + (3 << 32)))
+        k = self.backgrounds.entry(self._stream_seeds([(index, attempt)], 3, 1)[0])
         return {"library": self.backgrounds.revision, "entry": k, "source": self.backgrounds.source(k)}
 
     # ---- stages (always at exactly `block` rows) ----------------------------------------------
@@ -456,50 +456,50 @@ class Synthesizer:
         if getattr(getattr(self.tsgan, "translator_config", None), "noise", False):
             # decoder noise of sample (i, attempt j): its own seed (a stream apart from the latent's),
             # padding rows seed 0 — so the texture too is a pure function of (weights, seed, i)
-            seeds = [sample_seed(self.config.seed, i, j + (1 << 32)) for i, j in keys]
+            seeds = self._stream_seeds(keys, 1, 0)
             kw["noise_seeds"] = seeds + [0] * (self.config.block - len(seeds))
         with autocast(self.device):
             y = self.tsgan.translator(x, **kw)
         hu = unit_to_hu(y[:n, 0].float().clamp(-1, 1)).clamp(HU_MIN, HU_MAX)
+        m = masks[:n].to(hu.device)
         if self.body_textured:
             from ..models.body_texture import body_alpha, body_conditions
-            from ..models.lung_texture import composite
 
-            # the body field of sample (i, attempt j): a fifth seed stream; drawn for the masks'
-            # condition maps, on a CPU only around each body (as the lung field)
-            seeds = [sample_seed(self.config.seed, i, j + (4 << 32)) for i, j in keys] or list(range(n))
-            seeds = seeds[:n] + [0] * (self.config.block - n)
-            body, m = self.tsgan.body_texture, self._pad(masks[:n].to(hu.device))
-            cond, cpu = body_conditions(m), self.device.type == "cpu"
-
-            def body_field(boxes: torch.Tensor) -> torch.Tensor:
-                pad = torch.zeros((len(seeds) - n, 4), dtype=boxes.dtype, device=boxes.device)
-                return body.sample_hu(*hu.shape[1:], seeds, self.device, self.spacing_mm, cond=cond,
-                                      boxes=torch.cat([boxes, pad]) if cpu else None)[:n]
-
-            hu = composite(hu, masks[:n].to(hu.device), body_field, alpha=body_alpha).clamp(HU_MIN, HU_MAX)
+            # the body field: a fifth seed stream, drawn for the block's condition maps
+            hu = self._composite_texture(hu, m, keys, self.tsgan.body_texture, 4, body_alpha,
+                                         body_conditions(self._pad(m)))
         if self.textured:
-            from ..models.lung_texture import composite
+            from ..models.lung_texture import lung_alpha
 
-            # the lung field of sample (i, attempt j): a third seed stream, so it too is a pure
-            # function of (weights, seed, i) and never of the batch or the device; seeded for the
-            # whole block (padding rows seed 0). On a CPU each field is drawn only around its own
-            # lungs (the same values there, a fraction of the work); on an accelerator as one batch.
-            seeds = [sample_seed(self.config.seed, i, j + (2 << 32)) for i, j in keys] or list(range(n))
-            seeds = seeds[:n] + [0] * (self.config.block - n)
-            tex, size, cpu = self.tsgan.lung_texture, hu.shape[1:], self.device.type == "cpu"
-
-            def field(boxes: torch.Tensor) -> torch.Tensor:
-                pad = torch.zeros((len(seeds) - n, 4), dtype=boxes.dtype, device=boxes.device)
-                return tex.sample_hu(*size, seeds, self.device, self.spacing_mm,
-                                     boxes=torch.cat([boxes, pad]) if cpu else None)[:n]
-
-            hu = composite(hu, masks[:n].to(hu.device), field).clamp(HU_MIN, HU_MAX)
+            hu = self._composite_texture(hu, m, keys, self.tsgan.lung_texture, 2, lung_alpha)  # a third stream
         if self.backgrounds is not None:
             # the background of sample (i, attempt j): a fourth seed stream (see synth.background)
-            seeds = [sample_seed(self.config.seed, i, j + (3 << 32)) for i, j in keys] or list(range(n))
-            hu = self.backgrounds.paste(hu, masks[:n].to(hu.device), seeds[:n], self.spacing_mm).clamp(HU_MIN, HU_MAX)
+            hu = self.backgrounds.paste(hu, m, self._stream_seeds(keys, 3, n), self.spacing_mm).clamp(HU_MIN, HU_MAX)
         return hu
+
+    def _stream_seeds(self, keys: Sequence[tuple[int, int]], stream: int, n: int) -> list[int]:
+        """Seeds of seed stream ``stream`` for samples (i, attempt j): a pure function of (seed, i, j),
+        never of the batch or the device (keyless calls: 0..n-1)."""
+        return [sample_seed(self.config.seed, i, j + (stream << 32)) for i, j in keys] or list(range(n))
+
+    def _composite_texture(self, hu: torch.Tensor, masks: torch.Tensor, keys, model, stream: int, alpha,
+                           cond: torch.Tensor | None = None) -> torch.Tensor:
+        """``hu`` with the texture field of ``model`` blended in where ``alpha`` of the masks says,
+        seeded per sample from ``stream`` for the whole block (padding rows seed 0). On a CPU each
+        field is drawn only around where it is needed (the same values there, a fraction of the
+        work); on an accelerator as one batch."""
+        from ..models.lung_texture import composite
+
+        n = hu.shape[0]
+        seeds = self._stream_seeds(keys, stream, n)[:n] + [0] * (self.config.block - n)
+        cpu = self.device.type == "cpu"
+
+        def field(boxes: torch.Tensor) -> torch.Tensor:
+            pad = torch.zeros((len(seeds) - n, 4), dtype=boxes.dtype, device=boxes.device)
+            return model.sample_hu(*hu.shape[1:], seeds, self.device, self.spacing_mm, cond=cond,
+                                   boxes=torch.cat([boxes, pad]) if cpu else None)[:n]
+
+        return composite(hu, masks, field, alpha=alpha).clamp(HU_MIN, HU_MAX)
 
     @property
     def body_textured(self) -> bool:

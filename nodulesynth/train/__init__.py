@@ -2,9 +2,10 @@
 
     from nodulesynth.train import MaskTrainConfig, train_masks, TranslatorTrainConfig, train_translator
     from nodulesynth.train import LungTextureTrainConfig, train_lung_texture
+    from nodulesynth.train import BodyTextureTrainConfig, train_body_texture  (an experiment, not shipped)
 
-All three run the one loop of ``engine.Trainer`` (resume, signals, time budget, checkpoints,
-metrics); ``MaskTrainer`` / ``TranslatorTrainer`` / ``LungTextureTrainer`` supply its hooks.
+All run the one loop of ``engine.Trainer`` (resume, signals, time budget, checkpoints, metrics);
+``MaskTrainer`` / ``TranslatorTrainer`` / ``LungTextureTrainer`` / ``BodyTextureTrainer`` supply its hooks.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ _LAZY = {
     "LungTextureTrainConfig": "nodulesynth.train.lung_texture",
     "LungTextureTrainer": "nodulesynth.train.lung_texture",
     "train_lung_texture": "nodulesynth.train.lung_texture",
+    "BodyTextureTrainConfig": "nodulesynth.train.body_texture",
+    "BodyTextureTrainer": "nodulesynth.train.body_texture",
+    "train_body_texture": "nodulesynth.train.body_texture",
     "preset_config": "nodulesynth.train.translator",
 }
 

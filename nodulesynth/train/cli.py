@@ -136,26 +136,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(half the size; they load back as fp32)")
 
 
+# stages without presets: command → (module of nodulesynth.train, run config, train function)
+_STAGES = {"masks": ("masks", "MaskTrainConfig", "train_masks"),
+           "lung-texture": ("lung_texture", "LungTextureTrainConfig", "train_lung_texture"),
+           "body-texture": ("body_texture", "BodyTextureTrainConfig", "train_body_texture")}
+
+
+def _stage(command: str):
+    """(run config class, train function) of a ``_STAGES`` command, imported lazily."""
+    import importlib
+
+    mod, run_cls, train = _STAGES[command]
+    module = importlib.import_module(f"nodulesynth.train.{mod}")
+    return getattr(module, run_cls), getattr(module, train)
+
+
 def build_config(args: argparse.Namespace):
-    """The run config a parsed `train masks|translator` command line describes."""
-    if args.train_command == "masks":
-        from ..models.stylegan import MaskGANConfig
-        from .masks import MaskTrainConfig
-
-        top, nested = config_values(MaskTrainConfig, args)
-        return MaskTrainConfig(**top, model=MaskGANConfig(**nested["model"]))
-    if args.train_command == "lung-texture":
-        from ..models.lung_texture import LungTextureConfig
-        from .lung_texture import LungTextureTrainConfig
-
-        top, nested = config_values(LungTextureTrainConfig, args)
-        return LungTextureTrainConfig(**top, model=LungTextureConfig(**nested["model"]))
-    if args.train_command == "body-texture":
-        from ..models.body_texture import BodyTextureConfig
-        from .body_texture import BodyTextureTrainConfig
-
-        top, nested = config_values(BodyTextureTrainConfig, args)
-        return BodyTextureTrainConfig(**top, model=BodyTextureConfig(**nested["model"]))
+    """The run config a parsed `train STAGE` command line describes."""
+    if args.train_command in _STAGES:
+        run_cls, _ = _stage(args.train_command)
+        top, nested = config_values(run_cls, args)
+        model_cls = next(f for f in dataclasses.fields(run_cls) if f.name == "model").default_factory
+        return run_cls(**top, model=model_cls(**nested["model"]))
     from .translator import TranslatorTrainConfig, preset_config
 
     top, nested = config_values(TranslatorTrainConfig, args)
@@ -164,29 +166,19 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.train_command in ("masks", "translator", "lung-texture", "body-texture"):  # before any data is read: clear of inputs, writable
+    if args.train_command != "export":  # before any data is read: clear of inputs, writable
         from ..io import check_out_dir
 
         cfg = build_config(args)
         data = cfg.data if isinstance(cfg.data, (list, tuple)) else [cfg.data]
         check_out_dir(cfg.out, cfg.overwrite, reuse=cfg.resume,
                       inputs=[*(("--data", d) for d in data), ("--vgg-weights", getattr(cfg, "vgg_weights", None))])
-    if args.train_command == "masks":
-        from .masks import train_masks
-
-        out = train_masks(cfg)
+    if args.train_command in _STAGES:
+        out = _stage(args.train_command)[1](cfg)
     elif args.train_command == "translator":
         from .translator import train_translator
 
         out = train_translator(cfg)
-    elif args.train_command == "lung-texture":
-        from .lung_texture import train_lung_texture
-
-        out = train_lung_texture(cfg)
-    elif args.train_command == "body-texture":
-        from .body_texture import train_body_texture
-
-        out = train_body_texture(cfg)
     else:
         from .engine import export_tsgan
 
