@@ -26,6 +26,7 @@ Writes OUT/heldout_realism.{json,txt} and OUT/heldout_grid.png (top: generated, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -103,6 +104,10 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=8)
     p.add_argument("--background", nargs="+", default=["scanner"], choices=("scanner", "translator"),
                    help="generate's --background; several: one row per weights and background")
+    p.add_argument("--body", nargs="+", default=["atlas"], choices=("atlas", "translator"),
+                   help="generate's --body; several: one row per weights, background and body")
+    p.add_argument("--atlas", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="synth.atlas.AtlasConfig fields for the atlas rows, e.g. grid=12 smooth=0.05 (default: shipped)")
     p.add_argument("--psi", type=float, default=None, help="truncation ψ of the mask StyleGAN (default: generate's)")
     a = p.parse_args(argv)
     from realism import nodule_windows, paired  # same helpers as the Table-1 benchmark
@@ -111,8 +116,16 @@ def main(argv=None) -> int:
     from nodulesynth.metrics.artifacts import checkerboard_score
     from nodulesynth.metrics.kid import InceptionFeatures, kid
     from nodulesynth.models.tsgan import TSGAN
+    from nodulesynth.synth.atlas import AtlasConfig, BodyAtlas
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
     from nodulesynth.viz import preview_grid
+
+    try:
+        kv = dict(x.split("=", 1) for x in a.atlas)
+        types = {f.name: f.type for f in dataclasses.fields(AtlasConfig)}
+        atlas_config = AtlasConfig(**{k: (int if types[k] == "int" else float)(v) for k, v in kv.items()})
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"--atlas {' '.join(a.atlas)}: expected KEY=VALUE with keys of AtlasConfig ({e})")
 
     t0 = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -140,16 +153,20 @@ def main(argv=None) -> int:
         g_tr, g_ho = net(c_tr), net(c_ho)
         floor["kid_nodule"] = k1000(g_tr, g_ho)
     rows, grid = [], None
-    runs = [(n if len(a.background) == 1 else f"{n}, {bg} bg", w, bg) for n, w in zip(names, a.weights) for bg in a.background]
-    for name, w, background in runs:
+    runs = [(", ".join([n] + ([f"{bg} bg"] if len(a.background) > 1 else []) + ([f"{bd} body"] if len(a.body) > 1 else [])), w, bg, bd)
+            for n, w in zip(names, a.weights) for bg in a.background for bd in a.body]
+    for name, w, background, body in runs:
         t1 = time.time()
         model = TSGAN.from_pretrained(w, device="cpu")
         psi = {} if a.psi is None else {"truncation_psi": a.psi}
-        syn = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, background=background, **psi))
+        syn = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, background=background, body=body, **psi))
+        if syn.atlas is not None and a.atlas:
+            syn.atlas = BodyAtlas(config=atlas_config)
         b = syn.generate(range(a.n_generated))
         gen, gm = b.images_hu.numpy(), b.masks.numpy()
         row = {"model": name, "weights": str(model.source), "revision": str(model.revision), "background": background,
-               "kid_full": k1000(net(gen), f_ho), "lung_share": round(lung_structure_share(gen, gm), 4),
+               "body": body,
+               **({"atlas": dataclasses.asdict(syn.atlas.config)} if syn.atlas is not None else {}), "kid_full": k1000(net(gen), f_ho), "lung_share": round(lung_structure_share(gen, gm), 4),
                "lung_of_body": lung_of_body(gm),
                "checkerboard": round(float(checkerboard_score(b.images_hu).median()), 3)}
         if g_ho is not None:
@@ -159,8 +176,17 @@ def main(argv=None) -> int:
                 row["kid_nodule"] = k1000(net(gw), g_ho)
         # Stage 2 alone: the train patients' real masks translated, against held-out real — the same
         # anatomy as the floor's train side, so the gap to the floor is the translator's texture.
-        row["kid_stage2"] = k1000(net(syn.translate(tr_m).images_hu.numpy()), f_ho)
-        row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in paired(model, ho_i, ho_m, 8, a.block, background).items()})
+        # With the atlas, a train mask must not take its own patient's body (the atlas holds the TRAIN
+        # patients): translated with the translator's body, then each its atlas body from another patient
+        # (the atlas touches only class 1, which no later stage changes, so the order is the pipeline's).
+        if body == "atlas":
+            t2 = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, background=background, body="translator"))
+            hu2 = syn.atlas.apply(t2.translate(tr_m).images_hu, torch.from_numpy(tr_m), list(range(len(tr_m))), 0.8, avoid=tr_p)[0]
+        else:
+            hu2 = syn.translate(tr_m).images_hu
+        row["kid_stage2"] = k1000(net(hu2.numpy()), f_ho)
+        row.update({k: round(v, 4) if isinstance(v, float) else v
+                    for k, v in paired(model, ho_i, ho_m, 8, a.block, background, body).items()})
         row["kid_ratio"] = round(row["kid_full"][0] / max(floor["kid_full"][0], 1e-9), 2)
         row["seconds"] = round(time.time() - t1, 1)
         rows.append(row)

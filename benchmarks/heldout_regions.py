@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         return [round(r.mean * 1000, 1), round(r.std * 1000, 1)]
 
     model = TSGAN.from_pretrained(a.weights, device="cpu")
-    fake = Synthesizer(model, GenerationConfig(seed=a.seed, background="translator")).translate(tr_m).images_hu.numpy()
+    fake = Synthesizer(model, GenerationConfig(seed=a.seed, background="translator", body="translator")).translate(tr_m).images_hu.numpy()
     rows = {"real (the floor)": k1000(tr_i), "translated": k1000(fake)}
     for name, classes in REGIONS.items():
         region = np.isin(tr_m, classes)

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ho_i, _, _ = _slices(a.prepared, list(HELD_OUT))
     net = InceptionFeatures("cpu")
     f_ho = net(ho_i)
-    syn = Synthesizer(TSGAN.from_pretrained(a.weights, device="cpu"), GenerationConfig(seed=a.seed, block=8, background="translator"))  # the masks' effect on the translator alone
+    syn = Synthesizer(TSGAN.from_pretrained(a.weights, device="cpu"), GenerationConfig(seed=a.seed, block=8, background="translator", body="translator"))  # the masks' effect on the translator alone
     rows = []
     for res in (int(r) for r in a.resolutions.split(",")):
         m = tr_m if res == tr_m.shape[-1] else through(tr_m, res)

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import NoduleSynthError
 from ..io import atomic_dir, check_out_dir
 from ..runtime import resolve_device
+from .atlas import MODES as BODY_MODES
 from .background import MODES as BACKGROUND_MODES
 from .pipeline import GenerationConfig, Synthesizer, validate_masks
 
@@ -50,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--background", choices=BACKGROUND_MODES, default=GenerationConfig.background,
                    help="outside the patient: scanner (default) = a real scanner background (table, cushions, air "
                         "noise) from the shipped library; translator = the translator's own")
+    p.add_argument("--body", choices=BODY_MODES, default=GenerationConfig.body,
+                   help="the body (soft tissue, bone, mediastinum): atlas (default) = a real TRAIN body from the "
+                        "shipped atlas, registered onto the anatomy; translator = the translator's own")
     p.add_argument("--no-body-texture", dest="body_texture", action="store_false",
                    help="keep the translator's own body even when the weights hold a body texture model")
     p.add_argument("--batch-size", type=int, default=16, help="samples per generation call (speed only, never results); networks run in fixed 16-row blocks")
@@ -331,7 +335,7 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
                            lung=args.lung, texture=args.texture, region=tuple(args.region) if args.region else None,
                            add_nodules=args.add_nodules, truncation_psi=args.truncation_psi,
                            place_workers=args.place_workers, lung_texture=args.lung_texture,
-                           body_texture=args.body_texture, background=args.background)
+                           body_texture=args.body_texture, background=args.background, body=args.body)
     cfg.validate()
     mask_files = _mask_files(args.masks) if args.masks else []
     real = open_real(args.real) if args.real else None

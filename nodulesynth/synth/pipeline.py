@@ -34,6 +34,8 @@ from ..masks.boxes import masks_to_boxes_batch
 from ..masks.classes import NUM_CLASSES, MaskClass
 from ..metrics.nodules import MIN_NODULE_MM, nodule_size_mm
 from ..runtime import autocast
+from .atlas import MODES as BODY_MODES
+from .atlas import BodyAtlas
 from .background import MODES as BACKGROUND_MODES
 from .background import ScannerBackgrounds
 
@@ -91,6 +93,9 @@ class GenerationConfig:
     # Outside the patient: "scanner" lays a real scanner background (table, cushions, the air's noise;
     # synth.background) around the anatomy; "translator" keeps the translator's own guess.
     background: str = "scanner"
+    # The body (class 1): "atlas" registers a real TRAIN body onto the anatomy (ribs, fat, muscle, the
+    # mediastinum's vessels; synth.atlas); "translator" keeps the translator's (or a body texture's).
+    body: str = "atlas"
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -135,6 +140,8 @@ class GenerationConfig:
             bad("texture", "needs nodules='lidc' (StyleGAN-drawn nodules carry no texture class)")
         if self.background not in BACKGROUND_MODES:
             bad("background", f"must be one of {', '.join(BACKGROUND_MODES)}, got {self.background!r}")
+        if self.body not in BODY_MODES:
+            bad("body", f"must be one of {', '.join(BODY_MODES)}, got {self.body!r}")
         if self.add_nodules and self.nodules != "lidc":
             bad("add_nodules", "needs nodules='lidc' (LIDC outlines are what is placed)")
 
@@ -382,6 +389,8 @@ class Synthesizer:
 
             self.lidc = LidcPlacer(self.config, self.spacing_mm, workers=self.place_workers)
         self.backgrounds = ScannerBackgrounds() if self.config.background == "scanner" else None
+        self.atlas = BodyAtlas() if self.config.body == "atlas" else None
+        self._atlas_entries: dict[tuple[int, int], int] = {}  # (i, attempt) → entry, until its provenance
 
     @property
     def place_workers(self) -> int:
@@ -421,6 +430,7 @@ class Synthesizer:
             "lung_texture": self.textured,
             "body_texture": self.body_textured,
             "background": self._background_record(index, attempt),
+            "body": self._body_record(index, attempt),
             **({"nodules": self.lidc.placed.pop((int(index), int(attempt)), [])} if self.lidc is not None else {}),
         }
 
@@ -429,6 +439,12 @@ class Synthesizer:
             return "translator"
         k = self.backgrounds.entry(self._stream_seeds([(index, attempt)], 3, 1)[0])
         return {"library": self.backgrounds.revision, "entry": k, "source": self.backgrounds.source(k)}
+
+    def _body_record(self, index: int, attempt: int) -> dict | str:
+        if self.atlas is None:
+            return "translator"
+        k = self._atlas_entries.pop((int(index), int(attempt)))
+        return {"atlas": self.atlas.revision, "entry": k, "source": self.atlas.source(k)}
 
     # ---- stages (always at exactly `block` rows) ----------------------------------------------
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -468,6 +484,14 @@ class Synthesizer:
             # the body field: a fifth seed stream, drawn for the block's condition maps
             hu = self._composite_texture(hu, m, keys, self.tsgan.body_texture, 4, body_alpha,
                                          body_conditions(self._pad(m)))
+        if self.atlas is not None:
+            # the body's atlas entry: a sixth seed stream picks among the nearest (see synth.atlas);
+            # registered at the block's shape like every stage, padding rows (no body) left alone
+            seeds = self._stream_seeds(keys, 5, n)[:n] + [0] * (self.config.block - n)
+            pm = self._pad(m)
+            hu, entries = self.atlas.apply(self._pad(hu), pm, seeds, self.spacing_mm)
+            hu = hu[:n].clamp(HU_MIN, HU_MAX)
+            self._atlas_entries.update(zip(keys, entries[:n]))
         if self.textured:
             from ..models.lung_texture import lung_alpha
 
@@ -607,7 +631,7 @@ class Synthesizer:
             {"source": "mask-in", "model": str(getattr(self.tsgan, "source", "unknown")),
              "revision": str(getattr(self.tsgan, "revision", "unknown")), "mask": n, "index": k,
              "seed": int(self.config.seed), "lung_texture": self.textured, "body_texture": self.body_textured,
-             "background": self._background_record(k, 0),
+             "background": self._background_record(k, 0), "body": self._body_record(k, 0),
              **({"nodule_mode": "lidc", "nodules": placed[k]} if placed[k] is not None else {})}
             for k, n in enumerate(names)
         ]
@@ -625,7 +649,13 @@ class Synthesizer:
         hu = np.asarray(images_hu, np.float32).reshape(-1, self.image_size, self.image_size)
         old = validate_masks(masks, self.image_size, name="real masks")
         new, placed = self.lidc.add_to(old, list(names))
-        out = self.translate(new, names, add_nodules=False) if len(new) else None
+        # only the nodules and their rim are used: the body around them stays the translator's, never
+        # another patient's from the atlas
+        atlas, self.atlas = self.atlas, None
+        try:
+            out = self.translate(new, names, add_nodules=False) if len(new) else None
+        finally:
+            self.atlas = atlas
         res = hu.copy()
         for k in range(len(new)):
             fresh = ((new[k] == MaskClass.NODULE) & (old[k] != MaskClass.NODULE)).numpy()
