@@ -189,8 +189,12 @@ class BodyAtlas:
         """The entry of each sample: one of the ``top_k`` nearest to its mask, drawn by its seed. ``avoid``:
         per sample, a source (``dataset:patient``) whose entries it must not take — for evaluations that
         translate the masks of patients the atlas holds."""
+        # chosen on the CPU whatever the device: the same masks then take the same entries on a GPU
+        # (a float rounding there could reorder two near-equal candidates and swap the whole body)
+        masks = masks.cpu()
         desc = self._on(masks.device)[0]
-        dist = torch.cdist(descriptors(masks, spacing_mm), desc)
+        with torch.autocast("cpu", enabled=False):
+            dist = torch.cdist(descriptors(masks, spacing_mm), desc)
         if avoid is not None:
             src = self._data["source"]
             own = torch.tensor(np.asarray([src == a for a in avoid]).reshape(len(avoid), len(src)), device=dist.device)
@@ -207,9 +211,12 @@ class BodyAtlas:
         _, lib_masks, maps, boxes = self._on(hu.device)
         e = torch.as_tensor(list(entries), device=hu.device)
         src = lib_masks[e]
-        theta, field = register(src, masks, self.config, maps[e], boxes[e])
         body_hu = torch.from_numpy(self._data["hu"][e.cpu().numpy()]).to(hu.device, torch.float32)
-        moved = warp(torch.stack([body_hu, (src == MaskClass.BODY).float()], 1), theta, field, tuple(hu.shape[-2:]))
+        # fp32 even under a caller's autocast: a bf16 sampling grid is off by up to a pixel at 512²,
+        # which moves every bone edge (measured: p99 45 HU against the fp32 warp)
+        with torch.autocast(hu.device.type, enabled=False):
+            theta, field = register(src, masks, self.config, maps[e], boxes[e])
+            moved = warp(torch.stack([body_hu, (src == MaskClass.BODY).float()], 1), theta, field, tuple(hu.shape[-2:]))
         moved, moved_body = moved[:, 0], moved[:, 1]
         both = ((masks == MaskClass.BODY) & (moved_body > 0.5)).float()[:, None]
         alpha = (F.avg_pool2d(both, 5, 1, 2) * both)[:, 0]
