@@ -30,16 +30,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nodulesynth.data.slices import SliceDataset  # noqa: E402
-from nodulesynth.data.splits import patient_of, split_indices  # noqa: E402
+from library_slices import SPACING_MM, train_slices  # noqa: E402
+
 from nodulesynth.io import atomic_file  # noqa: E402
 from nodulesynth.masks.classes import MaskClass  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "nodulesynth" / "synth" / "scanner_backgrounds.npz"
-SETS = ("tcga", "pyradiomics", "lidc-sample")
-SPACING_MM = 0.8
 TILE = 32
 TISSUE_HU = -300.0
 SKIN_PX = 4  # 3.2 mm: the rim of skin just outside the mask would draw the real patient's outline
@@ -85,26 +84,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args(argv)
     hus, tiles, bottoms, centres, sources = [], [], [], [], []
-    for name in SETS:
-        folder = a.prepared / name
-        if not (folder / "index.json").is_file():
-            raise SystemExit(f"--prepared {a.prepared}: {name} is not a prepared dataset (nodulesynth prepare)")
-        ds = SliceDataset(folder)
-        for i in split_indices(ds, "train"):
-            rec = ds.records[i]
-            if any(abs(s - SPACING_MM) > 1e-3 for s in rec.spacing_mm) or ds.images.shape[1:] != (512, 512):
-                raise SystemExit(f"{folder}: slice {i} is not 512² at {SPACING_MM} mm")
-            e = entry(np.asarray(ds.images[i], np.float32), np.asarray(ds.masks[i]))
-            src = f"{name}:{patient_of(rec)}"
-            if isinstance(e, str):
-                print(f"left out {src} slice {i}: {e}")
-                continue
-            bg, tile, bottom, centre = e
-            hus.append(np.clip(np.rint(bg), -1024, 3071).astype(np.int16))
-            tiles.append(np.clip(np.rint(tile), -1024, 3071).astype(np.int16))
-            bottoms.append(bottom)
-            centres.append(centre)
-            sources.append(src)
+    for src, i, hu, mask in train_slices(a.prepared):
+        e = entry(hu, mask)
+        if isinstance(e, str):
+            print(f"left out {src} slice {i}: {e}")
+            continue
+        bg, tile, bottom, centre = e
+        hus.append(np.clip(np.rint(bg), -1024, 3071).astype(np.int16))
+        tiles.append(np.clip(np.rint(tile), -1024, 3071).astype(np.int16))
+        bottoms.append(bottom)
+        centres.append(centre)
+        sources.append(src)
     with atomic_file(a.out) as fh:
         np.savez_compressed(fh, hu=np.stack(hus), tile=np.stack(tiles), bottom=np.asarray(bottoms, np.int16),
                             centre_x=np.asarray(centres, np.float32), source=np.asarray(sources),

@@ -29,16 +29,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nodulesynth.data.slices import SliceDataset  # noqa: E402
-from nodulesynth.data.splits import patient_of, split_indices  # noqa: E402
+from library_slices import SPACING_MM, train_slices  # noqa: E402
+
 from nodulesynth.io import atomic_file  # noqa: E402
 from nodulesynth.masks.classes import MaskClass  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "nodulesynth" / "synth" / "body_atlas.npz"
-SETS = ("tcga", "pyradiomics", "lidc-sample")
-SPACING_MM = 0.8
 RIM_PX = 2
 MIN_BODY = 0.05
 
@@ -49,25 +48,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args(argv)
     hus, masks, sources = [], [], []
-    for name in SETS:
-        folder = a.prepared / name
-        if not (folder / "index.json").is_file():
-            raise SystemExit(f"--prepared {a.prepared}: {name} is not a prepared dataset (nodulesynth prepare)")
-        ds = SliceDataset(folder)
-        for i in split_indices(ds, "train"):
-            rec = ds.records[i]
-            if any(abs(s - SPACING_MM) > 1e-3 for s in rec.spacing_mm) or ds.images.shape[1:] != (512, 512):
-                raise SystemExit(f"{folder}: slice {i} is not 512² at {SPACING_MM} mm")
-            hu, m = np.asarray(ds.images[i], np.float32), np.asarray(ds.masks[i], np.uint8)
-            body = m == MaskClass.BODY
-            src = f"{name}:{patient_of(rec)}"
-            if body.mean() < MIN_BODY:
-                print(f"left out {src} slice {i}: body covers {body.mean():.1%} of the image")
-                continue
-            dist, (iy, ix) = ndi.distance_transform_edt(~body, return_indices=True)
-            hus.append(np.where(dist <= RIM_PX, np.clip(np.rint(hu[iy, ix]), -1024, 3071), 0).astype(np.int16))
-            masks.append(m)
-            sources.append(src)
+    for src, i, hu, m in train_slices(a.prepared):
+        body = m == MaskClass.BODY
+        if body.mean() < MIN_BODY:
+            print(f"left out {src} slice {i}: body covers {body.mean():.1%} of the image")
+            continue
+        dist, (iy, ix) = ndi.distance_transform_edt(~body, return_indices=True)
+        hus.append(np.where(dist <= RIM_PX, np.clip(np.rint(hu[iy, ix]), -1024, 3071), 0).astype(np.int16))
+        masks.append(m)
+        sources.append(src)
     with atomic_file(a.out) as fh:
         np.savez_compressed(fh, hu=np.stack(hus), masks=np.stack(masks), source=np.asarray(sources),
                             spacing_mm=np.float32(SPACING_MM))

@@ -18,9 +18,7 @@ batch shape like every stage of the pipeline, so a sample is the same in any bat
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import NoduleSynthError
 from ..masks.classes import MaskClass
+from .library import NpzLibrary
 
 LIBRARY = Path(__file__).with_name("body_atlas.npz")
 MODES = ("atlas", "translator")
@@ -141,40 +140,24 @@ def warp(x: torch.Tensor, theta: torch.Tensor, field: torch.Tensor, size: tuple[
     return F.grid_sample(x, base + field, align_corners=False, padding_mode="zeros")
 
 
-class BodyAtlas:
+class BodyAtlas(NpzLibrary):
     """The shipped atlas of real TRAIN bodies (loaded on first use)."""
 
+    KEYS = ("hu", "masks", "source", "spacing_mm")
+    WHAT = "body atlas"
+    BUILDER = "benchmarks/build_body_atlas.py"
+
     def __init__(self, path: str | Path = LIBRARY, config: AtlasConfig = AtlasConfig()):
-        self.path = Path(path)
+        super().__init__(path)
         self.config = config
         self._cache: dict[str, tuple[torch.Tensor, ...]] = {}  # device → _on
 
-    @cached_property
-    def _data(self) -> dict[str, np.ndarray]:
-        try:
-            with np.load(self.path, allow_pickle=False) as z:
-                d = {k: z[k] for k in ("hu", "masks", "source", "spacing_mm")}
-        except (OSError, KeyError, ValueError) as e:
-            raise NoduleSynthError(f"{self.path}: not a body atlas ({e}); reinstall nodulesynth "
-                                   "or rebuild it with benchmarks/build_body_atlas.py") from e
-        n = len(d["hu"])
-        if n == 0 or d["hu"].ndim != 3 or d["masks"].shape != d["hu"].shape or len(d["source"]) != n:
-            raise NoduleSynthError(f"{self.path}: inconsistent body atlas (entries {n}, hu {d['hu'].shape}, "
-                                   f"masks {d['masks'].shape})")
-        if int(d["masks"].max()) > max(MaskClass):
-            raise NoduleSynthError(f"{self.path}: body atlas masks hold labels above {max(MaskClass)}")
-        return d
-
-    @cached_property
-    def revision(self) -> str:
-        """First 12 hex digits of the atlas file's SHA-256: recorded in every sample's provenance."""
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
-
-    def __len__(self) -> int:
-        return len(self._data["hu"])
-
-    def source(self, k: int) -> str:
-        return str(self._data["source"][k])
+    def check(self, d: dict[str, np.ndarray]) -> str | None:
+        if d["masks"].shape != d["hu"].shape:
+            return f"hu {d['hu'].shape}, masks {d['masks'].shape}"
+        if d["masks"].size and int(d["masks"].max()) > max(MaskClass):
+            return f"mask labels above {max(MaskClass)}"
+        return super().check(d)
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(descriptors, masks (N, H, W) uint8, registration maps, body boxes) on ``device``, computed once."""

@@ -13,8 +13,6 @@ brings in from beyond the entry's edges are that entry's air, tiled.
 """
 from __future__ import annotations
 
-import hashlib
-from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -22,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import NoduleSynthError
 from ..masks.classes import MaskClass
+from .library import NpzLibrary
 
 LIBRARY = Path(__file__).with_name("scanner_backgrounds.npz")
 MODES = ("scanner", "translator")
@@ -37,40 +35,25 @@ def body_geometry(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return y1 - 1, (x0 + x1 - 1).float() / 2, y1 > y0
 
 
-class ScannerBackgrounds:
+class ScannerBackgrounds(NpzLibrary):
     """The shipped library of real scanner backgrounds (loaded on first use)."""
 
+    KEYS = ("hu", "tile", "bottom", "centre_x", "source", "spacing_mm")
+    WHAT = "scanner-background library"
+    BUILDER = "benchmarks/build_background_library.py"
+
     def __init__(self, path: str | Path = LIBRARY):
-        self.path = Path(path)
+        super().__init__(path)
         self._cache: dict[tuple[float, str], tuple[torch.Tensor, ...]] = {}  # (spacing, device) → _scaled
 
-    @cached_property
-    def _data(self) -> dict[str, np.ndarray]:
-        try:
-            with np.load(self.path, allow_pickle=False) as z:
-                d = {k: z[k] for k in ("hu", "tile", "bottom", "centre_x", "source", "spacing_mm")}
-        except (OSError, KeyError, ValueError) as e:
-            raise NoduleSynthError(f"{self.path}: not a scanner-background library ({e}); reinstall nodulesynth "
-                                   "or rebuild it with benchmarks/build_background_library.py") from e
+    def check(self, d: dict[str, np.ndarray]) -> str | None:
         n = len(d["hu"])
-        if n == 0 or d["hu"].ndim != 3 or len(d["tile"]) != n or len(d["bottom"]) != n or len(d["source"]) != n:
-            raise NoduleSynthError(f"{self.path}: inconsistent scanner-background library (entries {n})")
-        return d
-
-    @cached_property
-    def revision(self) -> str:
-        """First 12 hex digits of the library file's SHA-256: recorded in every sample's provenance."""
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
-
-    def __len__(self) -> int:
-        return len(self._data["hu"])
+        return super().check(d) or (f"entries {n}, tiles {len(d['tile'])}, bottoms {len(d['bottom'])}"
+                                    if len(d["tile"]) != n or len(d["bottom"]) != n else None)
 
     def entry(self, seed: int) -> int:
         """The library entry of a sample whose background seed is ``seed``."""
         return int(seed) % len(self)
-
-    def source(self, k: int) -> str:
-        return str(self._data["source"][k])
 
     def _scaled(self, spacing_mm: float, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(hu, tile, bottom, centre) at ``spacing_mm`` on ``device``; resampled once per spacing."""
