@@ -165,8 +165,8 @@ def main(argv=None) -> int:
         b = syn.generate(range(a.n_generated))
         gen, gm = b.images_hu.numpy(), b.masks.numpy()
         row = {"model": name, "weights": str(model.source), "revision": str(model.revision), "background": background,
-               "body": body,
-               **({"atlas": dataclasses.asdict(syn.atlas.config)} if syn.atlas is not None else {}), "kid_full": k1000(net(gen), f_ho), "lung_share": round(lung_structure_share(gen, gm), 4),
+               "body": body, **({"atlas": dataclasses.asdict(syn.atlas.config)} if syn.atlas is not None else {}),
+               "kid_full": k1000(net(gen), f_ho), "lung_share": round(lung_structure_share(gen, gm), 4),
                "lung_of_body": lung_of_body(gm),
                "checkerboard": round(float(checkerboard_score(b.images_hu).median()), 3)}
         if g_ho is not None:
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         # (the atlas touches only class 1, which no later stage changes, so the order is the pipeline's).
         if body == "atlas":
             t2 = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, background=background, body="translator"))
-            hu2 = syn.atlas.apply(t2.translate(tr_m).images_hu, torch.from_numpy(tr_m), list(range(len(tr_m))), 0.8, avoid=tr_p)[0]
+            hu2 = syn.atlas.apply(t2.translate(tr_m).images_hu, torch.from_numpy(tr_m), list(range(len(tr_m))), syn.spacing_mm, avoid=tr_p)[0]
         else:
             hu2 = syn.translate(tr_m).images_hu
         row["kid_stage2"] = k1000(net(hu2.numpy()), f_ho)

@@ -61,6 +61,11 @@ def _channels(masks: torch.Tensor) -> torch.Tensor:
     return torch.stack([tissue, m == MaskClass.LEFT_LUNG, m == MaskClass.RIGHT_LUNG], 1).float()
 
 
+def _small(masks: torch.Tensor) -> torch.Tensor:
+    """(B, 3, REG_SIZE, REG_SIZE) the channels, area-downsampled: what matching and registration see."""
+    return F.interpolate(_channels(masks), size=(REG_SIZE, REG_SIZE), mode="area")
+
+
 def body_boxes(masks: torch.Tensor) -> torch.Tensor:
     """(B, 4) patient bounding boxes (y0, x0, y1, x1) in normalised [-1, 1] image coordinates
     (pixel-edge; a mask without a patient gets the whole image)."""
@@ -87,7 +92,7 @@ def box_affine(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 def descriptors(masks: torch.Tensor, spacing_mm: float) -> torch.Tensor:
     """(B, D) what entries are matched by: the masks' channels cropped to the body and resized to
     DESCRIPTOR² (shape), and the body's log height and width in mm (size), which cropping forgets."""
-    ch = F.interpolate(_channels(masks), size=(REG_SIZE, REG_SIZE), mode="area")
+    ch = _small(masks)
     box = body_boxes(masks)
     unit = torch.tensor([[-1.0, -1.0, 1.0, 1.0]], device=box.device).expand_as(box)
     grid = F.affine_grid(box_affine(box, unit), (len(ch), 1, DESCRIPTOR, DESCRIPTOR), align_corners=False)
@@ -100,8 +105,7 @@ def descriptors(masks: torch.Tensor, spacing_mm: float) -> torch.Tensor:
 def reg_maps(masks: torch.Tensor) -> torch.Tensor:
     """(B, 3, REG_SIZE, REG_SIZE) what registration compares: the channels, area-downsampled and blurred
     (a 5-px box at REG_SIZE widens the loss's basin)."""
-    x = F.interpolate(_channels(masks), size=(REG_SIZE, REG_SIZE), mode="area")
-    return F.avg_pool2d(x, 5, 1, 2, count_include_pad=False)
+    return F.avg_pool2d(_small(masks), 5, 1, 2, count_include_pad=False)
 
 
 def register(src: torch.Tensor, dst: torch.Tensor, config: AtlasConfig = AtlasConfig(),
