@@ -58,6 +58,15 @@ class LungTextureConfig:
         """Output pixels per noise cell along each axis."""
         return 2 ** (len(self.channels) - 1)
 
+    @property
+    def reach(self) -> int:
+        """How far (px) an input noise cell's effect reaches beyond the cell: one cell of the 3×3
+        convolution on the noise grid (f px), two 3×3 convolutions per upsampling block at 2^k times
+        that grid (2·f/2^k px each, summing to 2(f − 1)), one pixel of the last convolution: 3f − 1
+        (23 px for f = 8, as measured by perturbing single noise cells). Also how far a field's
+        zero-padded border reaches in."""
+        return 3 * self.factor - 1
+
     def to_unit(self, hu: torch.Tensor) -> torch.Tensor:
         mid, half = (self.hu_high + self.hu_low) / 2, (self.hu_high - self.hu_low) / 2
         return ((hu - mid) / half).clamp(-1, 1)
@@ -146,11 +155,8 @@ class LungTextureGenerator(nn.Module):
 
     @property
     def reach(self) -> int:
-        """How far (px) an input noise cell's effect reaches beyond the cell: one cell of the 3×3
-        convolution on the noise grid (f px), two 3×3 convolutions per upsampling block at 2^k times
-        that grid (2·f/2^k px each, summing to 2(f − 1)), one pixel of the last convolution: 3f − 1
-        (23 px for f = 8, as measured by perturbing single noise cells)."""
-        return 3 * self.cfg.factor - 1
+        """How far (px) an input noise cell's effect reaches beyond the cell (:attr:`LungTextureConfig.reach`)."""
+        return self.cfg.reach
 
     @torch.no_grad()
     def sample_hu(self, height: int, width: int, seeds: Sequence[int], device=None,
