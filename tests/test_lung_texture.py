@@ -107,6 +107,22 @@ def test_trainer_refuses_data_without_lung_patches(tmp_path):
         train_lung_texture(tex_cfg(str(data), tmp_path / "run2", margin=3))
 
 
+def test_trainer_warns_when_the_critic_would_see_the_padded_border(tmp_path, caplog):
+    """A margin below the generator's reach shows the critic the field's zero-padded border (the
+    first shipped texture's fault, README "Vessels and translation fidelity"): said, not refused."""
+    from nodulesynth.data.slices import write_slice_dataset
+
+    images, masks, records = synth_slices(2, 64)
+    masks[:] = np.where(np.isin(masks, (2, 3)), MaskClass.BODY, masks)  # no lung: fails right after the check
+    data = str(write_slice_dataset(tmp_path / "nolung", images, masks, records))
+    reach = LungTextureConfig(**SMALL).reach
+    for margin, warned in ((4, True), (reach + 1, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="nodulesynth.train"), pytest.raises(NoduleSynthError, match="no 16²"):
+            train_lung_texture(tex_cfg(data, tmp_path / f"run{margin}", margin=margin))
+        assert ("below the generator's reach" in caplog.text) is warned, (margin, reach)
+
+
 def test_tsgan_round_trip_with_and_without_lung_texture(big_data, tmp_path):
     from nodulesynth.models.tsgan import TSGAN
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
