@@ -155,6 +155,7 @@ def main(argv=None) -> int:
         g_tr, g_ho = net(c_tr), net(c_ho)
         floor["kid_nodule"] = k1000(g_tr, g_ho)
     rows, grid = [], None
+    translation: dict[str, dict] = {}  # weights → paired scores of its own translation (same for every row)
     runs = [(", ".join([n] + ([f"{bg} bg"] if len(a.background) > 1 else []) + ([f"{bd} body"] if len(a.body) > 1 else [])), w, bg, bd)
             for n, w in zip(names, a.weights) for bg in a.background for bd in a.body]
     for name, w, background, body in runs:
@@ -190,7 +191,9 @@ def main(argv=None) -> int:
         # Paired translation is the translator's own output (issue 13's SSIM/PSNR goal): a scanner
         # background or an atlas body is another scan's pixels, unpredictable from the mask. The same
         # scores for the row's setting (what `generate` writes) are kept beside, prefixed "gen_".
-        tr = paired(model, ho_i, ho_m, 8, a.block)
+        if w not in translation:
+            translation[w] = paired(model, ho_i, ho_m, 8, a.block)
+        tr = translation[w]
         row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in tr.items()})
         if (background, body) != ("translator", "translator"):
             gen_scores = paired(model, ho_i, ho_m, 8, a.block, background, body)

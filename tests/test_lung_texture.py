@@ -94,27 +94,28 @@ def test_trainer_resumes_bit_identical_and_exports(big_data, tmp_path):
     assert list((full / "samples").glob("step-*.png"))
 
 
-def test_trainer_refuses_data_without_lung_patches(tmp_path):
+def no_lung_data(tmp_path) -> str:
+    """A prepared dataset whose lungs are relabelled body: no lung patch at all."""
     from nodulesynth.data.slices import write_slice_dataset
 
     images, masks, records = synth_slices(2, 64)
     masks[:] = np.where(np.isin(masks, (2, 3)), MaskClass.BODY, masks)
-    data = write_slice_dataset(tmp_path / "nolung", images, masks, records)
+    return str(write_slice_dataset(tmp_path / "nolung", images, masks, records))
+
+
+def test_trainer_refuses_data_without_lung_patches(tmp_path):
+    data = no_lung_data(tmp_path)
     with pytest.raises(NoduleSynthError, match="no 16² window"):
-        train_lung_texture(tex_cfg(str(data), tmp_path / "run"))
+        train_lung_texture(tex_cfg(data, tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # bad input leaves nothing behind
     with pytest.raises(NoduleSynthError, match="multiple of 4"):
-        train_lung_texture(tex_cfg(str(data), tmp_path / "run2", margin=3))
+        train_lung_texture(tex_cfg(data, tmp_path / "run2", margin=3))
 
 
 def test_trainer_warns_when_the_critic_would_see_the_padded_border(tmp_path, caplog):
     """A margin below the generator's reach shows the critic the field's zero-padded border (the
     first shipped texture's fault, README "Vessels and translation fidelity"): said, not refused."""
-    from nodulesynth.data.slices import write_slice_dataset
-
-    images, masks, records = synth_slices(2, 64)
-    masks[:] = np.where(np.isin(masks, (2, 3)), MaskClass.BODY, masks)  # no lung: fails right after the check
-    data = str(write_slice_dataset(tmp_path / "nolung", images, masks, records))
+    data = no_lung_data(tmp_path)  # no lung: fails right after the check
     reach = LungTextureConfig(**SMALL).reach
     for margin, warned in ((4, True), (reach + 1, False)):
         caplog.clear()

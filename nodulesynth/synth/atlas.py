@@ -19,6 +19,7 @@ batch shape like every stage of the pipeline, so a sample is the same in any bat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -157,18 +158,25 @@ class BodyAtlas(NpzLibrary):
         self._cache: dict[str, tuple[torch.Tensor, ...]] = {}  # device → _on
 
     def check(self, d: dict[str, np.ndarray]) -> str | None:
+        if why := super().check(d):
+            return why
         if d["masks"].shape != d["hu"].shape:
             return f"hu {d['hu'].shape}, masks {d['masks'].shape}"
-        if d["masks"].size and int(d["masks"].max()) > max(MaskClass):
+        if int(d["masks"].max()) > max(MaskClass):
             return f"mask labels above {max(MaskClass)}"
-        return super().check(d)
+        return None
+
+    @cached_property
+    def _descriptors(self) -> torch.Tensor:
+        """(N, D) the entries' matching descriptors, on the CPU only (``entries`` chooses there)."""
+        return descriptors(torch.from_numpy(self._data["masks"]), float(self._data["spacing_mm"]))
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(descriptors, masks (N, H, W) uint8, registration maps, body boxes) on ``device``, computed once."""
+        """(masks (N, H, W) uint8, registration maps, body boxes) on ``device``, computed once."""
         key = str(device)
         if key not in self._cache:
             m = torch.from_numpy(self._data["masks"]).to(device)
-            self._cache[key] = (descriptors(m, float(self._data["spacing_mm"])), m, reg_maps(m), body_boxes(m))
+            self._cache[key] = (m, reg_maps(m), body_boxes(m))
         return self._cache[key]
 
     def entries(self, masks: torch.Tensor, seeds: Sequence[int], spacing_mm: float,
@@ -178,8 +186,7 @@ class BodyAtlas(NpzLibrary):
         translate the masks of patients the atlas holds."""
         # chosen on the CPU whatever the device: the same masks then take the same entries on a GPU
         # (a float rounding there could reorder two near-equal candidates and swap the whole body)
-        masks = masks.cpu()
-        desc = self._on(masks.device)[0]
+        masks, desc = masks.cpu(), self._descriptors
         with torch.autocast("cpu", enabled=False):
             dist = torch.cdist(descriptors(masks, spacing_mm), desc)
         if avoid is not None:
@@ -195,7 +202,7 @@ class BodyAtlas(NpzLibrary):
 
         The atlas pixels go where both the generated and the warped atlas mask are body, with a 2-px
         feathered edge; a mask without a body is left alone."""
-        _, lib_masks, maps, boxes = self._on(hu.device)
+        lib_masks, maps, boxes = self._on(hu.device)
         e = torch.as_tensor(list(entries), device=hu.device)
         src = lib_masks[e]
         body_hu = torch.from_numpy(self._data["hu"][e.cpu().numpy()]).to(hu.device, torch.float32)
