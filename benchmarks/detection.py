@@ -44,8 +44,32 @@ SMOKE = dict(folds=2, run_folds=1, epochs=1, n_synth=[0, 4], detectors=["yolov8n
 
 
 # ----------------------------------------------------------------------------------------------- data
-def load_crops(path: str, max_patients: int | None, seed: int):
-    """The shared crops npz (images, reader_masks, patient) → arrays, optionally a patient subset."""
+def train_patients(prepared: str) -> set[int]:
+    """LIDC patient numbers in the TRAIN split of a prepared crops dataset (what its models learnt from)."""
+    p = Path(prepared) / "index.json"
+    try:
+        recs = json.loads(p.read_text(encoding="utf-8"))["records"]
+        seen = {int(str(r["patient"]).rsplit("-", 1)[-1]) for r in recs if r.get("split") == "train"}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NoduleSynthError(f"--test-unseen-by {prepared}: not a prepared crops dataset with patient splits ({e})") from e
+    if not seen:
+        raise NoduleSynthError(f"--test-unseen-by {prepared}: no TRAIN patients recorded")
+    return seen
+
+
+def fold_patients(groups: np.ndarray, folds: int, seed: int, seen: set[int] | None = None) -> list[np.ndarray]:
+    """Patient folds; with ``seen`` (patients a generator learnt from) they split only the others, so
+    every test patient is one the synthetic data's models never saw, and the seen ones always train."""
+    from nodulesynth.detect.windows import patient_folds
+
+    if seen is None:
+        return patient_folds(groups, folds, seed=seed)
+    return patient_folds(groups[~np.isin(groups, list(seen))], folds, seed=seed)
+
+
+def load_crops(path: str, max_patients: int | None, seed: int, first: set[int] | None = None):
+    """The shared crops npz (images, reader_masks, patient) → arrays, optionally a random subset of
+    ``max_patients`` patients that takes those in ``first`` before any other."""
     p = Path(path)
     if not p.is_file():
         raise NoduleSynthError(f"--crops {p}: no such file (the lidc-nodule-crops npz)")
@@ -60,7 +84,10 @@ def load_crops(path: str, max_patients: int | None, seed: int):
     if images.ndim != 3 or images.shape != masks.shape or len(patient) != len(images) or images.dtype != np.uint8:
         raise NoduleSynthError(f"--crops {p}: expected uint8 images and reader_masks (N,H,W) and patient (N,)")
     if max_patients:
-        pats = np.random.default_rng(seed).permutation(np.unique(patient))[:max_patients]
+        pats = np.random.default_rng(seed).permutation(np.unique(patient))
+        if first is not None:
+            pats = np.concatenate([pats[np.isin(pats, list(first))], pats[~np.isin(pats, list(first))]])
+        pats = pats[:max_patients]
         keep = np.isin(patient, pats)
         images, masks, patient = images[keep], masks[keep], patient[keep]
     return images, masks, patient
@@ -256,6 +283,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int)
     p.add_argument("--no-control", action="store_true", help="skip the real-only equal-optimiser-steps control")
     p.add_argument("--max-patients", type=int, help="use a random subset of patients (CPU budget)")
+    p.add_argument("--test-unseen-by", metavar="PREPARED",
+                   help="patches: test folds only from patients outside that prepared crops dataset's TRAIN split "
+                        "(the patients the texture models never saw); --max-patients then takes all of them first")
     p.add_argument("--imgsz", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--window", type=int, default=48, help="patches: window side in px")
@@ -300,14 +330,21 @@ def run(a, argv) -> int:
     work = out / "work"
     if a.protocol == "patches":
         load_crops(a.crops, 1, a.seed)  # one clear error for a bad --crops before anything is set up
+        if a.test_unseen_by:
+            train_patients(a.test_unseen_by)
+    elif a.test_unseen_by:
+        raise NoduleSynthError("--test-unseen-by: only for --protocol patches")
     out.mkdir(parents=True, exist_ok=True)
     Y.offline(work)
 
     wcfg = W.WindowConfig(size=a.window if not a.smoke else 24)
+    seen = None  # patients the synthetic data's models learnt from (--test-unseen-by)
     n_max = max(n_list)
     if a.protocol == "patches":
         imgsz = a.imgsz or size["imgsz_patches"]
-        images, masks, patient = load_crops(a.crops, max_pat, a.seed)
+        seen = train_patients(a.test_unseen_by) if a.test_unseen_by else None
+        unseen = None if seen is None else set(np.unique(load_crops(a.crops, None, a.seed)[2]).tolist()) - seen
+        images, masks, patient = load_crops(a.crops, max_pat, a.seed, first=unseen)
         real = W.windows_from_crops(images, masks, patient, wcfg, seed=a.seed)
         target_sp = a.patch_spacing_mm or W.LIDC_MEDIAN_SPACING_MM
         n_units = {int(g): int((patient == g).sum()) for g in np.unique(patient)}  # crops per patient
@@ -344,7 +381,7 @@ def run(a, argv) -> int:
     pool = work / "pool"
     real_paths = np.array(Y.write_images(pool, "real", real.images, real.boxes))
     syn_paths = np.array(Y.write_images(pool, "synthetic", syn.images, syn.boxes)) if len(syn) else np.array([])
-    fold_pats = W.patient_folds(real.group, folds, seed=a.seed)
+    fold_pats = fold_patients(real.group, folds, a.seed, seen)
     run_folds = min(a.run_folds or size.get("run_folds") or folds, folds)
 
     ext = None
@@ -454,7 +491,8 @@ def _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, 
     table = summarise(rows)
     note = (f"protocol {a.protocol}: {run_folds} of {folds} patient folds run, "
             f"{len(np.unique(real.group))} patients, {len(real)} real windows/slices ({real.n_positive} with a nodule), "
-            f"imgsz {imgsz}, batch {batch} (nbs = batch), from scratch, last-epoch weights; test folds real only")
+            f"imgsz {imgsz}, batch {batch} (nbs = batch), from scratch, last-epoch weights; test folds real only"
+            + (f", test patients outside {a.test_unseen_by}'s TRAIN split" if getattr(a, "test_unseen_by", None) else ""))
     doc = {
         "command": "python " + " ".join(shlex.quote(x) for x in (["benchmarks/detection.py"] + list(argv if argv is not None else sys.argv[1:]))),
         "versions": Y.versions(), "seed": a.seed, "protocol": a.protocol, "note": note,

@@ -14,6 +14,7 @@ only their VAL + TEST patients, which no model trained by ``benchmarks/retrain.p
   floor's train side, so its gap to the floor is the translator's alone (the rest is the masks').
 - **KID nodule region**: 64² windows centred on each generated nodule (resampled to LIDC's median
   0.7 mm) vs the central 64² of held-out LIDC nodule crops; floor: train crops vs held-out crops.
+  ``nodule_grid.png`` shows 8 of them per model above 8 held-out crops.
 - **Paired translation** of the held-out slices' own masks by the translator (its own body and
   background: a scanner background or an atlas body is another scan's, no pixel of it predictable
   from the mask): PSNR / SSIM of the 8-bit lung window (L = 255) and PSNR with MAX = 4095 on
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     if c_tr is not None and len(c_ho) >= 2:
         g_tr, g_ho = net(c_tr), net(c_ho)
         floor["kid_nodule"] = k1000(g_tr, g_ho)
-    rows, grid = [], None
+    rows, grid, nodule_rows = [], None, []
     translation: dict[str, dict] = {}  # weights → paired scores of its own translation (same for every row)
     runs = [(", ".join([n] + ([f"{bg} bg"] if len(a.background) > 1 else []) + ([f"{bd} body"] if len(a.body) > 1 else [])), w, bg, bd)
             for n, w in zip(names, a.weights) for bg in a.background for bd in a.body]
@@ -177,6 +178,7 @@ def main(argv=None) -> int:
             gw = nodule_windows(gen, gm, sp, LIDC_MEDIAN_SPACING_MM)
             if len(gw) >= 2:
                 row["kid_nodule"] = k1000(net(gw), g_ho)
+            nodule_rows.append((name, gw[:8]))
         # Stage 2 alone: the train patients' real masks translated, against held-out real — the same
         # anatomy as the floor's train side, so the gap to the floor is the translator's texture.
         # With the atlas, a train mask must not take its own patient's body (the atlas holds the TRAIN
@@ -226,6 +228,10 @@ def main(argv=None) -> int:
     gi, gmk, gb = grid
     preview_grid(a.out / "heldout_grid.png", [*gi, *ho_i[:6]], [*gmk, *ho_m[:6]],
                  [*gb, *[np.zeros((0, 4), np.float32)] * min(6, len(ho_i))], columns=6, tile=192)
+    if nodule_rows and c_ho is not None:  # one row of nodule windows per model, then held-out real crops
+        cells = [w for _, ws in nodule_rows for w in [*ws, *[np.full_like(c_ho[0], -1024)] * (8 - len(ws))]]
+        preview_grid(a.out / "nodule_grid.png", [*cells, *c_ho[:8]], columns=8, tile=128)
+        print("nodule_grid.png rows: " + ", ".join(n for n, _ in nodule_rows) + ", held-out real crops", flush=True)
     return 0
 
 

@@ -126,3 +126,26 @@ def test_detection_bad_input_one_clear_error(tmp_path):
                         "--out", str(tmp_path / "o"), "--n-synth", "0"], capture_output=True, text=True, timeout=120,
                        env={**__import__("os").environ, "YOLO_OFFLINE": "1"})
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no.npz" in r.stderr
+
+
+def test_test_folds_hold_only_patients_the_generators_never_saw(tmp_path):
+    """--test-unseen-by: the patients a prepared crops dataset trained on (its TRAIN split) never test,
+    and --max-patients takes the unseen ones first."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import detection
+
+    recs = [{"patient": f"LIDC-IDRI-{p:04d}", "split": "train" if p <= 4 else "test"} for p in (1, 2, 3, 4, 5, 6)]
+    (tmp_path / "index.json").write_text(json.dumps({"meta": {}, "records": recs}))
+    seen = detection.train_patients(str(tmp_path))
+    assert seen == {1, 2, 3, 4}
+    images, masks, pats = _crops(n=24)  # patients 1..6
+    npz = tmp_path / "crops.npz"
+    np.savez(npz, images=images, reader_masks=masks, patient=pats)
+    _, _, kept = detection.load_crops(str(npz), 3, seed=0, first={5, 6})
+    assert {5, 6} <= set(kept.tolist()) and len(set(kept.tolist())) == 3
+    folds = detection.fold_patients(pats.astype(np.int64), 2, 0, seen)
+    assert sorted(np.concatenate(folds).tolist()) == [5, 6]
+    assert len(detection.fold_patients(pats.astype(np.int64), 2, 0)) == 2
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(NoduleSynthError, match="--test-unseen-by"):
+        detection.train_patients(str(tmp_path / "bad"))

@@ -18,6 +18,7 @@ _FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.S)
 def _training_lines(meta: dict[str, Any]) -> list[str]:
     mk, tr = meta.get("mask_training") or {}, meta.get("translator_training") or {}
     tx, bx = meta.get("lung_texture_training") or {}, meta.get("body_texture_training") or {}
+    nx = meta.get("nodule_texture_training") or {}
     lines = []
     if mk:
         lines.append(f"- mask StyleGAN: {mk.get('step', '?')} steps; nodule rate of real masks "
@@ -29,6 +30,8 @@ def _training_lines(meta: dict[str, Any]) -> list[str]:
         lines.append(f"- lung texture GAN: {tx.get('step', '?')} steps on {tx.get('patches', '?')} real lung patches")
     if bx:
         lines.append(f"- body texture GAN: {bx.get('step', '?')} steps on {bx.get('patches', '?')} real body windows")
+    if nx:
+        lines.append(f"- nodule inpainting GAN: {nx.get('step', '?')} steps on {nx.get('windows', '?')} real nodule windows")
     return lines
 
 
@@ -59,6 +62,9 @@ def model_card(*, mask_resolution: int, image_size: int, revision: str, meta: di
         *([] if not meta.get("body_texture_run") else [
             "4. **Body texture** (`body_texture.*`): the same GAN conditioned on where in the body it draws, trained",
             "   on real body windows; its field replaces the translated body (class 1) but near nodules."]),
+        *([] if not meta.get("nodule_texture_run") else [
+            "5. **Nodule texture** (`nodule_texture.*`): an inpainting GAN trained on real LIDC nodule windows;",
+            "   it redraws each nodule and a 2-px rim from the slice around it."]),
         "",
         f"Image size: {image_size}. Pixel spacing: {spacing_text}. Revision: `{revision}`. nodulesynth {__version__}.",
         "",

@@ -73,7 +73,8 @@ def run_spacing_mm(run: Path) -> float | None:
 
 
 _TRAINING_KEY = {"mask_generator": "mask_training", "translator": "translator_training",
-                 "lung_texture": "lung_texture_training", "body_texture": "body_texture_training"}
+                 "lung_texture": "lung_texture_training", "body_texture": "body_texture_training",
+                 "nodule_texture": "nodule_texture_training"}
 
 
 def _stage_source(arg: str | os.PathLike, name: str, flag: str) -> tuple[Path, dict | None, float | None]:
@@ -98,12 +99,14 @@ def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike,
                  model_card_extra: str | None = None, overwrite: bool = False,
                  spacing_mm: float | None = None, dtype: "torch.dtype | None" = None,
                  data_note: str | None = None, lung_texture: str | os.PathLike | None = None,
-                 body_texture: str | os.PathLike | None = None) -> Path:
+                 body_texture: str | os.PathLike | None = None,
+                 nodule_texture: str | os.PathLike | None = None) -> Path:
     """Write ``out`` from ``mask_run`` and ``translator_run``: each a training run (its export/) or a
     weights folder ("pretrained": the shipped one); ``spacing_mm`` overrides the spacing read from
     them (needed only when a run's data folders are gone); ``dtype`` (torch.float16 for shipping)
-    and ``data_note`` (one line: what the weights saw) are optional; ``lung_texture`` and
-    ``body_texture`` add the texture model of that run or weights folder (none by default)."""
+    and ``data_note`` (one line: what the weights saw) are optional; ``lung_texture``,
+    ``body_texture`` and ``nodule_texture`` add the texture model of that run or weights folder
+    (none by default)."""
     from .io import load_module
     from .pix2pix import DLPix2PixGenerator, TranslatorConfig
     from .stylegan import MaskGANConfig, MaskGenerator
@@ -128,16 +131,16 @@ def export_tsgan(mask_run: str | os.PathLike, translator_run: str | os.PathLike,
     translator = load_module(DLPix2PixGenerator, TranslatorConfig, tr_dir, "translator")
     meta: dict[str, Any] = {"mask_run": str(mask_run), "translator_run": str(translator_run)}
     textures, inputs = {}, [("--masks", mask_run), ("--translator", translator_run)]
-    for name, run in (("lung_texture", lung_texture), ("body_texture", body_texture)):
+    for name, run in (("lung_texture", lung_texture), ("body_texture", body_texture),
+                      ("nodule_texture", nodule_texture)):
         if run is None:
             continue
-        from .lung_texture import LungTextureGenerator
         from .tsgan import TEXTURES
 
-        config_cls, attr = TEXTURES[name]
+        config_cls, attr, module_cls = TEXTURES[name]
         flag = "--" + name.replace("_", "-")
         tex_dir, tex_rec, _ = _stage_source(run, name, flag)
-        textures[attr] = load_module(LungTextureGenerator, config_cls, tex_dir, name)
+        textures[attr] = load_module(module_cls, config_cls, tex_dir, name)
         inputs.append((flag, run))
         meta[f"{name}_run"] = str(run)
         if tex_rec is not None:

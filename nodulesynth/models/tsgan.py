@@ -5,7 +5,8 @@ Folder layout (local, shipped ``pretrained/`` or a Hugging Face hub repo):
 ``translator.{safetensors,json}``, ``README.md`` (model card); optionally
 ``lung_texture.{safetensors,json}`` (the lung-parenchyma texture GAN the pipeline composites into
 the lungs, ``models.lung_texture``) and ``body_texture.{safetensors,json}`` (its conditional twin for
-the body, ``models.body_texture``).
+the body, ``models.body_texture``) and ``nodule_texture.{safetensors,json}`` (the inpainting GAN that
+redraws each nodule, ``models.nodule_texture``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from .body_texture import NAME as BODY_NAME
 from .body_texture import BodyTextureConfig
 from .lung_texture import NAME as TEXTURE_NAME
 from .lung_texture import LungTextureConfig, LungTextureGenerator
+from .nodule_texture import NAME as NODULE_NAME
+from .nodule_texture import NoduleInpainter, NoduleTextureConfig
 from .pix2pix import DLPix2PixGenerator, TranslatorConfig, one_hot
 from .stylegan import MaskGANConfig, MaskGenerator
 
@@ -40,8 +43,10 @@ FORMAT_VERSION = 1
 MASK_NAME, TRANSLATOR_NAME = "mask_generator", "translator"
 LAYOUT = ("tsgan.json", f"{MASK_NAME}.safetensors", f"{MASK_NAME}.json", f"{TRANSLATOR_NAME}.safetensors",
           f"{TRANSLATOR_NAME}.json", "README.md")
-# optional texture models: file stem → (config class, attribute of TSGAN)
-TEXTURES = {TEXTURE_NAME: (LungTextureConfig, "lung_texture"), BODY_NAME: (BodyTextureConfig, "body_texture")}
+# optional texture models: file stem → (config class, attribute of TSGAN, module class)
+TEXTURES = {TEXTURE_NAME: (LungTextureConfig, "lung_texture", LungTextureGenerator),
+            BODY_NAME: (BodyTextureConfig, "body_texture", LungTextureGenerator),
+            NODULE_NAME: (NoduleTextureConfig, "nodule_texture", NoduleInpainter)}
 OPTIONAL = tuple(f"{n}.{ext}" for n in TEXTURES for ext in ("safetensors", "json"))
 HUB_PATTERNS = [*LAYOUT, *OPTIONAL]
 # The shipped weights are package data (nodulesynth/pretrained/, in the wheel too, so `pip install .`
@@ -51,16 +56,19 @@ DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 
 class TSGAN(nn.Module):
     """Holds ``mask_generator`` (MaskGenerator), ``translator`` (DLPix2PixGenerator) and, when the
-    weights have them, ``lung_texture`` and ``body_texture`` (LungTextureGenerator; None otherwise)."""
+    weights have them, ``lung_texture`` and ``body_texture`` (LungTextureGenerator) and
+    ``nodule_texture`` (NoduleInpainter); None otherwise."""
 
     def __init__(self, mask_generator: MaskGenerator, translator: DLPix2PixGenerator, meta: dict | None = None,
                  *, revision: str = "untrained", source: str = "memory",
-                 lung_texture: LungTextureGenerator | None = None, body_texture: LungTextureGenerator | None = None):
+                 lung_texture: LungTextureGenerator | None = None, body_texture: LungTextureGenerator | None = None,
+                 nodule_texture: NoduleInpainter | None = None):
         super().__init__()
         self.mask_generator = mask_generator
         self.translator = translator
         self.lung_texture = lung_texture
         self.body_texture = body_texture
+        self.nodule_texture = nodule_texture
         self.meta: dict[str, Any] = dict(meta or {})
         self.image_size = int(self.meta.get("image_size", 512))
         self.meta["image_size"] = self.image_size
@@ -157,14 +165,14 @@ class TSGAN(nn.Module):
         mask = load_module(MaskGenerator, MaskGANConfig, folder, MASK_NAME, device)
         translator = load_module(DLPix2PixGenerator, TranslatorConfig, folder, TRANSLATOR_NAME, device)
         textures = {}
-        for name, (config_cls, attr) in TEXTURES.items():
+        for name, (config_cls, attr, module_cls) in TEXTURES.items():
             pair = (f"{name}.safetensors", f"{name}.json")
             present = [n for n in pair if (folder / n).is_file()]
             if present and len(present) != 2:
                 raise NoduleSynthError(f"{folder}: {present[0]} without {set(pair).difference(present).pop()} "
                                        f"(the {name.replace('_', ' ')} model needs both)")
             if present:
-                textures[attr] = load_module(LungTextureGenerator, config_cls, folder, name, device)
+                textures[attr] = load_module(module_cls, config_cls, folder, name, device)
                 files.append(folder / f"{name}.safetensors")
         meta = {**info["meta"], "image_size": info["image_size"]}
         revision = revision or sha256_files(files)[:12]
@@ -191,7 +199,7 @@ class TSGAN(nn.Module):
             save_module(self.mask_generator, self.mask_config, tmp, MASK_NAME, dtype)
             save_module(self.translator, self.translator_config, tmp, TRANSLATOR_NAME, dtype)
             weights = [tmp / f"{MASK_NAME}.safetensors", tmp / f"{TRANSLATOR_NAME}.safetensors"]
-            for name, (_, attr) in TEXTURES.items():
+            for name, (_, attr, _) in TEXTURES.items():
                 if getattr(self, attr) is not None:
                     weights.append(save_module(getattr(self, attr), getattr(self, attr).cfg, tmp, name, dtype))
             meta = {k: v for k, v in self.meta.items() if k != "image_size"}

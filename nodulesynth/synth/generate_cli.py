@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shipped atlas, registered onto the anatomy; translator = the translator's own")
     p.add_argument("--no-body-texture", dest="body_texture", action="store_false",
                    help="keep the translator's own body even when the weights hold a body texture model")
+    p.add_argument("--no-nodule-texture", dest="nodule_texture", action="store_false",
+                   help="keep the translator's own nodules even when the weights hold a nodule texture model")
     p.add_argument("--batch-size", type=int, default=16, help="samples per generation call (speed only, never results); networks run in fixed 16-row blocks")
     p.add_argument("--weights", default="pretrained", help="'pretrained' (shipped), a folder, or a hub repo id")
     p.add_argument("--revision", default=None, help="hub revision of --weights")
@@ -335,7 +337,8 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
                            lung=args.lung, texture=args.texture, region=tuple(args.region) if args.region else None,
                            add_nodules=args.add_nodules, truncation_psi=args.truncation_psi,
                            place_workers=args.place_workers, lung_texture=args.lung_texture,
-                           body_texture=args.body_texture, background=args.background, body=args.body)
+                           body_texture=args.body_texture, nodule_texture=args.nodule_texture,
+                           background=args.background, body=args.body)
     cfg.validate()
     mask_files = _mask_files(args.masks) if args.masks else []
     real = open_real(args.real) if args.real else None

@@ -90,6 +90,9 @@ class GenerationConfig:
     # Weights with a body texture model (models.body_texture): its field replaces the translator's body
     # (class 1) but near nodules (False: the translator's body).
     body_texture: bool = True
+    # Weights with a nodule texture model (models.nodule_texture): it redraws each nodule and its rim
+    # from the slice around it (False: the translator's nodules).
+    nodule_texture: bool = True
     # Outside the patient: "scanner" lays a real scanner background (table, cushions, the air's noise;
     # synth.background) around the anatomy; "translator" keeps the translator's own guess.
     background: str = "scanner"
@@ -391,6 +394,7 @@ class Synthesizer:
         self.backgrounds = ScannerBackgrounds() if self.config.background == "scanner" else None
         self.atlas = BodyAtlas() if self.config.body == "atlas" else None
         self._atlas_entries: dict[tuple[int, int], int] = {}  # (i, attempt) → entry, until its provenance
+        self._real_context = False  # True while add_nodules_to_real translates (it redraws nodules itself)
 
     @property
     def place_workers(self) -> int:
@@ -429,6 +433,7 @@ class Synthesizer:
             "nodule_mode": self.config.nodules,
             "lung_texture": self.textured,
             "body_texture": self.body_textured,
+            "nodule_texture": self.nodule_textured,
             "background": self._background_record(index, attempt),
             "body": self._body_record(index, attempt),
             **({"nodules": self.lidc.placed.pop((int(index), int(attempt)), [])} if self.lidc is not None else {}),
@@ -495,7 +500,16 @@ class Synthesizer:
         if self.textured:
             from ..models.lung_texture import lung_alpha
 
-            hu = self._composite_texture(hu, m, keys, self.tsgan.lung_texture, 2, lung_alpha)  # a third stream
+            lm = m
+            if self.nodule_textured and not self._real_context:
+                # the nodules the nodule model redraws lie on textured lung, as real nodules do (its
+                # context is then parenchyma up to the hole, not the translator's smooth margin)
+                lm = torch.where(self.tsgan.nodule_texture.redrawn(m.to(self.device)).to(m.device),
+                                 MaskClass.LEFT_LUNG, m)
+            hu = self._composite_texture(hu, lm, keys, self.tsgan.lung_texture, 2, lung_alpha)  # a third stream
+        if self.nodule_textured and not self._real_context:
+            # each nodule redrawn from the slice around it (lungs, body, vessels as drawn so far): a seventh stream
+            hu = self.tsgan.nodule_texture.render(hu, m, self._stream_seeds(keys, 6, n)[:n]).clamp(HU_MIN, HU_MAX)
         if self.backgrounds is not None:
             # the background of sample (i, attempt j): a fourth seed stream (see synth.background)
             hu = self.backgrounds.paste(hu, m, self._stream_seeds(keys, 3, n), self.spacing_mm).clamp(HU_MIN, HU_MAX)
@@ -529,6 +543,11 @@ class Synthesizer:
     def body_textured(self) -> bool:
         """Whether body texture is composited: the weights hold a model and the config allows it."""
         return self.config.body_texture and getattr(self.tsgan, "body_texture", None) is not None
+
+    @property
+    def nodule_textured(self) -> bool:
+        """Whether nodules are redrawn: the weights hold a nodule texture model and the config allows it."""
+        return self.config.nodule_texture and getattr(self.tsgan, "nodule_texture", None) is not None
 
     @property
     def textured(self) -> bool:
@@ -631,6 +650,7 @@ class Synthesizer:
             {"source": "mask-in", "model": str(getattr(self.tsgan, "source", "unknown")),
              "revision": str(getattr(self.tsgan, "revision", "unknown")), "mask": n, "index": k,
              "seed": int(self.config.seed), "lung_texture": self.textured, "body_texture": self.body_textured,
+             "nodule_texture": self.nodule_textured,
              "background": self._background_record(k, 0), "body": self._body_record(k, 0),
              **({"nodule_mode": "lidc", "nodules": placed[k]} if placed[k] is not None else {})}
             for k, n in enumerate(names)
@@ -641,7 +661,8 @@ class Synthesizer:
         """Real slices + LIDC nodules (a copy-paste augmentation with a translated texture): nodules are
         placed into the real masks (their own nodules kept and avoided), the modified masks translated,
         and only the new nodules pasted into the real HU with a soft edge (Gaussian σ 0.6 px alpha: the
-        partial-volume rim real outlines have); every other pixel stays the real scan's."""
+        partial-volume rim real outlines have); with a nodule texture model, each new nodule and its
+        rim are then redrawn from the real pixels around it. Every other pixel stays the real scan's."""
         from scipy.ndimage import gaussian_filter
 
         if self.lidc is None:
@@ -651,18 +672,26 @@ class Synthesizer:
         new, placed = self.lidc.add_to(old, list(names))
         # only the nodules and their rim are used: the body around them stays the translator's, never
         # another patient's from the atlas
-        atlas, self.atlas = self.atlas, None
+        atlas, self.atlas, self._real_context = self.atlas, None, True  # nodules are redrawn below, on the scan
         try:
             out = self.translate(new, names, add_nodules=False) if len(new) else None
         finally:
-            self.atlas = atlas
+            self.atlas, self._real_context = atlas, False
         res = hu.copy()
+        fresh = (new == MaskClass.NODULE) & (old != MaskClass.NODULE)
         for k in range(len(new)):
-            fresh = ((new[k] == MaskClass.NODULE) & (old[k] != MaskClass.NODULE)).numpy()
-            alpha = np.maximum(gaussian_filter(fresh.astype(np.float32), 0.6) * 2, 0).clip(0, 1)
-            alpha[fresh] = 1.0
+            f = fresh[k].numpy()
+            alpha = np.maximum(gaussian_filter(f.astype(np.float32), 0.6) * 2, 0).clip(0, 1)
+            alpha[f] = 1.0
             alpha[alpha < 0.02] = 0.0  # beyond the rim the real pixels stay exactly the scan's
             res[k] = alpha * out.images_hu[k].numpy() + (1 - alpha) * hu[k]
+        if self.nodule_textured and len(new):
+            # the new nodules redrawn from the real scan around them (its vessels, its noise); the
+            # scan's own nodules are context, never redrawn
+            only_new = torch.where(fresh, MaskClass.NODULE, MaskClass.BODY)
+            res = self.tsgan.nodule_texture.render(torch.from_numpy(res).to(self.device), only_new.to(self.device),
+                                                   self._stream_seeds([(k, 0) for k in range(len(new))], 6, 0)
+                                                   ).clamp(HU_MIN, HU_MAX).cpu().numpy()
         prov = [{**(out.provenance[k] if out is not None else {}), "source": "real+lidc-nodules", "real": n,
                  "seed": int(self.config.seed), "nodule_mode": "lidc", "nodules": placed[k]}
                 for k, n in enumerate(names)]

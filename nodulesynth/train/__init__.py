@@ -3,9 +3,10 @@
     from nodulesynth.train import MaskTrainConfig, train_masks, TranslatorTrainConfig, train_translator
     from nodulesynth.train import LungTextureTrainConfig, train_lung_texture
     from nodulesynth.train import BodyTextureTrainConfig, train_body_texture  (an experiment, not shipped)
+    from nodulesynth.train import NoduleTextureTrainConfig, train_nodule_texture
 
 All run the one loop of ``engine.Trainer`` (resume, signals, time budget, checkpoints, metrics);
-``MaskTrainer`` / ``TranslatorTrainer`` / ``LungTextureTrainer`` / ``BodyTextureTrainer`` supply its hooks.
+``MaskTrainer`` / ``TranslatorTrainer`` / ``LungTextureTrainer`` / ``BodyTextureTrainer`` / ``NoduleTextureTrainer`` supply its hooks.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ _LAZY = {
     "BodyTextureTrainConfig": "nodulesynth.train.body_texture",
     "BodyTextureTrainer": "nodulesynth.train.body_texture",
     "train_body_texture": "nodulesynth.train.body_texture",
+    "NoduleTextureTrainConfig": "nodulesynth.train.nodule_texture",
+    "NoduleTextureTrainer": "nodulesynth.train.nodule_texture",
+    "train_nodule_texture": "nodulesynth.train.nodule_texture",
     "preset_config": "nodulesynth.train.translator",
 }
 

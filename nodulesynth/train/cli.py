@@ -101,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .body_texture import BodyTextureTrainConfig
     from .lung_texture import LungTextureTrainConfig
     from .masks import MaskTrainConfig
+    from .nodule_texture import NoduleTextureTrainConfig
     from .translator import PRESETS, TranslatorTrainConfig
 
     sub = parser.add_subparsers(dest="train_command", metavar="STAGE", required=True)
@@ -119,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     y = sub.add_parser("body-texture", help="body texture GAN on real body patches, conditioned on where in the body "
                                             "it draws (composited into the translated body)")
     add_config_arguments(y, BodyTextureTrainConfig)
+    n = sub.add_parser("nodule-texture", help="nodule inpainting GAN on real nodule crops (redraws each generated "
+                                              "nodule and its rim)")
+    add_config_arguments(n, NoduleTextureTrainConfig)
 
     e = sub.add_parser("export", help="assemble a TSGAN folder (from_pretrained layout) from two runs")
     e.add_argument("--masks", required=True,
@@ -129,6 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="lung texture run folder, or a weights folder to take it from (default: none)")
     e.add_argument("--body-texture", default=None,
                    help="body texture run folder, or a weights folder to take it from (default: none)")
+    e.add_argument("--nodule-texture", default=None,
+                   help="nodule texture run folder, or a weights folder to take it from (default: none)")
     e.add_argument("--out", required=True, help="TSGAN folder to write")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--card", default=None, help="extra markdown text for the model card")
@@ -139,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # stages without presets: command → (module of nodulesynth.train, run config, train function)
 _STAGES = {"masks": ("masks", "MaskTrainConfig", "train_masks"),
            "lung-texture": ("lung_texture", "LungTextureTrainConfig", "train_lung_texture"),
-           "body-texture": ("body_texture", "BodyTextureTrainConfig", "train_body_texture")}
+           "body-texture": ("body_texture", "BodyTextureTrainConfig", "train_body_texture"),
+           "nodule-texture": ("nodule_texture", "NoduleTextureTrainConfig", "train_nodule_texture")}
 
 
 def _stage(command: str):
@@ -186,6 +193,6 @@ def run(args: argparse.Namespace) -> int:
 
         out = export_tsgan(args.masks, args.translator, args.out, args.card, overwrite=args.overwrite,
                            dtype=torch.float16 if args.fp16 else None, lung_texture=args.lung_texture,
-                           body_texture=args.body_texture)
+                           body_texture=args.body_texture, nodule_texture=args.nodule_texture)
     print(out)
     return 0

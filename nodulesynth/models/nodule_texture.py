@@ -1,0 +1,209 @@
+"""Nodule texture: a small conditional inpainting GAN that redraws each nodule and its rim.
+
+Why it exists: the translator paints every nodule as a smooth blob of one grey (README "Nodules":
+"texture is a label, not yet a look"; held-out nodule-window KID far above the real floor), while
+real nodules have inner structure, a partial-volume rim, spicules and the vessels that run into
+them. Paired data for exactly this exists: the LIDC nodule crops hold real HU around readers'
+outlines. So this model learns, from the TRAIN patients' crops, to fill a hole (the nodule outline
+dilated by ``ring_px``) in a ``window``² HU window given the context around it, the outline, and
+noise (inpainting as in Jin et al. 2018, "CT-realistic lung nodule simulation from 3D conditional
+generative adversarial networks", here in 2-D). The pipeline cuts a window around every nodule of a
+generated slice and pastes the model's hole back with a one-pixel soft edge; every other pixel
+stays the slice's.
+
+Generator: a UNet (three stride-2 levels, no normalisation, so a window's output never depends on
+the other windows of its batch) whose input is the context with the hole zeroed, the hole, the
+outline and ``noise_channels`` of seeded Gaussian noise, with per-pixel noise added again in the
+decoder (StyleGAN's noise inputs, so the interior is drawn, not averaged). Critic: the lung texture's
+patch critic on (image, outline).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NoduleSynthError
+from ..masks.classes import MaskClass
+
+NAME = "nodule_texture"
+
+
+@dataclass
+class NoduleTextureConfig:
+    """Sizes of the inpainting generator, its window and hole, and the HU range its tanh output spans."""
+
+    window: int = 64  # side of the square window the model sees (px at spacing_mm)
+    ring_px: int = 2  # the hole: the outline dilated by this many px (the rim is redrawn too)
+    channels: tuple[int, ...] = (32, 64, 128, 192)  # per UNet level, fine → coarse
+    noise_channels: int = 4
+    hu_low: float = -1024.0
+    hu_high: float = 976.0  # calcified nodules reach past +500 HU
+    spacing_mm: float = 0.8  # pixel size of the training windows (the crops are resampled to it)
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if len(self.channels) < 2 or min(self.channels) < 1:
+            raise NoduleSynthError(f"NoduleTextureConfig.channels={self.channels}: need ≥ 2 positive sizes")
+        if self.window % self.factor or self.window < 2 * self.factor:
+            raise NoduleSynthError(f"NoduleTextureConfig.window={self.window}: must be a multiple of {self.factor} "
+                                   f"and at least {2 * self.factor}")
+        if self.ring_px < 1 or self.noise_channels < 1:
+            raise NoduleSynthError("NoduleTextureConfig: ring_px and noise_channels must be ≥ 1")
+        if not self.hu_low < self.hu_high:
+            raise NoduleSynthError(f"NoduleTextureConfig: hu_low {self.hu_low} must be below hu_high {self.hu_high}")
+        if not 0 < self.spacing_mm <= 20:
+            raise NoduleSynthError(f"NoduleTextureConfig.spacing_mm={self.spacing_mm}: must be a pixel size in mm")
+
+    @property
+    def factor(self) -> int:
+        """The window must be a multiple of this (the UNet's total downsampling)."""
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def max_extent(self) -> int:
+        """Largest nodule extent (px) whose hole still keeps 4 px of context inside the window."""
+        return self.window - 2 * (self.ring_px + 4)
+
+    def to_unit(self, hu: torch.Tensor) -> torch.Tensor:
+        mid, half = (self.hu_high + self.hu_low) / 2, (self.hu_high - self.hu_low) / 2
+        return ((hu - mid) / half).clamp(-1, 1)
+
+    def to_hu(self, unit: torch.Tensor) -> torch.Tensor:
+        mid, half = (self.hu_high + self.hu_low) / 2, (self.hu_high - self.hu_low) / 2
+        return unit * half + mid
+
+
+def hole_of(outline: torch.Tensor, ring_px: int) -> torch.Tensor:
+    """(B, H, W) bool: the outline dilated by ``ring_px`` (square neighbourhood)."""
+    k = 2 * ring_px + 1
+    return F.max_pool2d(outline.float()[:, None], k, 1, ring_px)[:, 0] > 0
+
+
+class _Noise(nn.Module):
+    """Adds per-pixel noise, scaled per channel by a learnt weight (zero at start)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return x + self.weight * noise
+
+
+def _conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1), nn.LeakyReLU(0.2))
+
+
+class NoduleInpainter(nn.Module):
+    """UNet that fills the hole of a nodule window; see the module docstring."""
+
+    def __init__(self, cfg: NoduleTextureConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or NoduleTextureConfig()
+        ch = cfg.channels
+        self.inp = nn.Sequential(_conv(3 + cfg.noise_channels, ch[0]), _conv(ch[0], ch[0]))
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(ch[k], ch[k + 1], 4, 2, 1), nn.LeakyReLU(0.2), _conv(ch[k + 1], ch[k + 1]))
+            for k in range(len(ch) - 1))
+        self.mid = nn.Sequential(_conv(ch[-1], ch[-1]), _conv(ch[-1], ch[-1]))
+        self.up = nn.ModuleList(_conv(ch[k + 1], ch[k]) for k in reversed(range(len(ch) - 1)))
+        self.merge = nn.ModuleList(_conv(2 * ch[k], ch[k]) for k in reversed(range(len(ch) - 1)))
+        self.noise = nn.ModuleList(_Noise(ch[k]) for k in reversed(range(len(ch) - 1)))
+        self.out = nn.Conv2d(ch[0], 1, 1)
+
+    def noise_inputs(self, batch: int, size: int, seeds: Sequence[int] | None = None,
+                     device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """The input noise and one map per decoder level; each window's from its own seed when given
+        (so a window's draw never depends on its batch), else from the global RNG (training)."""
+        cfg = self.cfg
+        shapes = [(cfg.noise_channels, size, size)]
+        shapes += [(1, size >> k, size >> k) for k in reversed(range(len(cfg.channels) - 1))]
+        if seeds is None:
+            return [torch.randn(batch, *s, device=device) for s in shapes]
+        if len(seeds) != batch:
+            raise NoduleSynthError(f"NoduleInpainter.noise_inputs: {len(seeds)} seeds for {batch} windows")
+        out = [torch.empty(batch, *s) for s in shapes]
+        for b, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(int(seed) & ((1 << 63) - 1))
+            for t, s in zip(out, shapes):
+                t[b] = torch.randn(s, generator=g)
+        return [t.to(device) for t in out]
+
+    def forward(self, context: torch.Tensor, outline: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
+        """context (B, 1, S, S) in the unit range, outline (B, 1, S, S) {0, 1} → (B, 1, S, S): the
+        context with its hole (the dilated outline) redrawn."""
+        hole = hole_of(outline[:, 0], self.cfg.ring_px)[:, None].to(context.dtype)
+        keep = context * (1 - hole)
+        x = self.inp(torch.cat([keep, hole, outline.to(context.dtype), noise[0]], 1))
+        skips = [x]
+        for d in self.down:
+            x = d(x)
+            skips.append(x)
+        x = self.mid(skips.pop())
+        for up, merge, nz, n in zip(self.up, self.merge, self.noise, noise[1:]):
+            x = up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            x = nz(merge(torch.cat([x, skips.pop()], 1)), n)
+        return keep + torch.tanh(self.out(x)) * hole
+
+    def windows(self, masks: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
+        """(row, y0, x0, rank, big) per nodule component of (B, H, W) ``masks``: the window's corner
+        (centred on the component, shifted inside the image), the component's rank in its row
+        (raster order) and whether it is too big to redraw (extent over :attr:`max_extent`)."""
+        from ..masks.boxes import masks_to_boxes_batch
+
+        s, (h, w) = self.cfg.window, masks.shape[-2:]
+        out = []
+        for r, bx in enumerate(masks_to_boxes_batch(masks)):
+            for k, (x0, y0, x1, y1) in enumerate(bx.long().tolist()):
+                cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+                big = max(x1 - x0, y1 - y0) > self.cfg.max_extent
+                out.append((r, min(max(cy - s // 2, 0), h - s), min(max(cx - s // 2, 0), w - s), k,
+                            (y0, x0, y1, x1) if big else None))
+        return out
+
+    def redrawn(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) bool: the nodule pixels :meth:`render` redraws (all but the too-big components'
+        boxes), so the lung texture can run beneath them up to the hole."""
+        nod = masks == MaskClass.NODULE
+        if masks.shape[-1] < self.cfg.window or masks.shape[-2] < self.cfg.window or not bool(nod.any()):
+            return torch.zeros_like(nod)
+        for r, _, _, _, big in self.windows(masks):
+            if big is not None:
+                nod[r, big[0]:big[2], big[1]:big[3]] = False
+        return nod
+
+    @torch.no_grad()
+    def render(self, hu: torch.Tensor, masks: torch.Tensor, seeds: Sequence[int], chunk: int = 16) -> torch.Tensor:
+        """``hu`` (B, H, W) with every nodule (class 5 component) that fits the window redrawn,
+        window seed = hash of (the row's seed, the component's rank in raster order); components
+        whose extent passes :attr:`NoduleTextureConfig.max_extent` keep their pixels. Windows run in
+        fixed ``chunk``-row forward passes, so the result is a pure function of each row."""
+        cfg, s = self.cfg, self.cfg.window
+        b, h, w = hu.shape
+        if h < s or w < s:
+            return hu
+        dev = next(self.parameters()).device
+        jobs = [(r, y0, x0, (int(seeds[r]) * 1_000_003 + k) & ((1 << 63) - 1))
+                for r, y0, x0, k, big in self.windows(masks.to(dev)) if big is None]
+        if not jobs:
+            return hu
+        out = hu.clone()
+        nod = masks.to(hu.device) == MaskClass.NODULE
+        for c in range(0, len(jobs), chunk):
+            part = jobs[c:c + chunk]
+            ctx = torch.zeros(chunk, 1, s, s, device=dev)
+            outl = torch.zeros(chunk, 1, s, s, device=dev)
+            for j, (r, y0, x0, _) in enumerate(part):
+                ctx[j, 0] = cfg.to_unit(out[r, y0:y0 + s, x0:x0 + s].float().to(dev))
+                outl[j, 0] = nod[r, y0:y0 + s, x0:x0 + s].float().to(dev)
+            seeds_c = [p[3] for p in part] + [0] * (chunk - len(part))
+            y = cfg.to_hu(self(ctx, outl, self.noise_inputs(chunk, s, seeds_c, dev)))
+            alpha = F.avg_pool2d(hole_of(outl[:, 0], cfg.ring_px).float()[:, None], 3, 1, 1)[:, 0]
+            for j, (r, y0, x0, _) in enumerate(part):
+                win = out[r, y0:y0 + s, x0:x0 + s]
+                out[r, y0:y0 + s, x0:x0 + s] = torch.lerp(win, y[j, 0].to(win), alpha[j].to(win))
+        return out
