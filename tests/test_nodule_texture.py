@@ -37,11 +37,17 @@ def test_forward_redraws_only_the_hole():
     outline = torch.zeros(2, 1, 32, 32)
     outline[:, :, 12:18, 10:20] = 1
     with torch.no_grad():
-        y = g(ctx, outline, g.noise_inputs(2, 32, [1, 2]))
+        y = g(ctx, outline, torch.tensor([-0.5, 0.5]), g.noise_inputs(2, 32, [1, 2]))
+        z = g(ctx, outline, torch.tensor([0.5, 0.5]), g.noise_inputs(2, 32, [1, 2]))
     hole = hole_of(outline[:, 0] > 0, g.cfg.ring_px)[:, None]
     assert torch.equal(y[~hole], ctx[~hole])
     assert not torch.equal(y[hole], ctx[hole])
     assert float(y.abs().max()) <= 1
+    assert torch.equal(y[1], z[1]) and not torch.equal(y[0], z[0])  # the density is an input
+    # densities drawn from the stored quantiles: seeded, within their range
+    g.density_quantiles.copy_(torch.linspace(-0.6, 0.2, 101))
+    d = g.draw_density(list(range(200)))
+    assert torch.equal(d, g.draw_density(list(range(200)))) and -0.6 <= float(d.min()) < float(d.max()) <= 0.2
 
 
 def test_render_touches_only_nodules_and_their_rim_and_is_pure_per_row():

@@ -13,9 +13,12 @@ stays the slice's.
 
 Generator: a UNet (three stride-2 levels, no normalisation, so a window's output never depends on
 the other windows of its batch) whose input is the context with the hole zeroed, the hole, the
-outline and ``noise_channels`` of seeded Gaussian noise, with per-pixel noise added again in the
-decoder (StyleGAN's noise inputs, so the interior is drawn, not averaged). Critic: the lung texture's
-patch critic on (image, outline).
+outline, the nodule's mean density and ``noise_channels`` of seeded Gaussian noise, with per-pixel
+noise added again in the decoder (StyleGAN's noise inputs, so the interior is drawn, not averaged).
+The density is a condition because nothing in the window decides it: a first run without it drew
+every nodule as the grey average of solid and ground-glass ones. Training takes each real window's
+own density; generation draws it from the training windows' distribution (101 quantiles stored
+with the weights). Critic: the lung texture's patch critic on (image, outline).
 """
 from __future__ import annotations
 
@@ -105,7 +108,10 @@ class NoduleInpainter(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or NoduleTextureConfig()
         ch = cfg.channels
-        self.inp = nn.Sequential(_conv(3 + cfg.noise_channels, ch[0]), _conv(ch[0], ch[0]))
+        self.inp = nn.Sequential(_conv(4 + cfg.noise_channels, ch[0]), _conv(ch[0], ch[0]))
+        # quantiles of the real nodules' mean density (unit range, inside the outline) of the training
+        # windows: what render() draws each nodule's density from (set by the trainer, saved with it)
+        self.register_buffer("density_quantiles", torch.linspace(-1, 1, 101))
         self.down = nn.ModuleList(
             nn.Sequential(nn.Conv2d(ch[k], ch[k + 1], 4, 2, 1), nn.LeakyReLU(0.2), _conv(ch[k + 1], ch[k + 1]))
             for k in range(len(ch) - 1))
@@ -133,12 +139,16 @@ class NoduleInpainter(nn.Module):
                 t[b] = torch.randn(s, generator=g)
         return [t.to(device) for t in out]
 
-    def forward(self, context: torch.Tensor, outline: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
-        """context (B, 1, S, S) in the unit range, outline (B, 1, S, S) {0, 1} → (B, 1, S, S): the
-        context with its hole (the dilated outline) redrawn."""
+    def forward(self, context: torch.Tensor, outline: torch.Tensor, density: torch.Tensor,
+                noise: list[torch.Tensor]) -> torch.Tensor:
+        """context (B, 1, S, S) in the unit range, outline (B, 1, S, S) {0, 1}, density (B,) the mean
+        the nodule should have inside its outline (unit range) → (B, 1, S, S): the context with its
+        hole (the dilated outline) redrawn. The density is given, not guessed: the window cannot
+        tell a ground-glass nodule from a solid one, and a model left to guess draws their average."""
         hole = hole_of(outline[:, 0], self.cfg.ring_px)[:, None].to(context.dtype)
         keep = context * (1 - hole)
-        x = self.inp(torch.cat([keep, hole, outline.to(context.dtype), noise[0]], 1))
+        dens = density.to(context.dtype)[:, None, None, None].expand_as(context)
+        x = self.inp(torch.cat([keep, hole, outline.to(context.dtype), dens, noise[0]], 1))
         skips = [x]
         for d in self.down:
             x = d(x)
@@ -148,6 +158,14 @@ class NoduleInpainter(nn.Module):
             x = up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
             x = nz(merge(torch.cat([x, skips.pop()], 1)), n)
         return keep + torch.tanh(self.out(x)) * hole
+
+    def draw_density(self, seeds: Sequence[int]) -> torch.Tensor:
+        """(B,) densities drawn from :attr:`density_quantiles`, one per seed (a stream of its own)."""
+        q = self.density_quantiles.float().cpu()
+        u = torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed((int(s) ^ 0x5DEECE66D) & ((1 << 63) - 1))).item()
+                          for s in seeds]) * (len(q) - 1)
+        lo = u.floor().long().clamp(max=len(q) - 2)
+        return torch.lerp(q[lo], q[lo + 1], u - lo)
 
     def windows(self, masks: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
         """(row, y0, x0, rank, big) per nodule component of (B, H, W) ``masks``: the window's corner
@@ -201,7 +219,7 @@ class NoduleInpainter(nn.Module):
                 ctx[j, 0] = cfg.to_unit(out[r, y0:y0 + s, x0:x0 + s].float().to(dev))
                 outl[j, 0] = nod[r, y0:y0 + s, x0:x0 + s].float().to(dev)
             seeds_c = [p[3] for p in part] + [0] * (chunk - len(part))
-            y = cfg.to_hu(self(ctx, outl, self.noise_inputs(chunk, s, seeds_c, dev)))
+            y = cfg.to_hu(self(ctx, outl, self.draw_density(seeds_c).to(dev), self.noise_inputs(chunk, s, seeds_c, dev)))
             alpha = F.avg_pool2d(hole_of(outl[:, 0], cfg.ring_px).float()[:, None], 3, 1, 1)[:, 0]
             for j, (r, y0, x0, _) in enumerate(part):
                 win = out[r, y0:y0 + s, x0:x0 + s]

@@ -10,7 +10,8 @@ nodules sit in the centre.
 Step: the critic sees (window, outline) with the non-saturating loss and a lazy R1 penalty, as the
 lung texture's, each logit weighted by how much hole its cell holds (outside the hole real and fake
 are the same pixels: a plain mean stayed at chance, 2·ln 2, in a first run); the generator adds ``lambda_l1`` · the L1 distance inside the hole (so the hole
-agrees with its context's density) to the adversarial loss (so it draws texture, not a mean). An
+agrees with the real one) to the adversarial loss (so it draws texture, not a mean); both are given
+the real nodule's mean density inside its outline, the one thing the window cannot tell. An
 EMA of the generator is what is exported. Resume is exact (global RNG only, saved).
 """
 from __future__ import annotations
@@ -126,6 +127,10 @@ class NoduleTextureTrainer(LungTextureTrainer):
     def build(self) -> None:
         cfg = self.cfg
         self.G = NoduleInpainter(cfg.model).to(self.device)
+        with torch.no_grad():  # the bank's nodule densities, which generation draws from
+            inside = self.bank[:, 1] > 0
+            dens = (self.bank[:, 0] * inside).sum((1, 2)) / inside.sum((1, 2)).clamp(min=1)
+            self.G.density_quantiles.copy_(torch.quantile(dens, torch.linspace(0, 1, 101)))
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.D = PatchCritic(in_channels=2).to(self.device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
@@ -155,8 +160,9 @@ class NoduleTextureTrainer(LungTextureTrainer):
         real = self.real_batch()
         outline = real[:, 1:]
         hole = hole_of(outline[:, 0], cfg.model.ring_px)[:, None].float()
-        fake = torch.cat([self.G(real[:, :1], outline, self.G.noise_inputs(len(real), cfg.model.window,
-                                                                          device=self.device)), outline], 1)
+        density = self.density(real)
+        fake = torch.cat([self.G(real[:, :1], outline, density,
+                                 self.G.noise_inputs(len(real), cfg.model.window, device=self.device)), outline], 1)
         lazy = cfg.r1_gamma > 0 and self.step % cfg.r1_every == 0
         real.requires_grad_(lazy)
         d_real = self.D(real)
@@ -186,6 +192,12 @@ class NoduleTextureTrainer(LungTextureTrainer):
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "l1": l1.detach(), "r1": r1.detach(), **stats}
 
     @staticmethod
+    def density(views: torch.Tensor) -> torch.Tensor:
+        """(B,) mean unit-range image inside each view's outline (its nodule's density)."""
+        inside = views[:, 1] > 0
+        return (views[:, 0] * inside).sum((1, 2)) / inside.sum((1, 2)).clamp(min=1)
+
+    @staticmethod
     def logit_weights(hole: torch.Tensor, shape) -> torch.Tensor:
         """(B, 1, h, w) share of each critic logit's cell that is hole: only logits that see the hole
         count, since everywhere else real and fake windows are the same pixels (a plain mean sits at
@@ -201,8 +213,9 @@ class NoduleTextureTrainer(LungTextureTrainer):
         with torch.random.fork_rng():
             torch.manual_seed(0)
             real = self.real_batch()[:n]
-        outs = [self.G_ema(real[:, :1], real[:, 1:], self.G_ema.noise_inputs(n, cfg.window, [s * n + i for i in range(n)],
-                                                                              self.device)) for s in range(2)]
+        outs = [self.G_ema(real[:, :1], real[:, 1:], self.density(real),
+                           self.G_ema.noise_inputs(n, cfg.window, [s * n + i for i in range(n)], self.device))
+                for s in range(2)]
         imgs = [cfg.to_hu(t[:, 0]).cpu().numpy() for t in (real[:, :1], *outs)]
         preview_grid(self.out / "samples" / f"step-{self.step:08d}.png",
                      images_hu=[im for row in imgs for im in row], columns=n, tile=128)
