@@ -30,8 +30,28 @@ from ..masks.classes import MaskClass
 NAME = "lung_texture"
 
 
+class UnitRange:
+    """For a config with ``hu_low``/``hu_high`` (the HU span of a tanh output) and ``spacing_mm``
+    (the pixel size it draws at): their checks and the HU ↔ unit-range maps."""
+
+    def check_range(self) -> None:
+        name = type(self).__name__
+        if not self.hu_low < self.hu_high:
+            raise NoduleSynthError(f"{name}: hu_low {self.hu_low} must be below hu_high {self.hu_high}")
+        if not 0 < self.spacing_mm <= 20:
+            raise NoduleSynthError(f"{name}.spacing_mm={self.spacing_mm}: must be a pixel size in mm")
+
+    def to_unit(self, hu: torch.Tensor) -> torch.Tensor:
+        mid, half = (self.hu_high + self.hu_low) / 2, (self.hu_high - self.hu_low) / 2
+        return ((hu - mid) / half).clamp(-1, 1)
+
+    def to_hu(self, unit: torch.Tensor) -> torch.Tensor:
+        mid, half = (self.hu_high + self.hu_low) / 2, (self.hu_high - self.hu_low) / 2
+        return unit * half + mid
+
+
 @dataclass
-class LungTextureConfig:
+class LungTextureConfig(UnitRange):
     """Sizes of the texture generator and the HU range its tanh output spans."""
 
     z_local: int = 16  # noise channels per cell of the 1/2^(len(channels)-1) grid
@@ -48,10 +68,7 @@ class LungTextureConfig:
             raise NoduleSynthError(f"{type(self).__name__}.cond_channels={self.cond_channels}: must be ≥ 0")
         if len(self.channels) < 2 or min(self.channels) < 1:
             raise NoduleSynthError(f"LungTextureConfig.channels={self.channels}: need ≥ 2 positive sizes")
-        if not self.hu_low < self.hu_high:
-            raise NoduleSynthError(f"LungTextureConfig: hu_low {self.hu_low} must be below hu_high {self.hu_high}")
-        if not 0 < self.spacing_mm <= 20:
-            raise NoduleSynthError(f"LungTextureConfig.spacing_mm={self.spacing_mm}: must be a pixel size in mm")
+        self.check_range()
 
     @property
     def factor(self) -> int:
@@ -66,14 +83,6 @@ class LungTextureConfig:
         (23 px for f = 8, as measured by perturbing single noise cells). Also how far a field's
         zero-padded border reaches in."""
         return 3 * self.factor - 1
-
-    def to_unit(self, hu: torch.Tensor) -> torch.Tensor:
-        mid, half = (self.hu_high + self.hu_low) / 2, (self.hu_high - self.hu_low) / 2
-        return ((hu - mid) / half).clamp(-1, 1)
-
-    def to_hu(self, unit: torch.Tensor) -> torch.Tensor:
-        mid, half = (self.hu_high + self.hu_low) / 2, (self.hu_high - self.hu_low) / 2
-        return unit * half + mid
 
 
 class _Up(nn.Module):

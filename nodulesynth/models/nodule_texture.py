@@ -31,12 +31,13 @@ from torch import nn
 
 from ..errors import NoduleSynthError
 from ..masks.classes import MaskClass
+from .lung_texture import UnitRange
 
 NAME = "nodule_texture"
 
 
 @dataclass
-class NoduleTextureConfig:
+class NoduleTextureConfig(UnitRange):
     """Sizes of the inpainting generator, its window and hole, and the HU range its tanh output spans."""
 
     window: int = 64  # side of the square window the model sees (px at spacing_mm)
@@ -56,10 +57,7 @@ class NoduleTextureConfig:
                                    f"and at least {2 * self.factor}")
         if self.ring_px < 1 or self.noise_channels < 1:
             raise NoduleSynthError("NoduleTextureConfig: ring_px and noise_channels must be ≥ 1")
-        if not self.hu_low < self.hu_high:
-            raise NoduleSynthError(f"NoduleTextureConfig: hu_low {self.hu_low} must be below hu_high {self.hu_high}")
-        if not 0 < self.spacing_mm <= 20:
-            raise NoduleSynthError(f"NoduleTextureConfig.spacing_mm={self.spacing_mm}: must be a pixel size in mm")
+        self.check_range()
 
     @property
     def factor(self) -> int:
@@ -70,14 +68,6 @@ class NoduleTextureConfig:
     def max_extent(self) -> int:
         """Largest nodule extent (px) whose hole still keeps 4 px of context inside the window."""
         return self.window - 2 * (self.ring_px + 4)
-
-    def to_unit(self, hu: torch.Tensor) -> torch.Tensor:
-        mid, half = (self.hu_high + self.hu_low) / 2, (self.hu_high - self.hu_low) / 2
-        return ((hu - mid) / half).clamp(-1, 1)
-
-    def to_hu(self, unit: torch.Tensor) -> torch.Tensor:
-        mid, half = (self.hu_high + self.hu_low) / 2, (self.hu_high - self.hu_low) / 2
-        return unit * half + mid
 
 
 def hole_of(outline: torch.Tensor, ring_px: int) -> torch.Tensor:

@@ -40,8 +40,22 @@ log = logging.getLogger("nodulesynth.train")
 
 
 @dataclasses.dataclass
-class TextureTrainConfig(engine.RunConfig):
-    """What a texture GAN run (lungs, body) has: steps, patches, optimiser, R1, EMA."""
+class GanRunConfig(engine.RunConfig):
+    """What the small GAN runs (lung, body, nodule texture) share: optimiser, lazy R1, EMA, previews."""
+
+    lr_g: float = opt(2e-4, "generator Adam learning rate")
+    lr_d: float = opt(2e-4, "critic Adam learning rate")
+    beta1: float = opt(0.5, "Adam beta1")
+    beta2: float = opt(0.99, "Adam beta2")
+    r1_gamma: float = opt(1.0, "R1 penalty weight γ on the critic's gradient at real patches")
+    r1_every: int = opt(4, "apply R1 every this many steps (lazy regularisation, scaled to match)")
+    ema_beta: float = opt(0.999, "per-step decay of the exported generator's weight average")
+    num_samples: int = opt(8, "samples in each preview grid")
+
+
+@dataclasses.dataclass
+class TextureTrainConfig(GanRunConfig):
+    """What a texture GAN run (lungs, body) has: steps, patches, and the shared GAN settings."""
 
     model: LungTextureConfig = opt(factory=LungTextureConfig)
     steps: int = opt(4000, "optimisation steps")
@@ -51,14 +65,6 @@ class TextureTrainConfig(engine.RunConfig):
                           "reach, 23 px by default, so the critic never sees the zero-padded border)")
     stride: int = opt(24, "grid step of candidate patches in 512² slices (px)")
     max_patches_per_slice: int = opt(40, "cap per slice, so large slices do not outweigh the crops' patients")
-    lr_g: float = opt(2e-4, "generator Adam learning rate")
-    lr_d: float = opt(2e-4, "critic Adam learning rate")
-    beta1: float = opt(0.5, "Adam beta1")
-    beta2: float = opt(0.99, "Adam beta2")
-    r1_gamma: float = opt(1.0, "R1 penalty weight γ on the critic's gradient at real patches")
-    r1_every: int = opt(4, "apply R1 every this many steps (lazy regularisation, scaled to match)")
-    ema_beta: float = opt(0.999, "per-step decay of the exported generator's weight average")
-    num_samples: int = opt(8, "fields in each preview grid")
 
 
 @dataclasses.dataclass
@@ -218,12 +224,7 @@ class LungTextureTrainer(engine.Trainer):
         d_loss.backward()
         self.opt_d.step()
         g_loss = F.softplus(-self.D(fake)).mean()
-        self.opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.opt_g.step()
-        with torch.no_grad():
-            for e, p in zip(self.G_ema.parameters(), self.G.parameters()):
-                e.lerp_(p, 1 - cfg.ema_beta)
+        self.generator_step(g_loss)
         real = real.detach()
         to_hu = self.cfg.model.to_hu
         with torch.no_grad():
@@ -231,6 +232,15 @@ class LungTextureTrainer(engine.Trainer):
             stats = {"fake_mean_hu": f.mean(), "real_mean_hu": r.mean(),
                      "fake_dense": (f > -700).float().mean(), "real_dense": (r > -700).float().mean()}
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "r1": r1.detach(), **stats}
+
+    def generator_step(self, g_loss: torch.Tensor) -> None:
+        """One Adam step of the generator on ``g_loss``, then its EMA."""
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        with torch.no_grad():
+            for e, p in zip(self.G_ema.parameters(), self.G.parameters()):
+                e.lerp_(p, 1 - self.cfg.ema_beta)
 
     def state_dict(self) -> dict[str, Any]:
         return {"G": self.G.state_dict(), "G_ema": self.G_ema.state_dict(), "D": self.D.state_dict(),

@@ -29,30 +29,22 @@ from ..errors import NoduleSynthError
 from ..masks.classes import MaskClass
 from ..models.lung_texture import PatchCritic
 from ..models.nodule_texture import NAME, NoduleInpainter, NoduleTextureConfig, hole_of
-from . import engine
 from .engine import opt
-from .lung_texture import LungTextureTrainer
+from .lung_texture import GanRunConfig, LungTextureTrainer
 
 log = logging.getLogger("nodulesynth.train")
 
 
 @dataclasses.dataclass
-class NoduleTextureTrainConfig(engine.RunConfig):
-    """Nodule inpainting GAN run."""
+class NoduleTextureTrainConfig(GanRunConfig):
+    """Nodule inpainting GAN run (and the shared GAN settings)."""
 
+    r1_gamma: float = opt(0.1, "R1 penalty weight γ on the critic's gradient at real windows")
     model: NoduleTextureConfig = opt(factory=NoduleTextureConfig)
     steps: int = opt(6000, "optimisation steps")
     batch_size: int = opt(32, "windows per step")
     jitter: int = opt(8, "largest shift (px) of a view from the nodule's centre")
     lambda_l1: float = opt(10.0, "weight of the L1 distance to the real pixels inside the hole")
-    lr_g: float = opt(2e-4, "generator Adam learning rate")
-    lr_d: float = opt(2e-4, "critic Adam learning rate")
-    beta1: float = opt(0.5, "Adam beta1")
-    beta2: float = opt(0.99, "Adam beta2")
-    r1_gamma: float = opt(0.1, "R1 penalty weight γ on the critic's gradient at real windows")
-    r1_every: int = opt(4, "apply R1 every this many steps (lazy regularisation, scaled to match)")
-    ema_beta: float = opt(0.999, "per-step decay of the exported generator's weight average")
-    num_samples: int = opt(8, "windows in each preview grid")
 
 
 def nodule_cuts(hu: np.ndarray, mask: np.ndarray, side: int, max_extent: int) -> np.ndarray:
@@ -179,12 +171,8 @@ class NoduleTextureTrainer(LungTextureTrainer):
         real = real.detach()
         l1 = ((fake[:, :1] - real[:, :1]).abs() * hole).sum() / hole.sum().clamp(min=1)
         g_loss = wmean(F.softplus(-self.D(fake)), w) + cfg.lambda_l1 * l1
-        self.opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.opt_g.step()
+        self.generator_step(g_loss)
         with torch.no_grad():
-            for e, p in zip(self.G_ema.parameters(), self.G.parameters()):
-                e.lerp_(p, 1 - cfg.ema_beta)
             to_hu, inside = cfg.model.to_hu, hole[:, 0] > 0
             f, r = to_hu(fake[:, 0].detach())[inside], to_hu(real[:, 0])[inside]
             stats = {"fake_hole_hu": f.mean(), "real_hole_hu": r.mean(), "fake_hole_std": f.std(),
