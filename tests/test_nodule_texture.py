@@ -189,3 +189,21 @@ def test_real_slices_get_new_nodules_redrawn_from_the_scan_around_them():
     np.testing.assert_array_equal(a.images_hu[0].numpy()[keep], real_hu[keep])
     assert keep[real_mask == MaskClass.NODULE].all()  # the scan's own nodule is among the kept pixels
     assert not np.array_equal(a.images_hu[0].numpy()[fresh], b.images_hu[0].numpy()[fresh])
+
+
+def test_placed_texture_picks_the_density_band():
+    """A placed nodule's LIDC texture class picks its band of the density quantiles (ground-glass the
+    lowest 8 %, solid the top 86.5 %); a component without a placed nodule draws from all of them."""
+    g = model()
+    assert g.texture_band(None) == (0.0, 1.0)
+    assert g.texture_band(0) == (0.0, pytest.approx(0.08)) and g.texture_band(2)[1] == 1.0
+    g.density_quantiles.copy_(torch.linspace(-1, 1, 101))
+    d = g.draw_density(list(range(50)), [g.texture_band(0)] * 50)
+    assert float(d.max()) <= -1 + 2 * 0.08 + 1e-6
+    hu, masks = slices(2)
+    seen = []
+    orig = g.draw_density
+    g.draw_density = lambda seeds, bands=None: (seen.append(bands), orig(seeds, bands))[1]
+    ys, xs = (masks[0] == MaskClass.NODULE).nonzero(as_tuple=True)
+    g.render(hu, masks, [1, 2], textures=[[(int(xs.float().mean()), int(ys.float().mean()), 0)], None])
+    assert seen[0][:2] == [g.texture_band(0), (0.0, 1.0)]

@@ -47,6 +47,11 @@ class NoduleTextureConfig(UnitRange):
     hu_low: float = -1024.0
     hu_high: float = 976.0  # calcified nodules reach past +500 HU
     spacing_mm: float = 0.8  # pixel size of the training windows (the crops are resampled to it)
+    # Shares of the density quantiles that nodules of LIDC texture ground-glass / part-solid / solid
+    # draw from, lowest first: LIDC's class frequencies (8.0 / 5.5 / 86.5 %, README "Nodules"), so
+    # nodules placed with LIDC's texture mix keep the training windows' density distribution. That
+    # the rating follows density rank is assumed, not measured (the crops carry no rating).
+    texture_shares: tuple[float, ...] = (0.080, 0.055, 0.865)
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -58,6 +63,10 @@ class NoduleTextureConfig(UnitRange):
         if self.ring_px < 1 or self.noise_channels < 1:
             raise NoduleSynthError("NoduleTextureConfig: ring_px and noise_channels must be ≥ 1")
         self.check_range()
+        self.texture_shares = tuple(float(v) for v in self.texture_shares)
+        if len(self.texture_shares) != 3 or min(self.texture_shares) < 0 or abs(sum(self.texture_shares) - 1) > 1e-6:
+            raise NoduleSynthError(f"NoduleTextureConfig.texture_shares={self.texture_shares}: need 3 shares ≥ 0 "
+                                   "summing to 1 (ground-glass, part-solid, solid)")
 
     @property
     def factor(self) -> int:
@@ -149,18 +158,31 @@ class NoduleInpainter(nn.Module):
             x = nz(merge(torch.cat([x, skips.pop()], 1)), n)
         return keep + torch.tanh(self.out(x)) * hole
 
-    def draw_density(self, seeds: Sequence[int]) -> torch.Tensor:
-        """(B,) densities drawn from :attr:`density_quantiles`, one per seed (a stream of its own)."""
+    def texture_band(self, texture: int | None) -> tuple[float, float]:
+        """The quantile range a nodule of texture class ``texture`` (0 ground-glass, 1 part-solid,
+        2 solid; None: any) draws its density from."""
+        if texture is None:
+            return 0.0, 1.0
+        edges = [0.0, *torch.tensor(self.cfg.texture_shares).cumsum(0).tolist()]
+        return edges[texture], min(edges[texture + 1], 1.0)
+
+    def draw_density(self, seeds: Sequence[int], bands: Sequence[tuple[float, float]] | None = None) -> torch.Tensor:
+        """(B,) densities drawn from :attr:`density_quantiles` (within each row's quantile band, default
+        all), one per seed (a stream of its own)."""
         q = self.density_quantiles.float().cpu()
-        u = torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed((int(s) ^ 0x5DEECE66D) & ((1 << 63) - 1))).item()
-                          for s in seeds]) * (len(q) - 1)
+        bands = bands or [(0.0, 1.0)] * len(seeds)
+        r = torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed((int(s) ^ 0x5DEECE66D) & ((1 << 63) - 1))).item()
+                          for s in seeds])
+        lo, hi = torch.tensor(bands, dtype=torch.float32).reshape(-1, 2).unbind(1)
+        u = (lo + r * (hi - lo)) * (len(q) - 1)
         lo = u.floor().long().clamp(max=len(q) - 2)
         return torch.lerp(q[lo], q[lo + 1], u - lo)
 
-    def windows(self, masks: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
-        """(row, y0, x0, rank, big) per nodule component of (B, H, W) ``masks``: the window's corner
-        (centred on the component, shifted inside the image), the component's rank in its row
-        (raster order) and whether it is too big to redraw (extent over :attr:`max_extent`)."""
+    def windows(self, masks: torch.Tensor) -> list[tuple[int, int, int, int, tuple[int, int, int, int], bool]]:
+        """(row, y0, x0, rank, box, big) per nodule component of (B, H, W) ``masks``: the window's
+        corner (centred on the component, shifted inside the image), the component's rank in its row
+        (raster order), its box (y0, x0, y1, x1) and whether it is too big to redraw (extent over
+        :attr:`max_extent`)."""
         from ..masks.boxes import masks_to_boxes_batch
 
         s, (h, w) = self.cfg.window, masks.shape[-2:]
@@ -168,9 +190,8 @@ class NoduleInpainter(nn.Module):
         for r, bx in enumerate(masks_to_boxes_batch(masks)):
             for k, (x0, y0, x1, y1) in enumerate(bx.long().tolist()):
                 cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
-                big = max(x1 - x0, y1 - y0) > self.cfg.max_extent
                 out.append((r, min(max(cy - s // 2, 0), h - s), min(max(cx - s // 2, 0), w - s), k,
-                            (y0, x0, y1, x1) if big else None))
+                            (y0, x0, y1, x1), max(x1 - x0, y1 - y0) > self.cfg.max_extent))
         return out
 
     def redrawn(self, masks: torch.Tensor) -> torch.Tensor:
@@ -179,39 +200,48 @@ class NoduleInpainter(nn.Module):
         nod = masks == MaskClass.NODULE
         if masks.shape[-1] < self.cfg.window or masks.shape[-2] < self.cfg.window or not bool(nod.any()):
             return torch.zeros_like(nod)
-        for r, _, _, _, big in self.windows(masks):
-            if big is not None:
-                nod[r, big[0]:big[2], big[1]:big[3]] = False
+        for r, _, _, _, (y0, x0, y1, x1), big in self.windows(masks):
+            if big:
+                nod[r, y0:y1, x0:x1] = False
         return nod
 
     @torch.no_grad()
-    def render(self, hu: torch.Tensor, masks: torch.Tensor, seeds: Sequence[int], chunk: int = 16) -> torch.Tensor:
+    def render(self, hu: torch.Tensor, masks: torch.Tensor, seeds: Sequence[int],
+               textures: Sequence[Sequence[tuple[int, int, int]] | None] | None = None, chunk: int = 16) -> torch.Tensor:
         """``hu`` (B, H, W) with every nodule (class 5 component) that fits the window redrawn,
         window seed = hash of (the row's seed, the component's rank in raster order); components
-        whose extent passes :attr:`NoduleTextureConfig.max_extent` keep their pixels. Windows run in
-        fixed ``chunk``-row forward passes, so the result is a pure function of each row."""
+        whose extent passes :attr:`NoduleTextureConfig.max_extent` keep their pixels. ``textures``
+        (per row: (x, y, texture class) of its placed nodules, or None) picks each component's
+        density band (:meth:`texture_band`) from the placed nodule whose centre lies in its box. Windows
+        run in fixed ``chunk``-row forward passes, so the result is a pure function of each row."""
         cfg, s = self.cfg, self.cfg.window
         b, h, w = hu.shape
         if h < s or w < s:
             return hu
         dev = next(self.parameters()).device
-        jobs = [(r, y0, x0, (int(seeds[r]) * 1_000_003 + k) & ((1 << 63) - 1))
-                for r, y0, x0, k, big in self.windows(masks.to(dev)) if big is None]
+        nod = masks.to(hu.device) == MaskClass.NODULE
+        jobs = []  # (row, y0, x0, seed, density band)
+        for r, y0, x0, k, (by0, bx0, by1, bx1), big in self.windows(masks.to(dev)):
+            if big:
+                continue
+            tex = next((t for x, y, t in (textures[r] or []) if by0 <= y < by1 and bx0 <= x < bx1), None
+                       ) if textures is not None else None
+            jobs.append((r, y0, x0, (int(seeds[r]) * 1_000_003 + k) & ((1 << 63) - 1), self.texture_band(tex)))
         if not jobs:
             return hu
         out = hu.clone()
-        nod = masks.to(hu.device) == MaskClass.NODULE
         for c in range(0, len(jobs), chunk):
             part = jobs[c:c + chunk]
             ctx = torch.zeros(chunk, 1, s, s, device=dev)
             outl = torch.zeros(chunk, 1, s, s, device=dev)
-            for j, (r, y0, x0, _) in enumerate(part):
+            for j, (r, y0, x0, _, _) in enumerate(part):
                 ctx[j, 0] = cfg.to_unit(out[r, y0:y0 + s, x0:x0 + s].float().to(dev))
                 outl[j, 0] = nod[r, y0:y0 + s, x0:x0 + s].float().to(dev)
             seeds_c = [p[3] for p in part] + [0] * (chunk - len(part))
-            y = cfg.to_hu(self(ctx, outl, self.draw_density(seeds_c).to(dev), self.noise_inputs(chunk, s, seeds_c, dev)))
+            bands = [p[4] for p in part] + [(0.0, 1.0)] * (chunk - len(part))
+            y = cfg.to_hu(self(ctx, outl, self.draw_density(seeds_c, bands).to(dev), self.noise_inputs(chunk, s, seeds_c, dev)))
             alpha = F.avg_pool2d(hole_of(outl[:, 0], cfg.ring_px).float()[:, None], 3, 1, 1)[:, 0]
-            for j, (r, y0, x0, _) in enumerate(part):
+            for j, (r, y0, x0, _, _) in enumerate(part):
                 win = out[r, y0:y0 + s, x0:x0 + s]
                 out[r, y0:y0 + s, x0:x0 + s] = torch.lerp(win, y[j, 0].to(win), alpha[j].to(win))
         return out

@@ -468,8 +468,21 @@ class Synthesizer:
             )
         return m[: len(keys)].to(torch.uint8)
 
+    def _nodule_textures(self, keys, placed) -> list | None:
+        """Per row, (x, y, texture class) of its placed LIDC nodules (``placed``: their provenance
+        lists; default: the placer's record for each key), or None where nothing was placed."""
+        from ..masks.nodule_model import TEXTURES
+
+        if placed is None:
+            if self.lidc is None:
+                return None
+            placed = [self.lidc.placed.get((int(i), int(j))) for i, j in keys]
+        return [None if p is None else [(int(n["centre_px"][0]), int(n["centre_px"][1]), TEXTURES.index(n["texture"]))
+                                        for n in p] for p in placed]
+
     @torch.inference_mode()
-    def _translate(self, masks: torch.Tensor, keys: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+    def _translate(self, masks: torch.Tensor, keys: Sequence[tuple[int, int]] = (), placed: Sequence | None = None
+                   ) -> torch.Tensor:
         n = masks.shape[0]
         x = self._one_hot(self._pad(masks).long(), NUM_CLASSES).to(self.device)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -509,7 +522,9 @@ class Synthesizer:
             hu = self._composite_texture(hu, lm, keys, self.tsgan.lung_texture, 2, lung_alpha)  # a third stream
         if self.nodule_textured and not self._real_context:
             # each nodule redrawn from the slice around it (lungs, body, vessels as drawn so far): a seventh stream
-            hu = self.tsgan.nodule_texture.render(hu, m, self._stream_seeds(keys, 6, n)[:n]).clamp(HU_MIN, HU_MAX)
+            # (a placed LIDC nodule's density follows its texture class: models.nodule_texture.texture_band)
+            hu = self.tsgan.nodule_texture.render(hu, m, self._stream_seeds(keys, 6, n)[:n],
+                                                  self._nodule_textures(keys, placed)).clamp(HU_MIN, HU_MAX)
         if self.backgrounds is not None:
             # the background of sample (i, attempt j): a fourth seed stream (see synth.background)
             hu = self.backgrounds.paste(hu, m, self._stream_seeds(keys, 3, n), self.spacing_mm).clamp(HU_MIN, HU_MAX)
@@ -637,7 +652,8 @@ class Synthesizer:
         hus, boxes = [], []
         for s in range(0, len(m), self.config.block):
             part = m[s : s + self.config.block].to(self.device)
-            hus.append(self._translate(part, [(s + k, 0) for k in range(len(part))]).cpu())
+            hus.append(self._translate(part, [(s + k, 0) for k in range(len(part))],
+                                       placed[s : s + self.config.block]).cpu())
             bad = (~torch.isfinite(hus[-1]).flatten(1).all(1)).nonzero().flatten().tolist()
             if bad:
                 which = names[s + bad[0]] if names is not None else str(s + bad[0])
@@ -690,8 +706,8 @@ class Synthesizer:
             # scan's own nodules are context, never redrawn
             only_new = torch.where(fresh, MaskClass.NODULE, MaskClass.BODY)
             res = self.tsgan.nodule_texture.render(torch.from_numpy(res).to(self.device), only_new.to(self.device),
-                                                   self._stream_seeds([(k, 0) for k in range(len(new))], 6, 0)
-                                                   ).clamp(HU_MIN, HU_MAX).cpu().numpy()
+                                                   self._stream_seeds([(k, 0) for k in range(len(new))], 6, 0),
+                                                   self._nodule_textures(None, placed)).clamp(HU_MIN, HU_MAX).cpu().numpy()
         prov = [{**(out.provenance[k] if out is not None else {}), "source": "real+lidc-nodules", "real": n,
                  "seed": int(self.config.seed), "nodule_mode": "lidc", "nodules": placed[k]}
                 for k, n in enumerate(names)]
