@@ -207,14 +207,3 @@ def test_placed_texture_picks_the_density_band():
     ys, xs = (masks[0] == MaskClass.NODULE).nonzero(as_tuple=True)
     g.render(hu, masks, [1, 2], textures=[[(int(xs.float().mean()), int(ys.float().mean()), 0)], None])
     assert seen[0][:2] == [g.texture_band(0), (0.0, 1.0)]
-
-
-def test_paste_weight_is_round_and_inside_the_hole():
-    from nodulesynth.models.nodule_texture import paste_alpha
-
-    o = torch.zeros(1, 15, 15, dtype=torch.bool)
-    o[0, 7, 7] = True
-    a = paste_alpha(o, 2)[0]
-    assert a[7, 7] == 1 and a[6, 7] == 1 and a[7, 5] == 0.5 and a[6, 6] == 0.5
-    assert a[5, 5] == 0 and a[5, 6] == 0  # the square hole's corners stay the context's
-    assert not (a > 0)[~hole_of(o, 2)[0]].any()

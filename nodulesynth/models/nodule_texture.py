@@ -85,21 +85,6 @@ def hole_of(outline: torch.Tensor, ring_px: int) -> torch.Tensor:
     return F.max_pool2d(outline.float()[:, None], k, 1, ring_px)[:, 0] > 0
 
 
-def _disk(outline: torch.Tensor, radius: int) -> torch.Tensor:
-    """(B, H, W) bool: ``outline`` dilated by a Euclidean disk of ``radius`` px."""
-    r = torch.arange(-radius, radius + 1, device=outline.device, dtype=torch.float32)
-    k = ((r[:, None] ** 2 + r[None, :] ** 2) <= radius ** 2).float()[None, None]
-    return F.conv2d(outline.float()[:, None], k, padding=radius)[:, 0] > 0
-
-
-def paste_alpha(outline: torch.Tensor, ring_px: int) -> torch.Tensor:
-    """(B, H, W) weight of the model's pixels when pasted: 1 on the outline and a disk of ``ring_px``
-    − 1 around it, ½ on the last ring, 0 beyond. Round where the hole is square: a dense nodule drawn
-    to the hole's edge showed its corners (a bright square) in a first held-out grid."""
-    inner = _disk(outline, ring_px - 1) if ring_px > 1 else outline.bool()
-    return inner.float() + 0.5 * (_disk(outline, ring_px) & ~inner).float()
-
-
 class _Noise(nn.Module):
     """Adds per-pixel noise, scaled per channel by a learnt weight (zero at start)."""
 
@@ -255,7 +240,7 @@ class NoduleInpainter(nn.Module):
             seeds_c = [p[3] for p in part] + [0] * (chunk - len(part))
             bands = [p[4] for p in part] + [(0.0, 1.0)] * (chunk - len(part))
             y = cfg.to_hu(self(ctx, outl, self.draw_density(seeds_c, bands).to(dev), self.noise_inputs(chunk, s, seeds_c, dev)))
-            alpha = paste_alpha(outl[:, 0], cfg.ring_px)
+            alpha = F.avg_pool2d(hole_of(outl[:, 0], cfg.ring_px).float()[:, None], 3, 1, 1)[:, 0]
             for j, (r, y0, x0, _, _) in enumerate(part):
                 win = out[r, y0:y0 + s, x0:x0 + s]
                 out[r, y0:y0 + s, x0:x0 + s] = torch.lerp(win, y[j, 0].to(win), alpha[j].to(win))
