@@ -117,14 +117,34 @@ def test_wheel_ships_the_default_weights(tmp_path):
 
 def test_shipped_lung_texture_fills_only_the_lungs(shipped, samples):
     """The shipped weights hold the lung texture model, every sample says it was used, and turning it
-    off changes the lungs only (same masks, same translator pixels everywhere else)."""
+    off changes the lungs only (same masks, same translator pixels everywhere else; the nodules,
+    redrawn from the lungs around them, and their rim change with it)."""
+    from nodulesynth.models.nodule_texture import hole_of
+
     assert shipped.lung_texture is not None
     assert all(p["lung_texture"] for p in samples.provenance)
     off = Synthesizer(shipped, GenerationConfig(seed=0, block=4, batch_size=4, lung_texture=False)).generate(range(4))
     assert torch.equal(off.masks, samples.masks)
     lungs = (samples.masks == C.LEFT_LUNG) | (samples.masks == C.RIGHT_LUNG)
+    lungs |= hole_of(samples.masks == C.NODULE, shipped.nodule_texture.cfg.ring_px + 1)
     assert torch.equal(off.images_hu[~lungs], samples.images_hu[~lungs])
     assert not torch.equal(off.images_hu[lungs], samples.images_hu[lungs])
+
+
+def test_shipped_nodule_texture_redraws_only_nodules_and_their_lung_margin(shipped, samples):
+    """The shipped weights hold the nodule texture model; off, the slices are the previous revision's:
+    only the nodules, their 2-px rim and the lung texture's margin around them differ."""
+    from nodulesynth.models.nodule_texture import hole_of
+
+    assert shipped.nodule_texture is not None
+    assert all(p["nodule_texture"] for p in samples.provenance)
+    off = Synthesizer(shipped, GenerationConfig(seed=0, block=4, batch_size=4, nodule_texture=False)).generate(range(4))
+    assert torch.equal(off.masks, samples.masks)
+    nod = samples.masks == C.NODULE
+    near = hole_of(nod, shipped.nodule_texture.cfg.ring_px + 1)
+    margin = hole_of(nod, 3 + 4 + 1)  # lung_alpha's nodule margin and ramp
+    assert torch.equal(off.images_hu[~margin], samples.images_hu[~margin])
+    assert not torch.equal(off.images_hu[near], samples.images_hu[near])
 
 
 def test_shipped_slices_show_no_strong_grid(samples):
