@@ -194,26 +194,29 @@ class NoduleInpainter(nn.Module):
                             (y0, x0, y1, x1), max(x1 - x0, y1 - y0) > self.cfg.max_extent))
         return out
 
-    def redrawn(self, masks: torch.Tensor) -> torch.Tensor:
+    def redrawn(self, masks: torch.Tensor, wins: list | None = None) -> torch.Tensor:
         """(B, H, W) bool: the nodule pixels :meth:`render` redraws (all but the too-big components'
-        boxes), so the lung texture can run beneath them up to the hole."""
+        boxes), so the lung texture can run beneath them up to the hole. ``wins``: :meth:`windows`
+        of these masks, when the caller has them (one labelling per block, not two)."""
         nod = masks == MaskClass.NODULE
         if masks.shape[-1] < self.cfg.window or masks.shape[-2] < self.cfg.window or not bool(nod.any()):
             return torch.zeros_like(nod)
-        for r, _, _, _, (y0, x0, y1, x1), big in self.windows(masks):
+        for r, _, _, _, (y0, x0, y1, x1), big in (self.windows(masks) if wins is None else wins):
             if big:
                 nod[r, y0:y1, x0:x1] = False
         return nod
 
     @torch.no_grad()
     def render(self, hu: torch.Tensor, masks: torch.Tensor, seeds: Sequence[int],
-               textures: Sequence[Sequence[tuple[int, int, int]] | None] | None = None, chunk: int = 16) -> torch.Tensor:
+               textures: Sequence[Sequence[tuple[int, int, int]] | None] | None = None, chunk: int = 16,
+               wins: list | None = None) -> torch.Tensor:
         """``hu`` (B, H, W) with every nodule (class 5 component) that fits the window redrawn,
         window seed = hash of (the row's seed, the component's rank in raster order); components
         whose extent passes :attr:`NoduleTextureConfig.max_extent` keep their pixels. ``textures``
         (per row: (x, y, texture class) of its placed nodules, or None) picks each component's
         density band (:meth:`texture_band`) from the placed nodule whose centre lies in its box. Windows
-        run in fixed ``chunk``-row forward passes, so the result is a pure function of each row."""
+        run in fixed ``chunk``-row forward passes, so the result is a pure function of each row.
+        ``wins``: :meth:`windows` of these masks, when the caller has them."""
         cfg, s = self.cfg, self.cfg.window
         b, h, w = hu.shape
         if h < s or w < s:
@@ -221,7 +224,7 @@ class NoduleInpainter(nn.Module):
         dev = next(self.parameters()).device
         nod = masks.to(hu.device) == MaskClass.NODULE
         jobs = []  # (row, y0, x0, seed, density band)
-        for r, y0, x0, k, (by0, bx0, by1, bx1), big in self.windows(masks.to(dev)):
+        for r, y0, x0, k, (by0, bx0, by1, bx1), big in (self.windows(masks.to(dev)) if wins is None else wins):
             if big:
                 continue
             tex = next((t for x, y, t in (textures[r] or []) if by0 <= y < by1 and bx0 <= x < bx1), None

@@ -510,21 +510,24 @@ class Synthesizer:
             hu, entries = self.atlas.apply(self._pad(hu), pm, seeds, self.spacing_mm)
             hu = hu[:n].clamp(HU_MIN, HU_MAX)
             self._atlas_entries.update(zip(keys, entries[:n]))
+        redraw = self.nodule_textured and not self._real_context
+        # the nodule components and their windows, labelled once for the lung texture and the redraw
+        wins = self.tsgan.nodule_texture.windows(m.to(self.device)) if redraw else None
         if self.textured:
             from ..models.lung_texture import lung_alpha
 
             lm = m
-            if self.nodule_textured and not self._real_context:
+            if redraw:
                 # the nodules the nodule model redraws lie on textured lung, as real nodules do (its
                 # context is then parenchyma up to the hole, not the translator's smooth margin)
-                lm = torch.where(self.tsgan.nodule_texture.redrawn(m.to(self.device)).to(m.device),
+                lm = torch.where(self.tsgan.nodule_texture.redrawn(m.to(self.device), wins).to(m.device),
                                  MaskClass.LEFT_LUNG, m)
             hu = self._composite_texture(hu, lm, keys, self.tsgan.lung_texture, 2, lung_alpha)  # a third stream
-        if self.nodule_textured and not self._real_context:
+        if redraw:
             # each nodule redrawn from the slice around it (lungs, body, vessels as drawn so far): a seventh stream
             # (a placed LIDC nodule's density follows its texture class: models.nodule_texture.texture_band)
             hu = self.tsgan.nodule_texture.render(hu, m, self._stream_seeds(keys, 6, n)[:n],
-                                                  self._nodule_textures(keys, placed)).clamp(HU_MIN, HU_MAX)
+                                                  self._nodule_textures(keys, placed), wins=wins).clamp(HU_MIN, HU_MAX)
         if self.backgrounds is not None:
             # the background of sample (i, attempt j): a fourth seed stream (see synth.background)
             hu = self.backgrounds.paste(hu, m, self._stream_seeds(keys, 3, n), self.spacing_mm).clamp(HU_MIN, HU_MAX)

@@ -120,9 +120,7 @@ class NoduleTextureTrainer(LungTextureTrainer):
         cfg = self.cfg
         self.G = NoduleInpainter(cfg.model).to(self.device)
         with torch.no_grad():  # the bank's nodule densities, which generation draws from
-            inside = self.bank[:, 1] > 0
-            dens = (self.bank[:, 0] * inside).sum((1, 2)) / inside.sum((1, 2)).clamp(min=1)
-            self.G.density_quantiles.copy_(torch.quantile(dens, torch.linspace(0, 1, 101)))
+            self.G.density_quantiles.copy_(torch.quantile(self.density(self.bank), torch.linspace(0, 1, 101)))
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.D = PatchCritic(in_channels=2).to(self.device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
