@@ -77,9 +77,14 @@ def _command(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None  # the console script, python -m nodulesynth
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, modules = build_parser(only=_command(argv))
     args = parser.parse_args(argv)
+    if own_process:
+        from .runtime import keep_heap
+
+        keep_heap()
     try:
         with _terminate_as_interrupt():
             return int(modules[args.command].run(args) or 0)

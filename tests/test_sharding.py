@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -99,6 +100,16 @@ def test_torchrun_two_ranks_equal_single_run(setup, single):
     _assert_same(single, out)
     assert (out / "preview.png").is_file() and not (out / ".shards").exists()
     assert not [p for p in root.iterdir() if p.name.startswith(".torchrun.tmp")]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_cli_process_keeps_its_heap():
+    """The CLI's own process keeps freed memory (runtime.keep_heap; the torchrun run above used it and
+    wrote the in-process run's files); NODULESYNTH_KEEP_HEAP=0 leaves the allocator alone."""
+    code = "from nodulesynth.runtime import keep_heap; print(keep_heap())"
+    for env, want in ((_env(), "True"), (_env(NODULESYNTH_KEEP_HEAP="0"), "False")):
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.stdout.strip() == want, r.stderr
 
 
 def test_a_failing_rank_fails_the_run_and_leaves_nothing(setup, tmp_path):
