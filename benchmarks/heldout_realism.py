@@ -236,4 +236,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from nodulesynth.runtime import keep_heap
+
+    keep_heap()  # the process is ours: reuse freed 512² buffers (README "Performance", "Heap")
     raise SystemExit(main())

@@ -192,3 +192,67 @@ def test_field_cut_to_boxes_equals_the_whole_field_inside_them():
     a = torch.zeros(2, 8, 8)
     a[0, 2:5, 3:7] = 0.5
     assert alpha_boxes(a).tolist() == [[2, 3, 5, 7], [0, 0, 0, 0]]
+
+
+def test_lung_conditions_say_where_in_the_lung():
+    from nodulesynth.models.lung_texture import LUNG_CONDITIONS, lung_conditions
+
+    _, masks, _ = synth_slices(1, 128, nodule_every=1)
+    m = torch.from_numpy(masks[-1:].copy()).long()
+    c = lung_conditions(m)
+    assert c.shape == (1, LUNG_CONDITIONS, 128, 128)
+    lung = (m == MaskClass.LEFT_LUNG) | (m == MaskClass.RIGHT_LUNG) | (m == MaskClass.NODULE)
+    assert torch.equal(c[:, 0] > 0, lung) and float(c[:, 1:][~lung[:, None].expand(-1, 2, -1, -1)].abs().max()) == 0
+    # depth runs 0 → 1 down each lung; the hilum map grows away from the mediastinum
+    for side in (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG):
+        rows = torch.nonzero(m[0] == side)[:, 0]
+        col = c[0, 2][m[0] == side]
+        assert float(col[rows == rows.min()].max()) == 0 and float(col[rows == rows.max()].min()) == 1
+    r, l = m[0] == MaskClass.RIGHT_LUNG, m[0] == MaskClass.LEFT_LUNG  # the patient's right: the image's left
+    inner = c[0, 1][r][torch.nonzero(r)[:, 1] == torch.nonzero(r)[:, 1].max()].mean()
+    outer = c[0, 1][r][torch.nonzero(r)[:, 1] == torch.nonzero(r)[:, 1].min()].mean()
+    assert float(inner) < float(outer) and bool(l.any())
+
+
+def test_conditioned_lung_texture_fine_tunes_from_an_unconditional_one(tmp_path):
+    """``--init-weights`` with ``--cond-channels 3``: the widened generator draws the old field until
+    trained (its new inputs start at zero), trains on 512²-class slices with their conditions, and the
+    pipeline feeds it the masks' lung conditions."""
+    from nodulesynth.data.slices import write_slice_dataset
+    from nodulesynth.models.io import load_module, save_module
+    from nodulesynth.models.lung_texture import LUNG_CONDITIONS
+
+    torch.manual_seed(2)
+    g = LungTextureGenerator(LungTextureConfig(**SMALL)).eval()
+    wide = g.with_conditions(LUNG_CONDITIONS)
+    assert torch.equal(g.sample_hu(32, 32, [5]), wide.sample_hu(32, 32, [5], cond=torch.rand(1, 3, 32, 32)))
+    with pytest.raises(NoduleSynthError, match="already takes 3"):
+        wide.with_conditions(3)
+    save_module(g, g.cfg, tmp_path / "init", "lung_texture")
+    images, masks, records = synth_slices(2, 256)
+    data = str(write_slice_dataset(tmp_path / "d", images, masks, records))
+    model = LungTextureConfig(**SMALL, cond_channels=LUNG_CONDITIONS)
+    run = train_lung_texture(tex_cfg(data, tmp_path / "run", model=model, steps=2, init_weights=str(tmp_path / "init")))
+    trained = load_module(LungTextureGenerator, LungTextureConfig, run / "export", "lung_texture")
+    assert trained.cfg.cond_channels == LUNG_CONDITIONS and json.loads((run / "run.json").read_text())["patches"] > 0
+    with pytest.raises(NoduleSynthError, match="0 or 3 condition maps"):
+        train_lung_texture(tex_cfg(data, tmp_path / "bad", model=LungTextureConfig(**SMALL, cond_channels=2)))
+    with pytest.raises(NoduleSynthError, match="differs from --model"):
+        train_lung_texture(tex_cfg(data, tmp_path / "bad2", init_weights=str(tmp_path / "init"),
+                                   model=LungTextureConfig(z_local=4, z_global=4, channels=(8, 4, 4))))
+
+    from nodulesynth.models.tsgan import TSGAN
+    from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
+    from test_train import MASK_MODEL, TR_MODEL
+    from nodulesynth.models.pix2pix import TranslatorConfig
+    from nodulesynth.models.stylegan import MaskGANConfig
+
+    torch.manual_seed(0)
+    plain = TSGAN.from_configs(MaskGANConfig(**MASK_MODEL), TranslatorConfig(**TR_MODEL), image_size=64,
+                               meta={"spacing_mm": 0.8})
+    tex = TSGAN(plain.mask_generator, plain.translator, plain.meta, lung_texture=trained.eval())
+    m = chest(64).repeat(2, 1, 1)
+    with Synthesizer(tex, GenerationConfig(nodules="stylegan", block=2)) as syn:
+        one = syn._translate(m[1:], [(1, 0)])
+        both = syn._translate(m[[1, 0]], [(1, 0), (0, 0)])
+        assert torch.equal(one[0], both[0]) and torch.isfinite(one).all()

@@ -17,6 +17,7 @@ at chance and the generator drew blobs.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -109,6 +110,55 @@ def _pool_to(cond: torch.Tensor, size) -> torch.Tensor:
     return cond if tuple(cond.shape[2:]) == tuple(size) else F.adaptive_avg_pool2d(cond, tuple(size))
 
 
+def distance_steps(src: torch.Tensor, quant: int, reach: int) -> torch.Tensor:
+    """(B, H, W) distance from ``src`` pixels in ``quant``-px steps, / ``reach``, clipped at 1: computed
+    at 1/``quant`` resolution by repeated 3×3 max pooling (batched, the same on any device), then
+    upsampled."""
+    h, w = src.shape[1:]
+    x = F.max_pool2d(src.float()[:, None], quant, quant, ceil_mode=True)
+    d = torch.full_like(x, float(reach))
+    for k in range(reach):
+        d = torch.where((x > 0) & (d >= reach), torch.full_like(d, float(k)), d)
+        x = F.max_pool2d(x, 3, 1, 1)
+    return F.interpolate(d / reach, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+
+
+LUNG_CONDITIONS = 3  # condition maps of a conditioned lung texture (lung_conditions)
+HILUM_QUANT, HILUM_REACH = 8, 24  # the distance from the mediastinum: 8-px steps, 0…1 over 192 px
+
+
+def lung_conditions(masks: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) where in the lung a pixel lies, for a conditioned lung texture: vessels are thick
+    near the hilum and thin out towards the pleura, and the dependent (posterior) lung is denser.
+
+    1. the lungs (classes 2, 3 and their nodules);
+    2. the distance from the mediastinum (body pixels between the lungs along their row, where the
+       hila are), in ``HILUM_QUANT``-px steps up to ``HILUM_REACH`` (0…1 over 192 px at 0.8 mm);
+    3. the depth down the lung, front to back: 0 at the lung's top row in the image, 1 at its bottom.
+    All three are 0 outside the lungs."""
+    m = masks.long()
+    left, right = m == MaskClass.LEFT_LUNG, m == MaskClass.RIGHT_LUNG
+    nodule = m == MaskClass.NODULE
+    lung = left | right | nodule  # a nodule lies in the lung: its field is drawn there too
+    # the patient's right lung lies on the image's left: between = a right-lung pixel to the left along
+    # the row and a left-lung pixel to the right, and not lung (as models.body_texture's map)
+    between = right.int().cummax(2).values.bool() & left.flip(2).int().cummax(2).values.flip(2).bool() & ~lung
+    hilum = distance_steps(between, HILUM_QUANT, HILUM_REACH)
+    rows = torch.arange(m.shape[1], device=m.device, dtype=torch.float32)[None, :, None]
+
+    def depth_in(side: torch.Tensor) -> torch.Tensor:  # 0 at the side's first row, 1 at its last
+        any_row = side.any(2)
+        top = torch.where(any_row, rows[..., 0], float("inf")).amin(1)
+        bottom = torch.where(any_row, rows[..., 0], -float("inf")).amax(1)
+        return ((rows - top[:, None, None]) / (bottom - top).clamp_min(1)[:, None, None]).clamp(0, 1).expand(m.shape)
+
+    zero = torch.zeros(m.shape, device=m.device)
+    depth = torch.where(left, depth_in(left), torch.where(right, depth_in(right),
+                                                          torch.where(nodule, depth_in(left | right), zero)))
+    lf = lung.float()
+    return torch.stack([lf, hilum * lf, depth], 1)
+
+
 class LungTextureGenerator(nn.Module):
     """Noise (and, with ``cfg.cond_channels``, condition maps at the field's size) → a texture field
     in [-1, 1] (map to HU with ``cfg.to_hu``). Unconditional it draws the lung parenchyma; conditioned
@@ -166,6 +216,22 @@ class LungTextureGenerator(nn.Module):
     def reach(self) -> int:
         """How far (px) an input noise cell's effect reaches beyond the cell (:attr:`LungTextureConfig.reach`)."""
         return self.cfg.reach
+
+    def with_conditions(self, cond_channels: int) -> "LungTextureGenerator":
+        """A copy that also takes ``cond_channels`` condition maps (this one takes none), drawing the same
+        field until trained: the new inputs' weights start at zero (fine-tuning a texture onto where it
+        draws, as ControlNet's zero-initialised inputs)."""
+        if self.cfg.cond_channels:
+            raise NoduleSynthError(f"texture generator: already takes {self.cfg.cond_channels} condition maps")
+        cfg = dataclasses.replace(self.cfg, cond_channels=cond_channels)
+        new = LungTextureGenerator(cfg).to(self.inp.weight.device)
+        with torch.no_grad():
+            own = dict(self.named_parameters())
+            for name, p in new.named_parameters():
+                old = own[name]
+                p.zero_()
+                p[tuple(slice(0, n) for n in old.shape)] = old  # the condition inputs are the last channels
+        return new
 
     @torch.no_grad()
     def sample_hu(self, height: int, width: int, seeds: Sequence[int], device=None,

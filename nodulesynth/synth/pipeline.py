@@ -514,7 +514,7 @@ class Synthesizer:
         # the nodule components and their windows, labelled once for the lung texture and the redraw
         wins = self.tsgan.nodule_texture.windows(m.to(self.device)) if redraw else None
         if self.textured:
-            from ..models.lung_texture import lung_alpha
+            from ..models.lung_texture import lung_alpha, lung_conditions
 
             lm = m
             if redraw:
@@ -522,7 +522,8 @@ class Synthesizer:
                 # context is then parenchyma up to the hole, not the translator's smooth margin)
                 lm = torch.where(self.tsgan.nodule_texture.redrawn(m.to(self.device), wins).to(m.device),
                                  MaskClass.LEFT_LUNG, m)
-            hu = self._composite_texture(hu, lm, keys, self.tsgan.lung_texture, 2, lung_alpha)  # a third stream
+            cond = lung_conditions(self._pad(m)) if self.tsgan.lung_texture.cfg.cond_channels else None
+            hu = self._composite_texture(hu, lm, keys, self.tsgan.lung_texture, 2, lung_alpha, cond)  # a third stream
         if redraw:
             # each nodule redrawn from the slice around it (lungs, body, vessels as drawn so far): a seventh stream
             # (a placed LIDC nodule's density follows its texture class: models.nodule_texture.texture_band)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ..errors import NoduleSynthError
 from ..masks.classes import MaskClass
-from ..models.lung_texture import NAME, LungTextureConfig, LungTextureGenerator, PatchCritic
+from ..models.lung_texture import (LUNG_CONDITIONS, NAME, LungTextureConfig, LungTextureGenerator, PatchCritic,
+                                   lung_conditions)
 from . import engine
 from .engine import opt
 from .sources import SliceSources
@@ -73,6 +74,9 @@ class LungTextureTrainConfig(TextureTrainConfig):
 
     min_lung: float = opt(0.98, "least share of lung pixels in a patch")
     nodule_margin_px: int = opt(6, "patches keep this far from nodule pixels")
+    init_weights: str | None = opt(None, "fine-tune: start from the lung texture of this weights folder (\"pretrained\": "
+                                         "the shipped one); with --model.cond-channels 3 its new condition inputs "
+                                         "start at zero")
 
 
 def windows(region: np.ndarray, size: int, stride: int, share: float, margin: int = 0
@@ -175,13 +179,25 @@ class LungTextureTrainer(engine.Trainer):
 
     def build(self) -> None:
         cfg = self.cfg
-        self.G = LungTextureGenerator(cfg.model).to(self.device)
+        self.G = self.initial_generator().to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.D = PatchCritic(in_channels=1 + cfg.model.cond_channels).to(self.device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
         self.opt_d = torch.optim.Adam(self.D.parameters(), cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
         self.G.train()
         self.D.train()
+
+    def initial_generator(self) -> LungTextureGenerator:
+        """A fresh generator, or ``init_weights``'s lung texture (widened to the run's condition maps)."""
+        cfg = self.cfg
+        if not getattr(cfg, "init_weights", None):
+            return LungTextureGenerator(cfg.model)
+        G = engine.load_init_module(cfg.init_weights, LungTextureGenerator, LungTextureConfig, NAME)
+        widen = cfg.model.cond_channels and not G.cfg.cond_channels
+        if dataclasses.replace(G.cfg, cond_channels=cfg.model.cond_channels) != cfg.model:
+            raise NoduleSynthError(f"--init-weights {cfg.init_weights}: its lung texture ({G.cfg}) differs from "
+                                   f"--model ({cfg.model}) in more than the condition maps")
+        return G.with_conditions(cfg.model.cond_channels) if widen else G
 
     def total_steps(self) -> int:
         return self.cfg.steps
@@ -276,6 +292,113 @@ class LungTextureTrainer(engine.Trainer):
         save_module(self.G_ema, self.cfg.model, self.out / "export", self.export_name)
 
 
+class ConditionalTextureTrainer(LungTextureTrainer):
+    """The same loop for a generator conditioned on where it draws (``region``, ``conditions``):
+
+    - Data: every ``patch_size``² window (on a ``stride`` grid) of the 512² TRAIN slices that is at least
+      ``share`` region, kept with the condition maps of the whole field the generator draws around it;
+      pixels outside the region read ``hu_low``. Nodule crops hold too little of a slice to say where
+      they lie, so they give no window.
+    - The critic sees the image and its condition maps (a conditional patch critic, as pix2pix's).
+    - The generator draws a field for the condition maps of another bank window, and only its region
+      (condition map 0) counts: what it learns is the texture given where it lies."""
+
+    def region(self, mask: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def conditions(self, mask: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def share(self) -> float:
+        raise NotImplementedError
+
+    def patches(self, hu: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(n, 1 + C, S, S): the field-sized window's HU (region only) and its condition maps."""
+        cfg = self.cfg
+        size, m = cfg.patch_size, cfg.margin
+        side = size + 2 * m
+        h, w = hu.shape
+        empty = np.zeros((0, 1 + cfg.model.cond_channels, side, side), np.float32)
+        if max(h, w) < 256 or h < side or w < side:
+            return empty
+        region = self.region(mask)
+        y, x, ok = windows(region, size, cfg.stride, self.share, margin=m)
+        ok = rng.permutation(ok)[: cfg.max_patches_per_slice]
+        if not len(ok):
+            return empty
+        image = np.where(region, hu, cfg.model.hu_low)[None]
+        both = np.concatenate([image, self.conditions(mask)]).astype(np.float32)
+        return np.stack([both[:, y[k] - m:y[k] + size + m, x[k] - m:x[k] + size + m] for k in ok])
+
+    def to_bank(self, patches: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(patches)
+        t[:, :1] = self.cfg.model.to_unit(t[:, :1])
+        return t.contiguous()
+
+    def _centre(self, x: torch.Tensor) -> torch.Tensor:
+        m, size = self.cfg.margin, self.cfg.patch_size
+        return x[:, :, m:m + size, m:m + size]
+
+    def real_batch(self) -> torch.Tensor:
+        """``batch_size`` windows (image + conditions), each flipped left-right at random: front and back
+        differ (and a condition map may say which is which), so no turns."""
+        cfg = self.cfg
+        real = self._centre(self.bank[torch.randint(0, len(self.bank), (cfg.batch_size,))])
+        flip = torch.rand(cfg.batch_size) < 0.5
+        return torch.where(flip[:, None, None, None], real.flip(-1), real).to(self.device)
+
+    def fake_batch(self) -> torch.Tensor:
+        """Fields for the condition maps of random bank windows; outside the region, ``hu_low``."""
+        cfg = self.cfg
+        cond = self.bank[torch.randint(0, len(self.bank), (cfg.batch_size,)), 1:].to(self.device)
+        side = cfg.patch_size + 2 * cfg.margin
+        fake = self._centre(self.G(self.G.noise(cfg.batch_size, side, side, device=self.device), cond))
+        c = self._centre(cond)
+        return torch.cat([torch.where(c[:, :1] > 0.5, fake, torch.full_like(fake, -1.0)), c], 1)
+
+    @torch.no_grad()
+    def preview(self) -> None:
+        """Top row: fields of the averaged generator for bank windows' conditions; bottom: those windows."""
+        from ..viz import preview_grid
+
+        cfg, n = self.cfg, self.cfg.num_samples
+        pick = self.bank[torch.linspace(0, len(self.bank) - 1, n).long()]
+        side = cfg.patch_size + 2 * cfg.margin
+        fake = self.G_ema.sample_hu(side, side, list(range(n)), self.device, cond=pick[:, 1:].to(self.device)).cpu()
+        fake = torch.where(pick[:, 1] > 0.5, fake, torch.full_like(fake, cfg.model.hu_low)).numpy()
+        real = cfg.model.to_hu(pick[:, 0]).numpy()
+        preview_grid(self.out / "samples" / f"step-{self.step:08d}.png", images_hu=[*fake, *real], columns=n, tile=128)
+
+
+class HilarLungTextureTrainer(ConditionalTextureTrainer):
+    """The lung texture given where in the lung it draws (``models.lung_texture.lung_conditions``):
+    windows ≥ ``min_lung`` lung and clear of nodules, from 512² slices."""
+
+    def region(self, mask: np.ndarray) -> np.ndarray:
+        from scipy.ndimage import binary_dilation
+
+        nod = mask == MaskClass.NODULE
+        if nod.any():
+            nod = binary_dilation(nod, iterations=self.cfg.nodule_margin_px)
+        return np.isin(mask, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)) & ~nod
+
+    def conditions(self, mask: np.ndarray) -> np.ndarray:
+        return lung_conditions(torch.from_numpy(np.array(mask))[None])[0].numpy()
+
+    @property
+    def share(self) -> float:
+        return self.cfg.min_lung
+
+    def no_patches(self) -> str:
+        return (f"no {self.cfg.patch_size}² window of a 512² slice is ≥ {self.cfg.min_lung:.0%} lung and clear of "
+                "nodules; lung patches with where they lie are what this model learns")
+
+
 def train_lung_texture(cfg: LungTextureTrainConfig):
-    """Train the lung-parenchyma texture GAN; returns the run folder (weights in ``out/export``)."""
-    return LungTextureTrainer(cfg).fit()
+    """Train the lung-parenchyma texture GAN (conditioned on where in the lung it draws when
+    ``cfg.model.cond_channels`` is 3); returns the run folder (weights in ``out/export``)."""
+    if cfg.model.cond_channels not in (0, LUNG_CONDITIONS):
+        raise NoduleSynthError(f"--model.cond-channels {cfg.model.cond_channels}: a lung texture takes 0 or "
+                               f"{LUNG_CONDITIONS} condition maps (models.lung_texture.lung_conditions)")
+    return (HilarLungTextureTrainer if cfg.model.cond_channels else LungTextureTrainer)(cfg).fit()
