@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks.classes import MaskClass
-from .lung_texture import LungTextureConfig, distance_steps
+from .lung_texture import LungTextureConfig
 
 NAME = "body_texture"
 CONDITIONS = 4
@@ -41,13 +41,25 @@ class BodyTextureConfig(LungTextureConfig):
     cond_channels: int = CONDITIONS
 
 
+def _distance(src: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) distance from ``src`` pixels in QUANT-px steps, / REACH, clipped at 1: computed at
+    1/QUANT resolution by repeated 3×3 max pooling (batched, the same on any device), then upsampled."""
+    h, w = src.shape[1:]
+    x = F.max_pool2d(src.float()[:, None], QUANT, QUANT, ceil_mode=True)
+    d = torch.full_like(x, float(REACH))
+    for k in range(REACH):
+        d = torch.where((x > 0) & (d >= REACH), torch.full_like(d, float(k)), d)
+        x = F.max_pool2d(x, 3, 1, 1)
+    return F.interpolate(d / REACH, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+
+
 def body_conditions(masks: torch.Tensor) -> torch.Tensor:
     """(B, 4, H, W) float condition maps of (B, H, W) masks (see the module docstring)."""
     m = masks.long()
     body = (m == MaskClass.BODY) | (m == MaskClass.TRACHEA)
     lung = (m == MaskClass.LEFT_LUNG) | (m == MaskClass.RIGHT_LUNG) | (m == MaskClass.NODULE)
-    into = distance_steps(~body & ~lung, QUANT, REACH)
-    to_lung = distance_steps(lung, QUANT, REACH)
+    into = _distance(~body & ~lung)
+    to_lung = _distance(lung)
     # the patient's right lung lies on the image's left: between = a right-lung pixel to the left
     # along the row and a left-lung pixel to the right
     after_right = (m == MaskClass.RIGHT_LUNG).int().cummax(2).values.bool()

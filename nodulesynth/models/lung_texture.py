@@ -14,6 +14,10 @@ per image for its overall density) upsampled by resize-convolutions with per-pix
 trained with the non-saturating loss and a lazy R1 penalty (StyleGAN2): on CPU-sized runs it
 learnt vessel-like segments within ~800 steps, where a spectral-norm hinge critic (SNGAN) stayed
 at chance and the generator drew blobs.
+
+Unconditional, the field is the same everywhere in the lung; real vessels are thick near the hila and
+thin out towards the pleura. With ``cond_channels = 3`` it is given :func:`lung_conditions` (where in
+the lung each pixel lies) at every block.
 """
 from __future__ import annotations
 
@@ -110,21 +114,22 @@ def _pool_to(cond: torch.Tensor, size) -> torch.Tensor:
     return cond if tuple(cond.shape[2:]) == tuple(size) else F.adaptive_avg_pool2d(cond, tuple(size))
 
 
-def distance_steps(src: torch.Tensor, quant: int, reach: int) -> torch.Tensor:
-    """(B, H, W) distance from ``src`` pixels in ``quant``-px steps, / ``reach``, clipped at 1: computed
-    at 1/``quant`` resolution by repeated 3×3 max pooling (batched, the same on any device), then
-    upsampled."""
-    h, w = src.shape[1:]
-    x = F.max_pool2d(src.float()[:, None], quant, quant, ceil_mode=True)
-    d = torch.full_like(x, float(reach))
-    for k in range(reach):
-        d = torch.where((x > 0) & (d >= reach), torch.full_like(d, float(k)), d)
-        x = F.max_pool2d(x, 3, 1, 1)
-    return F.interpolate(d / reach, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-
-
 LUNG_CONDITIONS = 3  # condition maps of a conditioned lung texture (lung_conditions)
-HILUM_QUANT, HILUM_REACH = 8, 24  # the distance from the mediastinum: 8-px steps, 0…1 over 192 px
+HILUM_CELL, HILUM_SIGMA = 8, 6.0  # the mediastinum's nearness: 8-px cells, Gaussian of 6 cells (48 px)
+
+
+def nearness(src: torch.Tensor, cell: int = HILUM_CELL, sigma: float = HILUM_SIGMA) -> torch.Tensor:
+    """(B, H, W) how near ``src`` pixels are, smoothly: their share of each ``cell``² cell, blurred by a
+    Gaussian of ``sigma`` cells, doubled and clipped at 1, upsampled bilinearly. Smooth where a
+    max-pool distance has 45° ridges and steps, which a generator conditioned on it would draw."""
+    h, w = src.shape[1:]
+    x = F.avg_pool2d(src.float()[:, None], cell, cell, ceil_mode=True)
+    r = int(3 * sigma)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=x.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0)), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r)), k.view(1, 1, -1, 1))
+    return F.interpolate((2 * x).clamp(max=1), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
 
 
 def lung_conditions(masks: torch.Tensor) -> torch.Tensor:
@@ -132,8 +137,8 @@ def lung_conditions(masks: torch.Tensor) -> torch.Tensor:
     near the hilum and thin out towards the pleura, and the dependent (posterior) lung is denser.
 
     1. the lungs (classes 2, 3 and their nodules);
-    2. the distance from the mediastinum (body pixels between the lungs along their row, where the
-       hila are), in ``HILUM_QUANT``-px steps up to ``HILUM_REACH`` (0…1 over 192 px at 0.8 mm);
+    2. how near the mediastinum is (body pixels between the lungs along their row, where the hila
+       are): :func:`nearness`, 1 beside it, fading over ~150 px (at 0.8 mm);
     3. the depth down the lung, front to back: 0 at the lung's top row in the image, 1 at its bottom.
     All three are 0 outside the lungs."""
     m = masks.long()
@@ -143,7 +148,7 @@ def lung_conditions(masks: torch.Tensor) -> torch.Tensor:
     # the patient's right lung lies on the image's left: between = a right-lung pixel to the left along
     # the row and a left-lung pixel to the right, and not lung (as models.body_texture's map)
     between = right.int().cummax(2).values.bool() & left.flip(2).int().cummax(2).values.flip(2).bool() & ~lung
-    hilum = distance_steps(between, HILUM_QUANT, HILUM_REACH)
+    hilum = nearness(between)
     rows = torch.arange(m.shape[1], device=m.device, dtype=torch.float32)[None, :, None]
 
     def depth_in(side: torch.Tensor) -> torch.Tensor:  # 0 at the side's first row, 1 at its last
@@ -156,7 +161,7 @@ def lung_conditions(masks: torch.Tensor) -> torch.Tensor:
     depth = torch.where(left, depth_in(left), torch.where(right, depth_in(right),
                                                           torch.where(nodule, depth_in(left | right), zero)))
     lf = lung.float()
-    return torch.stack([lf, hilum * lf, depth], 1)
+    return torch.stack([lf, hilum * lf, depth * lf], 1)
 
 
 class LungTextureGenerator(nn.Module):

@@ -1,16 +1,10 @@
 """Body-texture trainer: the conditional texture GAN of ``models.body_texture`` on real body patches.
 
-The lung-texture trainer's loop (``train.lung_texture``: non-saturating loss, lazy R1, EMA export,
-exact resume) with three changes:
-
-- Data: every ``patch_size``² window (on a ``stride`` grid) of the TRAIN slices whose pixels are at
-  least ``min_body`` body (class 1), kept with the condition maps (``body_conditions``) of the whole
-  field the generator draws around it; pixels outside the body read ``hu_low``. 512² slices only:
-  the nodule crops hold too little body to tell where it lies.
-- The critic sees the image and its condition maps (a conditional patch critic, as pix2pix's).
-- The generator draws a field for the condition maps of another bank window, and only its body
-  pixels count (the rest is set to ``hu_low``, as in the reals): what it learns is the body given
-  where it lies, not the lungs or the air around it.
+The conditional texture loop of ``train.lung_texture.ConditionalTextureTrainer`` (non-saturating loss,
+lazy R1, EMA export, exact resume; windows of 512² TRAIN slices with the condition maps of the field
+around them; a conditional critic) with body windows: at least ``min_body`` body (class 1), pixels
+outside the body reading ``hu_low``, conditions from ``body_conditions``. What it learns is the body
+given where it lies, not the lungs or the air around it.
 """
 from __future__ import annotations
 

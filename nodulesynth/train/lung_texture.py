@@ -17,6 +17,11 @@ for 2,920 more steps, it drew 12–14 % of held-out lungs' pixels above −700 H
 on the reals (StyleGAN2: ``r1_gamma``, every ``r1_every`` steps); an EMA of the generator is what
 is exported. Random flips and 90° turns of the real patches (the parenchyma has no preferred
 direction at this scale).
+
+With ``--cond-channels 3`` the generator is told where in the lung it draws
+(``models.lung_texture.lung_conditions``) and ``HilarLungTextureTrainer`` trains it on windows of the
+512² slices with those maps (``ConditionalTextureTrainer``, shared with the body texture);
+``--init-weights`` starts it from an unconditional texture.
 """
 from __future__ import annotations
 
