@@ -240,6 +240,7 @@ def test_conditioned_lung_texture_fine_tunes_from_an_unconditional_one(tmp_path)
     with pytest.raises(NoduleSynthError, match="differs from --model"):
         train_lung_texture(tex_cfg(data, tmp_path / "bad2", init_weights=str(tmp_path / "init"),
                                    model=LungTextureConfig(z_local=4, z_global=4, channels=(8, 4, 4))))
+    assert not (tmp_path / "bad2").exists()  # refused before anything is written
 
     from nodulesynth.models.tsgan import TSGAN
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer

@@ -249,6 +249,8 @@ def test_mask_run_grows_and_logs_nodule_rate(mask_runs):
     assert (full / "export" / "mask_generator.safetensors").is_file()
 
 
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+                    reason="SIGINT is ignored in this process (started in the background), as the trainer respects")
 def test_sigint_checkpoints_and_exits(data_dir, tmp_path):
     cfg = mask_cfg(data_dir, tmp_path / "run", steps_per_level=10_000, time_budget_s=120)
     done = threading.Event()

@@ -133,6 +133,13 @@ class LungTextureTrainer(engine.Trainer):
                                    f"multiple of {cfg.model.factor} (the generator's noise grid)")
         if cfg.r1_gamma < 0 or cfg.r1_every < 1 or not 0 <= cfg.ema_beta < 1:
             raise NoduleSynthError("--r1-gamma must be ≥ 0, --r1-every ≥ 1 and --ema-beta in [0, 1)")
+        if getattr(cfg, "init_weights", None):
+            from ..models.io import read_config
+
+            init = read_config(LungTextureConfig, engine.init_folder(cfg.init_weights, NAME), NAME)
+            if dataclasses.replace(init, cond_channels=cfg.model.cond_channels) != cfg.model:
+                raise NoduleSynthError(f"--init-weights {cfg.init_weights}: its lung texture ({init}) differs from "
+                                       f"--model ({cfg.model}) in more than the condition maps")
         reach = cfg.model.reach
         if cfg.margin < reach:
             log.warning("--margin %d is below the generator's reach (%d px): the critic sees the field's "
@@ -197,12 +204,8 @@ class LungTextureTrainer(engine.Trainer):
         cfg = self.cfg
         if not getattr(cfg, "init_weights", None):
             return LungTextureGenerator(cfg.model)
-        G = engine.load_init_module(cfg.init_weights, LungTextureGenerator, LungTextureConfig, NAME)
-        widen = cfg.model.cond_channels and not G.cfg.cond_channels
-        if dataclasses.replace(G.cfg, cond_channels=cfg.model.cond_channels) != cfg.model:
-            raise NoduleSynthError(f"--init-weights {cfg.init_weights}: its lung texture ({G.cfg}) differs from "
-                                   f"--model ({cfg.model}) in more than the condition maps")
-        return G.with_conditions(cfg.model.cond_channels) if widen else G
+        G = engine.load_init_module(cfg.init_weights, LungTextureGenerator, LungTextureConfig, NAME)  # checked in check()
+        return G.with_conditions(cfg.model.cond_channels) if cfg.model.cond_channels and not G.cfg.cond_channels else G
 
     def total_steps(self) -> int:
         return self.cfg.steps
