@@ -80,7 +80,7 @@ class LungTextureTrainConfig(TextureTrainConfig):
     min_lung: float = opt(0.98, "least share of lung pixels in a patch")
     nodule_margin_px: int = opt(6, "patches keep this far from nodule pixels")
     init_weights: str | None = opt(None, "fine-tune: start from the lung texture of this weights folder (\"pretrained\": "
-                                         "the shipped one); with --model.cond-channels 3 its new condition inputs "
+                                         "the shipped one); with --cond-channels 3 its new condition inputs "
                                          "start at zero")
 
 
