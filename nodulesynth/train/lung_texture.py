@@ -97,15 +97,20 @@ def windows(region: np.ndarray, size: int, stride: int, share: float, margin: in
     return y, x, np.flatnonzero(s >= share * size * size)
 
 
-def lung_patches(hu: np.ndarray, mask: np.ndarray, size: int, stride: int, min_lung: float, nodule_margin: int,
-                 cap: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``cap`` ``size``² HU windows of one slice that are ≥ ``min_lung`` lung and clear of nodules."""
+def lung_region(mask: np.ndarray, nodule_margin: int) -> np.ndarray:
+    """The lungs (classes 2/3) farther than ``nodule_margin`` px from any nodule: what patches learn from."""
     from scipy.ndimage import binary_dilation
 
     nod = mask == MaskClass.NODULE
     if nod.any():
         nod = binary_dilation(nod, iterations=nodule_margin)
-    lung = np.isin(mask, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)) & ~nod
+    return np.isin(mask, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)) & ~nod
+
+
+def lung_patches(hu: np.ndarray, mask: np.ndarray, size: int, stride: int, min_lung: float, nodule_margin: int,
+                 cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``cap`` ``size``² HU windows of one slice that are ≥ ``min_lung`` lung and clear of nodules."""
+    lung = lung_region(mask, nodule_margin)
     if lung.shape[0] < size or lung.shape[1] < size:
         return np.zeros((0, size, size), np.float32)
     y, x, ok = windows(lung, size, stride, min_lung)
@@ -384,12 +389,7 @@ class HilarLungTextureTrainer(ConditionalTextureTrainer):
     windows ≥ ``min_lung`` lung and clear of nodules, from 512² slices."""
 
     def region(self, mask: np.ndarray) -> np.ndarray:
-        from scipy.ndimage import binary_dilation
-
-        nod = mask == MaskClass.NODULE
-        if nod.any():
-            nod = binary_dilation(nod, iterations=self.cfg.nodule_margin_px)
-        return np.isin(mask, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)) & ~nod
+        return lung_region(mask, self.cfg.nodule_margin_px)
 
     def conditions(self, mask: np.ndarray) -> np.ndarray:
         return lung_conditions(torch.from_numpy(np.array(mask))[None])[0].numpy()
@@ -407,6 +407,6 @@ def train_lung_texture(cfg: LungTextureTrainConfig):
     """Train the lung-parenchyma texture GAN (conditioned on where in the lung it draws when
     ``cfg.model.cond_channels`` is 3); returns the run folder (weights in ``out/export``)."""
     if cfg.model.cond_channels not in (0, LUNG_CONDITIONS):
-        raise NoduleSynthError(f"--model.cond-channels {cfg.model.cond_channels}: a lung texture takes 0 or "
+        raise NoduleSynthError(f"--cond-channels {cfg.model.cond_channels}: a lung texture takes 0 or "
                                f"{LUNG_CONDITIONS} condition maps (models.lung_texture.lung_conditions)")
     return (HilarLungTextureTrainer if cfg.model.cond_channels else LungTextureTrainer)(cfg).fit()
