@@ -10,6 +10,7 @@ from nodulesynth.data.luna16 import (
     LUNA16_SEG_RIGHT,
     LUNA16_SEG_TRACHEA,
     discover_luna16,
+    lung_seg_sides,
     read_annotations,
     read_lung_seg,
 )
@@ -72,3 +73,16 @@ def test_lung_seg_labels_match_sides(luna16_root):
     left_col = cols[np.nonzero(seg == LUNA16_SEG_LEFT)[2]].mean()
     right_col = cols[np.nonzero(seg == LUNA16_SEG_RIGHT)[2]].mean()
     assert left_col > SHAPE[2] / 2 > right_col
+
+
+def test_lung_seg_sides_follow_position_not_value():
+    """Labels 3/4 stored the other way round are taken by where they lie; as stored they stay."""
+    seg = np.zeros((2, 8, 10), np.uint8)
+    seg[:, 2:6, 6:9] = LUNA16_SEG_LEFT  # image right = the patient's left in the canonical frame
+    seg[:, 2:6, 1:4] = LUNA16_SEG_RIGHT
+    seg[:, 0, 5] = LUNA16_SEG_TRACHEA
+    assert lung_seg_sides(seg) is seg
+    swapped = np.where(seg == LUNA16_SEG_LEFT, LUNA16_SEG_RIGHT, np.where(seg == LUNA16_SEG_RIGHT, LUNA16_SEG_LEFT, seg))
+    assert np.array_equal(lung_seg_sides(swapped.astype(np.uint8)), seg)
+    one = np.where(seg == LUNA16_SEG_RIGHT, 0, swapped).astype(np.uint8)  # one lung only: as stored
+    assert np.array_equal(lung_seg_sides(one), one)

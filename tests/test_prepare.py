@@ -127,3 +127,30 @@ def test_subset_and_series_split(tmp_path):
     assert len(sub) == 4
     assert np.array_equal(sub.images[1], imgs[held[0]]) and np.array_equal(sub.masks[3], masks[train[1]])
     assert sub.records[2].series_uid == ds.records[train[0]].series_uid
+
+
+def test_luna16_seg_labels_taken_by_position(luna16_root, tmp_path, caplog):
+    """A seg-lungs file whose 3/4 values are the other way round still gives the patient's left lung
+    on the image right (the sides come from the anatomy, with a warning), the same masks as stored."""
+    import shutil
+
+    from conftest import write_mhd
+    from nodulesynth.data.luna16 import LUNA16_SEG_LEFT, LUNA16_SEG_RIGHT, read_lung_seg
+
+    root = tmp_path / "swapped"
+    shutil.copytree(luna16_root, root)
+    seg_path = root / "seg-lungs-LUNA16" / f"{UID_PLAIN}.mhd"
+    seg = read_lung_seg(seg_path)
+    swapped = np.where(seg == LUNA16_SEG_LEFT, LUNA16_SEG_RIGHT, np.where(seg == LUNA16_SEG_RIGHT, LUNA16_SEG_LEFT, seg))
+    seg_path.unlink(), seg_path.with_suffix(".raw").unlink(missing_ok=True)
+    write_mhd(seg_path, swapped.astype(np.uint8))
+    kw = dict(size=128, spacing_mm=2.0, negatives=0.0)
+    a = SliceDataset(prepare(PrepareConfig(out=tmp_path / "a", luna16=luna16_root, **kw)))
+    with caplog.at_level("WARNING"):
+        b = SliceDataset(prepare(PrepareConfig(out=tmp_path / "b", luna16=root, **kw)))
+    assert "taking the sides by position" in caplog.text
+    for i, r in enumerate(b.records):
+        if r.series_uid == UID_PLAIN:
+            np.testing.assert_array_equal(b[i]["mask"], a[i]["mask"])
+            m = b[i]["mask"]
+            assert np.nonzero(m == MaskClass.LEFT_LUNG)[1].mean() > 64 > np.nonzero(m == MaskClass.RIGHT_LUNG)[1].mean()

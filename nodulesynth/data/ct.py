@@ -309,7 +309,8 @@ def dicom_series_parts(folder: str | Path, split_at_gaps: bool = False) -> tuple
             what = f"two slices at the same position {pos[i]:.2f} mm"
         elif abs(d - median) > STEP_TOLERANCE * median:
             what = (f"a gap of {d:.2f} mm (≈ {round(d / median) - 1} missing slice(s)) between {pos[i]:.2f} and "
-                    f"{pos[i + 1]:.2f} mm" if d > median else f"an uneven step of {d:.2f} mm (median {median:.2f})")
+                    f"{pos[i + 1]:.2f} mm" if round(d / median) >= 2  # else no whole slice fits: not a gap
+                    else f"an uneven step of {d:.2f} mm (median {median:.2f}) between {pos[i]:.2f} and {pos[i + 1]:.2f} mm")
         else:
             continue
         if not split_at_gaps:

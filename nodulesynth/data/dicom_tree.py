@@ -171,22 +171,32 @@ def scan_dicom_tree(root: str | Path) -> DicomTree:
     return DicomTree(volumes, skipped, len(paths))
 
 
-def read_dicom_volume(ref: DicomVolumeRef) -> CTVolume:
-    """HU int16 (z, y, x) with world geometry from the DICOM tags (stored orientation kept)."""
+def _slice_hu(path: Path) -> np.ndarray:
+    """One slice in HU (rescale applied). pydicom decodes without plugins only some transfer syntaxes;
+    JPEG Lossless (1.2.840.10008.1.2.4.70, common in PACS exports) and others go through SimpleITK's
+    GDCM, which ``--lidc`` reads with anyway, so a compressed tree is read, not refused."""
     import pydicom
+    import SimpleITK as sitk
 
-    arrs = []
-    for s in ref.slices:
-        try:
-            ds = pydicom.dcmread(s.path)
-            a = ds.pixel_array.astype(np.float32)
-        except Exception as e:  # missing codec, truncated pixel data
-            raise NoduleSynthError(f"{s.path}: cannot decode pixel data ({e})") from e
-        if a.ndim != 2:
-            raise NoduleSynthError(f"{s.path}: expected one 2-D image, got pixel data of shape {a.shape}")
+    try:
+        ds = pydicom.dcmread(path)
         slope = float(getattr(ds, "RescaleSlope", 1) or 1)
         inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        arrs.append(a * slope + inter)
+        a = ds.pixel_array.astype(np.float32) * slope + inter
+    except Exception as e:  # no pydicom decoder for this transfer syntax, truncated pixel data
+        try:
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)  # GDCM applies the rescale
+        except RuntimeError:
+            raise NoduleSynthError(f"{path}: cannot decode pixel data ({str(e).strip().splitlines()[0]})") from e
+        a = a[0] if a.ndim == 3 and a.shape[0] == 1 else a
+    if a.ndim != 2:
+        raise NoduleSynthError(f"{path}: expected one 2-D image, got pixel data of shape {a.shape}")
+    return a
+
+
+def read_dicom_volume(ref: DicomVolumeRef) -> CTVolume:
+    """HU int16 (z, y, x) with world geometry from the DICOM tags (stored orientation kept)."""
+    arrs = [_slice_hu(s.path) for s in ref.slices]
     hu = _to_hu_int16(np.rint(np.stack(arrs)))
     row, col = np.asarray(ref.orientation[:3]), np.asarray(ref.orientation[3:])
     normal = np.cross(row, col)

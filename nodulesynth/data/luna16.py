@@ -1,6 +1,7 @@
 """LUNA16 layout: subset*/<seriesuid>.mhd(+.raw), annotations.csv, optional seg-lungs-LUNA16/.
 
-LUNA16's lung segmentation labels (seg-lungs-LUNA16): 3 = left lung, 4 = right lung, 5 = trachea.
+LUNA16's lung segmentation labels (seg-lungs-LUNA16): 3 = left lung, 4 = right lung, 5 = trachea;
+``prepare`` takes the two lungs' sides from where they lie (:func:`lung_seg_sides`), not from the values.
 """
 from __future__ import annotations
 
@@ -79,6 +80,26 @@ def read_lung_seg(path: str | Path) -> np.ndarray:
     if arr.min() < 0 or arr.max() > 255:
         raise NoduleSynthError(f"{path}: lung segmentation values outside 0..255")
     return arr.astype(np.uint8)
+
+
+def lung_seg_sides(seg: np.ndarray, name: str = "lung segmentation") -> np.ndarray:
+    """A canonical (z, y, x) lung seg (see ``CTVolume.reorient``) with its two lung labels set by
+    where they lie: the label whose voxels sit on the image's right is the patient's left.
+
+    Why: a side swapped in a mask becomes a wrongly labelled training slice, and the values 3/4
+    are a convention of the files, which copies and re-exports of LUNA16 do not all keep; the
+    anatomy is not a convention. A volume holding only one of the two labels is kept as stored."""
+    cols = {v: np.nonzero(seg == v)[2] for v in (LUNA16_SEG_LEFT, LUNA16_SEG_RIGHT)}
+    if min(len(c) for c in cols.values()) == 0:
+        return seg
+    if cols[LUNA16_SEG_LEFT].mean() >= cols[LUNA16_SEG_RIGHT].mean():
+        return seg
+    log.warning("%s: label %d lies on the patient's right and %d on the left; taking the sides by position",
+                name, LUNA16_SEG_LEFT, LUNA16_SEG_RIGHT)
+    out = seg.copy()
+    out[seg == LUNA16_SEG_LEFT] = LUNA16_SEG_RIGHT
+    out[seg == LUNA16_SEG_RIGHT] = LUNA16_SEG_LEFT
+    return out
 
 
 @dataclass

@@ -41,7 +41,7 @@ from ..masks.classes import MaskClass
 from ..masks.semantic import semantic_mask
 from .ct import AIR_HU, CTVolume, dicom_series_parts, load_ct, mhd_data_file
 from .lidc import lidc_series_uid, nodules_from_lidc, reframe_contours
-from .luna16 import discover_luna16, read_lung_seg
+from .luna16 import discover_luna16, lung_seg_sides, read_lung_seg
 from .records import Nodule
 from .sections import nodules_in_slice
 from .dicom_tree import dicom_patient_id
@@ -241,7 +241,7 @@ def _load_job(job: ScanJob, cfg: PrepareConfig) -> tuple[CTVolume, list[Nodule],
             seg_raw = read_lung_seg(job.seg)
             if seg_raw.shape != raw.hu.shape:
                 raise NoduleSynthError(f"{job.seg}: lung segmentation shape {seg_raw.shape} != CT {raw.hu.shape}")
-            seg = raw.reorient(seg_raw)
+            seg = lung_seg_sides(raw.reorient(seg_raw), str(job.seg))
     else:
         nodules = reframe_contours(nodules_from_lidc(job.xml, raw, include_small=cfg.include_small), raw, ct)
     return ct, nodules, seg
@@ -354,6 +354,13 @@ def _open_shards(cfg: PrepareConfig) -> Path:
     return d
 
 
+def _drop_if_no_shard(d: Path) -> None:
+    """A run refused on its first scan leaves no shard to resume from: remove the folder it opened,
+    so a refusal writes nothing beside ``--out`` either."""
+    if d.is_dir() and all(f.name == "settings.json" for f in d.iterdir()):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _file_stamp(p: Path) -> list:
     """Name, size and mtime of a file, or of every file in a folder (a DICOM series); for a .mhd
     also its data file, whose name the header gives."""
@@ -454,23 +461,27 @@ def prepare(cfg: PrepareConfig) -> Path:
     jobs, summary = _jobs(cfg)
     shards = _open_shards(cfg)
     parts = []
-    for i, job in enumerate(tqdm(jobs, desc="prepare", unit="scan")):
-        stamp = input_stamp(job)
-        got = _read_shard(shards, job.key, stamp)
-        if got is None:
-            result = process_scan(job, cfg)
-            try:
-                _write_shard(shards, job.key, *result, stamp=stamp)
-            except OSError as e:
-                if not is_disk_full(e):
-                    raise
-                done = tree_bytes(shards)  # finished shards stay: a rerun with more space resumes from them
-                per_scan = (done + result[0].nbytes + result[1].nbytes) / (i + 1)
-                raise disk_full_error(e, shards, int(per_scan * len(jobs) * 2) - done) from e  # shards + dataset
+    try:
+        for i, job in enumerate(tqdm(jobs, desc="prepare", unit="scan")):
+            stamp = input_stamp(job)
             got = _read_shard(shards, job.key, stamp)
-        for r in got[2]:  # patient ids (LUNA16 has none: one scan = one patient)
-            r.patient = r.patient or (dicom_patient_id(job.path) if job.source == "lidc" else r.series_uid)
-        parts.append(got)
+            if got is None:
+                result = process_scan(job, cfg)
+                try:
+                    _write_shard(shards, job.key, *result, stamp=stamp)
+                except OSError as e:
+                    if not is_disk_full(e):
+                        raise
+                    done = tree_bytes(shards)  # finished shards stay: a rerun with more space resumes from them
+                    per_scan = (done + result[0].nbytes + result[1].nbytes) / (i + 1)
+                    raise disk_full_error(e, shards, int(per_scan * len(jobs) * 2) - done) from e  # shards + dataset
+                got = _read_shard(shards, job.key, stamp)
+            for r in got[2]:  # patient ids (LUNA16 has none: one scan = one patient)
+                r.patient = r.patient or (dicom_patient_id(job.path) if job.source == "lidc" else r.series_uid)
+            parts.append(got)
+    except BaseException:
+        _drop_if_no_shard(shards)
+        raise
     parts = [p for p in parts if len(p[2])]
     if not parts:
         raise NoduleSynthError(f"{cfg.luna16 or cfg.lidc}: no slice crossed an annotated nodule; nothing to write")

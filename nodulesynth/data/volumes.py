@@ -96,8 +96,9 @@ def check_pair(image: Path, label: Path | None) -> None:
             and np.allclose(rl.GetOrigin(), ri.GetOrigin(), atol=0.5)
             and np.allclose(rl.GetDirection(), ri.GetDirection(), atol=1e-3)):
         raise NoduleSynthError(
-            f"{label}: label grid (spacing {rl.GetSpacing()}, origin {rl.GetOrigin()}) does not match the image "
-            f"{image} (spacing {ri.GetSpacing()}, origin {ri.GetOrigin()})"
+            f"{label}: label grid (spacing {rl.GetSpacing()}, origin {rl.GetOrigin()}, direction {rl.GetDirection()}) "
+            f"does not match the image {image} (spacing {ri.GetSpacing()}, origin {ri.GetOrigin()}, "
+            f"direction {ri.GetDirection()})"
         )
 
 
@@ -342,13 +343,17 @@ def prepare_volumes(cfg: VolumeConfig) -> Path:
     shards = prep._open_shards(cfg)
     stamped = "stamp" in inspect.signature(prep._read_shard).parameters
     parts = []
-    for job in tqdm(jobs, desc=f"prepare {cfg.source}", unit="volume"):
-        extra = {"stamp": job.stamp()} if stamped else {}
-        got = prep._read_shard(shards, job.key, **extra)
-        if got is None:
-            prep._write_shard(shards, job.key, *process_volume(job, cfg), **extra)
+    try:
+        for job in tqdm(jobs, desc=f"prepare {cfg.source}", unit="volume"):
+            extra = {"stamp": job.stamp()} if stamped else {}
             got = prep._read_shard(shards, job.key, **extra)
-        parts.append(got)
+            if got is None:
+                prep._write_shard(shards, job.key, *process_volume(job, cfg), **extra)
+                got = prep._read_shard(shards, job.key, **extra)
+            parts.append(got)
+    except BaseException:
+        prep._drop_if_no_shard(shards)
+        raise
     no_slices = sum(1 for p in parts if not len(p[2]))
     parts = [p for p in parts if len(p[2])]
     root = cfg.dicom or cfg.msd or cfg.volumes[0]
