@@ -179,21 +179,49 @@ def fit_slices(images, masks, spacing, target_spacing, shape):
 
 # ----------------------------------------------------------------------------------------------- runs
 def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std over folds per detector and arm. The control's epochs are rounded per fold (its
+    steps follow each fold's size), so one arm may span two epoch counts: shown as a range."""
     keys = ("precision", "recall", "map50", "map50_95", "cpm")
     out: dict = {}
     for r in rows:
         if r["test"] != "fold":
             continue
-        out.setdefault((r["detector"], r["arm"], r["n_synth"], r["epochs"]), []).append(r)
+        out.setdefault((r["detector"], r["arm"], r["n_synth"]), []).append(r)
     table = []
-    for (det, arm, n, ep), rs in out.items():
-        row = {"detector": det, "arm": arm, "n_synth": n, "epochs": ep, "folds": len(rs)}
+    for (det, arm, n), rs in out.items():
+        eps = sorted({r["epochs"] for r in rs})
+        row = {"detector": det, "arm": arm, "n_synth": n, "epochs": eps[0] if len(eps) == 1 else f"{eps[0]}-{eps[-1]}",
+               "folds": len(rs)}
         for k in keys:
             v = [r[k] for r in rs if r.get(k) is not None]
             if v:
                 row[k], row[k + "_std"] = float(np.mean(v)), float(np.std(v))
         table.append(row)
     return table
+
+
+def paired(rows: list[dict], key: str = "map50_95") -> list[dict]:
+    """Each mixed arm against real only and against the equal-steps control, paired over the folds
+    both ran: mean difference ± its standard error, and in how many folds the mixed arm is ahead.
+    Folds differ far more than arms do, so the paired difference is what says whether N helps."""
+    by = {}
+    for r in rows:
+        if r["test"] == "fold" and r.get(key) is not None:
+            by.setdefault((r["detector"], r["arm"]), {})[r["fold"]] = r[key]
+    out = []
+    for (det, arm), v in by.items():
+        if not arm.startswith("real+"):
+            continue
+        for ref in ("real", *(a for d, a in by if d == det and a.startswith("real (equal"))):
+            w = by[(det, ref)]
+            folds = sorted(set(v) & set(w))
+            if len(folds) < 2:
+                continue
+            d = np.array([v[f] - w[f] for f in folds])
+            out.append({"detector": det, "arm": arm, "against": ref, "metric": key, "folds": len(folds),
+                        "mean_diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))),
+                        "ahead": int((d > 0).sum()), "per_fold": [round(float(x), 4) for x in d]})
+    return out
 
 
 def print_table(table: list[dict], note: str) -> str:
@@ -203,6 +231,16 @@ def print_table(table: list[dict], note: str) -> str:
     for r in table:
         lines.append(f"{r['detector']:9} {r['arm']:22} {f(r, 'precision'):13} {f(r, 'recall'):13} {f(r, 'map50'):13} "
                      f"{f(r, 'map50_95'):13} {f(r, 'cpm'):13} {r['epochs']:6} {r['folds']:5}")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def print_paired(pairs: list[dict]) -> str:
+    lines = ["paired over folds (mean difference ± standard error; folds where the mixed arm is ahead):"]
+    for p in pairs:
+        lines.append(f"  {p['detector']} {p['arm']} vs {p['against']}: {p['metric']} {p['mean_diff']:+.3f} ± {p['se']:.3f}, "
+                     f"ahead in {p['ahead']} of {p['folds']} folds")
     text = "\n".join(lines)
     print(text)
     return text
@@ -461,8 +499,9 @@ def summarise_json(src: Path, out: Path) -> int:
     note = doc["note"].split(":", 1)[0] + f": folds completed {done} of {doc['folds']} (" + doc["note"].split(", ", 1)[1] + ")"
     from nodulesynth.io import write_json
 
-    write_json(out / "results.json", {**doc, "table": table, "summarised_from": str(src), "note": note})
-    _write_tables(out, table, note, final=True)
+    pairs = paired(rows)
+    write_json(out / "results.json", {**doc, "table": table, "paired": pairs, "summarised_from": str(src), "note": note})
+    _write_tables(out, table, note, final=True, pairs=pairs)
     return 0
 
 
@@ -499,10 +538,10 @@ def _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, 
         "folds": folds, "run_folds": run_folds, "fold_patients": [fp.tolist() for fp in fold_pats],
         "n_synth": n_list, "detectors": detectors, "synthetic": syn_meta, "n_synthetic_windows": len(syn),
         "window": a.window if a.protocol == "patches" else None, "finished": final,
-        "wall_s": round(time.time() - t0, 1), "table": table, "rows": rows,
+        "wall_s": round(time.time() - t0, 1), "table": table, "paired": paired(rows), "rows": rows,
     }
     write_json(out / "results.json", doc)
-    _write_tables(out, table, note, final)
+    _write_tables(out, table, note, final, doc["paired"])
     return table
 
 
@@ -510,15 +549,16 @@ CSV_KEYS = ["detector", "arm", "n_synth", "epochs", "folds", "precision", "preci
             "map50", "map50_std", "map50_95", "map50_95_std", "cpm", "cpm_std"]
 
 
-def _write_tables(out: Path, table: list[dict], note: str, final: bool) -> None:
-    """results.csv (atomically, after every arm); table.txt and the plot once the run is final."""
+def _write_tables(out: Path, table: list[dict], note: str, final: bool, pairs: list[dict] | None = None) -> None:
+    """results.csv (atomically, after every arm); table.txt (with the paired differences) and the
+    plot once the run is final."""
     with open(out / "results.csv.tmp", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_KEYS, extrasaction="ignore")
         w.writeheader()
         w.writerows(table)
     (out / "results.csv.tmp").replace(out / "results.csv")
     if final:
-        (out / "table.txt").write_text(print_table(table, note) + "\n")
+        (out / "table.txt").write_text(print_table(table, note) + "\n" + (print_paired(pairs) + "\n" if pairs else ""))
         if table:
             plot(table, out / "map_vs_n.png", note)
 

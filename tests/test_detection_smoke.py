@@ -149,3 +149,25 @@ def test_test_folds_hold_only_patients_the_generators_never_saw(tmp_path):
     (tmp_path / "bad").mkdir()
     with pytest.raises(NoduleSynthError, match="--test-unseen-by"):
         detection.train_patients(str(tmp_path / "bad"))
+
+
+def test_paired_differences_and_one_row_per_arm():
+    """The gain is read paired over folds (folds differ more than arms); the control, whose epochs
+    are rounded per fold, stays one row with its epochs as a range."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import detection
+
+    rows = []
+    for f, (real, mixed, ctrl, ep) in enumerate([(0.10, 0.13, 0.09, 9), (0.20, 0.21, 0.22, 10), (0.15, 0.17, 0.12, 9)]):
+        for arm, n, v, e in (("real", 0, real, 6), ("real+200", 200, mixed, 6), ("real (equal steps as +200)", 0, ctrl, ep)):
+            rows.append({"fold": f, "detector": "yolov8n", "arm": arm, "n_synth": n, "epochs": e, "test": "fold",
+                         "map50_95": v})
+    table = detection.summarise(rows)
+    assert [r["arm"] for r in table] == ["real", "real+200", "real (equal steps as +200)"]
+    assert table[2]["epochs"] == "9-10" and table[2]["folds"] == 3
+    pairs = {p["against"]: p for p in detection.paired(rows)}
+    d = np.array([0.03, 0.01, 0.02])
+    assert pairs["real"]["mean_diff"] == pytest.approx(d.mean())
+    assert pairs["real"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3)) and pairs["real"]["ahead"] == 3
+    assert pairs["real (equal steps as +200)"]["ahead"] == 2
+    assert pairs["real (equal steps as +200)"]["per_fold"] == pytest.approx([0.04, -0.01, 0.05])
