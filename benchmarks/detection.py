@@ -224,23 +224,18 @@ def paired(rows: list[dict], key: str = "map50_95") -> list[dict]:
     return out
 
 
-def print_table(table: list[dict], note: str) -> str:
+def print_table(table: list[dict], note: str, pairs: list[dict] | None = None) -> str:
+    """The table, then each mixed arm's paired differences (:func:`paired`), printed and returned."""
     lines = [note, f"{'Detector':9} {'Data quantity':22} {'Precision':13} {'Recall':13} {'mAP50':13} {'mAP50-95':13} "
              f"{'CPM':13} epochs folds"]
     f = lambda r, k: f"{r[k]:.3f}±{r[k + '_std']:.3f}" if k in r else "-"
     for r in table:
         lines.append(f"{r['detector']:9} {r['arm']:22} {f(r, 'precision'):13} {f(r, 'recall'):13} {f(r, 'map50'):13} "
                      f"{f(r, 'map50_95'):13} {f(r, 'cpm'):13} {r['epochs']:6} {r['folds']:5}")
-    text = "\n".join(lines)
-    print(text)
-    return text
-
-
-def print_paired(pairs: list[dict]) -> str:
-    lines = ["paired over folds (mean difference ± standard error; folds where the mixed arm is ahead):"]
-    for p in pairs:
-        lines.append(f"  {p['detector']} {p['arm']} vs {p['against']}: {p['metric']} {p['mean_diff']:+.3f} ± {p['se']:.3f}, "
-                     f"ahead in {p['ahead']} of {p['folds']} folds")
+    if pairs:
+        lines.append("paired over folds (mean difference ± standard error; folds where the mixed arm is ahead):")
+        lines += [f"  {p['detector']} {p['arm']} vs {p['against']}: {p['metric']} {p['mean_diff']:+.3f} ± {p['se']:.3f}, "
+                  f"ahead in {p['ahead']} of {p['folds']} folds" for p in pairs]
     text = "\n".join(lines)
     print(text)
     return text
@@ -558,7 +553,7 @@ def _write_tables(out: Path, table: list[dict], note: str, final: bool, pairs: l
         w.writerows(table)
     (out / "results.csv.tmp").replace(out / "results.csv")
     if final:
-        (out / "table.txt").write_text(print_table(table, note) + "\n" + (print_paired(pairs) + "\n" if pairs else ""))
+        (out / "table.txt").write_text(print_table(table, note, pairs) + "\n")
         if table:
             plot(table, out / "map_vs_n.png", note)
 
