@@ -213,7 +213,7 @@ def paired(rows: list[dict], key: str = "map50_95") -> list[dict]:
         if not arm.startswith("real+"):
             continue
         for ref in ("real", *(a for d, a in by if d == det and a.startswith("real (equal"))):
-            w = by[(det, ref)]
+            w = by.get((det, ref), {})
             folds = sorted(set(v) & set(w))
             if len(folds) < 2:
                 continue

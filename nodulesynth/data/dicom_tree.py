@@ -176,7 +176,6 @@ def _slice_hu(path: Path) -> np.ndarray:
     JPEG Lossless (1.2.840.10008.1.2.4.70, common in PACS exports) and others go through SimpleITK's
     GDCM, which ``--lidc`` reads with anyway, so a compressed tree is read, not refused."""
     import pydicom
-    import SimpleITK as sitk
 
     try:
         ds = pydicom.dcmread(path)
@@ -184,6 +183,8 @@ def _slice_hu(path: Path) -> np.ndarray:
         inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
         a = ds.pixel_array.astype(np.float32) * slope + inter
     except Exception as e:  # no pydicom decoder for this transfer syntax, truncated pixel data
+        import SimpleITK as sitk
+
         try:
             a = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)  # GDCM applies the rescale
         except RuntimeError:

@@ -26,8 +26,10 @@ import os
 import shutil
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -336,8 +338,11 @@ def _safe(key: str) -> str:
     return key if key.replace(".", "").replace("-", "").replace("_", "").isalnum() else hashlib.sha1(key.encode()).hexdigest()
 
 
-def _open_shards(cfg: PrepareConfig) -> Path:
-    """The shard folder for these settings; shards made with other settings are discarded."""
+@contextmanager
+def _shards(cfg: PrepareConfig) -> Iterator[Path]:
+    """The shard folder for these settings (shards made with other settings are discarded), for the
+    ``with`` block that fills it. A run that fails before its first shard is finished leaves no shard to
+    resume from, so the folder goes again: a refusal writes nothing beside ``--out``."""
     d = _shard_dir(cfg)
     fp = cfg.fingerprint()
     stamp = d / "settings.json"
@@ -351,14 +356,12 @@ def _open_shards(cfg: PrepareConfig) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     if not stamp.exists():
         write_json(stamp, fp)
-    return d
-
-
-def _drop_if_no_shard(d: Path) -> None:
-    """A run refused on its first scan leaves no shard to resume from: remove the folder it opened,
-    so a refusal writes nothing beside ``--out`` either."""
-    if d.is_dir() and all(f.name == "settings.json" for f in d.iterdir()):
-        shutil.rmtree(d, ignore_errors=True)
+    try:
+        yield d
+    except BaseException:
+        if d.is_dir() and all(f.name == "settings.json" for f in d.iterdir()):
+            shutil.rmtree(d, ignore_errors=True)
+        raise
 
 
 def _file_stamp(p: Path) -> list:
@@ -459,9 +462,8 @@ def prepare(cfg: PrepareConfig) -> Path:
     out = check_out_dir(cfg.out, cfg.overwrite, inputs=_inputs(cfg))
     t0 = time.time()
     jobs, summary = _jobs(cfg)
-    shards = _open_shards(cfg)
     parts = []
-    try:
+    with _shards(cfg) as shards:
         for i, job in enumerate(tqdm(jobs, desc="prepare", unit="scan")):
             stamp = input_stamp(job)
             got = _read_shard(shards, job.key, stamp)
@@ -479,9 +481,6 @@ def prepare(cfg: PrepareConfig) -> Path:
             for r in got[2]:  # patient ids (LUNA16 has none: one scan = one patient)
                 r.patient = r.patient or (dicom_patient_id(job.path) if job.source == "lidc" else r.series_uid)
             parts.append(got)
-    except BaseException:
-        _drop_if_no_shard(shards)
-        raise
     parts = [p for p in parts if len(p[2])]
     if not parts:
         raise NoduleSynthError(f"{cfg.luna16 or cfg.lidc}: no slice crossed an annotated nodule; nothing to write")

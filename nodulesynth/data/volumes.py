@@ -25,7 +25,6 @@ files the file name (minus ``_image``/``_0000``-style suffixes), each file its o
 from __future__ import annotations
 
 import hashlib
-import inspect
 import re
 import time
 import zlib
@@ -340,20 +339,15 @@ def prepare_volumes(cfg: VolumeConfig) -> Path:
     inputs = [("--dicom", cfg.dicom), ("--msd", cfg.msd)] + [("--volume", v) for v in cfg.volumes] + [("--label", v) for v in cfg.labels]
     out = check_out_dir(cfg.out, cfg.overwrite, inputs=inputs)
     t0 = time.time()
-    shards = prep._open_shards(cfg)
-    stamped = "stamp" in inspect.signature(prep._read_shard).parameters
     parts = []
-    try:
+    with prep._shards(cfg) as shards:
         for job in tqdm(jobs, desc=f"prepare {cfg.source}", unit="volume"):
-            extra = {"stamp": job.stamp()} if stamped else {}
-            got = prep._read_shard(shards, job.key, **extra)
+            stamp = job.stamp()
+            got = prep._read_shard(shards, job.key, stamp=stamp)
             if got is None:
-                prep._write_shard(shards, job.key, *process_volume(job, cfg), **extra)
-                got = prep._read_shard(shards, job.key, **extra)
+                prep._write_shard(shards, job.key, *process_volume(job, cfg), stamp=stamp)
+                got = prep._read_shard(shards, job.key, stamp=stamp)
             parts.append(got)
-    except BaseException:
-        prep._drop_if_no_shard(shards)
-        raise
     no_slices = sum(1 for p in parts if not len(p[2]))
     parts = [p for p in parts if len(p[2])]
     root = cfg.dicom or cfg.msd or cfg.volumes[0]
