@@ -67,6 +67,17 @@ def fold_patients(groups: np.ndarray, folds: int, seed: int, seen: set[int] | No
     return patient_folds(groups[~np.isin(groups, list(seen))], folds, seed=seed)
 
 
+def subsample_patients(idx: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The entries of ``idx`` whose patient is in a random ``fraction`` of the patients ``idx`` holds (at
+    least one): a fold's real training set made scarce, as when a site has few annotated scans. Drawn by
+    ``seed`` alone, so every arm of a fold trains on the same patients."""
+    if fraction >= 1:
+        return idx
+    pats = np.unique(groups[idx])
+    keep = np.random.default_rng(seed).choice(pats, max(1, int(round(len(pats) * fraction))), replace=False)
+    return idx[np.isin(groups[idx], keep)]
+
+
 def load_crops(path: str, max_patients: int | None, seed: int, first: set[int] | None = None):
     """The shared crops npz (images, reader_masks, patient) → arrays, optionally a random subset of
     ``max_patients`` patients that takes those in ``first`` before any other."""
@@ -316,6 +327,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int)
     p.add_argument("--no-control", action="store_true", help="skip the real-only equal-optimiser-steps control")
     p.add_argument("--max-patients", type=int, help="use a random subset of patients (CPU budget)")
+    p.add_argument("--train-fraction", type=float, default=1.0,
+                   help="train on this fraction of each fold's real training patients (scarce real data); test folds "
+                        "are unchanged. Raise --epochs to keep the optimiser steps")
     p.add_argument("--test-unseen-by", metavar="PREPARED",
                    help="patches: test folds only from patients outside that prepared crops dataset's TRAIN split "
                         "(the patients the texture models never saw); --max-patients then takes all of them first")
@@ -353,6 +367,8 @@ def run(a, argv) -> int:
     max_pat = a.max_patients or size.get("max_patients")
     if any(n < 0 for n in n_list) or epochs < 1 or batch < 1:
         raise NoduleSynthError("--n-synth must be ≥ 0, --epochs and --batch ≥ 1")
+    if not 0 < a.train_fraction <= 1:
+        raise NoduleSynthError(f"--train-fraction {a.train_fraction}: expected a fraction in (0, 1]")
     det_weights = {}
     for s in a.detector_weights:
         k, _, v = s.partition("=")
@@ -438,9 +454,9 @@ def run(a, argv) -> int:
     rows: list[dict] = []
     for f in range(run_folds):
         test_mask = np.isin(real.group, fold_pats[f])
-        train_idx = np.nonzero(~test_mask)[0]
+        train_idx = subsample_patients(np.nonzero(~test_mask)[0], real.group, a.train_fraction, a.seed * 1000 + f)
         test_idx = np.nonzero(test_mask)[0]
-        n_real_train = sum(v for g, v in n_units.items() if g not in set(fold_pats[f].tolist()))
+        n_real_train = sum(v for g, v in n_units.items() if g in set(real.group[train_idx].tolist()))
         rng = np.random.default_rng(a.seed + f)
         val_idx = rng.choice(train_idx, size=min(len(train_idx), 32), replace=False)  # ultralytics' mandatory final val
         test_yaml = Y.write_data_yaml(work / f"fold{f}" / "test.yaml", real_paths[val_idx[:1]].tolist(),
@@ -526,7 +542,8 @@ def _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, 
     note = (f"protocol {a.protocol}: {run_folds} of {folds} patient folds run, "
             f"{len(np.unique(real.group))} patients, {len(real)} real windows/slices ({real.n_positive} with a nodule), "
             f"imgsz {imgsz}, batch {batch} (nbs = batch), from scratch, last-epoch weights; test folds real only"
-            + (f", test patients outside {a.test_unseen_by}'s TRAIN split" if getattr(a, "test_unseen_by", None) else ""))
+            + (f", test patients outside {a.test_unseen_by}'s TRAIN split" if getattr(a, "test_unseen_by", None) else "")
+            + (f", real training patients: {a.train_fraction:g} of each fold's" if getattr(a, "train_fraction", 1) < 1 else ""))
     doc = {
         "command": "python " + " ".join(shlex.quote(x) for x in (["benchmarks/detection.py"] + list(argv if argv is not None else sys.argv[1:]))),
         "versions": Y.versions(), "seed": a.seed, "protocol": a.protocol, "note": note,

@@ -171,3 +171,24 @@ def test_paired_differences_and_one_row_per_arm():
     assert pairs["real"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3)) and pairs["real"]["ahead"] == 3
     assert pairs["real (equal steps as +200)"]["ahead"] == 2
     assert pairs["real (equal steps as +200)"]["per_fold"] == pytest.approx([0.04, -0.01, 0.05])
+
+
+def test_train_fraction_keeps_whole_patients_the_same_for_every_arm():
+    """--train-fraction: a fold's real training set made scarce by whole patients, the same draw for
+    every arm of the fold (seeded by seed and fold alone), and at least one patient."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import detection
+
+    groups = np.repeat(np.arange(20), 3)  # 20 patients, 3 windows each
+    idx = np.nonzero(groups >= 4)[0]  # patients 0–3 test this fold
+    sub = detection.subsample_patients(idx, groups, 0.25, seed=7)
+    kept = np.unique(groups[sub])
+    assert len(kept) == 4 and set(kept) <= set(range(4, 20))
+    assert all((groups[sub] == g).sum() == 3 for g in kept)  # whole patients
+    assert np.array_equal(sub, detection.subsample_patients(idx, groups, 0.25, seed=7))
+    assert not np.array_equal(sub, detection.subsample_patients(idx, groups, 0.25, seed=8))
+    assert len(np.unique(groups[detection.subsample_patients(idx, groups, 0.001, seed=0)])) == 1
+    assert detection.subsample_patients(idx, groups, 1.0, seed=0) is idx
+    with pytest.raises(SystemExit):
+        detection.main(["--out", "x", "--train-fraction", "nan?"])
+    assert detection.main(["--out", "x", "--n-synth", "0", "--train-fraction", "0"]) == 2
