@@ -109,8 +109,9 @@ def main(argv=None) -> int:
                    help="generate's --background; several: one row per weights and background")
     p.add_argument("--body", nargs="+", default=["atlas"], choices=("atlas", "translator"),
                    help="generate's --body; several: one row per weights, background and body")
-    p.add_argument("--atlas", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="synth.atlas.AtlasConfig fields for the atlas rows, e.g. grid=12 smooth=0.05 (default: shipped)")
+    p.add_argument("--atlas", nargs="*", action="append", metavar="KEY=VALUE",
+                   help="synth.atlas.AtlasConfig fields for the atlas rows, e.g. grid=12 smooth=0.05 (default: shipped); "
+                        "repeat the flag for one row per setting (a bare --atlas: the shipped one)")
     p.add_argument("--psi", type=float, default=None, help="truncation ψ of the mask StyleGAN (default: generate's)")
     a = p.parse_args(argv)
     from realism import nodule_windows, paired  # same helpers as the Table-1 benchmark
@@ -123,12 +124,14 @@ def main(argv=None) -> int:
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
     from nodulesynth.viz import preview_grid
 
-    try:
-        kv = dict(x.split("=", 1) for x in a.atlas)
-        types = {f.name: f.type for f in dataclasses.fields(AtlasConfig)}
-        atlas_config = AtlasConfig(**{k: (int if types[k] == "int" else float)(v) for k, v in kv.items()})
-    except (ValueError, KeyError) as e:
-        raise SystemExit(f"--atlas {' '.join(a.atlas)}: expected KEY=VALUE with keys of AtlasConfig ({e})")
+    types = {f.name: f.type for f in dataclasses.fields(AtlasConfig)}
+    atlas_configs = []
+    for items in a.atlas or [[]]:
+        try:
+            kv = dict(x.split("=", 1) for x in items)
+            atlas_configs.append((" ".join(items), AtlasConfig(**{k: (int if types[k] == "int" else float)(v) for k, v in kv.items()})))
+        except (ValueError, KeyError) as e:
+            raise SystemExit(f"--atlas {' '.join(items)}: expected KEY=VALUE with keys of AtlasConfig ({e})")
 
     t0 = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -157,14 +160,16 @@ def main(argv=None) -> int:
         floor["kid_nodule"] = k1000(g_tr, g_ho)
     rows, grid, nodule_rows = [], None, []
     translation: dict[str, dict] = {}  # weights → paired scores of its own translation (same for every row)
-    runs = [(", ".join([n] + ([f"{bg} bg"] if len(a.background) > 1 else []) + ([f"{bd} body"] if len(a.body) > 1 else [])), w, bg, bd)
-            for n, w in zip(names, a.weights) for bg in a.background for bd in a.body]
-    for name, w, background, body in runs:
+    runs = [(", ".join([n] + ([f"{bg} bg"] if len(a.background) > 1 else []) + ([f"{bd} body"] if len(a.body) > 1 else [])
+                       + ([f"atlas {ak or 'shipped'}"] if bd == "atlas" and len(atlas_configs) > 1 else [])), w, bg, bd, ac)
+            for n, w in zip(names, a.weights) for bg in a.background for bd in a.body
+            for ak, ac in (atlas_configs if bd == "atlas" else atlas_configs[:1])]
+    for name, w, background, body, atlas_config in runs:
         t1 = time.time()
         model = TSGAN.from_pretrained(w, device="cpu")
         psi = {} if a.psi is None else {"truncation_psi": a.psi}
         syn = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, background=background, body=body, **psi))
-        if syn.atlas is not None and a.atlas:
+        if syn.atlas is not None and atlas_config != syn.atlas.config:
             syn.atlas = BodyAtlas(config=atlas_config)
         b = syn.generate(range(a.n_generated))
         gen, gm = b.images_hu.numpy(), b.masks.numpy()

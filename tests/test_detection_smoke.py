@@ -50,6 +50,23 @@ def test_windows_from_crops_random_position_and_clean_negatives():
     assert set(w.group.tolist()) == set(pats.tolist())
 
 
+def test_resampling_keeps_the_fine_texture_and_the_range():
+    """Generated 0.8-mm slices go to the crops' 0.7 mm by cubic spline: a noise texture keeps most of
+    its contrast and fine detail (linear keeps 67 % of the std and 44 % of the Laplacian), nothing
+    overshoots the slice's range, and labels stay labels."""
+    from scipy import ndimage as ndi
+
+    from nodulesynth.detect.windows import resample_slice
+
+    x = np.random.default_rng(0).normal(-800, 100, (128, 128)).astype(np.float32)
+    m = (np.arange(128)[None, :] > 64).repeat(128, 0).astype(np.uint8) * MaskClass.NODULE
+    y, ym = resample_slice(x, m, 0.8, 0.7)
+    assert y.shape == ym.shape == (146, 146)
+    assert y.std() > 0.85 * x.std()
+    assert np.abs(ndi.laplace(y)).mean() > 0.6 * np.abs(ndi.laplace(x)).mean()
+    assert x.min() <= y.min() and y.max() <= x.max() and set(np.unique(ym)) == {0, MaskClass.NODULE}
+
+
 def test_windows_from_slices_and_folds():
     m = np.full((2, 96, 96), MaskClass.BODY, np.uint8)
     m[:, 10:86, 10:45] = MaskClass.RIGHT_LUNG

@@ -161,12 +161,20 @@ def windows_from_crops(images_u8: np.ndarray, reader_masks: np.ndarray, patients
 
 
 def resample_slice(hu: np.ndarray, mask: np.ndarray, spacing_mm: float, target_mm: float):
-    """Resample a slice (HU bilinear, labels nearest) from ``spacing_mm`` to ``target_mm`` per pixel."""
+    """Resample a slice (HU cubic spline, clipped to the slice's own range; labels nearest) from
+    ``spacing_mm`` to ``target_mm`` per pixel.
+
+    Cubic, not linear: windows cut from generated 0.8-mm slices at LIDC's 0.7 mm are set beside real
+    crops that are not resampled at all, and linear interpolation between pixels averages away the
+    lung's fine texture and noise (measured on held-out LIDC crop windows, 0.7 → 0.8 → 0.7 mm: mean
+    |Laplacian| in lung 80 → 42 linear, → 66 cubic), which would make the synthetic windows look
+    softer than CT for a reason that is not the generator's."""
     z = float(spacing_mm) / float(target_mm)
+    hu = np.asarray(hu, np.float32)
     if abs(z - 1) < 1e-3:
-        return hu.astype(np.float32), mask
-    return (ndi.zoom(hu.astype(np.float32), z, order=1, mode="nearest"),
-            ndi.zoom(mask, z, order=0, mode="nearest"))
+        return hu, mask
+    out = ndi.zoom(hu, z, order=3, mode="nearest")
+    return np.clip(out, hu.min(), hu.max(), out=out), ndi.zoom(mask, z, order=0, mode="nearest")
 
 
 def windows_from_slices(images_hu, masks, spacing_mm: float, target_mm: float, cfg: WindowConfig, seed: int = 0,
