@@ -34,6 +34,20 @@ def test_lung_of_body_is_the_median_lung_share_of_the_body():
     assert heldout_realism.lung_of_body(np.zeros((2, 8, 8), np.uint8)) == 0.0  # no body: 0, not a crash
 
 
+def test_lung_fine_texture_reads_noise_in_lung_only():
+    """lung |∇²| rises with the parenchyma's noise, falls when it is smoothed, and ignores the body."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    lung = rng.normal(-830, 60, (4, 64, 64)).astype(np.float32)
+    noisy, smooth = heldout_realism.lung_fine_texture(lung), heldout_realism.lung_fine_texture(ndi.gaussian_filter(lung, (0, 1, 1)))
+    assert noisy > 4 * smooth > 0
+    half = lung.copy()
+    half[:, :, 32:] = rng.normal(40, 200, (4, 64, 32))  # a noisy body beside the lung: not lung, not counted
+    assert abs(heldout_realism.lung_fine_texture(half) - noisy) < 0.25 * noisy
+    assert np.isnan(heldout_realism.lung_fine_texture(np.zeros((0, 64, 64), np.float32)))
+
+
 def test_masks_through_a_lower_resolution_change_only_borders():
     m = np.stack([_chest(20, size=256)])
     same = mask_resolution.through(m, 256)
