@@ -396,7 +396,6 @@ def run(a, argv) -> int:
         images, masks, patient = load_crops(a.crops, max_pat, a.seed, first=unseen)
         real = W.windows_from_crops(images, masks, patient, wcfg, seed=a.seed)
         target_sp = a.patch_spacing_mm or W.LIDC_MEDIAN_SPACING_MM
-        n_units = {int(g): int((patient == g).sum()) for g in np.unique(patient)}  # crops per patient
         syn = W.Windows.concat([], wcfg.size)
         syn_meta = {}
         if n_max:
@@ -415,7 +414,6 @@ def run(a, argv) -> int:
         _, groups = np.unique(rg, return_inverse=True)
         real = W.Windows(rh.astype(np.float32), rb, groups.astype(np.int64))
         real_series = (rs, ri)
-        n_units = {int(g): int((groups == g).sum()) for g in np.unique(groups)}
         syn = W.Windows.concat([], rh.shape[1])
         syn_meta = {}
         if n_max:
@@ -456,7 +454,6 @@ def run(a, argv) -> int:
         test_mask = np.isin(real.group, fold_pats[f])
         train_idx = subsample_patients(np.nonzero(~test_mask)[0], real.group, a.train_fraction, a.seed * 1000 + f)
         test_idx = np.nonzero(test_mask)[0]
-        n_real_train = sum(v for g, v in n_units.items() if g in set(real.group[train_idx].tolist()))
         rng = np.random.default_rng(a.seed + f)
         val_idx = rng.choice(train_idx, size=min(len(train_idx), 32), replace=False)  # ultralytics' mandatory final val
         test_yaml = Y.write_data_yaml(work / f"fold{f}" / "test.yaml", real_paths[val_idx[:1]].tolist(),
@@ -489,9 +486,9 @@ def run(a, argv) -> int:
                 if ext is not None:
                     rows.append({**row, "test": "external", "test_images": n_ext, **Y.validate(weights, ext, cfg),
                                  "cpm": None, "froc": None})
-                _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, syn, syn_meta, imgsz,
+                _write(out, a, argv, rows, fold_pats, run_folds, folds, real, syn, syn_meta, imgsz,
                        batch, detectors, n_list, t0, write_json)
-    table = _write(out, a, argv, rows, fold_pats, run_folds, folds, None, real, syn, syn_meta, imgsz, batch, detectors,
+    table = _write(out, a, argv, rows, fold_pats, run_folds, folds, real, syn, syn_meta, imgsz, batch, detectors,
                    n_list, t0, write_json, final=True)
     return 0 if table else 1
 
@@ -534,7 +531,7 @@ def froc_for(weights, real, series, test_idx, cfg) -> dict:
     return {"cpm": r.cpm, "froc": r.to_dict()}
 
 
-def _write(out, a, argv, rows, fold_pats, run_folds, folds, n_real_train, real, syn, syn_meta, imgsz, batch, detectors,
+def _write(out, a, argv, rows, fold_pats, run_folds, folds, real, syn, syn_meta, imgsz, batch, detectors,
            n_list, t0, write_json, final=False):
     from nodulesynth.detect import yolo as Y
 
