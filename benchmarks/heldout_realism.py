@@ -25,8 +25,10 @@ only their VAL + TEST patients, which no model trained by ``benchmarks/retrain.p
   generated vs held-out real: an empty, vessel-free lung reads near 0.
 - **lung/body**: median lung share of the body in the masks: where along the chest the slices sit.
 - **lung |∇²|**: mean |Laplacian| (HU/px²) of the lung pixels of the nodule windows: the parenchyma's
-  fine texture and noise, which KID's 299² Inception features barely see (a softer lung moves the
-  nodule KID by less than its noise); floor: the held-out crops' own.
+  fine texture and noise at the crops' resolution, which KID's 299² Inception features barely see
+  (a softer lung moves the nodule KID by less than its noise); floor: the held-out crops' own, at
+  their native spacing. It reads resolution as well as texture: a slice drawn at 0.8 mm and
+  resampled to 0.7 cannot hold what a 0.7-mm scan holds (README, "Fine texture").
 Writes OUT/heldout_realism.{json,txt} and OUT/heldout_grid.png (top: generated, bottom: held-out real).
 """
 from __future__ import annotations
