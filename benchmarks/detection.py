@@ -355,7 +355,6 @@ def main(argv=None) -> int:
 def run(a, argv) -> int:
     from nodulesynth.detect import windows as W
     from nodulesynth.detect import yolo as Y
-    from nodulesynth.io import write_json
 
     t0 = time.time()
     size = SMOKE if a.smoke else FULL
@@ -487,9 +486,9 @@ def run(a, argv) -> int:
                     rows.append({**row, "test": "external", "test_images": n_ext, **Y.validate(weights, ext, cfg),
                                  "cpm": None, "froc": None})
                 _write(out, a, argv, rows, fold_pats, run_folds, folds, real, syn, syn_meta, imgsz,
-                       batch, detectors, n_list, t0, write_json)
+                       batch, detectors, n_list, t0)
     table = _write(out, a, argv, rows, fold_pats, run_folds, folds, real, syn, syn_meta, imgsz, batch, detectors,
-                   n_list, t0, write_json, final=True)
+                   n_list, t0, final=True)
     return 0 if table else 1
 
 
@@ -502,14 +501,9 @@ def summarise_json(src: Path, out: Path) -> int:
     except (OSError, ValueError, KeyError) as e:
         raise NoduleSynthError(f"--from-json {src}: not a detection results.json ({e})") from e
     out.mkdir(parents=True, exist_ok=True)
-    table = summarise(rows)
     done = sorted({r["fold"] for r in rows})
     note = doc["note"].split(":", 1)[0] + f": folds completed {done} of {doc['folds']} (" + doc["note"].split(", ", 1)[1] + ")"
-    from nodulesynth.io import write_json
-
-    pairs = paired(rows)
-    write_json(out / "results.json", {**doc, "table": table, "paired": pairs, "summarised_from": str(src), "note": note})
-    _write_tables(out, table, note, final=True, pairs=pairs)
+    _publish(out, {**doc, "summarised_from": str(src)}, note, final=True)
     return 0
 
 
@@ -532,23 +526,32 @@ def froc_for(weights, real, series, test_idx, cfg) -> dict:
 
 
 def _write(out, a, argv, rows, fold_pats, run_folds, folds, real, syn, syn_meta, imgsz, batch, detectors,
-           n_list, t0, write_json, final=False):
+           n_list, t0, final=False):
     from nodulesynth.detect import yolo as Y
 
-    table = summarise(rows)
     note = (f"protocol {a.protocol}: {run_folds} of {folds} patient folds run, "
             f"{len(np.unique(real.group))} patients, {len(real)} real windows/slices ({real.n_positive} with a nodule), "
             f"imgsz {imgsz}, batch {batch} (nbs = batch), from scratch, last-epoch weights; test folds real only"
-            + (f", test patients outside {a.test_unseen_by}'s TRAIN split" if getattr(a, "test_unseen_by", None) else "")
-            + (f", real training patients: {a.train_fraction:g} of each fold's" if getattr(a, "train_fraction", 1) < 1 else ""))
+            + (f", test patients outside {a.test_unseen_by}'s TRAIN split" if a.test_unseen_by else "")
+            + (f", real training patients: {a.train_fraction:g} of each fold's" if a.train_fraction < 1 else ""))
     doc = {
         "command": "python " + " ".join(shlex.quote(x) for x in (["benchmarks/detection.py"] + list(argv if argv is not None else sys.argv[1:]))),
         "versions": Y.versions(), "seed": a.seed, "protocol": a.protocol, "note": note,
         "folds": folds, "run_folds": run_folds, "fold_patients": [fp.tolist() for fp in fold_pats],
         "n_synth": n_list, "detectors": detectors, "synthetic": syn_meta, "n_synthetic_windows": len(syn),
         "window": a.window if a.protocol == "patches" else None, "finished": final,
-        "wall_s": round(time.time() - t0, 1), "table": table, "paired": paired(rows), "rows": rows,
+        "wall_s": round(time.time() - t0, 1), "rows": rows,
     }
+    return _publish(out, doc, note, final)
+
+
+def _publish(out: Path, doc: dict, note: str, final: bool) -> list[dict]:
+    """results.json (``doc`` with its rows' table and paired differences), then :func:`_write_tables`;
+    returns the table. One writer for a running benchmark and for ``--from-json``."""
+    from nodulesynth.io import write_json
+
+    table = summarise(doc["rows"])
+    doc = {**doc, "note": note, "table": table, "paired": paired(doc["rows"])}
     write_json(out / "results.json", doc)
     _write_tables(out, table, note, final, doc["paired"])
     return table
