@@ -307,3 +307,25 @@ def test_nodule_outside_its_scan_is_warned_about(luna16_root, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="nodulesynth.data.prepare"):
         prepare(_small(tmp_path / "ds", root))
     assert any("(0.0, 0.0, 900.0) mm (8.0 mm) has its centre outside the scan" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- unlabelled real data is not mixed in
+
+
+def test_unlabelled_real_slices_are_never_mixed_into_labelled_data(tiny_weights, tmp_path, capsys):
+    """A set prepared from an unlabelled source (DICOM, a volume without a label) has empty boxes that
+    mean "not annotated": mixing it in (Dataset real=, generate --real) is refused with one line."""
+    from nodulesynth import SyntheticNoduleDataset
+    from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+
+    recs = [SliceRecord("s", 0.0, k, (0.8, 0.8), np.zeros((0, 4), np.float32), "dicom", False, patient=f"p{k}",
+                        split="train", labelled=False) for k in range(2)]
+    ds = write_slice_dataset(tmp_path / "unlabelled", np.full((2, 64, 64), -800, np.int16),
+                             np.full((2, 64, 64), 2, np.uint8), recs)
+    with pytest.raises(NoduleSynthError, match="labelled=false"):
+        SyntheticNoduleDataset(weights=tiny_weights, real=ds, ratio=1.0, device="cpu")
+    rc = main(["generate", "--real", str(ds), "--ratio", "1", "--out", str(tmp_path / "out"), "--weights", tiny_weights,
+               "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "labelled=false" in err and str(ds) in err
+    assert not (tmp_path / "out").exists()
