@@ -21,6 +21,11 @@ Synthetic data: ``--weights`` (default: the shipped ``pretrained``) through the 
 (``--patch-spacing-mm``, default LIDC's median 0.7 mm) and cut into windows exactly like the real
 crops (one positive per nodule, one negative from lung away from any nodule). N counts generated
 slices (real counts crops), so each arm adds about N positive and N negative windows.
+
+``--synth-source inserted --insert-into PREPARED...`` adds (or, alone, replaces the generated arm with)
+``real+N inserted``: N real TRAIN slices of other datasets with LIDC nodules inserted by
+``Synthesizer.add_nodules_to_real``, cut into windows the same way. It asks which part of the
+synthetic slice helps a detector: the generated nodule in real lung, or the whole generated slice.
 """
 from __future__ import annotations
 
@@ -117,6 +122,9 @@ def load_slices(paths: list[str]):
     shape = None
     for p in paths:
         ds = SliceDataset(p)
+        if not all(r.labelled for r in ds.records):
+            raise NoduleSynthError(f"--data {p}: prepared from a source without nodule annotations (labelled=false); "
+                                   "its empty boxes are not negatives, so it can neither train nor test a detector")
         if shape is None:
             shape = ds.images.shape[1:]
         elif ds.images.shape[1:] != shape:
@@ -166,6 +174,94 @@ def synthesize(weights: str, n: int, seed: int, cache: Path, device: str):
     meta = {"weights": str(model.source), "revision": str(model.revision), "seed": seed,
             "block": min(16, n), "spacing_mm": float(getattr(model, "meta", {}).get("spacing_mm", 0.8) or 0.8), **prov}
     return have_h[:n].astype(np.float32), have_m[:n], meta
+
+
+def load_backgrounds(prepared: list[str]) -> dict:
+    """The slices nodules are inserted into: the TRAIN slices without a nodule of labelled prepared sets
+    (every positive is then an inserted one and every negative a true one; a slice of an unlabelled
+    source, e.g. TCGA, may hold a tumour nobody outlined, so such sets are refused)."""
+    from nodulesynth.data.slices import SliceDataset
+    from nodulesynth.masks.classes import MaskClass
+
+    bg = {"images": [], "masks": [], "names": [], "spacing": set(), "patients": set()}
+    for p in prepared:
+        ds = SliceDataset(p)
+        if not all(r.labelled for r in ds.records):
+            raise NoduleSynthError(f"--insert-into {p}: its source has no nodule annotations (labelled=False), so its "
+                                   "slices are not known negatives; insert only into labelled data")
+        for i, r in enumerate(ds.records):
+            if r.split == "train" and not (np.asarray(ds.masks[i]) == MaskClass.NODULE).any():
+                bg["images"].append(np.asarray(ds.images[i]))
+                bg["masks"].append(np.asarray(ds.masks[i]))
+                bg["names"].append(f"{Path(p).name}:{r.series_uid}:{r.slice_index}")
+                bg["spacing"].add(round(float(r.spacing_mm[0]), 3))
+                bg["patients"].add(f"{p}:{group_of(r)}")
+    if not bg["images"]:
+        raise NoduleSynthError(f"--insert-into {' '.join(prepared)}: no TRAIN slice without a nodule to insert into")
+    if len(bg["spacing"]) != 1 or bg["images"][0].shape != (512, 512):
+        raise NoduleSynthError(f"--insert-into: need 512² slices of one pixel spacing (have {sorted(bg['spacing'])} mm, "
+                               f"{bg['images'][0].shape}); `nodulesynth prepare` writes 512² at 0.8 mm by default")
+    return bg
+
+
+def insert_nodules(weights: str, bg: dict, n: int, seed: int, cache: Path, device: str, into: list[str]):
+    """n real slices with LIDC nodules inserted (``Synthesizer.add_nodules_to_real``: real lungs, real
+    noise, only the new nodules and their rim drawn): copy i is background i mod M
+    (:func:`load_backgrounds`), named "insert<i>" so every copy draws its own nodules and places.
+    Cached like :func:`synthesize`."""
+    import zlib
+
+    from nodulesynth.models.tsgan import TSGAN
+    from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
+
+    bg_h, bg_m, names = bg["images"], bg["masks"], bg["names"]
+    model = TSGAN.from_pretrained(weights, device=device)
+    block = 16  # the chunk given to add_nodules_to_real at once: part of the reproducibility key
+    key = f"{zlib.crc32(chr(0).join(names).encode()):08x}"
+    f = cache / f"inserted-{Path(str(model.source)).name}-{model.revision}-seed{seed}-block{block}-{key}.npz"
+    have_h, have_m = np.zeros((0, 512, 512), np.float16), np.zeros((0, 512, 512), np.uint8)
+    if f.is_file():
+        with np.load(f, allow_pickle=False) as d:
+            have_h, have_m = d["images"], d["masks"]
+    if len(have_h) < n:
+        from tqdm import tqdm
+
+        syn = Synthesizer(model, GenerationConfig(seed=seed, block=block))
+        hs, ms = [have_h], [have_m]
+        with tqdm(total=n - len(have_h), desc="real slices + inserted nodules", unit="img") as bar:
+            for s in range(len(have_h), n, block):
+                j = [i % len(bg_h) for i in range(s, min(n, s + block))]
+                b = syn.add_nodules_to_real(np.stack([bg_h[k] for k in j]), np.stack([bg_m[k] for k in j]),
+                                            [f"insert{i}" for i in range(s, min(n, s + block))])
+                hs.append(b.images_hu.numpy().astype(np.float16))
+                ms.append(b.masks.numpy())
+                have_h, have_m = np.concatenate(hs), np.concatenate(ms)
+                hs, ms = [have_h], [have_m]
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_suffix(".tmp.npz")
+                np.savez(tmp, images=have_h, masks=have_m)
+                tmp.replace(f)  # atomic: a killed run resumes from the last whole chunk
+                bar.update(len(j))
+    meta = {"weights": str(model.source), "revision": str(model.revision), "seed": seed, "block": block,
+            "spacing_mm": next(iter(bg["spacing"])), "into": list(into), "backgrounds": len(bg_h),
+            "background_patients": len(bg["patients"])}
+    return have_h[:n].astype(np.float32), have_m[:n], meta
+
+
+SOURCES = ("generated", "inserted")
+POOL_PREFIX = {"generated": "synthetic", "inserted": "inserted"}  # file names in the shared image pool
+
+
+def arm_name(source: str, n: int) -> str:
+    """``real+N`` for N generated slices (the paper's arm), ``real+N inserted`` for N real slices with inserted nodules."""
+    return f"real+{n}" + ("" if source == "generated" else f" {source}")
+
+
+def make_source(a, source: str, n: int, cache: Path, backgrounds: dict | None):
+    """The n slices of one synthetic source: generated whole slices, or real slices with inserted nodules."""
+    if source == "generated":
+        return synthesize(a.weights, n, a.seed, cache, a.device)
+    return insert_nodules(a.weights, backgrounds, n, a.seed, cache, a.device, a.insert_into)
 
 
 def fit_slices(images, masks, spacing, target_spacing, shape):
@@ -223,7 +319,10 @@ def paired(rows: list[dict], key: str = "map50_95") -> list[dict]:
     for (det, arm), v in by.items():
         if not arm.startswith("real+"):
             continue
-        for ref in ("real", *(a for d, a in by if d == det and a.startswith("real (equal"))):
+        refs = ["real", *(a for d, a in by if d == det and a.startswith("real (equal"))]
+        if " " in arm:  # real+N inserted: also against the generated real+N
+            refs.append(arm.split(" ")[0])
+        for ref in refs:
             w = by.get((det, ref), {})
             folds = sorted(set(v) & set(w))
             if len(folds) < 2:
@@ -260,18 +359,22 @@ def plot(table: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for det in dict.fromkeys(r["detector"] for r in table):
-        rs = sorted((r for r in table if r["detector"] == det and not r["arm"].startswith("real (equal")),
-                    key=lambda r: r["n_synth"])
-        if "map50_95" not in rs[0]:
+        mixed = [r for r in table if r["detector"] == det and not r["arm"].startswith("real (equal")]
+        if not mixed or "map50_95" not in mixed[0]:
             continue
-        ax.errorbar([r["n_synth"] for r in rs], [r["map50_95"] for r in rs], yerr=[r["map50_95_std"] for r in rs],
-                    marker="o", capsize=3, label=f"{det} (same epochs)")
-        n_max = max(r["n_synth"] for r in rs)
+        for src in SOURCES:  # one line per source, each from the shared real-only point
+            rs = sorted((r for r in mixed if r["n_synth"] == 0 or r["arm"] == arm_name(src, r["n_synth"])),
+                        key=lambda r: r["n_synth"])
+            if len(rs) > 1 or src == "generated":
+                ax.errorbar([r["n_synth"] for r in rs], [r["map50_95"] for r in rs], yerr=[r["map50_95_std"] for r in rs],
+                            marker="o" if src == "generated" else "^", capsize=3,
+                            label=f"{det} + {src} (same epochs)")
+        n_max = max(r["n_synth"] for r in mixed)
         for r in table:  # drawn beside the largest mixed arm, whose optimiser steps it matches
             if r["detector"] == det and r["arm"].startswith("real (equal"):
                 ax.errorbar([n_max * 1.03 + 1], [r["map50_95"]], yerr=[r["map50_95_std"]], marker="s", capsize=3,
                             linestyle="none", label=f"{det} real only, as many steps as +{n_max}")
-    ax.set_xlabel("synthetic slices added (N)")
+    ax.set_xlabel("slices added (N)")
     ax.set_ylabel("mAP50-95 on real test folds")
     import textwrap
 
@@ -283,23 +386,23 @@ def plot(table: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def preview(real, syn, path: Path, n: int = 8, seed: int = 0) -> None:
-    """A grid of windows as the detector sees them (lung window, box outlines): rows real with a
-    nodule, real without, synthetic with, synthetic without."""
+def preview(sets: list, path: Path, n: int = 8, seed: int = 0) -> None:
+    """A grid of windows as the detector sees them (lung window, box outlines): two rows per set (real
+    first, then each synthetic source), windows with a nodule, then without."""
     from PIL import Image, ImageDraw
 
     from nodulesynth.hu import window_uint8
 
     rng = np.random.default_rng(seed)
     rows = []
-    for w in (real, syn):
+    for w in sets:
         pos = [i for i, b in enumerate(w.boxes) if len(b)]
         neg = [i for i, b in enumerate(w.boxes) if not len(b)]
         for idx in (pos, neg):
             rows.append(rng.choice(idx, min(n, len(idx)), replace=False).tolist() if idx else [])
             rows[-1] = [(w, i) for i in rows[-1]]
     s = 96
-    size = real.images.shape[1]
+    size = sets[0].images.shape[1]
     canvas = Image.new("RGB", (n * (s + 2), len(rows) * (s + 2)), (40, 40, 40))
     for r, items in enumerate(rows):
         for c, (w, i) in enumerate(items):
@@ -322,6 +425,12 @@ def main(argv=None) -> int:
     p.add_argument("--detector-weights", nargs="*", default=[], metavar="DET=PT",
                    help="start a detector from a local ultralytics .pt (your own file: .pt files are pickles)")
     p.add_argument("--n-synth", nargs="+", type=int)
+    p.add_argument("--synth-source", nargs="+", choices=SOURCES, default=["generated"],
+                   help="what a real+N arm adds: generated whole slices (the paper's), and/or real slices with "
+                        "nodules inserted (`inserted`: --insert-into's TRAIN slices, `add_nodules_to_real`)")
+    p.add_argument("--insert-into", nargs="+", metavar="PREPARED", default=[],
+                   help="prepared slice datasets whose TRAIN slices without a nodule receive the inserted nodules "
+                        "(patients apart from the test folds: e.g. prepared/tcga prepared/pyradiomics)")
     p.add_argument("--folds", type=int)
     p.add_argument("--run-folds", type=int, help="run only the first K folds (CPU budget); said in the table")
     p.add_argument("--epochs", type=int)
@@ -341,11 +450,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, end to end")
-    p.add_argument("--from-json", help="only re-summarise a (possibly partial) results.json into --out")
+    p.add_argument("--from-json", nargs="+", metavar="RESULTS_JSON",
+                   help="only re-summarise a (possibly partial) results.json into --out; several runs of the same "
+                        "folds and seed (e.g. one with the control, one with --synth-source inserted) are merged, "
+                        "so every arm is paired with every other; their shared arms must agree to the digit")
     a = p.parse_args(argv)
     try:
         if a.from_json:
-            return summarise_json(Path(a.from_json), Path(a.out))
+            return summarise_json([Path(f) for f in a.from_json], Path(a.out))
         return run(a, argv)
     except NoduleSynthError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -366,6 +478,10 @@ def run(a, argv) -> int:
     max_pat = a.max_patients or size.get("max_patients")
     if any(n < 0 for n in n_list) or epochs < 1 or batch < 1:
         raise NoduleSynthError("--n-synth must be ≥ 0, --epochs and --batch ≥ 1")
+    sources = list(dict.fromkeys(a.synth_source))
+    if ("inserted" in sources) != bool(a.insert_into):
+        raise NoduleSynthError("--synth-source inserted and --insert-into PREPARED... go together")
+    backgrounds = load_backgrounds(a.insert_into) if a.insert_into else None  # bad input refused before any work
     if not 0 < a.train_fraction <= 1:
         raise NoduleSynthError(f"--train-fraction {a.train_fraction}: expected a fraction in (0, 1]")
     det_weights = {}
@@ -395,11 +511,10 @@ def run(a, argv) -> int:
         images, masks, patient = load_crops(a.crops, max_pat, a.seed, first=unseen)
         real = W.windows_from_crops(images, masks, patient, wcfg, seed=a.seed)
         target_sp = a.patch_spacing_mm or W.LIDC_MEDIAN_SPACING_MM
-        syn = W.Windows.concat([], wcfg.size)
-        syn_meta = {}
-        if n_max:
-            sh, sm, syn_meta = synthesize(a.weights, n_max, a.seed, out / "work", a.device)
-            syn = W.windows_from_slices(sh, sm, syn_meta["spacing_mm"], target_sp, wcfg, seed=a.seed)
+        syn, syn_meta = {}, {}
+        for src in sources if n_max else ():
+            sh, sm, syn_meta[src] = make_source(a, src, n_max, out / "work", backgrounds)
+            syn[src] = W.windows_from_slices(sh, sm, syn_meta[src]["spacing_mm"], target_sp, wcfg, seed=a.seed)
         real_series = None
     else:
         if not a.data:
@@ -413,20 +528,20 @@ def run(a, argv) -> int:
         _, groups = np.unique(rg, return_inverse=True)
         real = W.Windows(rh.astype(np.float32), rb, groups.astype(np.int64))
         real_series = (rs, ri)
-        syn = W.Windows.concat([], rh.shape[1])
-        syn_meta = {}
-        if n_max:
-            sh, sm, syn_meta = synthesize(a.weights, n_max, a.seed, out / "work", a.device)
-            fh, _, fb = fit_slices(sh, sm, syn_meta["spacing_mm"], sp, rh.shape[1:])
-            syn = W.Windows(fh, fb, np.arange(len(fh), dtype=np.int64))
+        syn, syn_meta = {}, {}
+        for src in sources if n_max else ():
+            sh, sm, syn_meta[src] = make_source(a, src, n_max, out / "work", backgrounds)
+            fh, _, fb = fit_slices(sh, sm, syn_meta[src]["spacing_mm"], sp, rh.shape[1:])
+            syn[src] = W.Windows(fh, fb, np.arange(len(fh), dtype=np.int64))
     if not real.n_positive:
         raise NoduleSynthError("no real positive windows/slices to train on")
 
     if len(real):
-        preview(real, syn if len(syn) else real, out / "windows_preview.png", seed=a.seed)
+        preview([real, *syn.values()], out / "windows_preview.png", seed=a.seed)
     pool = work / "pool"
     real_paths = np.array(Y.write_images(pool, "real", real.images, real.boxes))
-    syn_paths = np.array(Y.write_images(pool, "synthetic", syn.images, syn.boxes)) if len(syn) else np.array([])
+    syn_paths = {src: np.array(Y.write_images(pool, POOL_PREFIX[src], w.images, w.boxes)) if len(w) else np.array([])
+                 for src, w in syn.items()}
     fold_pats = fold_patients(real.group, folds, a.seed, seen)
     run_folds = min(a.run_folds or size.get("run_folds") or folds, folds)
 
@@ -457,15 +572,16 @@ def run(a, argv) -> int:
         val_idx = rng.choice(train_idx, size=min(len(train_idx), 32), replace=False)  # ultralytics' mandatory final val
         test_yaml = Y.write_data_yaml(work / f"fold{f}" / "test.yaml", real_paths[val_idx[:1]].tolist(),
                                       real_paths[test_idx].tolist())
-        arms = [(f"real+{n}" if n else "real", n, epochs) for n in n_list]
+        arms = [("real", None, 0, epochs)] + [(arm_name(src, n), src, n, epochs) for n in n_list if n for src in syn]
         if not a.no_control and n_max:
-            ctrl_epochs = int(round(epochs * (len(train_idx) + len(np.nonzero(syn.group < n_max)[0])) / len(train_idx)))
-            arms.append((f"real (equal steps as +{n_max})", 0, ctrl_epochs))
+            added = max(int((w.group < n_max).sum()) for w in syn.values())  # the largest mixed arm's windows
+            ctrl_epochs = int(round(epochs * (len(train_idx) + added) / len(train_idx)))
+            arms.append((f"real (equal steps as +{n_max})", None, 0, ctrl_epochs))
         for det in detectors:
-            for arm, n, ep in arms:
-                syn_idx = np.nonzero(syn.group < n)[0] if n else np.zeros(0, np.int64)
-                train_list = real_paths[train_idx].tolist() + syn_paths[syn_idx].tolist()
-                name = f"fold{f}/{det}/{arm.split(' ')[0] if '(' not in arm else 'real-equal-steps'}"
+            for arm, src, n, ep in arms:
+                syn_list = syn_paths[src][np.nonzero(syn[src].group < n)[0]].tolist() if src else []
+                train_list = real_paths[train_idx].tolist() + syn_list
+                name = f"fold{f}/{det}/{'real-equal-steps' if '(' in arm else arm.replace(' ', '-')}"
                 dy = Y.write_data_yaml(work / name / "data.yaml", train_list, real_paths[val_idx].tolist())
                 cfg = Y.YoloConfig(model=det_weights.get(det, Y.DETECTORS[det]), epochs=ep, imgsz=imgsz, batch=batch,
                                    device=a.device, seed=a.seed + f)
@@ -492,18 +608,44 @@ def run(a, argv) -> int:
     return 0 if table else 1
 
 
-def summarise_json(src: Path, out: Path) -> int:
-    """Table, CSV and plot from the rows of a results.json (e.g. of a run stopped after some folds);
-    the note says how many folds each row averages."""
-    try:
-        doc = json.loads(src.read_text())
-        rows = doc["rows"]
-    except (OSError, ValueError, KeyError) as e:
-        raise NoduleSynthError(f"--from-json {src}: not a detection results.json ({e})") from e
+def summarise_json(srcs: list[Path], out: Path) -> int:
+    """Table, CSV and plot from the rows of one or more results.json (e.g. of a run stopped after some
+    folds); the note says how many folds each row averages. Several runs must share protocol, seed and
+    fold patients; a row (fold, detector, arm, test set) that two runs both hold must agree, since the
+    benchmark is deterministic on one machine: a mismatch means the runs are not comparable."""
+    docs = []
+    for src in srcs:
+        try:
+            doc = json.loads(src.read_text())
+            doc["rows"], doc["note"], doc["folds"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise NoduleSynthError(f"--from-json {src}: not a detection results.json ({e})") from e
+        docs.append(doc)
+    first, rows, seen = docs[0], [], {}
+    for src, doc in zip(srcs, docs):
+        for k in ("protocol", "seed", "fold_patients"):
+            if doc.get(k) != first.get(k):
+                raise NoduleSynthError(f"--from-json {src}: {k} differs from {srcs[0]}'s; only runs of the same folds merge")
+        for r in doc["rows"]:
+            key = (r["fold"], r["detector"], r["arm"], r["test"])
+            if key in seen:
+                if any(seen[key].get(m) != r.get(m) for m in ("precision", "recall", "map50", "map50_95")):
+                    raise NoduleSynthError(f"--from-json {src}: {key} differs from the same row of another run "
+                                           "(other code, data or machine): these runs do not merge")
+                continue
+            seen[key] = r
+            rows.append(r)
     out.mkdir(parents=True, exist_ok=True)
     done = sorted({r["fold"] for r in rows})
-    note = doc["note"].split(":", 1)[0] + f": folds completed {done} of {doc['folds']} (" + doc["note"].split(", ", 1)[1] + ")"
-    _publish(out, {**doc, "summarised_from": str(src)}, note, final=True)
+    note = first["note"].split(":", 1)[0] + f": folds completed {done} of {first['folds']} (" + first["note"].split(", ", 1)[1] + ")"
+    merged = {**first, "rows": rows, "summarised_from": [str(s) for s in srcs]}
+    if len(docs) > 1:
+        merged["commands"] = [d.get("command") for d in docs]
+        for d in docs[1:]:  # each source's metadata from whichever run made it
+            for k in ("synthetic", "n_synthetic_windows", "inserted", "n_inserted_windows"):
+                if not merged.get(k) and d.get(k):
+                    merged[k] = d[k]
+    _publish(out, merged, note, final=True)
     return 0
 
 
@@ -538,7 +680,9 @@ def _write(out, a, argv, rows, fold_pats, run_folds, folds, real, syn, syn_meta,
         "command": "python " + " ".join(shlex.quote(x) for x in (["benchmarks/detection.py"] + list(argv if argv is not None else sys.argv[1:]))),
         "versions": Y.versions(), "seed": a.seed, "protocol": a.protocol, "note": note,
         "folds": folds, "run_folds": run_folds, "fold_patients": [fp.tolist() for fp in fold_pats],
-        "n_synth": n_list, "detectors": detectors, "synthetic": syn_meta, "n_synthetic_windows": len(syn),
+        "n_synth": n_list, "detectors": detectors, "sources": list(syn),
+        "synthetic": syn_meta.get("generated", {}), "n_synthetic_windows": len(syn.get("generated", ())),
+        **({"inserted": syn_meta["inserted"], "n_inserted_windows": len(syn["inserted"])} if "inserted" in syn else {}),
         "window": a.window if a.protocol == "patches" else None, "finished": final,
         "wall_s": round(time.time() - t0, 1), "rows": rows,
     }

@@ -100,10 +100,16 @@ def test_detection_patches_smoke(tmp_path):
              slice=np.zeros(24, np.int16))
     out = tmp_path / "out"
     _run(["--protocol", "patches", "--smoke", "--crops", str(npz), "--n-synth", "0", "1", "--out", str(out),
-          "--eval", str(npz)], tmp_path)
+          "--eval", str(npz), "--synth-source", "generated", "inserted", "--insert-into", str(_backgrounds(tmp_path))],
+         tmp_path)
     doc = json.loads((out / "results.json").read_text())
     arms = {(r["arm"], r["test"]) for r in doc["rows"]}
-    assert {("real", "fold"), ("real+1", "fold"), ("real", "external")} <= arms
+    assert {("real", "fold"), ("real+1", "fold"), ("real+1 inserted", "fold"), ("real", "external")} <= arms
+    # the inserted nodules went into the one TRAIN slice without a nodule, and are paired with the generated arm too
+    assert doc["sources"] == ["generated", "inserted"] and doc["inserted"]["backgrounds"] == 1
+    assert doc["n_inserted_windows"] >= 1 and doc["n_synthetic_windows"] >= 1  # smoke windows (24 px) drop large nodules
+    assert {"real", "real+1"} <= {q["against"] for q in doc["paired"] if q["arm"] == "real+1 inserted"} or \
+        doc["run_folds"] == 1  # one fold: nothing to pair
     assert any(a.startswith("real (equal steps") for a, _ in arms)
     assert doc["finished"] and doc["versions"]["ultralytics"] and "detection.py" in doc["command"]
     # folds are by patient: no patient in two folds
@@ -113,6 +119,22 @@ def test_detection_patches_smoke(tmp_path):
     for r in doc["rows"]:
         assert 0 <= r["map50_95"] <= r["map50"] <= 1
     assert (out / "results.csv").is_file() and (out / "map_vs_n.png").is_file()
+
+
+def _backgrounds(tmp_path) -> Path:
+    """A prepared 512² set: a TRAIN slice without a nodule (the one to insert into), a TRAIN slice with
+    one and a TEST slice (both never used)."""
+    from scenes import scene_mask
+
+    m = np.kron(scene_mask(), np.ones((8, 8), np.uint8))
+    hu = np.where(m == MaskClass.BODY, 40, np.where(m == 0, -1000, -850)).astype(np.int16)
+    with_nodule = m.copy()
+    with_nodule[150:160, 120:130] = MaskClass.NODULE
+    recs = [SliceRecord("a", 0.0, 0, (0.8, 0.8), np.zeros((0, 4), np.float32), "tcga", False, patient="p1", split="train"),
+            SliceRecord("b", 0.0, 0, (0.8, 0.8), np.array([[120, 150, 130, 160]], np.float32), "tcga", True,
+                        patient="p2", split="train"),
+            SliceRecord("c", 0.0, 0, (0.8, 0.8), np.zeros((0, 4), np.float32), "tcga", False, patient="p3", split="test")]
+    return write_slice_dataset(tmp_path / "bg", np.stack([hu, hu, hu]), np.stack([m, with_nodule, m]), recs)
 
 
 @pytest.mark.slow
@@ -209,3 +231,34 @@ def test_train_fraction_keeps_whole_patients_the_same_for_every_arm():
     with pytest.raises(SystemExit):
         detection.main(["--out", "x", "--train-fraction", "nan?"])
     assert detection.main(["--out", "x", "--n-synth", "0", "--train-fraction", "0"]) == 2
+
+
+def test_runs_of_the_same_folds_merge_and_disagreeing_rows_are_refused(tmp_path):
+    """--from-json A B: a run with the control and one with the inserted arm, merged so every arm pairs
+    with every other; a shared row that differs (other code or machine) or other folds are refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import detection
+
+    def doc(arms, real=(0.10, 0.20, 0.15)):
+        rows = [{"fold": f, "detector": "yolov8n", "arm": arm, "n_synth": n, "epochs": 6, "test": "fold",
+                 "precision": 0.5, "recall": 0.5, "map50": 0.3, "map50_95": v[f] if arm != "real" else real[f]}
+                for f in range(3) for arm, n, v in arms]
+        return {"rows": rows, "note": "protocol patches: 3 of 3 patient folds run, 6 patients", "folds": 3, "seed": 0,
+                "protocol": "patches", "fold_patients": [[1, 2], [3, 4], [5, 6]]}
+
+    a = doc([("real", 0, None), ("real+200", 200, (0.12, 0.22, 0.16))])
+    b = doc([("real", 0, None), ("real+200 inserted", 200, (0.15, 0.21, 0.19))])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert detection.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert [r["arm"] for r in merged["table"]] == ["real", "real+200", "real+200 inserted"]
+    pairs = {(q["arm"], q["against"]): q for q in merged["paired"]}
+    assert pairs[("real+200 inserted", "real+200")]["per_fold"] == pytest.approx([0.03, -0.01, 0.03])
+    assert pairs[("real+200 inserted", "real")]["ahead"] == 3
+    assert "real+200 inserted" in (tmp_path / "m" / "table.txt").read_text()
+    (tmp_path / "c.json").write_text(json.dumps(doc([("real", 0, None)], real=(0.10, 0.21, 0.15))))
+    assert detection.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "n")]) == 2
+    (tmp_path / "d.json").write_text(json.dumps({**b, "fold_patients": [[1], [2], [3]]}))
+    with pytest.raises(NoduleSynthError, match="fold_patients"):
+        detection.summarise_json([tmp_path / "a.json", tmp_path / "d.json"], tmp_path / "o")
