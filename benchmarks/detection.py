@@ -141,6 +141,30 @@ def load_slices(paths: list[str]):
             np.asarray(sidx), float(np.median(sp)))
 
 
+def cached_slices(f: Path, n: int, chunk: int, desc: str, make) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The first n slices of the cache file ``f`` (HU float16, masks), made ``chunk`` at a time by
+    ``make(start, end, progress_bar)`` → SyntheticBatch where the file holds fewer; each chunk is
+    saved atomically, so a killed run resumes from the last whole one. Returns (HU, masks, made any)."""
+    have_h, have_m = np.zeros((0, 512, 512), np.float16), np.zeros((0, 512, 512), np.uint8)
+    if f.is_file():
+        with np.load(f, allow_pickle=False) as d:
+            have_h, have_m = d["images"], d["masks"]
+    made = len(have_h) < n
+    if made:
+        from tqdm import tqdm
+
+        with tqdm(total=n - len(have_h), desc=desc, unit="img") as bar:
+            for s in range(len(have_h), n, chunk):
+                b = make(s, min(n, s + chunk), bar)
+                have_h = np.concatenate([have_h, b.images_hu.numpy().astype(np.float16)])
+                have_m = np.concatenate([have_m, b.masks.numpy()])
+                f.parent.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_suffix(".tmp.npz")
+                np.savez(tmp, images=have_h, masks=have_m)
+                tmp.replace(f)
+    return have_h, have_m, made
+
+
 def synthesize(weights: str, n: int, seed: int, cache: Path, device: str):
     """n generated 512² slices (HU float16, masks) from ``weights``, cached by (weights, revision, seed)."""
     from nodulesynth.models.tsgan import TSGAN
@@ -148,29 +172,11 @@ def synthesize(weights: str, n: int, seed: int, cache: Path, device: str):
 
     model = TSGAN.from_pretrained(weights, device=device)
     key = f"{Path(str(model.source)).name}-{model.revision}-seed{seed}-block{min(16, n)}"
-    f = cache / f"synthetic-{key}.npz"
-    have_h, have_m, prov = np.zeros((0, 512, 512), np.float16), np.zeros((0, 512, 512), np.uint8), {}
-    if f.is_file():
-        with np.load(f, allow_pickle=False) as d:
-            have_h, have_m = d["images"], d["masks"]
-    if len(have_h) < n:
-        from tqdm import tqdm
-
-        # block (the fixed forward-pass shape, part of the reproducibility key) ≤ n: no padded compute
-        syn = Synthesizer(model, GenerationConfig(seed=seed, block=min(16, n)))
-        hs, ms = [have_h], [have_m]
-        with tqdm(total=n - len(have_h), desc="synthetic slices", unit="img") as bar:
-            for s in range(len(have_h), n, 32):
-                b = syn.generate(range(s, min(n, s + 32)), progress=bar.update)
-                hs.append(b.images_hu.numpy().astype(np.float16))
-                ms.append(b.masks.numpy())
-                have_h, have_m = np.concatenate(hs), np.concatenate(ms)
-                hs, ms = [have_h], [have_m]
-                cache.mkdir(parents=True, exist_ok=True)
-                tmp = f.with_suffix(".tmp.npz")
-                np.savez(tmp, images=have_h, masks=have_m)
-                tmp.replace(f)  # atomic: a killed run resumes from the last whole chunk
-        prov = {"gate": syn.stats.summary()}
+    # block (the fixed forward-pass shape, part of the reproducibility key) ≤ n: no padded compute
+    syn = Synthesizer(model, GenerationConfig(seed=seed, block=min(16, n)))
+    have_h, have_m, made = cached_slices(cache / f"synthetic-{key}.npz", n, 32, "synthetic slices",
+                                         lambda s, e, bar: syn.generate(range(s, e), progress=bar.update))
+    prov = {"gate": syn.stats.summary()} if made else {}
     meta = {"weights": str(model.source), "revision": str(model.revision), "seed": seed,
             "block": min(16, n), "spacing_mm": float(getattr(model, "meta", {}).get("spacing_mm", 0.8) or 0.8), **prov}
     return have_h[:n].astype(np.float32), have_m[:n], meta
@@ -218,30 +224,18 @@ def insert_nodules(weights: str, bg: dict, n: int, seed: int, cache: Path, devic
     model = TSGAN.from_pretrained(weights, device=device)
     block = 16  # the chunk given to add_nodules_to_real at once: part of the reproducibility key
     key = f"{zlib.crc32(chr(0).join(names).encode()):08x}"
-    f = cache / f"inserted-{Path(str(model.source)).name}-{model.revision}-seed{seed}-block{block}-{key}.npz"
-    have_h, have_m = np.zeros((0, 512, 512), np.float16), np.zeros((0, 512, 512), np.uint8)
-    if f.is_file():
-        with np.load(f, allow_pickle=False) as d:
-            have_h, have_m = d["images"], d["masks"]
-    if len(have_h) < n:
-        from tqdm import tqdm
+    syn = Synthesizer(model, GenerationConfig(seed=seed, block=block))
 
-        syn = Synthesizer(model, GenerationConfig(seed=seed, block=block))
-        hs, ms = [have_h], [have_m]
-        with tqdm(total=n - len(have_h), desc="real slices + inserted nodules", unit="img") as bar:
-            for s in range(len(have_h), n, block):
-                j = [i % len(bg_h) for i in range(s, min(n, s + block))]
-                b = syn.add_nodules_to_real(np.stack([bg_h[k] for k in j]), np.stack([bg_m[k] for k in j]),
-                                            [f"insert{i}" for i in range(s, min(n, s + block))])
-                hs.append(b.images_hu.numpy().astype(np.float16))
-                ms.append(b.masks.numpy())
-                have_h, have_m = np.concatenate(hs), np.concatenate(ms)
-                hs, ms = [have_h], [have_m]
-                cache.mkdir(parents=True, exist_ok=True)
-                tmp = f.with_suffix(".tmp.npz")
-                np.savez(tmp, images=have_h, masks=have_m)
-                tmp.replace(f)  # atomic: a killed run resumes from the last whole chunk
-                bar.update(len(j))
+    def insert(s: int, e: int, bar):
+        j = [i % len(bg_h) for i in range(s, e)]
+        out = syn.add_nodules_to_real(np.stack([bg_h[k] for k in j]), np.stack([bg_m[k] for k in j]),
+                                      [f"insert{i}" for i in range(s, e)])
+        bar.update(e - s)
+        return out
+
+    have_h, have_m, _ = cached_slices(
+        cache / f"inserted-{Path(str(model.source)).name}-{model.revision}-seed{seed}-block{block}-{key}.npz",
+        n, block, "real slices + inserted nodules", insert)
     meta = {"weights": str(model.source), "revision": str(model.revision), "seed": seed, "block": block,
             "spacing_mm": next(iter(bg["spacing"])), "into": list(into), "backgrounds": len(bg_h),
             "background_patients": len(bg["patients"])}

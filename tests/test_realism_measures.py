@@ -61,3 +61,25 @@ def test_masks_through_a_lower_resolution_change_only_borders():
         block = m[0, max(0, y - 4) : y + 5, max(0, x - 4) : x + 5]
         assert len(np.unique(block)) > 1
     assert set(np.unique(low)) <= set(np.unique(m))
+
+
+def test_nodule_context_changes_only_the_nodule():
+    """benchmarks/nodule_context.py: every variant keeps the real context beyond the nodule (and its 1-px
+    rim when erased); the disc is flat at the nodule's mean; erasing fills with the lung ring's median."""
+    import nodule_context
+
+    rng = np.random.default_rng(0)
+    hu = (-850 + 30 * rng.standard_normal((2, 128, 128))).astype(np.float32)
+    masks = np.full((2, 128, 128), 2, np.uint8)
+    yy, xx = np.mgrid[:128, :128]
+    disc = (yy - 64) ** 2 + (xx - 60) ** 2 <= 36
+    hu[:, disc] = 30 + 50 * rng.standard_normal((2, int(disc.sum())))
+    masks[:, disc] = 5
+    calls = []
+    v = nodule_context.variants(hu, masks, lambda h, m: calls.append(1) or h + 1)
+    assert calls == [1] and np.array_equal(v["kept"], hu) and np.array_equal(v["redrawn"], hu + 1)
+    far = ~(((yy - 64) ** 2 + (xx - 60) ** 2) <= 64)  # beyond the 1-px dilation of the outline
+    for k in ("flat disc", "erased"):
+        assert np.array_equal(v[k][:, far], hu[:, far])
+    assert np.allclose(v["flat disc"][0][disc], hu[0][disc].mean())
+    assert np.all(v["erased"][:, disc] < -700)  # lung now, at the ring's median
