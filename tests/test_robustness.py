@@ -322,8 +322,9 @@ def test_unlabelled_real_slices_are_never_mixed_into_labelled_data(tiny_weights,
                         split="train", labelled=False) for k in range(2)]
     ds = write_slice_dataset(tmp_path / "unlabelled", np.full((2, 64, 64), -800, np.int16),
                              np.full((2, 64, 64), 2, np.uint8), recs)
-    with pytest.raises(NoduleSynthError, match="labelled=false"):
-        SyntheticNoduleDataset(weights=tiny_weights, real=ds, ratio=1.0, device="cpu")
+    for real in (ds, SliceDataset(ds)):
+        with pytest.raises(NoduleSynthError, match="labelled=false"):
+            SyntheticNoduleDataset(weights=tiny_weights, real=real, ratio=1.0, device="cpu")
     rc = main(["generate", "--real", str(ds), "--ratio", "1", "--out", str(tmp_path / "out"), "--weights", tiny_weights,
                "--device", "cpu"])
     err = capsys.readouterr().err.strip()

@@ -51,10 +51,11 @@ def open_real(real: Any):
     from ..data.slices import SliceDataset
 
     if isinstance(real, SliceDataset):
-        return real
-    if not os.path.isdir(str(real)):
+        ds = real
+    elif not os.path.isdir(str(real)):
         raise NoduleSynthError(f"real: {real}: not a folder (expected a dataset written by `nodulesynth prepare`)")
-    ds = SliceDataset(real)
+    else:
+        ds = SliceDataset(real)
     if not all(r.labelled for r in ds.records):
         # an unlabelled source (DICOM / a volume without a label) has no nodule outlines: its empty boxes
         # mean "not annotated", so as detection training data they would teach the detector to miss tumours
