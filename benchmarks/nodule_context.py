@@ -12,8 +12,9 @@ real: ``--n`` crops of VAL patients (``prepared/lidc-crops``' own patient split)
 - erased: outline dilated by 1 px filled with the median of the lung ring around it (no nodule),
 
 each scored by KID × 1000 (the central 64², the yardstick's features and subsets) against ``--n``
-crops of TEST patients, beside TRAIN crops (the yardstick's floor side). The span from "kept" to
-"erased" is all that a nodule can move this KID; a gap far beyond it lies in the context.
+crops of TEST patients, beside TRAIN crops (the yardstick's floor side) and the windows around the
+nodules of ``--generated`` slices the weights generate (as the yardstick cuts them). The span from
+"kept" to "erased" is all that a nodule can move this KID; a gap far beyond it lies in the context.
 Crops stay at their native spacing (0.5–0.9 mm; the model was trained at 0.8 mm).
 Writes OUT/nodule_context.{json,txt}.
 """
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="pretrained")
     p.add_argument("--prepared", type=Path, default=Path("prepared"), help="folder holding lidc-crops/")
     p.add_argument("--n", type=int, default=200, help="crops per side")
+    p.add_argument("--generated", type=int, default=64, help="generated slices whose nodule windows are scored too")
     p.add_argument("--subsets", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
@@ -58,11 +60,14 @@ def main(argv=None) -> int:
     import torch
 
     from heldout_realism import CROP_SET, lung_fine_texture
+    from realism import nodule_windows
     from nodulesynth.data.slices import SliceDataset
     from nodulesynth.data.splits import split_indices
     from nodulesynth.io import write_json
     from nodulesynth.metrics.kid import InceptionFeatures, kid
+    from nodulesynth.detect.windows import LIDC_MEDIAN_SPACING_MM
     from nodulesynth.models.tsgan import TSGAN
+    from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
 
     t0 = time.time()
     ds = SliceDataset(a.prepared / CROP_SET)
@@ -83,6 +88,11 @@ def main(argv=None) -> int:
     sets = {"train crops (the floor side)": np.asarray(ds.images[pick["train"]], np.float32)}
     sets.update({f"VAL crops, nodule {k}": v for k, v in variants(
         np.asarray(ds.images[pick["val"]], np.float32), np.asarray(ds.masks[pick["val"]]), render).items()})
+    if a.generated:
+        b = Synthesizer(model, GenerationConfig(seed=a.seed)).generate(range(a.generated))
+        gw = nodule_windows(b.images_hu.numpy(), b.masks.numpy(), float(model.meta.get("spacing_mm") or 0.8),
+                            LIDC_MEDIAN_SPACING_MM)  # already 64², centred on each nodule
+        sets[f"generated nodule windows ({len(gw)})"] = np.pad(gw, ((0, 0), (o, o), (o, o)), constant_values=-1024)
     rows = []
     for name, x in sets.items():
         r = kid(net(centre(x)), f_test, subsets=a.subsets, subset_size=a.n // 2, seed=a.seed)
