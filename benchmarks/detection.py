@@ -423,8 +423,9 @@ def main(argv=None) -> int:
                    help="what a real+N arm adds: generated whole slices (the paper's), and/or real slices with "
                         "nodules inserted (`inserted`: --insert-into's TRAIN slices, `add_nodules_to_real`)")
     p.add_argument("--insert-into", nargs="+", metavar="PREPARED", default=[],
-                   help="prepared slice datasets whose TRAIN slices without a nodule receive the inserted nodules "
-                        "(patients apart from the test folds: e.g. prepared/tcga prepared/pyradiomics)")
+                   help="labelled prepared slice datasets whose TRAIN slices without a nodule receive the inserted "
+                        "nodules (patients apart from the test folds, e.g. prepared/pyradiomics prepared/lidc-sample; "
+                        "an unlabelled set such as TCGA is refused: its slices are not known negatives)")
     p.add_argument("--folds", type=int)
     p.add_argument("--run-folds", type=int, help="run only the first K folds (CPU budget); said in the table")
     p.add_argument("--epochs", type=int)
