@@ -116,15 +116,12 @@ def group_of(rec) -> str:
 
 def load_slices(paths: list[str]):
     """Prepared slice datasets → (images HU (N,H,W) int16, masks, boxes, groups, series, slice index, spacing)."""
-    from nodulesynth.data.slices import SliceDataset
+    from nodulesynth.data.slices import SliceDataset, require_labelled
 
     ims, mks, boxes, groups, series, sidx, sp = [], [], [], [], [], [], []
     shape = None
     for p in paths:
-        ds = SliceDataset(p)
-        if not all(r.labelled for r in ds.records):
-            raise NoduleSynthError(f"--data {p}: prepared from a source without nodule annotations (labelled=false); "
-                                   "its empty boxes are not negatives, so it can neither train nor test a detector")
+        ds = require_labelled(SliceDataset(p), "--data")
         if shape is None:
             shape = ds.images.shape[1:]
         elif ds.images.shape[1:] != shape:
@@ -186,19 +183,17 @@ def load_backgrounds(prepared: list[str]) -> dict:
     """The slices nodules are inserted into: the TRAIN slices without a nodule of labelled prepared sets
     (every positive is then an inserted one and every negative a true one; a slice of an unlabelled
     source, e.g. TCGA, may hold a tumour nobody outlined, so such sets are refused)."""
-    from nodulesynth.data.slices import SliceDataset
+    from nodulesynth.data.slices import SliceDataset, require_labelled
     from nodulesynth.masks.classes import MaskClass
 
-    bg = {"images": [], "masks": [], "names": [], "spacing": set(), "patients": set()}
+    bg = {"images": [], "masks": [], "names": [], "spacing": set(), "patients": set(), "into": list(prepared)}
     for p in prepared:
-        ds = SliceDataset(p)
-        if not all(r.labelled for r in ds.records):
-            raise NoduleSynthError(f"--insert-into {p}: its source has no nodule annotations (labelled=False), so its "
-                                   "slices are not known negatives; insert only into labelled data")
+        ds = require_labelled(SliceDataset(p), "--insert-into")
         for i, r in enumerate(ds.records):
-            if r.split == "train" and not (np.asarray(ds.masks[i]) == MaskClass.NODULE).any():
+            m = np.asarray(ds.masks[i]) if r.split == "train" else None
+            if m is not None and not (m == MaskClass.NODULE).any():
                 bg["images"].append(np.asarray(ds.images[i]))
-                bg["masks"].append(np.asarray(ds.masks[i]))
+                bg["masks"].append(m)
                 bg["names"].append(f"{Path(p).name}:{r.series_uid}:{r.slice_index}")
                 bg["spacing"].add(round(float(r.spacing_mm[0]), 3))
                 bg["patients"].add(f"{p}:{group_of(r)}")
@@ -210,7 +205,7 @@ def load_backgrounds(prepared: list[str]) -> dict:
     return bg
 
 
-def insert_nodules(weights: str, bg: dict, n: int, seed: int, cache: Path, device: str, into: list[str]):
+def insert_nodules(weights: str, bg: dict, n: int, seed: int, cache: Path, device: str):
     """n real slices with LIDC nodules inserted (``Synthesizer.add_nodules_to_real``: real lungs, real
     noise, only the new nodules and their rim drawn): copy i is background i mod M
     (:func:`load_backgrounds`), named "insert<i>" so every copy draws its own nodules and places.
@@ -237,7 +232,7 @@ def insert_nodules(weights: str, bg: dict, n: int, seed: int, cache: Path, devic
         cache / f"inserted-{Path(str(model.source)).name}-{model.revision}-seed{seed}-block{block}-{key}.npz",
         n, block, "real slices + inserted nodules", insert)
     meta = {"weights": str(model.source), "revision": str(model.revision), "seed": seed, "block": block,
-            "spacing_mm": next(iter(bg["spacing"])), "into": list(into), "backgrounds": len(bg_h),
+            "spacing_mm": next(iter(bg["spacing"])), "into": bg["into"], "backgrounds": len(bg_h),
             "background_patients": len(bg["patients"])}
     return have_h[:n].astype(np.float32), have_m[:n], meta
 
@@ -255,7 +250,7 @@ def make_source(a, source: str, n: int, cache: Path, backgrounds: dict | None):
     """The n slices of one synthetic source: generated whole slices, or real slices with inserted nodules."""
     if source == "generated":
         return synthesize(a.weights, n, a.seed, cache, a.device)
-    return insert_nodules(a.weights, backgrounds, n, a.seed, cache, a.device, a.insert_into)
+    return insert_nodules(a.weights, backgrounds, n, a.seed, cache, a.device)
 
 
 def fit_slices(images, masks, spacing, target_spacing, shape):

@@ -85,19 +85,19 @@ def main(argv=None) -> int:
     centre = lambda x: np.ascontiguousarray(x[:, o : o + 64, o : o + 64])
     net = InceptionFeatures("cpu")
     f_test = net(centre(np.asarray(ds.images[pick["test"]], np.float32)))
-    sets = {"train crops (the floor side)": np.asarray(ds.images[pick["train"]], np.float32)}
-    sets.update({f"VAL crops, nodule {k}": v for k, v in variants(
+    sets = {"train crops (the floor side)": centre(np.asarray(ds.images[pick["train"]], np.float32))}
+    sets.update({f"VAL crops, nodule {k}": centre(v) for k, v in variants(
         np.asarray(ds.images[pick["val"]], np.float32), np.asarray(ds.masks[pick["val"]]), render).items()})
     if a.generated:
         b = Synthesizer(model, GenerationConfig(seed=a.seed)).generate(range(a.generated))
         gw = nodule_windows(b.images_hu.numpy(), b.masks.numpy(), float(model.meta.get("spacing_mm") or 0.8),
-                            LIDC_MEDIAN_SPACING_MM)  # already 64², centred on each nodule
-        sets[f"generated nodule windows ({len(gw)})"] = np.pad(gw, ((0, 0), (o, o), (o, o)), constant_values=-1024)
+                            LIDC_MEDIAN_SPACING_MM)  # 64², centred on each nodule
+        sets[f"generated nodule windows ({len(gw)})"] = gw
     rows = []
-    for name, x in sets.items():
-        r = kid(net(centre(x)), f_test, subsets=a.subsets, subset_size=a.n // 2, seed=a.seed)
+    for name, x in sets.items():  # every set: 64² windows
+        r = kid(net(x), f_test, subsets=a.subsets, subset_size=a.n // 2, seed=a.seed)
         rows.append({"set": name, "kid_x1000": round(r.mean * 1000, 2), "kid_std_x1000": round(r.std * 1000, 2),
-                     "lung_lap": lung_fine_texture(centre(x))})
+                     "lung_lap": lung_fine_texture(x)})
         print(f"{name:36} KID×1000 {rows[-1]['kid_x1000']:6.2f} ± {rows[-1]['kid_std_x1000']:5.2f}  "
               f"lung |∇²| {rows[-1]['lung_lap']}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -141,6 +141,18 @@ class SliceDataset:
         return f"SliceDataset({str(self.root)!r}, n={len(self)}, {self.meta.get('height')}x{self.meta.get('width')})"
 
 
+def require_labelled(ds: SliceDataset, arg: str) -> SliceDataset:
+    """``ds``, or one clear error when it was prepared from a source without nodule annotations
+    (labelled=false): its empty boxes mean "not annotated", not "nodule-free" (some TCGA slices show
+    tumours), so as detection data, mixed in or with nodules inserted, they would teach a detector to
+    miss tumours. ``arg`` names the argument in the message."""
+    if not all(r.labelled for r in ds.records):
+        raise NoduleSynthError(f"{arg} {ds.root}: prepared from a source without nodule annotations (labelled=false); "
+                               "its slices are not known negatives, so they are not used as detection data — use a "
+                               "labelled source (LUNA16, LIDC-IDRI, --volume with --label)")
+    return ds
+
+
 def write_slice_subset(
     folder: str | Path, parts: Sequence[tuple["SliceDataset", Sequence[int]]], meta: dict | None = None
 ) -> Path:

@@ -48,21 +48,13 @@ def load_tsgan(weights: Any, device: torch.device, revision: str | None = None):
 
 def open_real(real: Any):
     """A prepared slice dataset folder or SliceDataset instance → SliceDataset."""
-    from ..data.slices import SliceDataset
+    from ..data.slices import SliceDataset, require_labelled
 
     if isinstance(real, SliceDataset):
-        ds = real
-    elif not os.path.isdir(str(real)):
+        return require_labelled(real, "real:")
+    if not os.path.isdir(str(real)):
         raise NoduleSynthError(f"real: {real}: not a folder (expected a dataset written by `nodulesynth prepare`)")
-    else:
-        ds = SliceDataset(real)
-    if not all(r.labelled for r in ds.records):
-        # an unlabelled source (DICOM / a volume without a label) has no nodule outlines: its empty boxes
-        # mean "not annotated", so as detection training data they would teach the detector to miss tumours
-        raise NoduleSynthError(f"real: {ds.root}: prepared from a source without nodule annotations (labelled=false); "
-                               "its slices are not known negatives, so they are not mixed into labelled data — use a "
-                               "labelled source (LUNA16, LIDC-IDRI, --volume with --label)")
-    return ds
+    return require_labelled(SliceDataset(real), "real:")
 
 
 MIX_NAMES = {"n": "n", "ratio": "ratio", "real": "real="}
