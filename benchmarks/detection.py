@@ -26,6 +26,11 @@ slices (real counts crops), so each arm adds about N positive and N negative win
 ``real+N inserted``: N real TRAIN slices of other datasets with LIDC nodules inserted by
 ``Synthesizer.add_nodules_to_real``, cut into windows the same way. It asks which part of the
 synthetic slice helps a detector: the generated nodule in real lung, or the whole generated slice.
+``--synth-source crops backgrounds --insert-into`` a ``prepare --lidc-crops`` set: ``real+N crops`` takes
+N TRAIN crops of N patients, each with one inserted nodule (benchmarks/insert_crops.py: only its pixels
+changed, native spacing kept); ``real+N backgrounds`` the very same windows without the nodule (all
+negatives), so crops against backgrounds is what the nodules add beyond more real lung of more
+patients. Those patients must be outside the test folds (``--test-unseen-by`` the same set).
 """
 from __future__ import annotations
 
@@ -182,11 +187,19 @@ def synthesize(weights: str, n: int, seed: int, cache: Path, device: str):
 def load_backgrounds(prepared: list[str]) -> dict:
     """The slices nodules are inserted into: the TRAIN slices without a nodule of labelled prepared sets
     (every positive is then an inserted one and every negative a true one; a slice of an unlabelled
-    source, e.g. TCGA, may hold a tumour nobody outlined, so such sets are refused)."""
+    source, e.g. TCGA, may hold a tumour nobody outlined, so such sets are refused); or, for one
+    ``prepare --lidc-crops`` set, its TRAIN crops (:mod:`insert_crops`)."""
+    from insert_crops import is_crops_set, load_crop_backgrounds
+
     from nodulesynth.data.slices import SliceDataset, require_labelled
     from nodulesynth.masks.classes import MaskClass
 
-    bg = {"images": [], "masks": [], "names": [], "spacing": set(), "patients": set(), "into": list(prepared)}
+    crops = [is_crops_set(p) for p in prepared]
+    if any(crops):
+        if len(prepared) > 1:
+            raise NoduleSynthError(f"--insert-into {' '.join(prepared)}: a crops set (prepare --lidc-crops) goes alone")
+        return load_crop_backgrounds(prepared[0])
+    bg = {"kind": "slices", "images": [], "masks": [], "names": [], "spacing": set(), "patients": set(), "into": list(prepared)}
     for p in prepared:
         ds = require_labelled(SliceDataset(p), "--insert-into")
         for i, r in enumerate(ds.records):
@@ -237,12 +250,15 @@ def insert_nodules(weights: str, bg: dict, n: int, seed: int, cache: Path, devic
     return have_h[:n].astype(np.float32), have_m[:n], meta
 
 
-SOURCES = ("generated", "inserted")
-POOL_PREFIX = {"generated": "synthetic", "inserted": "inserted"}  # file names in the shared image pool
+SOURCES = ("generated", "inserted", "crops", "backgrounds")
+CROP_SOURCES = ("crops", "backgrounds")  # from a crops set (insert_crops), made together
+POOL_PREFIX = {"generated": "synthetic", "inserted": "inserted", "crops": "crop-inserted",
+               "backgrounds": "crop-background"}  # file names in the shared image pool
 
 
 def arm_name(source: str, n: int) -> str:
-    """``real+N`` for N generated slices (the paper's arm), ``real+N inserted`` for N real slices with inserted nodules."""
+    """``real+N`` for N generated slices (the paper's arm), ``real+N inserted`` for N real slices with inserted
+    nodules, ``real+N crops`` for N real crops with one each, ``real+N backgrounds`` for those crops without."""
     return f"real+{n}" + ("" if source == "generated" else f" {source}")
 
 
@@ -309,8 +325,10 @@ def paired(rows: list[dict], key: str = "map50_95") -> list[dict]:
         if not arm.startswith("real+"):
             continue
         refs = ["real", *(a for d, a in by if d == det and a.startswith("real (equal"))]
-        if " " in arm:  # real+N inserted: also against the generated real+N
+        if " " in arm:  # real+N inserted / crops / backgrounds: also against the generated real+N
             refs.append(arm.split(" ")[0])
+        if arm.endswith(" crops"):  # and the nodules against the same lungs without them
+            refs.append(arm.replace(" crops", " backgrounds"))
         for ref in refs:
             w = by.get((det, ref), {})
             folds = sorted(set(v) & set(w))
@@ -416,11 +434,15 @@ def main(argv=None) -> int:
     p.add_argument("--n-synth", nargs="+", type=int)
     p.add_argument("--synth-source", nargs="+", choices=SOURCES, default=["generated"],
                    help="what a real+N arm adds: generated whole slices (the paper's), and/or real slices with "
-                        "nodules inserted (`inserted`: --insert-into's TRAIN slices, `add_nodules_to_real`)")
+                        "nodules inserted (`inserted`: --insert-into's TRAIN slices, `add_nodules_to_real`), or, with "
+                        "--insert-into a crops set, its TRAIN crops with one nodule inserted (`crops`) and/or the same "
+                        "windows without it (`backgrounds`)")
     p.add_argument("--insert-into", nargs="+", metavar="PREPARED", default=[],
                    help="labelled prepared slice datasets whose TRAIN slices without a nodule receive the inserted "
                         "nodules (patients apart from the test folds, e.g. prepared/pyradiomics prepared/lidc-sample; "
-                        "an unlabelled set such as TCGA is refused: its slices are not known negatives)")
+                        "an unlabelled set such as TCGA is refused: its slices are not known negatives); or one "
+                        "prepare --lidc-crops set for --synth-source crops/backgrounds (patches; needs "
+                        "--test-unseen-by the same set)")
     p.add_argument("--folds", type=int)
     p.add_argument("--run-folds", type=int, help="run only the first K folds (CPU budget); said in the table")
     p.add_argument("--epochs", type=int)
@@ -469,9 +491,21 @@ def run(a, argv) -> int:
     if any(n < 0 for n in n_list) or epochs < 1 or batch < 1:
         raise NoduleSynthError("--n-synth must be ≥ 0, --epochs and --batch ≥ 1")
     sources = list(dict.fromkeys(a.synth_source))
-    if ("inserted" in sources) != bool(a.insert_into):
-        raise NoduleSynthError("--synth-source inserted and --insert-into PREPARED... go together")
+    if bool({"inserted", *CROP_SOURCES} & set(sources)) != bool(a.insert_into):
+        raise NoduleSynthError("--synth-source inserted/crops/backgrounds and --insert-into PREPARED... go together")
     backgrounds = load_backgrounds(a.insert_into) if a.insert_into else None  # bad input refused before any work
+    if backgrounds is not None and backgrounds["kind"] == "crops":
+        if "inserted" in sources:
+            raise NoduleSynthError(f"--insert-into {a.insert_into[0]}: a crops set feeds --synth-source crops/backgrounds, "
+                                   "not inserted (whole 512² slices)")
+        if a.protocol != "patches":
+            raise NoduleSynthError(f"--insert-into {a.insert_into[0]}: a crops set is for --protocol patches")
+        if a.test_unseen_by is None or not set(backgrounds["patient"]) <= {
+                f"LIDC-IDRI-{p:04d}" for p in train_patients(a.test_unseen_by)}:
+            raise NoduleSynthError(f"--insert-into {a.insert_into[0]}: its TRAIN patients must never be tested; "
+                                   f"pass --test-unseen-by {a.insert_into[0]}")
+    elif set(CROP_SOURCES) & set(sources):
+        raise NoduleSynthError("--synth-source crops/backgrounds: only with --insert-into a crops set (prepare --lidc-crops)")
     if not 0 < a.train_fraction <= 1:
         raise NoduleSynthError(f"--train-fraction {a.train_fraction}: expected a fraction in (0, 1]")
     det_weights = {}
@@ -503,6 +537,17 @@ def run(a, argv) -> int:
         target_sp = a.patch_spacing_mm or W.LIDC_MEDIAN_SPACING_MM
         syn, syn_meta = {}, {}
         for src in sources if n_max else ():
+            if src in CROP_SOURCES:
+                if src not in syn:  # both crop sources at once: the same crops and the same windows
+                    from insert_crops import insert_into_crops
+
+                    c, meta = insert_into_crops(a.weights, backgrounds, n_max, a.seed, out / "work", a.device)
+                    pair = W.paired_windows(c["inserted"], c["background"], c["new"], c["own"],
+                                            np.arange(n_max), wcfg, seed=a.seed)
+                    for k, w in zip(CROP_SOURCES, pair):
+                        if k in sources:
+                            syn[k], syn_meta[k] = w, {**meta, "nodules_inserted": k == "crops"}
+                continue
             sh, sm, syn_meta[src] = make_source(a, src, n_max, out / "work", backgrounds)
             syn[src] = W.windows_from_slices(sh, sm, syn_meta[src]["spacing_mm"], target_sp, wcfg, seed=a.seed)
         real_series = None
@@ -632,7 +677,7 @@ def summarise_json(srcs: list[Path], out: Path) -> int:
     if len(docs) > 1:
         merged["commands"] = [d.get("command") for d in docs]
         for d in docs[1:]:  # each source's metadata from whichever run made it
-            for k in ("synthetic", "n_synthetic_windows", "inserted", "n_inserted_windows"):
+            for k in ("synthetic", "n_synthetic_windows", *(f for s in SOURCES[1:] for f in (s, f"n_{s}_windows"))):
                 if not merged.get(k) and d.get(k):
                     merged[k] = d[k]
     _publish(out, merged, note, final=True)
@@ -672,7 +717,8 @@ def _write(out, a, argv, rows, fold_pats, run_folds, folds, real, syn, syn_meta,
         "folds": folds, "run_folds": run_folds, "fold_patients": [fp.tolist() for fp in fold_pats],
         "n_synth": n_list, "detectors": detectors, "sources": list(syn),
         "synthetic": syn_meta.get("generated", {}), "n_synthetic_windows": len(syn.get("generated", ())),
-        **({"inserted": syn_meta["inserted"], "n_inserted_windows": len(syn["inserted"])} if "inserted" in syn else {}),
+        **{k: v for src in syn if src != "generated"
+           for k, v in ((src, syn_meta[src]), (f"n_{src}_windows", len(syn[src])))},
         "window": a.window if a.protocol == "patches" else None, "finished": final,
         "wall_s": round(time.time() - t0, 1), "rows": rows,
     }

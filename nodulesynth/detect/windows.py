@@ -78,15 +78,30 @@ def consensus(reader_masks: np.ndarray, min_readers: int = 2) -> np.ndarray:
     return votes >= need[..., None, None]
 
 
-def _place_positive(rng: np.random.Generator, box: np.ndarray, h: int, w: int, cfg: WindowConfig):
-    """Random window origin (y0, x0) with the whole box inside (margin kept), or None."""
+def _place_positive(rng: np.random.Generator, box: np.ndarray, h: int, w: int, cfg: WindowConfig,
+                    forbidden: np.ndarray | None = None):
+    """Random window origin (y0, x0) with the whole box inside (margin kept) and, given ``forbidden``
+    (H, W) bool, no forbidden pixel in the window; or None."""
     s, m = cfg.size, cfg.margin
     x0, y0, x1, y1 = box
     lo_x, hi_x = max(0, int(np.ceil(x1 + m - s))), min(w - s, int(np.floor(x0 - m)))
     lo_y, hi_y = max(0, int(np.ceil(y1 + m - s))), min(h - s, int(np.floor(y0 - m)))
     if lo_x > hi_x or lo_y > hi_y:
         return None
-    return int(rng.integers(lo_y, hi_y + 1)), int(rng.integers(lo_x, hi_x + 1))
+    if forbidden is None:
+        return int(rng.integers(lo_y, hi_y + 1)), int(rng.integers(lo_x, hi_x + 1))
+    ok = _window_sums(forbidden, s)[lo_y : hi_y + 1, lo_x : hi_x + 1] == 0
+    ys, xs = np.nonzero(ok)
+    if not len(ys):
+        return None
+    k = int(rng.integers(len(ys)))
+    return int(ys[k]) + lo_y, int(xs[k]) + lo_x
+
+
+def _window_sums(mask: np.ndarray, s: int) -> np.ndarray:
+    """(H−s+1, W−s+1): how many ``mask`` pixels the s×s window at each origin holds (integral image)."""
+    ii = np.pad(mask.astype(np.int32), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    return ii[s:, s:] - ii[:-s, s:] - ii[s:, :-s] + ii[:-s, :-s]
 
 
 def _place_negative(rng: np.random.Generator, forbidden: np.ndarray, allowed: np.ndarray | None, cfg: WindowConfig,
@@ -96,9 +111,7 @@ def _place_negative(rng: np.random.Generator, forbidden: np.ndarray, allowed: np
     s = cfg.size
     if h < s or w < s:
         return None
-    ii = np.pad(forbidden.astype(np.int32), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    sums = ii[s:, s:] - ii[:-s, s:] - ii[s:, :-s] + ii[:-s, :-s]  # (h-s+1, w-s+1) forbidden count
-    ok = sums == 0
+    ok = _window_sums(forbidden, s) == 0
     if allowed is not None:
         ok &= allowed[s // 2 : s // 2 + h - s + 1, s // 2 : s // 2 + w - s + 1]
     ys, xs = np.nonzero(ok)
@@ -214,6 +227,50 @@ def windows_from_slices(images_hu, masks, spacing_mm: float, target_mm: float, c
     if not out_i:
         return Windows.concat([], s)
     return Windows(np.stack(out_i).astype(np.float32), out_b, np.asarray(out_g, np.int64))
+
+
+def paired_windows(inserted_hu, background_hu, new_nodules, own_nodules, groups, cfg: WindowConfig,
+                   seed: int = 0) -> tuple[Windows, Windows]:
+    """Windows of real slices with inserted nodules, and the very same windows of the slices as they
+    were (all negatives): the pair tells what the inserted nodules add beyond the real lung they sit in.
+
+    One positive per inserted nodule (``new_nodules`` (N, H, W) bool) that fits a window keeping
+    ``neg_margin`` px from the slice's own nodules (``own_nodules``: the scan's real nodules are not
+    the inserted data, and unlabelled they would be false negatives), other inserted nodules fully
+    inside labelled, windows that cut one dropped; one negative clear of every nodule."""
+    rng = np.random.default_rng(seed)
+    s = cfg.size
+    dil = np.ones((2 * cfg.neg_margin + 1,) * 2, bool)
+    ins_i, ins_b, bg_i, out_g = [], [], [], []
+
+    def cut(k: int, yx: tuple[int, int], boxes: np.ndarray) -> None:
+        ins_i.append(_cut(inserted_hu[k], yx, s))
+        bg_i.append(_cut(background_hu[k], yx, s))
+        ins_b.append(boxes)
+        out_g.append(int(groups[k]))
+
+    for k in range(len(inserted_hu)):
+        h, w = inserted_hu[k].shape
+        own = ndi.binary_dilation(own_nodules[k], structure=dil) if own_nodules[k].any() else np.zeros((h, w), bool)
+        boxes = mask_to_boxes(np.asarray(new_nodules[k], np.uint8), cls=1)
+        for box in boxes:
+            yx = _place_positive(rng, box, h, w, cfg, forbidden=own)
+            if yx is None:
+                continue
+            inside = boxes - np.array([yx[1], yx[0], yx[1], yx[0]], np.float32)
+            full = (inside[:, 0] >= 0) & (inside[:, 1] >= 0) & (inside[:, 2] <= s) & (inside[:, 3] <= s)
+            hit = (inside[:, 2] > 0) & (inside[:, 3] > 0) & (inside[:, 0] < s) & (inside[:, 1] < s)
+            if not (hit & ~full).any():
+                cut(k, yx, inside[full])
+        if cfg.negatives:
+            yx = _place_negative(rng, own | ndi.binary_dilation(new_nodules[k], structure=dil), None, cfg)
+            if yx is not None:
+                cut(k, yx, np.zeros((0, 4), np.float32))
+    if not ins_i:
+        return Windows.concat([], s), Windows.concat([], s)
+    g = np.asarray(out_g, np.int64)
+    return (Windows(np.stack(ins_i).astype(np.float32), ins_b, g),
+            Windows(np.stack(bg_i).astype(np.float32), [np.zeros((0, 4), np.float32)] * len(bg_i), g.copy()))
 
 
 def patient_folds(groups: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
