@@ -466,10 +466,15 @@ def main(argv=None) -> int:
                    help="only re-summarise a (possibly partial) results.json into --out; several runs of the same "
                         "folds and seed (e.g. one with the control, one with --synth-source inserted) are merged, "
                         "so every arm is paired with every other; their shared arms must agree to the digit")
+    p.add_argument("--pool", nargs="+", metavar="RESULTS_JSON",
+                   help="only pool the paired differences of runs with other seeds (each possibly merged with "
+                        "--from-json first) over all their folds: OUT/pooled.{json,txt}")
     a = p.parse_args(argv)
     try:
         if a.from_json:
             return summarise_json([Path(f) for f in a.from_json], Path(a.out))
+        if a.pool:
+            return pool_seeds([Path(f) for f in a.pool], Path(a.out))
         return run(a, argv)
     except NoduleSynthError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -681,6 +686,50 @@ def summarise_json(srcs: list[Path], out: Path) -> int:
                 if not merged.get(k) and d.get(k):
                     merged[k] = d[k]
     _publish(out, merged, note, final=True)
+    return 0
+
+
+def pool_seeds(srcs: list[Path], out: Path, key: str = "map50_95") -> int:
+    """Paired differences pooled over the folds of runs with different seeds (other folds, other
+    draws): per comparison, each seed's mean ± SE and folds ahead, then all folds together. Runs must
+    share the protocol and have distinct seeds (merge runs of one seed with --from-json first); their
+    commands are kept beside the figures."""
+    from nodulesynth.io import write_json
+
+    docs = []
+    for src in srcs:
+        try:
+            doc = json.loads(src.read_text())
+            doc["rows"], doc["seed"], doc["protocol"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise NoduleSynthError(f"--pool {src}: not a detection results.json ({e})") from e
+        docs.append(doc)
+    seeds = [d["seed"] for d in docs]
+    if len(set(seeds)) != len(seeds) or len({d["protocol"] for d in docs}) != 1:
+        raise NoduleSynthError(f"--pool: need runs of one protocol with distinct seeds (have seeds {seeds}); "
+                               "merge runs of one seed with --from-json first")
+    stat = lambda d: {"mean_diff": float(np.mean(d)), "se": float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1
+                      else None, "ahead": int((np.asarray(d) > 0).sum()), "folds": len(d)}
+    cmp: dict = {}
+    for doc in docs:
+        for q in paired(doc["rows"], key):
+            cmp.setdefault((q["detector"], q["arm"], q["against"]), {})[doc["seed"]] = q["per_fold"]
+    pooled = []
+    for (det, arm, ref), by_seed in cmp.items():
+        allv = [v for s in seeds if s in by_seed for v in by_seed[s]]
+        pooled.append({"detector": det, "arm": arm, "against": ref, "metric": key,
+                       "per_seed": {str(s): stat(by_seed[s]) for s in seeds if s in by_seed},
+                       "all": stat(allv), "seeds": [s for s in seeds if s in by_seed]})
+    cell = lambda r: f"{r['mean_diff']:+.3f} ± {r['se']:.3f} ({r['ahead']}/{r['folds']})" if r["se"] is not None else "-"
+    lines = [f"paired {key} differences pooled over seeds {seeds} (mean ± SE, folds ahead):"]
+    lines += [f"  {q['detector']} {q['arm']} vs {q['against']}: " + " | ".join(
+        f"seed {s}: {cell(q['per_seed'][str(s)])}" for s in q["seeds"]) + f" | all: {cell(q['all'])}" for q in pooled]
+    text = "\n".join(lines)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "pooled.json", {"sources": [str(s) for s in srcs], "seeds": seeds, "metric": key,
+                                     "commands": [d.get("command") for d in docs], "pooled": pooled})
+    (out / "pooled.txt").write_text(text + "\n")
     return 0
 
 

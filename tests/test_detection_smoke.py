@@ -235,7 +235,8 @@ def test_train_fraction_keeps_whole_patients_the_same_for_every_arm():
 
 def test_runs_of_the_same_folds_merge_and_disagreeing_rows_are_refused(tmp_path):
     """--from-json A B: a run with the control and one with the inserted arm, merged so every arm pairs
-    with every other; a shared row that differs (other code or machine) or other folds are refused."""
+    with every other; a shared row that differs (other code or machine) or other folds are refused.
+    --pool: runs of other seeds pooled over all their folds."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import detection
 
@@ -262,3 +263,14 @@ def test_runs_of_the_same_folds_merge_and_disagreeing_rows_are_refused(tmp_path)
     (tmp_path / "d.json").write_text(json.dumps({**b, "fold_patients": [[1], [2], [3]]}))
     with pytest.raises(NoduleSynthError, match="fold_patients"):
         detection.summarise_json([tmp_path / "a.json", tmp_path / "d.json"], tmp_path / "o")
+    # --pool: runs with other seeds pool their paired differences over all folds; one seed twice is refused
+    (tmp_path / "s1.json").write_text(json.dumps({**a, "seed": 1, "rows": [
+        {**r, "map50_95": r["map50_95"] + (0.01 if r["arm"] == "real+200" else 0)} for r in a["rows"]]}))
+    assert detection.main(["--pool", str(tmp_path / "a.json"), str(tmp_path / "s1.json"), "--out", str(tmp_path / "p")]) == 0
+    pooled = json.loads((tmp_path / "p" / "pooled.json").read_text())["pooled"]
+    q = next(q for q in pooled if q["arm"] == "real+200" and q["against"] == "real")
+    d = np.array([0.02, 0.02, 0.01, 0.03, 0.03, 0.02])
+    assert q["per_seed"]["0"]["mean_diff"] == pytest.approx(d[:3].mean()) and q["all"]["folds"] == 6
+    assert q["all"]["mean_diff"] == pytest.approx(d.mean()) and q["all"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(6))
+    assert q["all"]["ahead"] == 6 and "all: +0.022" in (tmp_path / "p" / "pooled.txt").read_text()
+    assert detection.main(["--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "q")]) == 2
