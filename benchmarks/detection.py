@@ -648,19 +648,27 @@ def run(a, argv) -> int:
     return 0 if table else 1
 
 
+def read_results(srcs: list[Path], arg: str, keys: tuple[str, ...]) -> list[dict]:
+    """Each results.json of ``srcs``; one clear error naming ``arg`` and the file if one is not a
+    detection results.json with ``keys``."""
+    docs = []
+    for src in srcs:
+        try:
+            doc = json.loads(src.read_text())
+            for k in keys:
+                doc[k]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise NoduleSynthError(f"{arg} {src}: not a detection results.json ({e})") from e
+        docs.append(doc)
+    return docs
+
+
 def summarise_json(srcs: list[Path], out: Path) -> int:
     """Table, CSV and plot from the rows of one or more results.json (e.g. of a run stopped after some
     folds); the note says how many folds each row averages. Several runs must share protocol, seed and
     fold patients; a row (fold, detector, arm, test set) that two runs both hold must agree, since the
     benchmark is deterministic on one machine: a mismatch means the runs are not comparable."""
-    docs = []
-    for src in srcs:
-        try:
-            doc = json.loads(src.read_text())
-            doc["rows"], doc["note"], doc["folds"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise NoduleSynthError(f"--from-json {src}: not a detection results.json ({e})") from e
-        docs.append(doc)
+    docs = read_results(srcs, "--from-json", ("rows", "note", "folds"))
     first, rows, seen = docs[0], [], {}
     for src, doc in zip(srcs, docs):
         for k in ("protocol", "seed", "fold_patients"):
@@ -696,14 +704,7 @@ def pool_seeds(srcs: list[Path], out: Path, key: str = "map50_95") -> int:
     commands are kept beside the figures."""
     from nodulesynth.io import write_json
 
-    docs = []
-    for src in srcs:
-        try:
-            doc = json.loads(src.read_text())
-            doc["rows"], doc["seed"], doc["protocol"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise NoduleSynthError(f"--pool {src}: not a detection results.json ({e})") from e
-        docs.append(doc)
+    docs = read_results(srcs, "--pool", ("rows", "seed", "protocol"))
     seeds = [d["seed"] for d in docs]
     if len(set(seeds)) != len(seeds) or len({d["protocol"] for d in docs}) != 1:
         raise NoduleSynthError(f"--pool: need runs of one protocol with distinct seeds (have seeds {seeds}); "
