@@ -189,19 +189,18 @@ def load_backgrounds(prepared: list[str]) -> dict:
     (every positive is then an inserted one and every negative a true one; a slice of an unlabelled
     source, e.g. TCGA, may hold a tumour nobody outlined, so such sets are refused); or, for one
     ``prepare --lidc-crops`` set, its TRAIN crops (:mod:`insert_crops`)."""
-    from insert_crops import is_crops_set, load_crop_backgrounds
+    from insert_crops import load_crop_backgrounds
 
     from nodulesynth.data.slices import SliceDataset, require_labelled
     from nodulesynth.masks.classes import MaskClass
 
-    crops = [is_crops_set(p) for p in prepared]
-    if any(crops):
+    sets = [require_labelled(SliceDataset(p), "--insert-into") for p in prepared]
+    if any(ds.meta.get("source") == "lidc-crops" for ds in sets):
         if len(prepared) > 1:
             raise NoduleSynthError(f"--insert-into {' '.join(prepared)}: a crops set (prepare --lidc-crops) goes alone")
-        return load_crop_backgrounds(prepared[0])
+        return load_crop_backgrounds(sets[0])
     bg = {"kind": "slices", "images": [], "masks": [], "names": [], "spacing": set(), "patients": set(), "into": list(prepared)}
-    for p in prepared:
-        ds = require_labelled(SliceDataset(p), "--insert-into")
+    for p, ds in zip(prepared, sets):
         for i, r in enumerate(ds.records):
             m = np.asarray(ds.masks[i]) if r.split == "train" else None
             if m is not None and not (m == MaskClass.NODULE).any():
@@ -334,11 +333,17 @@ def paired(rows: list[dict], key: str = "map50_95") -> list[dict]:
             folds = sorted(set(v) & set(w))
             if len(folds) < 2:
                 continue
-            d = np.array([v[f] - w[f] for f in folds])
-            out.append({"detector": det, "arm": arm, "against": ref, "metric": key, "folds": len(folds),
-                        "mean_diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))),
-                        "ahead": int((d > 0).sum()), "per_fold": [round(float(x), 4) for x in d]})
+            d = [v[f] - w[f] for f in folds]
+            out.append({"detector": det, "arm": arm, "against": ref, "metric": key, **diff_stats(d),
+                        "per_fold": [round(float(x), 4) for x in d]})
     return out
+
+
+def diff_stats(d) -> dict:
+    """Paired differences (≥ 2) → folds, mean, its standard error, and how many are > 0."""
+    d = np.asarray(d, np.float64)
+    return {"folds": len(d), "mean_diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))),
+            "ahead": int((d > 0).sum())}
 
 
 def print_table(table: list[dict], note: str, pairs: list[dict] | None = None) -> str:
@@ -709,8 +714,6 @@ def pool_seeds(srcs: list[Path], out: Path, key: str = "map50_95") -> int:
     if len(set(seeds)) != len(seeds) or len({d["protocol"] for d in docs}) != 1:
         raise NoduleSynthError(f"--pool: need runs of one protocol with distinct seeds (have seeds {seeds}); "
                                "merge runs of one seed with --from-json first")
-    stat = lambda d: {"mean_diff": float(np.mean(d)), "se": float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1
-                      else None, "ahead": int((np.asarray(d) > 0).sum()), "folds": len(d)}
     cmp: dict = {}
     for doc in docs:
         for q in paired(doc["rows"], key):
@@ -719,9 +722,9 @@ def pool_seeds(srcs: list[Path], out: Path, key: str = "map50_95") -> int:
     for (det, arm, ref), by_seed in cmp.items():
         allv = [v for s in seeds if s in by_seed for v in by_seed[s]]
         pooled.append({"detector": det, "arm": arm, "against": ref, "metric": key,
-                       "per_seed": {str(s): stat(by_seed[s]) for s in seeds if s in by_seed},
-                       "all": stat(allv), "seeds": [s for s in seeds if s in by_seed]})
-    cell = lambda r: f"{r['mean_diff']:+.3f} ± {r['se']:.3f} ({r['ahead']}/{r['folds']})" if r["se"] is not None else "-"
+                       "per_seed": {str(s): diff_stats(by_seed[s]) for s in seeds if s in by_seed},
+                       "all": diff_stats(allv), "seeds": [s for s in seeds if s in by_seed]})
+    cell = lambda r: f"{r['mean_diff']:+.3f} ± {r['se']:.3f} ({r['ahead']}/{r['folds']})"
     lines = [f"paired {key} differences pooled over seeds {seeds} (mean ± SE, folds ahead):"]
     lines += [f"  {q['detector']} {q['arm']} vs {q['against']}: " + " | ".join(
         f"seed {s}: {cell(q['per_seed'][str(s)])}" for s in q["seeds"]) + f" | all: {cell(q['all'])}" for q in pooled]

@@ -25,25 +25,16 @@ REFLECT_PX = 48  # lung beyond the crop's edge (at 0.8 mm) that the nodule textu
 CHUNK = 16  # crops given to add_nodules_to_real at once; part of the cache key
 
 
-def is_crops_set(prepared: str) -> bool:
-    """Whether a prepared folder is ``prepare --lidc-crops``' output (native-spacing nodule crops)."""
-    from nodulesynth.data.slices import SliceDataset
-
-    return SliceDataset(prepared).meta.get("source") == "lidc-crops"
-
-
-def load_crop_backgrounds(prepared: str) -> dict:
-    """The TRAIN crops of a prepared crops set: HU and masks (memory-mapped), spacing, patient."""
-    from nodulesynth.data.slices import SliceDataset, require_labelled
-
-    ds = require_labelled(SliceDataset(prepared), "--insert-into")
+def load_crop_backgrounds(ds) -> dict:
+    """The TRAIN crops of a prepared crops set (a labelled SliceDataset): HU and masks (memory-mapped),
+    spacing, patient."""
     idx = [i for i, r in enumerate(ds.records) if r.split == "train"]
     if not idx:
-        raise NoduleSynthError(f"--insert-into {prepared}: no TRAIN crops")
-    return {"kind": "crops", "into": [prepared], "images": ds.images, "masks": ds.masks, "index": np.asarray(idx),
+        raise NoduleSynthError(f"--insert-into {ds.root}: no TRAIN crops")
+    return {"kind": "crops", "into": [str(ds.root)], "images": ds.images, "masks": ds.masks, "index": np.asarray(idx),
             "spacing": np.array([float(ds.records[i].spacing_mm[0]) for i in idx]),
             "patient": np.array([ds.records[i].patient for i in idx]),
-            "key": f"{zlib.crc32((Path(prepared) / 'index.json').read_bytes()):08x}"}
+            "key": f"{zlib.crc32((ds.root / 'index.json').read_bytes()):08x}"}
 
 
 def crop_order(bg: dict, seed: int) -> np.ndarray:
@@ -110,9 +101,9 @@ def insert_into_crops(weights: str, bg: dict, n: int, seed: int, cache: Path, de
     order = crop_order(bg, seed)
     f = cache / f"crops-inserted-{Path(str(model.source)).name}-{model.revision}-seed{seed}-{bg['key']}.npz"
     have = dict(np.load(f, allow_pickle=False)) if f.is_file() else None
-    keys = ("inserted", "background", "new", "own", "pos")
+    keys = ("inserted", "new", "own", "pos")
     if have is None:
-        have = {k: np.zeros((0, 128, 128), np.float16 if k in ("inserted", "background") else bool) for k in keys[:4]}
+        have = {k: np.zeros((0, 128, 128), np.float16 if k == "inserted" else bool) for k in keys[:3]}
         have["pos"] = np.zeros(0, np.int64)  # position in ``order`` of each kept crop
         have["tried"] = np.zeros((), np.int64)
     with tqdm(total=n, initial=min(n, len(have["pos"])), desc="LIDC nodules into real crops", unit="crop") as bar:
@@ -147,7 +138,6 @@ def insert_into_crops(weights: str, bg: dict, n: int, seed: int, cache: Path, de
                 fresh = (res_m[j] == MaskClass.NODULE) & (canv[k][1] != MaskClass.NODULE)
                 hu, new = _back(orig[k], canv[k][0], res_h[j], fresh, canv[k][2])
                 add["inserted"].append(hu.astype(np.float16))
-                add["background"].append(orig[k].astype(np.float16))
                 add["new"].append(new)
                 add["own"].append(own[k])
                 add["pos"].append(start + k)
@@ -162,8 +152,9 @@ def insert_into_crops(weights: str, bg: dict, n: int, seed: int, cache: Path, de
             bar.update(min(n, len(have["pos"])) - bar.n)
     k = np.asarray(have["pos"][:n])
     pats = bg["patient"][order[k]]
-    arrays = {"inserted": have["inserted"][:n].astype(np.float32), "background": have["background"][:n].astype(np.float32),
-              "new": have["new"][:n], "own": have["own"][:n], "patient": pats}
+    arrays = {"inserted": have["inserted"][:n].astype(np.float32), "new": have["new"][:n], "own": have["own"][:n],
+              "background": np.stack([np.asarray(bg["images"][r], np.float32) for r in bg["index"][order[k]]])
+              if len(k) else np.zeros((0, 128, 128), np.float32), "patient": pats}
     meta = {"weights": str(model.source), "revision": str(model.revision), "seed": seed, "into": bg["into"],
             "kind": "crops", "backgrounds": int(n), "background_patients": int(len(np.unique(pats))),
             "crops_tried": int(k[-1]) + 1 if len(k) else 0,  # those not kept had no room for a nodule

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+from nodulesynth.data.slices import SliceDataset, SliceRecord, write_slice_dataset
 from nodulesynth.detect.windows import WindowConfig, paired_windows
 from nodulesynth.masks.classes import MaskClass
 
@@ -65,7 +65,7 @@ def test_paired_windows_differ_only_by_the_inserted_nodule():
 def test_nodules_go_into_the_crop_and_nothing_else_changes(tmp_path):
     import insert_crops as I
 
-    bg = I.load_crop_backgrounds(str(_crops_set(tmp_path)))
+    bg = I.load_crop_backgrounds(SliceDataset(_crops_set(tmp_path)))
     assert len(bg["index"]) == 6 and set(bg["patient"]) == {"LIDC-IDRI-0007", "LIDC-IDRI-0008", "LIDC-IDRI-0009"}
     order = I.crop_order(bg, seed=0)
     assert len({bg["patient"][k] for k in order[:3]}) == 3  # one crop per patient before any second

@@ -121,6 +121,15 @@ def _place_negative(rng: np.random.Generator, forbidden: np.ndarray, allowed: np
     return int(ys[k]), int(xs[k])
 
 
+def _labels_in_window(boxes: np.ndarray, yx: tuple[int, int], s: int) -> np.ndarray | None:
+    """The boxes wholly inside the s² window at ``yx``, in window coordinates; None when the window
+    cuts a box (a half-nodule would be neither a labelled positive nor a clean background)."""
+    inside = boxes - np.array([yx[1], yx[0], yx[1], yx[0]], np.float32)
+    full = (inside[:, 0] >= 0) & (inside[:, 1] >= 0) & (inside[:, 2] <= s) & (inside[:, 3] <= s)
+    hit = (inside[:, 2] > 0) & (inside[:, 3] > 0) & (inside[:, 0] < s) & (inside[:, 1] < s)
+    return None if (hit & ~full).any() else inside[full]
+
+
 def _cut(img: np.ndarray, yx: tuple[int, int], s: int) -> np.ndarray:
     y, x = yx
     return img[y : y + s, x : x + s]
@@ -151,16 +160,13 @@ def windows_from_crops(images_u8: np.ndarray, reader_masks: np.ndarray, patients
             c = (boxes[:, :2] + boxes[:, 2:]) / 2 - np.array([w / 2, h / 2])
             box = boxes[int(np.argmin((c**2).sum(1)))]
             yx = _place_positive(rng, box, h, w, cfg)
-            if yx is not None:
-                inside = boxes - np.array([yx[1], yx[0], yx[1], yx[0]], np.float32)
-                # every consensus component fully inside the window is labelled; one cut by the edge
-                # makes the window ambiguous, so it is dropped
-                full = (inside[:, 0] >= 0) & (inside[:, 1] >= 0) & (inside[:, 2] <= s) & (inside[:, 3] <= s)
-                cut = (inside[:, 2] > 0) & (inside[:, 3] > 0) & (inside[:, 0] < s) & (inside[:, 1] < s) & ~full
-                if not cut.any():
-                    out_i.append(_cut(hu[k], yx, s))
-                    out_b.append(inside[full])
-                    out_g.append(int(patients[k]))
+            # every consensus component fully inside the window is labelled; one cut by the edge
+            # makes the window ambiguous, so it is dropped
+            labels = None if yx is None else _labels_in_window(boxes, yx, s)
+            if labels is not None:
+                out_i.append(_cut(hu[k], yx, s))
+                out_b.append(labels)
+                out_g.append(int(patients[k]))
         if cfg.negatives:
             anyr = ndi.binary_dilation(reader_masks[k] > 0, structure=dil)
             yx = _place_negative(rng, anyr, None, cfg)
@@ -206,15 +212,11 @@ def windows_from_slices(images_hu, masks, spacing_mm: float, target_mm: float, c
         boxes = mask_to_boxes(m)
         for box in boxes:
             yx = _place_positive(rng, box, h, w, cfg)
-            if yx is None:
-                continue
-            inside = boxes - np.array([yx[1], yx[0], yx[1], yx[0]], np.float32)
-            full = (inside[:, 0] >= 0) & (inside[:, 1] >= 0) & (inside[:, 2] <= s) & (inside[:, 3] <= s)
-            cut = (inside[:, 2] > 0) & (inside[:, 3] > 0) & (inside[:, 0] < s) & (inside[:, 1] < s) & ~full
-            if cut.any():
+            labels = None if yx is None else _labels_in_window(boxes, yx, s)
+            if labels is None:
                 continue
             out_i.append(_cut(hu, yx, s))
-            out_b.append(inside[full])
+            out_b.append(labels)
             out_g.append(group_offset + k)
         if cfg.negatives:
             lung = (m == MaskClass.LEFT_LUNG) | (m == MaskClass.RIGHT_LUNG)
@@ -251,17 +253,13 @@ def paired_windows(inserted_hu, background_hu, new_nodules, own_nodules, groups,
 
     for k in range(len(inserted_hu)):
         h, w = inserted_hu[k].shape
-        own = ndi.binary_dilation(own_nodules[k], structure=dil) if own_nodules[k].any() else np.zeros((h, w), bool)
+        own = ndi.binary_dilation(own_nodules[k], structure=dil)
         boxes = mask_to_boxes(np.asarray(new_nodules[k], np.uint8), cls=1)
         for box in boxes:
             yx = _place_positive(rng, box, h, w, cfg, forbidden=own)
-            if yx is None:
-                continue
-            inside = boxes - np.array([yx[1], yx[0], yx[1], yx[0]], np.float32)
-            full = (inside[:, 0] >= 0) & (inside[:, 1] >= 0) & (inside[:, 2] <= s) & (inside[:, 3] <= s)
-            hit = (inside[:, 2] > 0) & (inside[:, 3] > 0) & (inside[:, 0] < s) & (inside[:, 1] < s)
-            if not (hit & ~full).any():
-                cut(k, yx, inside[full])
+            labels = None if yx is None else _labels_in_window(boxes, yx, s)
+            if labels is not None:
+                cut(k, yx, labels)
         if cfg.negatives:
             yx = _place_negative(rng, own | ndi.binary_dilation(new_nodules[k], structure=dil), None, cfg)
             if yx is not None:
