@@ -274,3 +274,32 @@ def test_runs_of_the_same_folds_merge_and_disagreeing_rows_are_refused(tmp_path)
     assert q["all"]["mean_diff"] == pytest.approx(d.mean()) and q["all"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(6))
     assert q["all"]["ahead"] == 6 and "all: +0.022" in (tmp_path / "p" / "pooled.txt").read_text()
     assert detection.main(["--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "q")]) == 2
+
+
+@pytest.mark.slow
+def test_training_from_a_pt_starts_from_its_weights(tmp_path):
+    """``--detector-weights`` and the pretrain arm start from a .pt: ultralytics drops a loaded
+    checkpoint's weights when told ``pretrained=False``, which would silently train from scratch."""
+    pytest.importorskip("ultralytics")
+    import torch
+
+    from nodulesynth.detect import yolo as Y
+
+    Y.offline(tmp_path)
+    from ultralytics import YOLO
+
+    ims = np.full((8, 64, 64), -850, np.float32)
+    ims[:, 20:30, 20:30] = 30
+    paths = Y.write_images(tmp_path / "pool", "w", ims, [np.array([[20, 20, 30, 30]], np.float32)] * 8)
+    data = Y.write_data_yaml(tmp_path / "d.yaml", paths, paths)
+    m = YOLO("yolov8n.yaml")
+    name, p = next((n, p) for n, p in m.model.named_parameters() if p.ndim == 4)
+    with torch.no_grad():
+        p.fill_(0.25)  # a mark no initialisation makes
+    m.save(str(tmp_path / "marked.pt"))
+    dev = {}
+    for model in (str(tmp_path / "marked.pt"), "yolov8n.yaml"):
+        cfg = Y.YoloConfig(model=model, epochs=1, batch=8, seed=0)
+        w = dict(YOLO(str(Y.train(data, tmp_path / Path(model).stem, cfg))).model.named_parameters())[name]
+        dev[cfg.starts_from_weights] = float((w.detach().float() - 0.25).abs().mean())
+    assert dev[True] < 0.02 < 0.2 < dev[False]  # one epoch moved the marked weights a little; scratch is elsewhere

@@ -51,7 +51,13 @@ class YoloConfig:
                     seed=self.seed, deterministic=True, workers=self.workers, lr0=self.lr0,
                     warmup_epochs=self.warmup_epochs, mosaic=self.mosaic, fliplr=self.fliplr,
                     close_mosaic=self.close_mosaic, amp=False, plots=False, val=False, verbose=False,
-                    pretrained=False, exist_ok=True, cache=False)
+                    pretrained=self.starts_from_weights, exist_ok=True, cache=False)
+
+    @property
+    def starts_from_weights(self) -> bool:
+        """A .pt starts from its weights; a yaml from scratch. ultralytics (8.4) builds the model anew
+        and drops a loaded .pt's weights when ``pretrained=False``, so this must follow the model."""
+        return not str(self.model).endswith((".yaml", ".yml"))
 
 
 def offline(run_dir: str | os.PathLike) -> None:
