@@ -31,6 +31,11 @@ N TRAIN crops of N patients, each with one inserted nodule (benchmarks/insert_cr
 changed, native spacing kept); ``real+N backgrounds`` the very same windows without the nodule (all
 negatives), so crops against backgrounds is what the nodules add beyond more real lung of more
 patients. Those patients must be outside the test folds (``--test-unseen-by`` the same set).
+
+``--synth-use`` says how the synthetic windows are used: ``mix`` (the paper's, default) adds them to the
+real training set; ``pretrain`` adds ``real+N pretrain``: the detector first trains on the N synthetic
+slices' windows alone, then from those weights on the real ones, each for the arm's epochs, so its
+optimiser steps equal the mixed arm's and the control's. It is paired against the mixed arm too.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -255,10 +260,14 @@ POOL_PREFIX = {"generated": "synthetic", "inserted": "inserted", "crops": "crop-
                "backgrounds": "crop-background"}  # file names in the shared image pool
 
 
-def arm_name(source: str, n: int) -> str:
+USES = ("mix", "pretrain")  # synthetic windows added to the real ones, or trained on first (--synth-use)
+
+
+def arm_name(source: str, n: int, use: str = "mix") -> str:
     """``real+N`` for N generated slices (the paper's arm), ``real+N inserted`` for N real slices with inserted
-    nodules, ``real+N crops`` for N real crops with one each, ``real+N backgrounds`` for those crops without."""
-    return f"real+{n}" + ("" if source == "generated" else f" {source}")
+    nodules, ``real+N crops`` for N real crops with one each, ``real+N backgrounds`` for those crops without;
+    `` pretrain`` appended when the detector trains on them first and on the real ones after."""
+    return f"real+{n}" + ("" if source == "generated" else f" {source}") + ("" if use == "mix" else f" {use}")
 
 
 def make_source(a, source: str, n: int, cache: Path, backgrounds: dict | None):
@@ -324,10 +333,14 @@ def paired(rows: list[dict], key: str = "map50_95") -> list[dict]:
         if not arm.startswith("real+"):
             continue
         refs = ["real", *(a for d, a in by if d == det and a.startswith("real (equal"))]
-        if " " in arm:  # real+N inserted / crops / backgrounds: also against the generated real+N
+        mixed = arm.removesuffix(" pretrain")
+        if " " in arm:  # real+N inserted / crops / backgrounds / pretrain: also against the generated real+N
             refs.append(arm.split(" ")[0])
-        if arm.endswith(" crops"):  # and the nodules against the same lungs without them
-            refs.append(arm.replace(" crops", " backgrounds"))
+        if mixed != arm:  # pretraining on a source against mixing it in
+            refs.append(mixed)
+        if mixed.endswith(" crops"):  # and the nodules against the same lungs without them
+            refs.append(mixed.replace(" crops", " backgrounds") + arm[len(mixed):])
+        refs = list(dict.fromkeys(refs))
         for ref in refs:
             w = by.get((det, ref), {})
             folds = sorted(set(v) & set(w))
@@ -374,13 +387,15 @@ def plot(table: list[dict], path: Path, title: str) -> None:
         mixed = [r for r in table if r["detector"] == det and not r["arm"].startswith("real (equal")]
         if not mixed or "map50_95" not in mixed[0]:
             continue
-        for src in SOURCES:  # one line per source, each from the shared real-only point
-            rs = sorted((r for r in mixed if r["n_synth"] == 0 or r["arm"] == arm_name(src, r["n_synth"])),
-                        key=lambda r: r["n_synth"])
-            if len(rs) > 1 or src == "generated":
-                ax.errorbar([r["n_synth"] for r in rs], [r["map50_95"] for r in rs], yerr=[r["map50_95_std"] for r in rs],
-                            marker="o" if src == "generated" else "^", capsize=3,
-                            label=f"{det} + {src} (same epochs)")
+        for src in SOURCES:  # one line per source and use, each from the shared real-only point
+            for use in USES:
+                rs = sorted((r for r in mixed if r["n_synth"] == 0 or r["arm"] == arm_name(src, r["n_synth"], use)),
+                            key=lambda r: r["n_synth"])
+                if len(rs) > 1 or (src, use) == ("generated", "mix"):
+                    ax.errorbar([r["n_synth"] for r in rs], [r["map50_95"] for r in rs],
+                                yerr=[r["map50_95_std"] for r in rs], capsize=3,
+                                marker="o" if src == "generated" else "^", linestyle="-" if use == "mix" else "--",
+                                label=f"{det} + {src}" + (" (same epochs)" if use == "mix" else ", trained on first"))
         n_max = max(r["n_synth"] for r in mixed)
         for r in table:  # drawn beside the largest mixed arm, whose optimiser steps it matches
             if r["detector"] == det and r["arm"].startswith("real (equal"):
@@ -442,6 +457,9 @@ def main(argv=None) -> int:
                         "nodules inserted (`inserted`: --insert-into's TRAIN slices, `add_nodules_to_real`), or, with "
                         "--insert-into a crops set, its TRAIN crops with one nodule inserted (`crops`) and/or the same "
                         "windows without it (`backgrounds`)")
+    p.add_argument("--synth-use", nargs="+", choices=USES, default=["mix"],
+                   help="mix: synthetic windows added to the real ones (the paper's); pretrain: trained on first, "
+                        "then the real ones from those weights (arm 'real+N pretrain')")
     p.add_argument("--insert-into", nargs="+", metavar="PREPARED", default=[],
                    help="labelled prepared slice datasets whose TRAIN slices without a nodule receive the inserted "
                         "nodules (patients apart from the test folds, e.g. prepared/pyradiomics prepared/lidc-sample; "
@@ -617,32 +635,42 @@ def run(a, argv) -> int:
         val_idx = rng.choice(train_idx, size=min(len(train_idx), 32), replace=False)  # ultralytics' mandatory final val
         test_yaml = Y.write_data_yaml(work / f"fold{f}" / "test.yaml", real_paths[val_idx[:1]].tolist(),
                                       real_paths[test_idx].tolist())
-        arms = [("real", None, 0, epochs)] + [(arm_name(src, n), src, n, epochs) for n in n_list if n for src in syn]
+        uses = list(dict.fromkeys(a.synth_use))
+        arms = [("real", None, 0, epochs, "mix")] + [(arm_name(src, n, use), src, n, epochs, use)
+                                                     for n in n_list if n for src in syn for use in uses]
         if not a.no_control and n_max:
             added = max(int((w.group < n_max).sum()) for w in syn.values())  # the largest mixed arm's windows
             ctrl_epochs = int(round(epochs * (len(train_idx) + added) / len(train_idx)))
-            arms.append((f"real (equal steps as +{n_max})", None, 0, ctrl_epochs))
+            arms.append((f"real (equal steps as +{n_max})", None, 0, ctrl_epochs, "mix"))
         for det in detectors:
-            for arm, src, n, ep in arms:
+            for arm, src, n, ep, use in arms:
                 syn_list = syn_paths[src][np.nonzero(syn[src].group < n)[0]].tolist() if src else []
                 train_list = real_paths[train_idx].tolist() + syn_list
                 name = f"fold{f}/{det}/{'real-equal-steps' if '(' in arm else arm.replace(' ', '-')}"
-                dy = Y.write_data_yaml(work / name / "data.yaml", train_list, real_paths[val_idx].tolist())
                 cfg = Y.YoloConfig(model=det_weights.get(det, Y.DETECTORS[det]), epochs=ep, imgsz=imgsz, batch=batch,
                                    device=a.device, seed=a.seed + f)
                 t1 = time.time()
+                steps = ep * int(np.ceil(len(train_list) / batch))
+                if use == "pretrain":  # the synthetic windows alone, then the real ones from those weights
+                    if not syn_list:
+                        raise NoduleSynthError(f"{arm}: the synthetic slices gave no windows to train on first")
+                    dy = Y.write_data_yaml(work / name / "synthetic" / "data.yaml", syn_list, real_paths[val_idx].tolist())
+                    cfg = replace(cfg, model=str(Y.train(dy, work / name / "synthetic", cfg)))
+                    steps = ep * (int(np.ceil(len(syn_list) / batch)) + int(np.ceil(len(train_idx) / batch)))
+                    train_list = real_paths[train_idx].tolist()
+                dy = Y.write_data_yaml(work / name / "data.yaml", train_list, real_paths[val_idx].tolist())
                 weights = Y.train(dy, work / name, cfg)
                 train_s = time.time() - t1
                 m = Y.validate(weights, test_yaml, cfg)
                 row = {"fold": f, "detector": det, "arm": arm, "n_synth": int(n), "epochs": ep, "test": "fold",
-                       "train_images": len(train_list), "test_images": len(test_idx),
-                       "optimizer_steps": ep * int(np.ceil(len(train_list) / batch)), "train_s": round(train_s, 1), **m,
+                       "train_images": len(train_idx) + len(syn_list), "test_images": len(test_idx),
+                       "optimizer_steps": steps, "train_s": round(train_s, 1), **m,
                        "cpm": None}
                 if real_series is not None:
                     row.update(froc_for(weights, real, real_series, test_idx, cfg))
                 rows.append(row)
                 print(f"[fold {f}] {det} {arm}: P {m['precision']:.3f} R {m['recall']:.3f} mAP50 {m['map50']:.3f} "
-                      f"mAP50-95 {m['map50_95']:.3f} ({train_s:.0f} s, {len(train_list)} train images)", flush=True)
+                      f"mAP50-95 {m['map50_95']:.3f} ({train_s:.0f} s, {row['train_images']} train images)", flush=True)
                 if ext is not None:
                     rows.append({**row, "test": "external", "test_images": n_ext, **Y.validate(weights, ext, cfg),
                                  "cpm": None, "froc": None})

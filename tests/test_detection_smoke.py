@@ -100,11 +100,16 @@ def test_detection_patches_smoke(tmp_path):
              slice=np.zeros(24, np.int16))
     out = tmp_path / "out"
     _run(["--protocol", "patches", "--smoke", "--crops", str(npz), "--n-synth", "0", "1", "--out", str(out),
-          "--eval", str(npz), "--synth-source", "generated", "inserted", "--insert-into", str(_backgrounds(tmp_path))],
-         tmp_path)
+          "--eval", str(npz), "--synth-source", "generated", "inserted", "--insert-into", str(_backgrounds(tmp_path)),
+          "--synth-use", "mix", "pretrain"], tmp_path)
     doc = json.loads((out / "results.json").read_text())
     arms = {(r["arm"], r["test"]) for r in doc["rows"]}
-    assert {("real", "fold"), ("real+1", "fold"), ("real+1 inserted", "fold"), ("real", "external")} <= arms
+    assert {("real", "fold"), ("real+1", "fold"), ("real+1 inserted", "fold"), ("real", "external"),
+            ("real+1 pretrain", "fold"), ("real+1 inserted pretrain", "fold")} <= arms
+    # the pretrain arm trained twice (synthetic windows, then real from those weights), as many steps as mixing
+    pre, mix = ({r["arm"]: r for r in doc["rows"] if r["test"] == "fold"}[k] for k in ("real+1 pretrain", "real+1"))
+    assert (out / "work/fold0/yolov8n/real+1-pretrain/synthetic/train/weights/last.pt").is_file()
+    assert pre["train_images"] == mix["train_images"] and pre["optimizer_steps"] >= mix["optimizer_steps"]
     # the inserted nodules went into the one TRAIN slice without a nodule, and are paired with the generated arm too
     assert doc["sources"] == ["generated", "inserted"] and doc["inserted"]["backgrounds"] == 1
     assert doc["n_inserted_windows"] >= 1 and doc["n_synthetic_windows"] >= 1  # smoke windows (24 px) drop large nodules
@@ -210,6 +215,22 @@ def test_paired_differences_and_one_row_per_arm():
     assert pairs["real"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3)) and pairs["real"]["ahead"] == 3
     assert pairs["real (equal steps as +200)"]["ahead"] == 2
     assert pairs["real (equal steps as +200)"]["per_fold"] == pytest.approx([0.04, -0.01, 0.05])
+
+
+def test_pretrain_arms_pair_with_their_mixed_arm():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import detection
+
+    arms = ["real", "real+200", "real+200 pretrain", "real+200 crops", "real+200 crops pretrain",
+            "real+200 backgrounds pretrain"]
+    rows = [{"fold": f, "detector": "yolov8n", "arm": a, "n_synth": 0, "epochs": 6, "test": "fold",
+             "map50_95": 0.1 + 0.01 * i + 0.001 * f * i} for f in range(3) for i, a in enumerate(arms)]
+    against = {}
+    for q in detection.paired(rows):
+        against.setdefault(q["arm"], []).append(q["against"])
+    assert against["real+200 pretrain"] == ["real", "real+200"]
+    assert against["real+200 crops pretrain"] == ["real", "real+200", "real+200 crops", "real+200 backgrounds pretrain"]
+    assert detection.arm_name("crops", 5, "pretrain") == "real+5 crops pretrain"
 
 
 def test_train_fraction_keeps_whole_patients_the_same_for_every_arm():
