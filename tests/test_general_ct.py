@@ -17,6 +17,7 @@ from scipy import ndimage as ndi
 from nodulesynth.cli import main
 from nodulesynth.data.dicom_tree import read_dicom_volume, scan_dicom_tree
 from nodulesynth.data.slices import SliceDataset
+from nodulesynth.errors import NoduleSynthError
 from nodulesynth.masks.classes import MaskClass
 
 DATA = (Path(__file__).resolve().parents[1] / "../shared/data").resolve()
@@ -379,3 +380,78 @@ def test_uneven_step_is_named_as_such(lidc_0001, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(lines) == 1 and "an uneven step of 3.30 mm (median 2.50)" in lines[0] and "missing" not in lines[0]
     assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds*"))
+
+
+def _enhanced(series: Path, out: Path) -> Path:
+    """The single-slice files of ``series`` as one Enhanced CT Image (multi-frame) file, as current
+    scanners export: frames from the head down, each with its own position and rescale in the
+    per-frame functional groups, spacing and orientation shared, plus a localizer frame that must
+    not become a slice."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    files = sorted(series.glob("*.dcm"), key=lambda f: -float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    first = pydicom.dcmread(files[0])
+    frames, per_frame = [], []
+    for k, f in enumerate([*files, files[-1]]):
+        ds = pydicom.dcmread(f)
+        hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        intercept = -1024.0 - 8 * k  # a different rescale on every frame
+        frames.append(np.rint(hu - intercept).astype(np.int16))
+        localizer = k == len(files)
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        pos, pvt, kind = Dataset(), Dataset(), Dataset()
+        pos.ImagePositionPatient = [ipp[0], ipp[1], ipp[2] + (2.5 if localizer else 0.0)]  # would extend the run
+        pvt.RescaleIntercept, pvt.RescaleSlope, pvt.RescaleType = f"{intercept:g}", "1", "HU"
+        kind.FrameType = ["ORIGINAL", "PRIMARY", "LOCALIZER" if localizer else "AXIAL", "NONE"]
+        g = Dataset()
+        g.PlanePositionSequence, g.PixelValueTransformationSequence = Sequence([pos]), Sequence([pvt])
+        g.CTImageFrameTypeSequence = Sequence([kind])
+        per_frame.append(g)
+    mea, ori, shared = Dataset(), Dataset(), Dataset()
+    mea.PixelSpacing, mea.SliceThickness = first.PixelSpacing, first.SliceThickness
+    ori.ImageOrientationPatient = first.ImageOrientationPatient
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([mea]), Sequence([ori])
+    enh = first
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                "RescaleSlope", "RescaleIntercept", "PixelPaddingValue"):
+        if tag in enh:
+            delattr(enh, tag)
+    enh.SOPClassUID = enh.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    enh.NumberOfFrames = len(frames)
+    enh.SharedFunctionalGroupsSequence = Sequence([shared])
+    enh.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    enh.PixelRepresentation, enh.BitsAllocated, enh.BitsStored, enh.HighBit = 1, 16, 16, 15
+    enh.PixelData = np.stack(frames).tobytes()
+    out.mkdir(parents=True)
+    enh.save_as(out / "enhanced.dcm")
+    return out
+
+
+def test_enhanced_multiframe_ct_reads_like_its_single_slice_files(lidc_0001, tmp_path):
+    plain_root = _copy_lidc(*lidc_0001, tmp_path / "plain")
+    series = next(plain_root.rglob("*.dcm")).parent
+    enh_root = _enhanced(series, tmp_path / "enh")
+    plain, tree = scan_dicom_tree(plain_root), scan_dicom_tree(enh_root)
+    assert len(tree.volumes) == 1 and tree.volumes[0].files == [enh_root / "enhanced.dcm"]
+    a, b = read_dicom_volume(plain.volumes[0]), read_dicom_volume(tree.volumes[0])
+    assert b.shape == a.shape == (5, 512, 512)  # the localizer frame is left out
+    assert np.array_equal(b.hu, a.hu) and b.spacing == a.spacing and b.origin == a.origin
+    assert np.allclose(b.direction, a.direction)
+    # and end to end: prepare --dicom gives the same slices from either
+    outs = []
+    for name, root in (("plain", plain_root), ("enh", enh_root)):
+        assert main(["prepare", "--dicom", str(root), "--out", str(tmp_path / f"out_{name}")]) == 0
+        outs.append(SliceDataset(tmp_path / f"out_{name}"))
+    assert len(outs[0]) == len(outs[1]) >= 1
+    assert np.array_equal(np.asarray(outs[0].images), np.asarray(outs[1].images))
+    assert np.array_equal(np.asarray(outs[0].masks), np.asarray(outs[1].masks))
+
+
+def test_enhanced_ct_without_positions_is_skipped_by_name(lidc_0001, tmp_path):
+    enh_root = _enhanced(next(_copy_lidc(*lidc_0001, tmp_path / "plain").rglob("*.dcm")).parent, tmp_path / "enh")
+    ds = pydicom.dcmread(enh_root / "enhanced.dcm")
+    del ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
+    ds.save_as(enh_root / "enhanced.dcm")
+    with pytest.raises(NoduleSynthError, match="enhanced CT without ImagePositionPatient for frame 3"):
+        scan_dicom_tree(enh_root)

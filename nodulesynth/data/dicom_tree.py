@@ -8,6 +8,10 @@ spaced runs; a lone slice is a one-slice volume (its thickness stands in for the
 Files that are not usable CT image slices are skipped and counted by reason, never fatal, because
 mixed trees (MR, SR, localizers, XML, READMEs) are normal; only a tree with no CT at all, or a
 single non-CT file given on its own, is an error.
+
+Enhanced (multi-frame) CT, what current scanners export, holds a whole series in one file: each frame
+is a slice, its position, orientation, spacing and rescale in the per-frame functional groups (or the
+shared ones). Its frames join the grouping like single-slice files; each file is decoded once.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 HEADER_TAGS = [
     "Modality", "SeriesInstanceUID", "PatientID", "ImagePositionPatient", "ImageOrientationPatient",
     "PixelSpacing", "Rows", "Columns", "SliceThickness", "ImageType", "PixelData", "InstanceNumber",
+    "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 ]
 GAP_TOLERANCE = 0.1  # relative: slices further apart than (1 ± this) × the run's gap start a new run
 
@@ -38,6 +43,7 @@ class _Slice:
     ipp: np.ndarray  # (x, y, z) mm
     pixel_spacing: tuple[float, float]  # (row spacing dy, column spacing dx)
     thickness: float
+    frame: int | None = None  # frame of an enhanced (multi-frame) file; None: a single-slice file
 
 
 @dataclass
@@ -56,7 +62,8 @@ class DicomVolumeRef:
 
     @property
     def files(self) -> list[Path]:
-        return [s.path for s in self.slices]
+        """Each file once (an enhanced file holds many of the slices)."""
+        return list(dict.fromkeys(s.path for s in self.slices))
 
 
 @dataclass
@@ -93,10 +100,53 @@ def _header(path: Path):
     image_type = [str(t).upper() for t in (getattr(ds, "ImageType", None) or [])]
     if "LOCALIZER" in image_type:
         return None, "CT localizer (scout)"
-    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+    for tag in ("Rows", "Columns"):
         if getattr(ds, tag, None) in (None, ""):
             return None, f"CT without {tag}"
     return ds, None
+
+
+def _macro(ds, frame: int | None, seq: str):
+    """The first item of functional-group macro ``seq`` for ``frame``: per-frame first, then shared
+    (DICOM PS3.3 C.7.6.16); None when neither holds it. A single-slice file has no groups."""
+    if frame is None:
+        return None
+    for groups, i in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        items = getattr(ds, groups, None) or []
+        if len(items) > i and seq in items[i] and len(items[i][seq].value):
+            return items[i][seq].value[0]
+    return None
+
+
+def _is_enhanced(ds) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _frames(ds) -> tuple[list[tuple], str | None]:
+    """[(frame, ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness)] of one
+    file (one entry, frame None, for a single-slice file), or ([], skip reason)."""
+    if not _is_enhanced(ds):
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if getattr(ds, tag, None) in (None, ""):
+                return [], f"CT without {tag}"
+        return [(None, ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing,
+                 getattr(ds, "SliceThickness", 0))], None
+    n = int(getattr(ds, "NumberOfFrames", 0) or 0)
+    if n < 1 or len(ds.PerFrameFunctionalGroupsSequence) != n:
+        return [], "enhanced CT whose per-frame groups do not match NumberOfFrames"
+    out = []
+    for i in range(n):
+        kind = _macro(ds, i, "CTImageFrameTypeSequence")
+        if kind is not None and "LOCALIZER" in [str(t).upper() for t in (getattr(kind, "FrameType", None) or [])]:
+            continue
+        pos, ori, mea = (_macro(ds, i, q) for q in ("PlanePositionSequence", "PlaneOrientationSequence",
+                                                      "PixelMeasuresSequence"))
+        for item, tag in ((pos, "ImagePositionPatient"), (ori, "ImageOrientationPatient"), (mea, "PixelSpacing")):
+            if item is None or getattr(item, tag, None) in (None, ""):
+                return [], f"enhanced CT without {tag} for frame {i + 1}"
+        out.append((i, pos.ImagePositionPatient, ori.ImageOrientationPatient, mea.PixelSpacing,
+                    getattr(mea, "SliceThickness", 0)))
+    return out, (None if out else "enhanced CT of localizer frames only")
 
 
 def _runs(slices: list[_Slice]) -> tuple[list[list[_Slice]], int]:
@@ -142,18 +192,19 @@ def scan_dicom_tree(root: str | Path) -> DicomTree:
     first_skip: dict[str, Path] = {}
     for p in paths:
         ds, why = _header(p)
-        if ds is None:
+        frames, why = ([], why) if ds is None else _frames(ds)
+        if not frames:
             skipped[why] += 1
             first_skip.setdefault(why, p)
             continue
-        iop = tuple(round(float(v), 4) for v in ds.ImageOrientationPatient)
-        row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
-        normal = np.cross(row, col)
-        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
-        key = (str(getattr(ds, "SeriesInstanceUID", "") or f"no-series:{p.parent}"), iop, int(ds.Rows), int(ds.Columns))
-        thick = float(getattr(ds, "SliceThickness", 0) or 0)
-        groups[key].append(_Slice(p, float(ipp @ normal), ipp, (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), thick))
-        patients[key] = str(getattr(ds, "PatientID", "") or "") or f"unknown:{p.parent.name}"
+        for frame, ipp, iop, spacing, thick in frames:
+            iop = tuple(round(float(v), 4) for v in iop)
+            normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+            ipp = np.asarray([float(v) for v in ipp])
+            key = (str(getattr(ds, "SeriesInstanceUID", "") or f"no-series:{p.parent}"), iop, int(ds.Rows), int(ds.Columns))
+            groups[key].append(_Slice(p, float(ipp @ normal), ipp, (float(spacing[0]), float(spacing[1])),
+                                      float(thick or 0), frame))
+            patients[key] = str(getattr(ds, "PatientID", "") or "") or f"unknown:{p.parent.name}"
     if not groups:
         if root.is_file():
             why = next(iter(skipped))
@@ -171,17 +222,24 @@ def scan_dicom_tree(root: str | Path) -> DicomTree:
     return DicomTree(volumes, skipped, len(paths))
 
 
-def _slice_hu(path: Path) -> np.ndarray:
-    """One slice in HU (rescale applied). pydicom decodes without plugins only some transfer syntaxes;
-    JPEG Lossless (1.2.840.10008.1.2.4.70, common in PACS exports) and others go through SimpleITK's
-    GDCM, which ``--lidc`` reads with anyway, so a compressed tree is read, not refused."""
+def _rescale(ds, frame: int | None) -> tuple[float, float]:
+    """(slope, intercept) of a slice: an enhanced frame's Pixel Value Transformation, else the file's."""
+    item = _macro(ds, frame, "PixelValueTransformationSequence") or ds
+    return float(getattr(item, "RescaleSlope", 1) or 1), float(getattr(item, "RescaleIntercept", 0) or 0)
+
+
+def _file_hu(path: Path, frames: list[int | None]) -> dict[int | None, np.ndarray]:
+    """The slices ``frames`` of one file in HU, int16 (rescale applied; frame None: a single-slice file).
+    pydicom decodes without plugins only some transfer syntaxes; JPEG Lossless
+    (1.2.840.10008.1.2.4.70, common in PACS exports) and others go through SimpleITK's GDCM, which
+    ``--lidc`` reads with anyway, so a compressed tree is read, not refused."""
     import pydicom
 
     try:
         ds = pydicom.dcmread(path)
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        a = ds.pixel_array.astype(np.float32) * slope + inter
+        a = ds.pixel_array
+        a = a[None] if a.ndim == 2 else a
+        out = {f: a[f or 0].astype(np.float32) * _rescale(ds, f)[0] + _rescale(ds, f)[1] for f in frames}
     except Exception as e:  # no pydicom decoder for this transfer syntax, truncated pixel data
         import SimpleITK as sitk
 
@@ -189,16 +247,22 @@ def _slice_hu(path: Path) -> np.ndarray:
             a = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)  # GDCM applies the rescale
         except RuntimeError:
             raise NoduleSynthError(f"{path}: cannot decode pixel data ({str(e).strip().splitlines()[0]})") from e
-        a = a[0] if a.ndim == 3 and a.shape[0] == 1 else a
-    if a.ndim != 2:
+        a = a[None] if a.ndim == 2 else a
+        if a.ndim != 3 or max(f or 0 for f in frames) >= len(a) or (None in frames and len(a) != 1):
+            raise NoduleSynthError(f"{path}: pixel data of shape {a.shape} does not hold frames {frames}") from e
+        out = {f: a[f or 0] for f in frames}
+    if None in frames and (a.ndim != 3 or len(a) != 1):
         raise NoduleSynthError(f"{path}: expected one 2-D image, got pixel data of shape {a.shape}")
-    return a
+    return {f: _to_hu_int16(np.rint(v)) for f, v in out.items()}
 
 
 def read_dicom_volume(ref: DicomVolumeRef) -> CTVolume:
     """HU int16 (z, y, x) with world geometry from the DICOM tags (stored orientation kept)."""
-    arrs = [_slice_hu(s.path) for s in ref.slices]
-    hu = _to_hu_int16(np.rint(np.stack(arrs)))
+    wanted: dict[Path, list] = defaultdict(list)
+    for s in ref.slices:
+        wanted[s.path].append(s.frame)
+    decoded = {p: _file_hu(p, fs) for p, fs in wanted.items()}
+    hu = np.stack([decoded[s.path][s.frame] for s in ref.slices])
     row, col = np.asarray(ref.orientation[:3]), np.asarray(ref.orientation[3:])
     normal = np.cross(row, col)
     if len(ref.slices) > 1:
