@@ -12,6 +12,9 @@ single non-CT file given on its own, is an error.
 Enhanced (multi-frame) CT, what current scanners export, holds a whole series in one file: each frame
 is a slice, its position, orientation, spacing and rescale in the per-frame functional groups (or the
 shared ones). Its frames join the grouping like single-slice files; each file is decoded once.
+
+DICOM SEG files of the tree label the series they reference (``dicom_seg``): such a volume is
+prepared like a labelled ``--volume``; the others stay unlabelled.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import numpy as np
 
 from ..errors import NoduleSynthError
 from .ct import CTVolume, _to_hu_int16
+from .dicom_seg import SegRef, match_frames, read_seg_header, seg_label
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class DicomVolumeRef:
     patient: str
     orientation: tuple[float, ...]  # ImageOrientationPatient (row dir xyz, column dir xyz)
     slices: list[_Slice] = field(default_factory=list)
+    segs: list[SegRef] = field(default_factory=list)  # DICOM SEG files with lesion frames on these slices
 
     @property
     def key(self) -> str:
@@ -79,6 +84,8 @@ class DicomTree:
             "series": len({v.series_uid for v in self.volumes}),
             "patients": len({v.patient for v in self.volumes}),
             "slices": sum(len(v.slices) for v in self.volumes),
+            "volumes_labelled_by_seg": sum(bool(v.segs) for v in self.volumes),
+            "seg_files": len({s.path for v in self.volumes for s in v.segs}),
             "files_skipped": dict(self.skipped),
         }
 
@@ -95,6 +102,8 @@ def _header(path: Path):
     except Exception:  # pydicom raises many types for truncated / corrupt files
         return None, "unreadable DICOM"
     modality = str(getattr(ds, "Modality", "") or "")
+    if modality == "SEG":
+        return ds, None
     if modality != "CT":
         return None, f"not CT (Modality={modality or 'missing'})"
     image_type = [str(t).upper() for t in (getattr(ds, "ImageType", None) or [])]
@@ -190,8 +199,12 @@ def scan_dicom_tree(root: str | Path) -> DicomTree:
     groups: dict[tuple, list[_Slice]] = defaultdict(list)
     patients: dict[tuple, str] = {}
     first_skip: dict[str, Path] = {}
+    segs: list[SegRef] = []
     for p in paths:
         ds, why = _header(p)
+        if ds is not None and ds.Modality == "SEG":
+            segs.append(read_seg_header(p))
+            continue
         frames, why = ([], why) if ds is None else _frames(ds)
         if not frames:
             skipped[why] += 1
@@ -219,7 +232,41 @@ def scan_dicom_tree(root: str | Path) -> DicomTree:
             skipped["duplicate slice (same series and position)"] += dups
         for run in runs:
             volumes.append(DicomVolumeRef(key[0], patients[key], key[1], run))
+    _attach_segs(segs, volumes, skipped)
     return DicomTree(volumes, skipped, len(paths))
+
+
+def _attach_segs(segs: list[SegRef], volumes: list[DicomVolumeRef], skipped: Counter) -> None:
+    """Give each SEG to the runs of its series that hold its lesion frames. A lesion frame on no slice
+    of the series is an error: the nodule it outlines would stay in the volume unlabelled."""
+    for seg in segs:
+        runs = [v for v in volumes if v.series_uid == seg.series_uid]
+        if not seg.lesion_frames:
+            skipped["DICOM SEG without lesion segments (" + ", ".join(seg.other_segments[:3]) + ")"] += 1
+            continue
+        if not runs:
+            skipped["DICOM SEG whose CT series is not in the tree"] += 1
+            continue
+        matched: set[int] = set()
+        for v in runs:
+            got = match_frames(seg, v.slices, v.orientation)
+            if got:
+                v.segs.append(seg)
+                matched |= set(got)
+        missing = [i for i, _ in seg.lesion_frames if i not in matched]
+        if missing:
+            i, ipp = next(f for f in seg.lesion_frames if f[0] == missing[0])
+            raise NoduleSynthError(f"{seg.path}: lesion frame {i + 1} at ImagePositionPatient {ipp.round(2).tolist()} "
+                                   f"lies on no slice of CT series {seg.series_uid} in the tree ({len(missing)} such "
+                                   "frame(s)); its nodule would stay unlabelled there")
+        if seg.other_segments:
+            log.info("%s: segments left out (not lesions): %s", seg.path, ", ".join(seg.other_segments))
+
+
+def read_dicom_label(ref: DicomVolumeRef, shape: tuple[int, int]) -> np.ndarray | None:
+    """Boolean (z, y, x) lesion label of a volume from its SEG files (stored order, as
+    ``read_dicom_volume``), or None when no SEG labels it."""
+    return seg_label(ref.segs, ref.slices, ref.orientation, shape) if ref.segs else None
 
 
 def _rescale(ds, frame: int | None) -> tuple[float, float]:
