@@ -140,6 +140,25 @@ def test_dicom_seg_boxes_equal(written):
         np.testing.assert_array_equal(mask_to_boxes(np.where(m > 0, C.NODULE, 0)), it.boxes)
 
 
+def test_dicom_export_prepares_back_with_its_seg_labels(written):
+    """The DICOM export (CT + highdicom SEG) read back by ``prepare --dicom``'s reader: every slice with
+    nodules is labelled by its SEG, pixel for pixel, and the one without stays unlabelled."""
+    pytest.importorskip("highdicom")
+    from nodulesynth.data.dicom_tree import read_dicom_label, read_dicom_volume, scan_dicom_tree
+
+    base, items = written
+    tree = scan_dicom_tree(base / "dicom")
+    by_file = {v.files[0].stem: v for v in tree.volumes}
+    assert sorted(by_file) == sorted(it.name for it in items)
+    for it in items:
+        v = by_file[it.name]
+        lab = read_dicom_label(v, read_dicom_volume(v).hu.shape[1:])
+        if not len(it.boxes):
+            assert lab is None and not v.segs
+            continue
+        np.testing.assert_array_equal(lab[0], it.mask == C.NODULE)
+
+
 def test_monai_datalist_loads_and_boxes_map_back_with_monai_box_ops(written):
     pytest.importorskip("monai")
     pytest.importorskip("nibabel")

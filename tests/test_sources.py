@@ -204,7 +204,7 @@ def test_real_tcga_tree():
     s = tree.summary()
     # 81 files, 5 of them the same slice exported twice; README.md is not DICOM
     assert s["patients"] == 42 and s["slices"] == 76 and s["volumes"] == 76
-    assert s["files_skipped"] == {"not a DICOM file": 1, "duplicate slice (same series and position)": 5}
+    assert s["files_skipped"] == {"not a DICOM file": 1, "duplicate slice (same image stored twice)": 5}
     v = read_dicom_volume(tree.volumes[0])
     assert v.shape == (1, 512, 512) and -1100 < v.hu.min() < -900 and v.hu.max() > 500
 

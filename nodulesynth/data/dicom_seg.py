@@ -9,7 +9,9 @@ Only lesion segments become nodule pixels: a segment whose category is "morpholo
 structure" (SCT 49755003) or whose type is a lesion code, or, without codes, whose label names a
 nodule, lesion, tumour, mass or GTV. Anatomy segments (lungs, heart) of the same file are left out
 and counted: a lung outline labelled as a nodule would be implausible training data. A frame must
-lie on a slice of the series, on its pixel grid; anything else is one error naming the file.
+lie on a slice of the series, on its pixel grid; anything else is one error naming the file. A frame
+that names its source image (DerivationImageSequence, as highdicom and dcmqi write) goes to that
+image; one that does not, to the slice at its position.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ class SegRef:
     path: Path
     series_uid: str
     orientation: tuple[float, ...] | None  # shared ImageOrientationPatient, if the file states one
-    lesion_frames: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (frame index, its ImagePositionPatient)
+    lesion_frames: list[tuple[int, np.ndarray, str, int | None]] = field(default_factory=list)
+    # (frame index, its ImagePositionPatient, source SOPInstanceUID or "", source frame number or None)
     other_segments: list[str] = field(default_factory=list)  # labels of the segments left out
 
 
@@ -93,8 +96,29 @@ def read_seg_header(path: Path) -> SegRef:
         if seg_id is None or plane is None or getattr(plane, "ImagePositionPatient", None) is None:
             raise NoduleSynthError(f"{path}: frame {i + 1} has no segment number or no ImagePositionPatient")
         if int(seg_id.ReferencedSegmentNumber) in lesion:
-            ref.lesion_frames.append((i, np.asarray([float(v) for v in plane.ImagePositionPatient])))
+            ref.lesion_frames.append((i, np.asarray([float(v) for v in plane.ImagePositionPatient]), *_source(ds, i)))
     return ref
+
+
+def _source(ds, i: int) -> tuple[str, int | None]:
+    """(SOPInstanceUID, frame number or None) of the CT image frame i was derived from; ("", None)
+    when the SEG does not say."""
+    der = _frame_item(ds, i, "DerivationImageSequence")
+    src = getattr(der, "SourceImageSequence", None) if der is not None else None
+    if not src:
+        return "", None
+    from pydicom.multival import MultiValue
+
+    n = src[0].get("ReferencedFrameNumber")
+    n = None if n in (None, "") else int(n[0] if isinstance(n, MultiValue) else n)
+    return str(src[0].get("ReferencedSOPInstanceUID", "") or ""), n
+
+
+def forget_unknown_sources(seg: SegRef, sops: set[str]) -> None:
+    """Frames whose source image is not among ``sops`` (the series' images: the CT re-exported with
+    new UIDs, say) are placed by their position instead."""
+    seg.lesion_frames = [(i, ipp, sop if sop in sops else "", fr if sop in sops else None)
+                         for i, ipp, sop, fr in seg.lesion_frames]
 
 
 def match_frames(seg: SegRef, slices, orientation) -> dict[int, int]:
@@ -109,11 +133,20 @@ def match_frames(seg: SegRef, slices, orientation) -> dict[int, int]:
     pos = np.asarray([s.position for s in slices])
     tol = 0.1 * float(np.median(np.diff(pos))) if len(pos) > 1 else max(0.1 * (slices[0].thickness or 1.0), 0.05)
     dy, dx = slices[0].pixel_spacing
+    by_sop = {(s.sop, None if s.frame is None else s.frame + 1): k for k, s in enumerate(slices) if s.sop}
     out = {}
-    for i, ipp in seg.lesion_frames:
-        k = int(np.argmin(np.abs(pos - ipp @ normal)))
-        if abs(pos[k] - ipp @ normal) > tol:
-            continue
+    for i, ipp, sop, frame in seg.lesion_frames:
+        if sop:  # the frame names its source image: that slice, else another run's (or stack's)
+            k = by_sop.get((sop, frame))
+            if k is None:
+                continue
+            if abs(pos[k] - ipp @ normal) > tol:
+                raise NoduleSynthError(f"{seg.path}: frame {i + 1} lies {ipp @ normal - pos[k]:+.2f} mm off its source image "
+                                       f"{sop}; only segmentations on the CT's own slices are read")
+        else:
+            k = int(np.argmin(np.abs(pos - ipp @ normal)))
+            if abs(pos[k] - ipp @ normal) > tol:
+                continue
         off = ipp - slices[k].ipp
         if abs(off @ row) > 0.5 * dx or abs(off @ col) > 0.5 * dy:
             raise NoduleSynthError(f"{seg.path}: frame {i + 1} is shifted ({off @ row:.1f}, {off @ col:.1f}) mm in-plane "

@@ -28,14 +28,14 @@ import numpy as np
 
 from ..errors import NoduleSynthError
 from .ct import CTVolume, _to_hu_int16
-from .dicom_seg import SegRef, match_frames, read_seg_header, seg_label
+from .dicom_seg import SegRef, forget_unknown_sources, match_frames, read_seg_header, seg_label
 
 log = logging.getLogger(__name__)
 
 HEADER_TAGS = [
     "Modality", "SeriesInstanceUID", "PatientID", "ImagePositionPatient", "ImageOrientationPatient",
     "PixelSpacing", "Rows", "Columns", "SliceThickness", "ImageType", "PixelData", "InstanceNumber",
-    "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "SOPInstanceUID",
 ]
 GAP_TOLERANCE = 0.1  # relative: slices further apart than (1 ± this) × the run's gap start a new run
 
@@ -48,6 +48,7 @@ class _Slice:
     pixel_spacing: tuple[float, float]  # (row spacing dy, column spacing dx)
     thickness: float
     frame: int | None = None  # frame of an enhanced (multi-frame) file; None: a single-slice file
+    sop: str = ""  # SOPInstanceUID: the same image stored twice has the same one
 
 
 @dataclass
@@ -58,12 +59,13 @@ class DicomVolumeRef:
     patient: str
     orientation: tuple[float, ...]  # ImageOrientationPatient (row dir xyz, column dir xyz)
     slices: list[_Slice] = field(default_factory=list)
+    stack: int = 0  # > 0: the series holds several images at these positions; this is the stack-th
     segs: list[SegRef] = field(default_factory=list)  # DICOM SEG files with lesion frames on these slices
 
     @property
     def key(self) -> str:
-        """Unique per volume (a series cut into runs has several)."""
-        return f"{self.series_uid}@{self.slices[0].position:.3f}"
+        """Unique per volume (a series cut into runs or stacks has several)."""
+        return f"{self.series_uid}@{self.slices[0].position:.3f}" + (f"#{self.stack}" if self.stack else "")
 
     @property
     def files(self) -> list[Path]:
@@ -158,17 +160,40 @@ def _frames(ds) -> tuple[list[tuple], str | None]:
     return out, (None if out else "enhanced CT of localizer frames only")
 
 
-def _runs(slices: list[_Slice]) -> tuple[list[list[_Slice]], int]:
-    """Evenly spaced runs of slices sorted by position, and how many duplicates (a second file at
-    the same position of the same series, e.g. one slice exported twice) were dropped."""
+def _stacks(slices: list[_Slice]) -> tuple[list[list[_Slice]], int]:
+    """Slices sorted by position → stacks with one image per position, and how many duplicates (the
+    same image, by SOPInstanceUID and frame, stored twice) were dropped. Distinct images at one
+    position (several phases in one series; independent 2-D images, as nodulesynth's own DICOM export
+    writes them) go to stacks 1, 2, ... in file order, each read as its own volume."""
+    stacks: list[list[_Slice]] = [[]]
+    dups, i = 0, 0
+    while i < len(slices):
+        j = i + 1
+        while j < len(slices) and slices[j].position - slices[i].position < 1e-3:
+            j += 1
+        seen: set = set()
+        at = []
+        for s in slices[i:j]:
+            ident = (s.sop, s.frame) if s.sop else (s.path, s.frame)
+            if ident in seen:
+                dups += 1
+            else:
+                seen.add(ident)
+                at.append(s)
+        while len(stacks) < len(at):
+            stacks.append([])
+        for k, s in enumerate(at):
+            stacks[k].append(s)
+        i = j
+    return [st for st in stacks if st], dups
+
+
+def _runs(slices: list[_Slice]) -> list[list[_Slice]]:
+    """Evenly spaced runs of one stack's slices (sorted by position, one per position)."""
     runs: list[list[_Slice]] = []
-    dups = 0
     for s in slices:
         run = runs[-1] if runs else None
         gap = s.position - run[-1].position if run else 0.0
-        if run and gap < 1e-3:
-            dups += 1
-            continue
         if run and len(run) == 1:
             ok = gap <= max(3 * run[0].thickness, 10.0)  # further apart: not one volume
         elif run:
@@ -180,7 +205,7 @@ def _runs(slices: list[_Slice]) -> tuple[list[list[_Slice]], int]:
             run.append(s)
         else:
             runs.append([s])
-    return runs, dups
+    return runs
 
 
 def scan_dicom_tree(root: str | Path) -> DicomTree:
@@ -216,7 +241,7 @@ def scan_dicom_tree(root: str | Path) -> DicomTree:
             ipp = np.asarray([float(v) for v in ipp])
             key = (str(getattr(ds, "SeriesInstanceUID", "") or f"no-series:{p.parent}"), iop, int(ds.Rows), int(ds.Columns))
             groups[key].append(_Slice(p, float(ipp @ normal), ipp, (float(spacing[0]), float(spacing[1])),
-                                      float(thick or 0), frame))
+                                      float(thick or 0), frame, str(getattr(ds, "SOPInstanceUID", "") or "")))
             patients[key] = str(getattr(ds, "PatientID", "") or "") or f"unknown:{p.parent.name}"
     if not groups:
         if root.is_file():
@@ -226,12 +251,12 @@ def scan_dicom_tree(root: str | Path) -> DicomTree:
         raise NoduleSynthError(f"--dicom {root}: no CT image slices found ({detail or 'no files'})")
     volumes = []
     for key in sorted(groups, key=lambda k: (patients[k], k[0])):
-        slices = sorted(groups[key], key=lambda s: s.position)
-        runs, dups = _runs(slices)
+        stacks, dups = _stacks(sorted(groups[key], key=lambda s: s.position))
         if dups:
-            skipped["duplicate slice (same series and position)"] += dups
-        for run in runs:
-            volumes.append(DicomVolumeRef(key[0], patients[key], key[1], run))
+            skipped["duplicate slice (same image stored twice)"] += dups
+        for k, stack in enumerate(stacks):
+            for run in _runs(stack):
+                volumes.append(DicomVolumeRef(key[0], patients[key], key[1], run, stack=k))
     _attach_segs(segs, volumes, skipped)
     return DicomTree(volumes, skipped, len(paths))
 
@@ -247,15 +272,16 @@ def _attach_segs(segs: list[SegRef], volumes: list[DicomVolumeRef], skipped: Cou
         if not runs:
             skipped["DICOM SEG whose CT series is not in the tree"] += 1
             continue
+        forget_unknown_sources(seg, {s.sop for v in runs for s in v.slices})
         matched: set[int] = set()
         for v in runs:
             got = match_frames(seg, v.slices, v.orientation)
             if got:
                 v.segs.append(seg)
                 matched |= set(got)
-        missing = [i for i, _ in seg.lesion_frames if i not in matched]
+        missing = [f[0] for f in seg.lesion_frames if f[0] not in matched]
         if missing:
-            i, ipp = next(f for f in seg.lesion_frames if f[0] == missing[0])
+            i, ipp = next(f[:2] for f in seg.lesion_frames if f[0] == missing[0])
             raise NoduleSynthError(f"{seg.path}: lesion frame {i + 1} at ImagePositionPatient {ipp.round(2).tolist()} "
                                    f"lies on no slice of CT series {seg.series_uid} in the tree ({len(missing)} such "
                                    "frame(s)); its nodule would stay unlabelled there")
