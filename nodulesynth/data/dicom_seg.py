@@ -65,8 +65,12 @@ def is_lesion_segment(item) -> bool:
     return bool(LESION_LABEL.search(str(getattr(item, "SegmentLabel", "") or "")))
 
 
-def _frame_item(ds, i: int, name: str):
-    """Macro ``name`` of frame i: per-frame groups first, then shared ones (PS3.3 C.7.6.16)."""
+def frame_macro(ds, i: int | None, name: str):
+    """The first item of functional-group macro ``name`` for frame i of a multi-frame file (Enhanced
+    CT, SEG): per-frame groups first, then the shared ones (PS3.3 C.7.6.16); None when neither holds
+    it, or for a single-slice file (i None)."""
+    if i is None:
+        return None
     for groups, k in (("PerFrameFunctionalGroupsSequence", i), ("SharedFunctionalGroupsSequence", 0)):
         items = getattr(ds, groups, None) or []
         if len(items) > k and name in items[k] and len(items[k][name].value):
@@ -87,12 +91,12 @@ def read_seg_header(path: Path) -> SegRef:
         raise NoduleSynthError(f"{path}: DICOM SEG without a readable ReferencedSeriesSequence, SegmentSequence "
                                f"and NumberOfFrames ({e})") from e
     lesion = {int(item.SegmentNumber) for item in segments if is_lesion_segment(item)}
-    ori = _frame_item(ds, 0, "PlaneOrientationSequence")
+    ori = frame_macro(ds, 0, "PlaneOrientationSequence")
     ref = SegRef(path, series, None if ori is None else tuple(float(v) for v in ori.ImageOrientationPatient),
                  other_segments=[str(getattr(it, "SegmentLabel", "") or it.SegmentNumber) for it in segments
                                  if int(it.SegmentNumber) not in lesion])
     for i in range(n):
-        seg_id, plane = _frame_item(ds, i, "SegmentIdentificationSequence"), _frame_item(ds, i, "PlanePositionSequence")
+        seg_id, plane = frame_macro(ds, i, "SegmentIdentificationSequence"), frame_macro(ds, i, "PlanePositionSequence")
         if seg_id is None or plane is None or getattr(plane, "ImagePositionPatient", None) is None:
             raise NoduleSynthError(f"{path}: frame {i + 1} has no segment number or no ImagePositionPatient")
         if int(seg_id.ReferencedSegmentNumber) in lesion:
@@ -103,7 +107,7 @@ def read_seg_header(path: Path) -> SegRef:
 def _source(ds, i: int) -> tuple[str, int | None]:
     """(SOPInstanceUID, frame number or None) of the CT image frame i was derived from; ("", None)
     when the SEG does not say."""
-    der = _frame_item(ds, i, "DerivationImageSequence")
+    der = frame_macro(ds, i, "DerivationImageSequence")
     src = getattr(der, "SourceImageSequence", None) if der is not None else None
     if not src:
         return "", None

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import NoduleSynthError
 from .ct import CTVolume, _to_hu_int16
-from .dicom_seg import SegRef, forget_unknown_sources, match_frames, read_seg_header, seg_label
+from .dicom_seg import SegRef, forget_unknown_sources, frame_macro, match_frames, read_seg_header, seg_label
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +117,6 @@ def _header(path: Path):
     return ds, None
 
 
-def _macro(ds, frame: int | None, seq: str):
-    """The first item of functional-group macro ``seq`` for ``frame``: per-frame first, then shared
-    (DICOM PS3.3 C.7.6.16); None when neither holds it. A single-slice file has no groups."""
-    if frame is None:
-        return None
-    for groups, i in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        items = getattr(ds, groups, None) or []
-        if len(items) > i and seq in items[i] and len(items[i][seq].value):
-            return items[i][seq].value[0]
-    return None
-
-
 def _is_enhanced(ds) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds
 
@@ -147,10 +135,10 @@ def _frames(ds) -> tuple[list[tuple], str | None]:
         return [], "enhanced CT whose per-frame groups do not match NumberOfFrames"
     out = []
     for i in range(n):
-        kind = _macro(ds, i, "CTImageFrameTypeSequence")
+        kind = frame_macro(ds, i, "CTImageFrameTypeSequence")
         if kind is not None and "LOCALIZER" in [str(t).upper() for t in (getattr(kind, "FrameType", None) or [])]:
             continue
-        pos, ori, mea = (_macro(ds, i, q) for q in ("PlanePositionSequence", "PlaneOrientationSequence",
+        pos, ori, mea = (frame_macro(ds, i, q) for q in ("PlanePositionSequence", "PlaneOrientationSequence",
                                                       "PixelMeasuresSequence"))
         for item, tag in ((pos, "ImagePositionPatient"), (ori, "ImageOrientationPatient"), (mea, "PixelSpacing")):
             if item is None or getattr(item, tag, None) in (None, ""):
@@ -297,7 +285,7 @@ def read_dicom_label(ref: DicomVolumeRef, shape: tuple[int, int]) -> np.ndarray 
 
 def _rescale(ds, frame: int | None) -> tuple[float, float]:
     """(slope, intercept) of a slice: an enhanced frame's Pixel Value Transformation, else the file's."""
-    item = _macro(ds, frame, "PixelValueTransformationSequence") or ds
+    item = frame_macro(ds, frame, "PixelValueTransformationSequence") or ds
     return float(getattr(item, "RescaleSlope", 1) or 1), float(getattr(item, "RescaleIntercept", 0) or 0)
 
 
