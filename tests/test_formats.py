@@ -154,7 +154,7 @@ def test_dicom_export_prepares_back_with_its_seg_labels(written):
         v = by_file[it.name]
         lab = read_dicom_label(v, read_dicom_volume(v).hu.shape[1:])
         if not len(it.boxes):
-            assert lab is None and not v.segs
+            assert lab is None and not v.labels
             continue
         np.testing.assert_array_equal(lab[0], it.mask == C.NODULE)
 

@@ -13,8 +13,8 @@ Enhanced (multi-frame) CT, what current scanners export, holds a whole series in
 is a slice, its position, orientation, spacing and rescale in the per-frame functional groups (or the
 shared ones). Its frames join the grouping like single-slice files; each file is decoded once.
 
-DICOM SEG files of the tree label the series they reference (``dicom_seg``): such a volume is
-prepared like a labelled ``--volume``; the others stay unlabelled.
+DICOM SEG and RTSTRUCT files of the tree label the series they reference (``dicom_labels``): such a
+volume is prepared like a labelled ``--volume``; the others stay unlabelled.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import NoduleSynthError
 from .ct import CTVolume, _to_hu_int16
-from .dicom_seg import SegRef, forget_unknown_sources, frame_macro, match_frames, read_seg_header, seg_label
+from .dicom_labels import LabelRef, forget_unknown_sources, frame_macro, label_volume, match_frames, read_label_header
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class DicomVolumeRef:
     orientation: tuple[float, ...]  # ImageOrientationPatient (row dir xyz, column dir xyz)
     slices: list[_Slice] = field(default_factory=list)
     stack: int = 0  # > 0: the series holds several images at these positions; this is the stack-th
-    segs: list[SegRef] = field(default_factory=list)  # DICOM SEG files with lesion frames on these slices
+    labels: list[LabelRef] = field(default_factory=list)  # SEG / RTSTRUCT files with lesions on these slices
 
     @property
     def key(self) -> str:
@@ -86,8 +86,8 @@ class DicomTree:
             "series": len({v.series_uid for v in self.volumes}),
             "patients": len({v.patient for v in self.volumes}),
             "slices": sum(len(v.slices) for v in self.volumes),
-            "volumes_labelled_by_seg": sum(bool(v.segs) for v in self.volumes),
-            "seg_files": len({s.path for v in self.volumes for s in v.segs}),
+            "volumes_labelled": sum(bool(v.labels) for v in self.volumes),
+            "annotation_files": len({s.path for v in self.volumes for s in v.labels}),
             "files_skipped": dict(self.skipped),
         }
 
@@ -104,7 +104,7 @@ def _header(path: Path):
     except Exception:  # pydicom raises many types for truncated / corrupt files
         return None, "unreadable DICOM"
     modality = str(getattr(ds, "Modality", "") or "")
-    if modality == "SEG":
+    if modality in ("SEG", "RTSTRUCT"):
         return ds, None
     if modality != "CT":
         return None, f"not CT (Modality={modality or 'missing'})"
@@ -212,11 +212,11 @@ def scan_dicom_tree(root: str | Path) -> DicomTree:
     groups: dict[tuple, list[_Slice]] = defaultdict(list)
     patients: dict[tuple, str] = {}
     first_skip: dict[str, Path] = {}
-    segs: list[SegRef] = []
+    annotations: list[LabelRef] = []
     for p in paths:
         ds, why = _header(p)
-        if ds is not None and ds.Modality == "SEG":
-            segs.append(read_seg_header(p))
+        if ds is not None and ds.Modality in ("SEG", "RTSTRUCT"):
+            annotations.append(read_label_header(p, ds.Modality))
             continue
         frames, why = ([], why) if ds is None else _frames(ds)
         if not frames:
@@ -245,42 +245,43 @@ def scan_dicom_tree(root: str | Path) -> DicomTree:
         for k, stack in enumerate(stacks):
             for run in _runs(stack):
                 volumes.append(DicomVolumeRef(key[0], patients[key], key[1], run, stack=k))
-    _attach_segs(segs, volumes, skipped)
+    _attach_labels(annotations, volumes, skipped)
     return DicomTree(volumes, skipped, len(paths))
 
 
-def _attach_segs(segs: list[SegRef], volumes: list[DicomVolumeRef], skipped: Counter) -> None:
-    """Give each SEG to the runs of its series that hold its lesion frames. A lesion frame on no slice
-    of the series is an error: the nodule it outlines would stay in the volume unlabelled."""
-    for seg in segs:
-        runs = [v for v in volumes if v.series_uid == seg.series_uid]
-        if not seg.lesion_frames:
-            skipped["DICOM SEG without lesion segments (" + ", ".join(seg.other_segments[:3]) + ")"] += 1
+def _attach_labels(annotations: list[LabelRef], volumes: list[DicomVolumeRef], skipped: Counter) -> None:
+    """Give each SEG / RTSTRUCT to the runs of its series that hold its lesion pieces. A piece on no
+    slice of the series is an error: the nodule it outlines would stay in the volume unlabelled."""
+    for a in annotations:
+        runs = [v for v in volumes if v.series_uid == a.series_uid]
+        if not a.lesion_frames:
+            skipped[f"DICOM {a.kind} without lesions (" + ", ".join(a.other_segments[:3]) + ")"] += 1
             continue
         if not runs:
-            skipped["DICOM SEG whose CT series is not in the tree"] += 1
+            skipped[f"DICOM {a.kind} whose CT series is not in the tree"] += 1
             continue
-        forget_unknown_sources(seg, {s.sop for v in runs for s in v.slices})
+        forget_unknown_sources(a, {s.sop for v in runs for s in v.slices})
         matched: set[int] = set()
         for v in runs:
-            got = match_frames(seg, v.slices, v.orientation)
+            got = match_frames(a, v.slices, v.orientation)
             if got:
-                v.segs.append(seg)
+                v.labels.append(a)
                 matched |= set(got)
-        missing = [f[0] for f in seg.lesion_frames if f[0] not in matched]
+        missing = [f[0] for f in a.lesion_frames if f[0] not in matched]
         if missing:
-            i, ipp = next(f[:2] for f in seg.lesion_frames if f[0] == missing[0])
-            raise NoduleSynthError(f"{seg.path}: lesion frame {i + 1} at ImagePositionPatient {ipp.round(2).tolist()} "
-                                   f"lies on no slice of CT series {seg.series_uid} in the tree ({len(missing)} such "
-                                   "frame(s)); its nodule would stay unlabelled there")
-        if seg.other_segments:
-            log.info("%s: segments left out (not lesions): %s", seg.path, ", ".join(seg.other_segments))
+            i, point = next(f[:2] for f in a.lesion_frames if f[0] == missing[0])
+            what = "frame" if a.kind == "SEG" else "contour"
+            raise NoduleSynthError(f"{a.path}: lesion {what} {i + 1} at {point.round(2).tolist()} mm lies on no slice of "
+                                   f"CT series {a.series_uid} in the tree ({len(missing)} such {what}(s)); its nodule "
+                                   "would stay unlabelled there")
+        if a.other_segments:
+            log.info("%s: left out (not lesions): %s", a.path, ", ".join(a.other_segments))
 
 
 def read_dicom_label(ref: DicomVolumeRef, shape: tuple[int, int]) -> np.ndarray | None:
-    """Boolean (z, y, x) lesion label of a volume from its SEG files (stored order, as
-    ``read_dicom_volume``), or None when no SEG labels it."""
-    return seg_label(ref.segs, ref.slices, ref.orientation, shape) if ref.segs else None
+    """Boolean (z, y, x) lesion label of a volume from its SEG / RTSTRUCT files (stored order, as
+    ``read_dicom_volume``), or None when none labels it."""
+    return label_volume(ref.labels, ref.slices, ref.orientation, shape) if ref.labels else None
 
 
 def _rescale(ds, frame: int | None) -> tuple[float, float]:

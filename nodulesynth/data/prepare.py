@@ -523,7 +523,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--luna16", type=Path, metavar="ROOT", help="LUNA16 root: subset*/, annotations.csv, [seg-lungs-LUNA16/]")
     src.add_argument("--lidc", type=Path, metavar="ROOT", help="LIDC-IDRI root: DICOM series folders with their XML")
-    src.add_argument("--dicom", type=Path, metavar="DIR", help="any tree of CT DICOM files (grouped by series); DICOM SEG files in it label "
+    src.add_argument("--dicom", type=Path, metavar="DIR", help="any tree of CT DICOM files (grouped by series); DICOM SEG or RTSTRUCT files in it label "
                                                               "their series' lesions, other series are unlabelled")
     src.add_argument("--volume", type=Path, action="append", metavar="IMG",
                      help="a CT volume file (.nii/.nii.gz/.nrrd/.mha/.mhd); repeatable, pairs in order with --label")

@@ -3,8 +3,8 @@ lesion labels, and the Medical Segmentation Decathlon layout → a prepared slic
 
 Users' data is rarely LUNA16: this reads what hospitals and public challenges hand out.
 - ``--dicom DIR``: every CT slice under DIR, grouped into volumes by SeriesInstanceUID
-  (``dicom_tree``); a volume that DICOM SEG files of the tree segment (``dicom_seg``: their lesion
-  segments) is labelled by them, the others are unlabelled.
+  (``dicom_tree``); a volume that DICOM SEG or RTSTRUCT files of the tree annotate (``dicom_labels``:
+  their lesions) is labelled by them, the others are unlabelled.
 - ``--volume IMG [--label LBL]`` (repeatable; labels pair with volumes in order): any file
   SimpleITK reads as a 3-D image. A label must have the image's size and grid; every non-zero
   label voxel is lesion → class 5 (NODULE).
@@ -15,7 +15,7 @@ Slices kept (documented choice, recorded in the meta):
 - labelled volume: every slice with lesion voxels, plus ``negatives`` × as many lesion-free
   slices ≥ 5 mm from any lesion that show ≥ 1000 mm² of lung (true negatives: the label covers the
   whole volume) — the same rule as the LUNA16/LIDC path;
-- unlabelled volume (DICOM without SEG, ``--volume`` without ``--label``): every ``every_k``-th slice (counted
+- unlabelled volume (DICOM without SEG/RTSTRUCT, ``--volume`` without ``--label``): every ``every_k``-th slice (counted
   from the volume's first slice) that passes through BOTH lungs (each lung's largest piece ≥ ``min_lung_mm2``).
   These slices carry anatomy masks without a nodule class and are marked ``labelled=False``:
   ``has_nodule=False`` there means "not annotated", never "nodule-free" (TCGA slices show tumours).
@@ -160,11 +160,11 @@ class VolumeJob:
 
     @property
     def labelled(self) -> bool:
-        return self.label is not None or (self.dicom is not None and bool(self.dicom.segs))
+        return self.label is not None or (self.dicom is not None and bool(self.dicom.labels))
 
     def stamp(self) -> str:
         """Name, size and mtime of every input file: a changed file makes its shard stale."""
-        files = ([*self.dicom.files, *(s.path for s in self.dicom.segs)] if self.dicom is not None
+        files = ([*self.dicom.files, *(s.path for s in self.dicom.labels)] if self.dicom is not None
                  else [self.path] + ([self.label] if self.label else []))
         h = hashlib.sha256()
         for f in files:

@@ -1,7 +1,7 @@
-"""``prepare --dicom`` with DICOM SEG files beside the CT: the lesion segments label their series.
+"""``prepare --dicom`` with DICOM SEG or RTSTRUCT files beside the CT: their lesions label the series.
 
-The SEG is built from LIDC-IDRI-0001's own readers' consensus (the ``--lidc`` path's nodule pixels on
-the native grid), so ``--dicom`` with it must give the nodule slices and boxes ``--lidc`` gives.
+Both are built from LIDC-IDRI-0001's own readers' consensus (the ``--lidc`` path's nodule pixels on
+the native grid), so ``--dicom`` with them must give the nodule slices and boxes ``--lidc`` gives.
 Skipped without ../shared/data."""
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_seg_labels_the_series_like_the_lidc_readers(lidc_case):
     lung[100:400, 60:250] = True  # an anatomy segment: must not become a nodule
     write_seg(tree / "seg.dcm", files, [(2, files[k], m) for k, m in masks.items()] + [(1, files[0], lung)])
     scanned = scan_dicom_tree(tree)
-    assert scanned.summary()["volumes_labelled_by_seg"] == 1 and scanned.summary()["seg_files"] == 1
+    assert scanned.summary()["volumes_labelled"] == 1 and scanned.summary()["annotation_files"] == 1
     assert main(["prepare", "--dicom", str(tree), "--negatives", "0", "--out", str(root / "out_dicom")]) == 0
     assert main(["prepare", "--lidc", str(src), "--negatives", "0", "--out", str(root / "out_lidc")]) == 0
     d, ref = SliceDataset(root / "out_dicom"), SliceDataset(root / "out_lidc")
@@ -136,8 +136,8 @@ def test_seg_without_lesions_leaves_the_series_unlabelled(lidc_case):
     tree = _dicom_tree(root, files, "lung_only")
     write_seg(tree / "seg.dcm", files, [(1, files[k], m) for k, m in masks.items()], segments=(LUNG,))
     scanned = scan_dicom_tree(tree)
-    assert not scanned.volumes[0].segs
-    assert any(k.startswith("DICOM SEG without lesion segments (Lung") for k in scanned.skipped)
+    assert not scanned.volumes[0].labels
+    assert any(k.startswith("DICOM SEG without lesions (Lung") for k in scanned.skipped)
 
 
 def test_seg_frame_off_every_slice_is_one_clear_error(lidc_case, tmp_path, capsys):
@@ -153,3 +153,102 @@ def test_seg_frame_off_every_slice_is_one_clear_error(lidc_case, tmp_path, capsy
         scan_dicom_tree(tree)
     assert main(["prepare", "--dicom", str(tree), "--out", str(tmp_path / "out")]) == 2
     assert "seg.dcm" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+RT_STRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+def write_rtstruct(path: Path, ct_files: list[Path], rois: list[tuple[str, str, list[tuple[Path, np.ndarray, str]]]]):
+    """An RT Structure Set of the series of ``ct_files``: ``rois`` = (name, RTROIInterpretedType,
+    [(CT file, contour (N, 2) as (row, col) pixel coordinates, ContourGeometricType)])."""
+    ref = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = RT_STRUCT_CLASS, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RT_STRUCT_CLASS, meta.MediaStorageSOPInstanceUID, "RTSTRUCT"
+    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = ref.PatientID, ref.StudyInstanceUID, generate_uid()
+    se, st, fr = Dataset(), Dataset(), Dataset()
+    se.SeriesInstanceUID = ref.SeriesInstanceUID
+    st.RTReferencedSeriesSequence = Sequence([se])
+    fr.FrameOfReferenceUID, fr.RTReferencedStudySequence = ref.FrameOfReferenceUID, Sequence([st])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([fr])
+    roi_seq, contour_seq, obs_seq = [], [], []
+    for n, (name, kind, contours) in enumerate(rois, start=1):
+        r, o, rc = Dataset(), Dataset(), Dataset()
+        r.ROINumber, r.ROIName, r.ReferencedFrameOfReferenceUID = n, name, ref.FrameOfReferenceUID
+        o.ObservationNumber, o.ReferencedROINumber, o.RTROIInterpretedType = n, n, kind
+        cs = []
+        for f, rc_px, geom in contours:
+            c = pydicom.dcmread(f, stop_before_pixels=True)
+            ipp = np.array([float(v) for v in c.ImagePositionPatient])
+            iop = np.array([float(v) for v in c.ImageOrientationPatient])
+            dy, dx = (float(v) for v in c.PixelSpacing)
+            world = ipp + rc_px[:, 1:2] * dx * iop[:3] + rc_px[:, 0:1] * dy * iop[3:]
+            item, img = Dataset(), Dataset()
+            img.ReferencedSOPClassUID, img.ReferencedSOPInstanceUID = c.SOPClassUID, c.SOPInstanceUID
+            item.ContourImageSequence = Sequence([img])
+            item.ContourGeometricType, item.NumberOfContourPoints = geom, len(world)
+            item.ContourData = [f"{v:.4f}" for v in world.ravel()]
+            cs.append(item)
+        rc.ReferencedROINumber, rc.ContourSequence = n, Sequence(cs)
+        roi_seq.append(r)
+        contour_seq.append(rc)
+        obs_seq.append(o)
+    ds.StructureSetROISequence, ds.ROIContourSequence = Sequence(roi_seq), Sequence(contour_seq)
+    ds.RTROIObservationsSequence = Sequence(obs_seq)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _outlines(mask: np.ndarray) -> list[np.ndarray]:
+    """Closed polygons (row, col) around a mask's pieces: the 0.5 iso-line between pixel centres."""
+    from skimage import measure
+
+    return [c for c in measure.find_contours(np.pad(mask, 1).astype(float), 0.5) if len(c) >= 3]
+
+
+def test_fill_is_by_pixel_centre_and_even_odd():
+    from nodulesynth.data.dicom_labels import _fill
+
+    outer = np.array([[1.5, 1.5], [1.5, 8.5], [8.5, 8.5], [8.5, 1.5]])
+    m = _fill(outer, (12, 12))
+    assert m.sum() == 49 and m[2:9, 2:9].all()  # centres 2..8 lie inside 1.5..8.5
+    inner = np.array([[3.5, 3.5], [3.5, 6.5], [6.5, 6.5], [6.5, 3.5]])
+    ring = _fill(outer, (12, 12)) ^ _fill(inner, (12, 12))
+    assert ring.sum() == 49 - 9 and not ring[4:7, 4:7].any()
+
+
+def test_rtstruct_gtv_labels_the_series_like_the_lidc_readers(lidc_case):
+    pytest.importorskip("skimage")
+    root, src, files, masks = lidc_case
+    tree = _dicom_tree(root, files, "dicom_rt")
+    gtv = [(files[k], c - 1, "CLOSED_PLANAR") for k, m in masks.items() for c in _outlines(m)]  # -1: the pad
+    lung = np.array([[100.0, 60.0], [100.0, 250.0], [400.0, 250.0], [400.0, 60.0]])
+    k0 = next(iter(masks))
+    write_rtstruct(tree / "rtstruct.dcm", files, [
+        ("Lung_L", "ORGAN", [(files[k0], lung, "CLOSED_PLANAR")]),  # an organ at risk: never a nodule
+        ("PTV_nodule", "PTV", [(files[k0], lung, "CLOSED_PLANAR")]),  # a margin around it: neither
+        ("GTV-1", "GTV", gtv + [(files[k0], lung[:1], "POINT")]),  # a POINT outlines nothing
+    ])
+    scanned = scan_dicom_tree(tree)
+    assert scanned.summary()["volumes_labelled"] == 1 and scanned.volumes[0].labels[0].kind == "RTSTRUCT"
+    assert main(["prepare", "--dicom", str(tree), "--negatives", "0", "--out", str(root / "out_rt")]) == 0
+    out_lidc = root / "out_lidc_rt"
+    assert main(["prepare", "--lidc", str(src), "--negatives", "0", "--out", str(out_lidc)]) == 0
+    d, ref = SliceDataset(root / "out_rt"), SliceDataset(out_lidc)
+    assert [r.slice_index for r in d.records] == [r.slice_index for r in ref.records] == sorted(masks)
+    for a, b, ma, mb in zip(d.records, ref.records, d.masks, ref.masks):
+        na, nb = ma == MaskClass.NODULE, mb == MaskClass.NODULE
+        assert 2 * (na & nb).sum() / (na.sum() + nb.sum()) > 0.98  # polygons between pixel centres (1.0 here)
+        assert np.abs(np.asarray(a.boxes) - np.asarray(b.boxes)).max() <= 1
+
+
+def test_rtstruct_without_a_lesion_roi_leaves_the_series_unlabelled(lidc_case, tmp_path):
+    root, _, files, masks = lidc_case
+    tree = _dicom_tree(tmp_path, files, "organs")
+    k = next(iter(masks))
+    write_rtstruct(tree / "rt.dcm", files, [("Heart", "ORGAN", [(files[k], _outlines(masks[k])[0], "CLOSED_PLANAR")])])
+    scanned = scan_dicom_tree(tree)
+    assert not scanned.volumes[0].labels and "DICOM RTSTRUCT without lesions (Heart)" in scanned.skipped

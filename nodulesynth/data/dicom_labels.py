@@ -1,17 +1,21 @@
-"""DICOM Segmentation objects (SEG) → lesion labels on the CT series they reference.
+"""DICOM annotation objects → lesion labels on the CT series they reference: Segmentations (SEG)
+and RT Structure Sets (RTSTRUCT).
 
-Public collections ship nodule and tumour outlines as DICOM SEG beside the CT (LIDC-IDRI's readers'
-outlines, NSCLC-Radiomics' GTVs): one file per annotation, each frame one segment on one slice,
-placed by its ImagePositionPatient. ``prepare --dicom`` gives such a series a label volume, so it is
-prepared like ``--volume IMG --label LBL``.
+Public collections and hospitals ship nodule and tumour outlines beside the CT as SEG (LIDC-IDRI's
+readers' outlines, NSCLC-Radiomics' GTVs; each frame one segment on one slice) or as RTSTRUCT (radiotherapy
+planning: each ROI a stack of closed planar polygons in world mm). ``prepare --dicom`` gives such a
+series a label volume, so it is prepared like ``--volume IMG --label LBL``.
 
-Only lesion segments become nodule pixels: a segment whose category is "morphologically abnormal
+Only lesions become nodule pixels. SEG: a segment whose category is "morphologically abnormal
 structure" (SCT 49755003) or whose type is a lesion code, or, without codes, whose label names a
-nodule, lesion, tumour, mass or GTV. Anatomy segments (lungs, heart) of the same file are left out
-and counted: a lung outline labelled as a nodule would be implausible training data. A frame must
-lie on a slice of the series, on its pixel grid; anything else is one error naming the file. A frame
-that names its source image (DerivationImageSequence, as highdicom and dcmqi write) goes to that
-image; one that does not, to the slice at its position.
+nodule, lesion, tumour, mass or GTV. RTSTRUCT: an ROI interpreted as GTV, or, without a type, whose
+name says so (never a PTV/CTV/ITV: margins around a tumour are not tumour). Anatomy (lungs, heart,
+organs at risk) of the same file is left out and counted: a lung outline labelled as a nodule would
+be implausible training data. A frame or contour must lie on a slice of the series (a SEG frame also
+on its pixel grid); anything else is one error naming the file. One that names its source image
+(SEG: DerivationImageSequence, as highdicom and dcmqi write; RTSTRUCT: ContourImageSequence) goes
+to that image; one that does not, to the slice at its position. Contours are filled by pixel
+centre, several contours of one ROI on one slice even-odd (a hole is a contour inside another).
 """
 from __future__ import annotations
 
@@ -26,7 +30,6 @@ from ..errors import NoduleSynthError
 
 log = logging.getLogger(__name__)
 
-SEG_HEADER_TAGS = ["Modality", "SOPClassUID", "ReferencedSeriesSequence", "PatientID"]
 ABNORMAL_CATEGORY = "49755003"  # SCT "Morphologically abnormal structure": lesions of any kind
 LESION_TYPES = {
     "27925004",  # Nodule
@@ -38,18 +41,25 @@ LESION_TYPES = {
     "363358000",  # Malignant tumour of lung
 }
 LESION_LABEL = re.compile(r"nodul|lesion|tumou?r|mass|gtv|neoplas|cancer|carcinom", re.IGNORECASE)
+MARGIN_LABEL = re.compile(r"(^|[^a-z])(ptv|ctv|itv)|ring|shell|margin|expan", re.IGNORECASE)
 
 
 @dataclass
-class SegRef:
-    """One SEG file (headers only): the series it segments and its lesion frames."""
+class LabelRef:
+    """One SEG or RTSTRUCT file: the series it annotates and where its lesion pieces lie."""
 
     path: Path
     series_uid: str
-    orientation: tuple[float, ...] | None  # shared ImageOrientationPatient, if the file states one
+    orientation: tuple[float, ...] | None  # SEG: shared ImageOrientationPatient, if the file states one
     lesion_frames: list[tuple[int, np.ndarray, str, int | None]] = field(default_factory=list)
-    # (frame index, its ImagePositionPatient, source SOPInstanceUID or "", source frame number or None)
-    other_segments: list[str] = field(default_factory=list)  # labels of the segments left out
+    # (frame or contour index, a point on its plane (SEG: ImagePositionPatient), source SOPInstanceUID
+    # or "", source frame number or None)
+    other_segments: list[str] = field(default_factory=list)  # labels of the segments / ROIs left out
+    kind: str = "SEG"  # or "RTSTRUCT"
+    contours: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # RTSTRUCT: index → (ROI, points (N, 3))
+
+
+SegRef = LabelRef  # a SEG's reference (read_seg_header)
 
 
 def _code(seq) -> str:
@@ -76,6 +86,11 @@ def frame_macro(ds, i: int | None, name: str):
         if len(items) > k and name in items[k] and len(items[k][name].value):
             return items[k][name].value[0]
     return None
+
+
+def read_label_header(path: Path, modality: str) -> LabelRef:
+    """A SEG's or an RTSTRUCT's reference (``modality``: the file's Modality tag)."""
+    return read_seg_header(path) if modality == "SEG" else read_rtstruct(path)
 
 
 def read_seg_header(path: Path) -> SegRef:
@@ -118,6 +133,46 @@ def _source(ds, i: int) -> tuple[str, int | None]:
     return str(src[0].get("ReferencedSOPInstanceUID", "") or ""), n
 
 
+def is_lesion_roi(name: str, interpreted_type: str) -> bool:
+    """The RTSTRUCT rule in the module docstring for one ROI."""
+    if interpreted_type:
+        return interpreted_type.upper() == "GTV"
+    return bool(LESION_LABEL.search(name)) and not MARGIN_LABEL.search(name)
+
+
+def read_rtstruct(path: Path) -> LabelRef:
+    """An RTSTRUCT's referenced series and its lesion ROIs' closed planar contours."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+        series = str(ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+                     .RTReferencedSeriesSequence[0].SeriesInstanceUID)
+        names = {int(r.ROINumber): str(getattr(r, "ROIName", "") or r.ROINumber) for r in ds.StructureSetROISequence}
+        kinds = {int(o.ReferencedROINumber): str(getattr(o, "RTROIInterpretedType", "") or "")
+                 for o in getattr(ds, "RTROIObservationsSequence", None) or []}
+        rois = list(getattr(ds, "ROIContourSequence", None) or [])
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken files
+        raise NoduleSynthError(f"{path}: RTSTRUCT without a readable referenced series and ROI sequences ({e})") from e
+    lesion = {n for n, name in names.items() if is_lesion_roi(name, kinds.get(n, ""))}
+    ref = LabelRef(path, series, None, kind="RTSTRUCT",
+                   other_segments=[names[n] for n in sorted(names) if n not in lesion])
+    for roi in rois:
+        number = int(roi.ReferencedROINumber)
+        if number not in lesion:
+            continue
+        for c in getattr(roi, "ContourSequence", None) or []:
+            if str(getattr(c, "ContourGeometricType", "")).upper() != "CLOSED_PLANAR":
+                continue  # a POINT or an open line outlines nothing
+            pts = np.asarray([float(v) for v in c.ContourData], float).reshape(-1, 3)
+            img = getattr(c, "ContourImageSequence", None) or []
+            sop = str(img[0].get("ReferencedSOPInstanceUID", "") or "") if img else ""
+            i = len(ref.contours)
+            ref.contours[i] = (number, pts)
+            ref.lesion_frames.append((i, pts.mean(axis=0), sop, None))
+    return ref
+
+
 def forget_unknown_sources(seg: SegRef, sops: set[str]) -> None:
     """Frames whose source image is not among ``sops`` (the series' images: the CT re-exported with
     new UIDs, say) are placed by their position instead."""
@@ -151,6 +206,13 @@ def match_frames(seg: SegRef, slices, orientation) -> dict[int, int]:
             k = int(np.argmin(np.abs(pos - ipp @ normal)))
             if abs(pos[k] - ipp @ normal) > tol:
                 continue
+        if seg.kind == "RTSTRUCT":
+            spread = np.ptp(seg.contours[i][1] @ normal)
+            if spread > tol:
+                raise NoduleSynthError(f"{seg.path}: contour {i + 1} spans {spread:.2f} mm across the slices; "
+                                       "only closed planar contours on the CT's own slices are read")
+            out[i] = k
+            continue
         off = ipp - slices[k].ipp
         if abs(off @ row) > 0.5 * dx or abs(off @ col) > 0.5 * dy:
             raise NoduleSynthError(f"{seg.path}: frame {i + 1} is shifted ({off @ row:.1f}, {off @ col:.1f}) mm in-plane "
@@ -159,18 +221,50 @@ def match_frames(seg: SegRef, slices, orientation) -> dict[int, int]:
     return out
 
 
-def seg_label(segs: list[SegRef], slices, orientation, shape: tuple[int, int]) -> np.ndarray:
-    """Boolean (z, y, x) lesion label of one volume run: the union of its SEGs' lesion frames."""
+def _fill(poly_yx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centre lies inside a polygon (even-odd rule), over its bounding box only."""
+    out = np.zeros(shape, bool)
+    y0, x0 = np.maximum(np.floor(poly_yx.min(axis=0)).astype(int), 0)
+    y1, x1 = np.minimum(np.ceil(poly_yx.max(axis=0)).astype(int) + 1, shape)
+    if y0 >= y1 or x0 >= x1:
+        return out
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(float)
+    inside = np.zeros(yy.shape, bool)
+    a, b = poly_yx, np.roll(poly_yx, -1, axis=0)
+    for (ay, ax), (by, bx) in zip(a, b):
+        if ay == by:
+            continue
+        crosses = (ay > yy) != (by > yy)
+        inside ^= crosses & (xx < ax + (yy - ay) * (bx - ax) / (by - ay))
+    out[y0:y1, x0:x1] = inside
+    return out
+
+
+def label_volume(refs: list[LabelRef], slices, orientation, shape: tuple[int, int]) -> np.ndarray:
+    """Boolean (z, y, x) lesion label of one volume run: the union of its SEGs' lesion frames and its
+    RTSTRUCTs' lesion contours (each ROI even-odd per slice)."""
     import pydicom
 
     out = np.zeros((len(slices), *shape), bool)
-    for seg in segs:
-        where = match_frames(seg, slices, orientation)
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    for ref in refs:
+        where = match_frames(ref, slices, orientation)
         if not where:
             continue
-        ds = pydicom.dcmread(seg.path)
+        if ref.kind == "RTSTRUCT":
+            per_roi: dict[tuple[int, int], np.ndarray] = {}
+            for i, k in where.items():
+                roi, pts = ref.contours[i]
+                rel = pts - slices[k].ipp
+                dy, dx = slices[k].pixel_spacing
+                acc = per_roi.setdefault((roi, k), np.zeros(shape, bool))
+                acc ^= _fill(np.stack([rel @ col / dy, rel @ row / dx], axis=1), shape)
+            for (_, k), m in per_roi.items():
+                out[k] |= m
+            continue
+        ds = pydicom.dcmread(ref.path)
         if (int(ds.Rows), int(ds.Columns)) != tuple(shape):
-            raise NoduleSynthError(f"{seg.path}: SEG frames are {ds.Rows}×{ds.Columns}, its CT series "
+            raise NoduleSynthError(f"{ref.path}: SEG frames are {ds.Rows}×{ds.Columns}, its CT series "
                                    f"{shape[0]}×{shape[1]}; only segmentations on the CT's own pixel grid are read")
         frames = ds.pixel_array
         frames = frames[None] if frames.ndim == 2 else frames
