@@ -155,6 +155,18 @@ def test_seg_frame_off_every_slice_is_one_clear_error(lidc_case, tmp_path, capsy
     assert "seg.dcm" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_seg_frame_on_a_missing_slice_is_counted_not_fatal(lidc_case, tmp_path):
+    """A series with a slice missing is cut into runs (documented); a lesion frame on the missing slice
+    has nothing to label, while the frames on the slices present still label theirs."""
+    root, _, files, masks = lidc_case
+    gone = sorted(masks)[1]
+    tree = _dicom_tree(tmp_path, [f for k, f in enumerate(files) if k != gone], "gap")
+    write_seg(tree / "seg.dcm", files, [(2, files[k], m) for k, m in masks.items()])
+    scanned = scan_dicom_tree(tree)
+    assert scanned.skipped["DICOM SEG lesion pieces on a missing slice"] == 1
+    assert all(v.labels for v in scanned.volumes if len(v.slices) > 1)
+
+
 RT_STRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 
 

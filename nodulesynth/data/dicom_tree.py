@@ -267,7 +267,14 @@ def _attach_labels(annotations: list[LabelRef], volumes: list[DicomVolumeRef], s
             if got:
                 v.labels.append(a)
                 matched |= set(got)
-        missing = [f[0] for f in a.lesion_frames if f[0] not in matched]
+        missing = [f for f in a.lesion_frames if f[0] not in matched]
+        normal = np.cross(np.asarray(runs[0].orientation[:3]), np.asarray(runs[0].orientation[3:]))
+        pos = [s.position for v in runs for s in v.slices]
+        in_gap = [f for f in missing if min(pos) < f[1] @ normal < max(pos)]
+        if in_gap:  # on a slice missing from the series (cut there into runs): nothing there to label
+            skipped[f"DICOM {a.kind} lesion pieces on a missing slice"] += len(in_gap)
+            log.warning("%s: %d lesion piece(s) on slices missing from series %s", a.path, len(in_gap), a.series_uid)
+        missing = [f[0] for f in missing if f[0] not in {g[0] for g in in_gap}]
         if missing:
             i, point = next(f[:2] for f in a.lesion_frames if f[0] == missing[0])
             what = "frame" if a.kind == "SEG" else "contour"
