@@ -64,6 +64,29 @@ def test_volume_pair_with_label(pair, tmp_path):
     assert all(r.spacing_mm == (2.0, 2.0) and r.labelled for r in ds.records)
 
 
+def test_a_lung_mask_given_as_label_is_refused(tmp_path, capsys):
+    """A lung (or body, organ) mask passed as --label would make whole lungs "nodules": refused by size,
+    naming the file, with nothing written; the volume's own lesion label passes the same check."""
+    from nodulesynth.data.volumes import check_lesion_label
+    from nodulesynth.masks.semantic import semantic_mask
+
+    img, lesion = DATA / "pyradiomics-lung/lung1_image.nrrd", DATA / "pyradiomics-lung/lung1_label.nrrd"
+    if not img.is_file():
+        pytest.skip(f"real volume not found at {img}")
+    ref = sitk.ReadImage(str(img))
+    hu, sp = sitk.GetArrayFromImage(ref), ref.GetSpacing()[::-1]
+    lungs = np.stack([np.isin(semantic_mask(h, sp[1:]), (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)) for h in hu])
+    bad = sitk.GetImageFromArray(lungs.astype(np.uint8))
+    bad.CopyInformation(ref)
+    sitk.WriteImage(bad, str(tmp_path / "lung1_lungs.nrrd"))
+    out = tmp_path / "ds"
+    assert main(["prepare", "--volume", str(img), "--label", str(tmp_path / "lung1_lungs.nrrd"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "lung1_lungs.nrrd: a labelled region spans" in err and "not a lung, body or organ mask" in err
+    assert not out.exists()
+    check_lesion_label(sitk.GetArrayFromImage(sitk.ReadImage(str(lesion))) != 0, sp, lesion)  # the real lesion passes
+
+
 def test_unlabelled_volume_every_k(pair, tmp_path):
     img = pair[0]
     assert main(["prepare", "--volume", str(img), "--out", str(tmp_path / "a"), *FAST, "--every-k", "1"]) == 0

@@ -50,6 +50,8 @@ from .splits import DEFAULT_FRACTIONS, assign_splits
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NEGATIVE_MARGIN_MM = 5.0
+MAX_LESION_MM = 150.0  # a labelled region wider than this in any axis is no lung lesion (a lung, a body)
+MAX_LESION_ML = 1000.0  # nor one larger than this (a 12-cm tumour holds 0.9 L; one lung 2-3 L)
 MIN_LUNG_MM2 = 1000.0  # a labelled volume's negative slice must show this much lung
 
 
@@ -129,6 +131,25 @@ def read_label_file(path: Path) -> np.ndarray:
     return arr != 0
 
 
+def check_lesion_label(label: np.ndarray, spacing: tuple[float, float, float], name: str | Path) -> None:
+    """Refuse a label that cannot be lesions before its regions become nodule boxes: a lung, body or
+    organ mask passed as ``--label`` (or an anatomy SEG/RTSTRUCT named as a lesion) would otherwise
+    teach a detector that lungs are nodules. Each connected region must fit MAX_LESION_MM per axis and
+    MAX_LESION_ML."""
+    if not label.any():
+        return
+    comps, n = ndi.label(label, structure=np.ones((3, 3, 3), bool))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    for i, sl in enumerate(ndi.find_objects(comps), start=1):
+        extent = [(s.stop - s.start) * sp for s, sp in zip(sl, spacing)]
+        ml = int((comps[sl] == i).sum()) * voxel_ml
+        if max(extent) > MAX_LESION_MM or ml > MAX_LESION_ML:
+            raise NoduleSynthError(
+                f"{name}: a labelled region spans {extent[2]:.0f} × {extent[1]:.0f} × {extent[0]:.0f} mm (x, y, z) and "
+                f"{ml:.0f} mL; lesion labels are expected (each region ≤ {MAX_LESION_MM:g} mm, ≤ {MAX_LESION_ML:g} mL), "
+                "not a lung, body or organ mask")
+
+
 def discover_msd(root: Path) -> list[tuple[Path, Path]]:
     """(image, label) pairs of a Decathlon task folder; macOS ``._`` junk files are ignored."""
     root = Path(root)
@@ -179,11 +200,14 @@ class VolumeJob:
         if self.dicom is not None:
             raw.series_uid = self.dicom.series_uid
             lab = read_dicom_label(self.dicom, raw.hu.shape[1:])
-            label = None if lab is None else raw.reorient(lab)
+            if lab is not None:
+                check_lesion_label(lab, raw.spacing, ", ".join(str(a.path) for a in self.dicom.labels))
+                label = raw.reorient(lab)
         if self.label is not None:
             lab = read_label_file(self.label)
             if lab.shape != raw.hu.shape:
                 raise NoduleSynthError(f"{self.label}: label shape {lab.shape} != image shape {raw.hu.shape} of {self.path}")
+            check_lesion_label(lab, raw.spacing, self.label)
             label = raw.reorient(lab)
         return raw.canonical(), label
 
