@@ -264,3 +264,21 @@ def test_rtstruct_without_a_lesion_roi_leaves_the_series_unlabelled(lidc_case, t
     write_rtstruct(tree / "rt.dcm", files, [("Heart", "ORGAN", [(files[k], _outlines(masks[k])[0], "CLOSED_PLANAR")])])
     scanned = scan_dicom_tree(tree)
     assert not scanned.volumes[0].labels and "DICOM RTSTRUCT without lesions (Heart)" in scanned.skipped
+
+
+def test_rtstruct_naming_only_its_contours_images_finds_their_series(lidc_case, tmp_path):
+    pytest.importorskip("skimage")
+    root, _, files, masks = lidc_case
+    tree = _dicom_tree(tmp_path, files, "no_series")
+    rt = write_rtstruct(tree / "rt.dcm", files, [("GTV", "GTV", [(files[k], c - 1, "CLOSED_PLANAR")
+                                                                 for k, m in masks.items() for c in _outlines(m)])])
+    ds = pydicom.dcmread(rt)
+    del ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence
+    ds.save_as(rt)
+    scanned = scan_dicom_tree(tree)
+    assert scanned.volumes[0].labels and scanned.volumes[0].labels[0].series_uid == scanned.volumes[0].series_uid
+    for c in ds.ROIContourSequence[0].ContourSequence:
+        del c.ContourImageSequence
+    ds.save_as(rt)
+    with pytest.raises(NoduleSynthError, match="names neither its CT series"):
+        scan_dicom_tree(tree)

@@ -146,14 +146,17 @@ def read_rtstruct(path: Path) -> LabelRef:
 
     try:
         ds = pydicom.dcmread(path)
-        series = str(ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
-                     .RTReferencedSeriesSequence[0].SeriesInstanceUID)
+        try:  # some planning systems leave the series out and name only each contour's image
+            series = str(ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+                         .RTReferencedSeriesSequence[0].SeriesInstanceUID)
+        except (AttributeError, IndexError, KeyError):
+            series = ""
         names = {int(r.ROINumber): str(getattr(r, "ROIName", "") or r.ROINumber) for r in ds.StructureSetROISequence}
         kinds = {int(o.ReferencedROINumber): str(getattr(o, "RTROIInterpretedType", "") or "")
                  for o in getattr(ds, "RTROIObservationsSequence", None) or []}
         rois = list(getattr(ds, "ROIContourSequence", None) or [])
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken files
-        raise NoduleSynthError(f"{path}: RTSTRUCT without a readable referenced series and ROI sequences ({e})") from e
+        raise NoduleSynthError(f"{path}: RTSTRUCT without readable ROI sequences ({e})") from e
     lesion = {n for n, name in names.items() if is_lesion_roi(name, kinds.get(n, ""))}
     ref = LabelRef(path, series, None, kind="RTSTRUCT",
                    other_segments=[names[n] for n in sorted(names) if n not in lesion])
@@ -170,6 +173,9 @@ def read_rtstruct(path: Path) -> LabelRef:
             i = len(ref.contours)
             ref.contours[i] = (number, pts)
             ref.lesion_frames.append((i, pts.mean(axis=0), sop, None))
+    if not series and ref.lesion_frames and not all(f[2] for f in ref.lesion_frames):
+        raise NoduleSynthError(f"{path}: RTSTRUCT names neither its CT series (RTReferencedSeriesSequence) nor each "
+                               "contour's image (ContourImageSequence); cannot tell which scan it outlines")
     return ref
 
 

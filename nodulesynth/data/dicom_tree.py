@@ -253,6 +253,9 @@ def _attach_labels(annotations: list[LabelRef], volumes: list[DicomVolumeRef], s
     """Give each SEG / RTSTRUCT to the runs of its series that hold its lesion pieces. A piece on no
     slice of the series is an error: the nodule it outlines would stay in the volume unlabelled."""
     for a in annotations:
+        if not a.series_uid:  # an RTSTRUCT naming only its contours' images: their series
+            sops = {f[2] for f in a.lesion_frames}
+            a.series_uid = next((v.series_uid for v in volumes if sops & {s.sop for s in v.slices}), "")
         runs = [v for v in volumes if v.series_uid == a.series_uid]
         if not a.lesion_frames:
             skipped[f"DICOM {a.kind} without lesions (" + ", ".join(a.other_segments[:3]) + ")"] += 1
