@@ -47,17 +47,23 @@ NODULE = (2, "Nodule", ("49755003", "SCT", "Morphologically abnormal structure")
 LUNG = (1, "Lung", ("123037004", "SCT", "Anatomical structure"), ("39607008", "SCT", "Lung"))
 
 
-def write_seg(path: Path, ct_files: list[Path], frames: list[tuple[int, Path, np.ndarray]], segments=(LUNG, NODULE)):
-    """A BINARY DICOM SEG of the series of ``ct_files``: ``frames`` = (segment number, CT file whose
-    plane it lies on, boolean mask)."""
-    ref = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
+def _annotation(sop_class: str, modality: str, ct_file: Path) -> tuple[Dataset, Dataset]:
+    """(a new annotation object of the CT's patient and study, the CT slice's header)."""
+    ref = pydicom.dcmread(ct_file, stop_before_pixels=True)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SEG_CLASS, generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SEG_CLASS, meta.MediaStorageSOPInstanceUID, "SEG"
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop_class, meta.MediaStorageSOPInstanceUID, modality
     ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = ref.PatientID, ref.StudyInstanceUID, generate_uid()
+    return ds, ref
+
+
+def write_seg(path: Path, ct_files: list[Path], frames: list[tuple[int, Path, np.ndarray]], segments=(LUNG, NODULE)):
+    """A BINARY DICOM SEG of the series of ``ct_files``: ``frames`` = (segment number, CT file whose
+    plane it lies on, boolean mask)."""
+    ds, ref = _annotation(SEG_CLASS, "SEG", ct_files[0])
     ds.FrameOfReferenceUID = ref.FrameOfReferenceUID
     series = Dataset()
     series.SeriesInstanceUID = ref.SeriesInstanceUID
@@ -173,14 +179,7 @@ RT_STRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 def write_rtstruct(path: Path, ct_files: list[Path], rois: list[tuple[str, str, list[tuple[Path, np.ndarray, str]]]]):
     """An RT Structure Set of the series of ``ct_files``: ``rois`` = (name, RTROIInterpretedType,
     [(CT file, contour (N, 2) as (row, col) pixel coordinates, ContourGeometricType)])."""
-    ref = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = RT_STRUCT_CLASS, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RT_STRUCT_CLASS, meta.MediaStorageSOPInstanceUID, "RTSTRUCT"
-    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = ref.PatientID, ref.StudyInstanceUID, generate_uid()
+    ds, ref = _annotation(RT_STRUCT_CLASS, "RTSTRUCT", ct_files[0])
     se, st, fr = Dataset(), Dataset(), Dataset()
     se.SeriesInstanceUID = ref.SeriesInstanceUID
     st.RTReferencedSeriesSequence = Sequence([se])

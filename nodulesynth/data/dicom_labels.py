@@ -59,9 +59,6 @@ class LabelRef:
     contours: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # RTSTRUCT: index → (ROI, points (N, 3))
 
 
-SegRef = LabelRef  # a SEG's reference (read_seg_header)
-
-
 def _code(seq) -> str:
     return str(getattr(seq[0], "CodeValue", "") or "") if seq else ""
 
@@ -93,7 +90,7 @@ def read_label_header(path: Path, modality: str) -> LabelRef:
     return read_seg_header(path) if modality == "SEG" else read_rtstruct(path)
 
 
-def read_seg_header(path: Path) -> SegRef:
+def read_seg_header(path: Path) -> LabelRef:
     """The series a SEG file references, its lesion segments' frames and where they lie."""
     import pydicom
 
@@ -107,7 +104,7 @@ def read_seg_header(path: Path) -> SegRef:
                                f"and NumberOfFrames ({e})") from e
     lesion = {int(item.SegmentNumber) for item in segments if is_lesion_segment(item)}
     ori = frame_macro(ds, 0, "PlaneOrientationSequence")
-    ref = SegRef(path, series, None if ori is None else tuple(float(v) for v in ori.ImageOrientationPatient),
+    ref = LabelRef(path, series, None if ori is None else tuple(float(v) for v in ori.ImageOrientationPatient),
                  other_segments=[str(getattr(it, "SegmentLabel", "") or it.SegmentNumber) for it in segments
                                  if int(it.SegmentNumber) not in lesion])
     for i in range(n):
@@ -179,14 +176,14 @@ def read_rtstruct(path: Path) -> LabelRef:
     return ref
 
 
-def forget_unknown_sources(seg: SegRef, sops: set[str]) -> None:
+def forget_unknown_sources(seg: LabelRef, sops: set[str]) -> None:
     """Frames whose source image is not among ``sops`` (the series' images: the CT re-exported with
     new UIDs, say) are placed by their position instead."""
     seg.lesion_frames = [(i, ipp, sop if sop in sops else "", fr if sop in sops else None)
                          for i, ipp, sop, fr in seg.lesion_frames]
 
 
-def match_frames(seg: SegRef, slices, orientation) -> dict[int, int]:
+def match_frames(seg: LabelRef, slices, orientation) -> dict[int, int]:
     """{SEG frame index: slice index} for the lesion frames of ``seg`` that lie on one of ``slices``
     (a volume run's ``_Slice`` list along the normal, oriented ``orientation``) and on its pixel grid;
     a frame on a slice but off its grid, or oriented otherwise, is an error naming the file."""
