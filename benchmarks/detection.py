@@ -491,7 +491,7 @@ def main(argv=None) -> int:
                         "so every arm is paired with every other; their shared arms must agree to the digit")
     p.add_argument("--pool", nargs="+", metavar="RESULTS_JSON",
                    help="only pool the paired differences of runs with other seeds (each possibly merged with "
-                        "--from-json first) over all their folds: OUT/pooled.{json,txt}")
+                        "--from-json first) over all their folds: OUT/pooled.{json,txt,png}")
     a = p.parse_args(argv)
     try:
         if a.from_json:
@@ -751,6 +751,7 @@ def pool_seeds(srcs: list[Path], out: Path, key: str = "map50_95") -> int:
         allv = [v for s in seeds if s in by_seed for v in by_seed[s]]
         pooled.append({"detector": det, "arm": arm, "against": ref, "metric": key,
                        "per_seed": {str(s): diff_stats(by_seed[s]) for s in seeds if s in by_seed},
+                       "per_seed_folds": {str(s): by_seed[s] for s in seeds if s in by_seed},
                        "all": diff_stats(allv), "seeds": [s for s in seeds if s in by_seed]})
     cell = lambda r: f"{r['mean_diff']:+.3f} ± {r['se']:.3f} ({r['ahead']}/{r['folds']})"
     lines = [f"paired {key} differences pooled over seeds {seeds} (mean ± SE, folds ahead):"]
@@ -762,7 +763,36 @@ def pool_seeds(srcs: list[Path], out: Path, key: str = "map50_95") -> int:
     write_json(out / "pooled.json", {"sources": [str(s) for s in srcs], "seeds": seeds, "metric": key,
                                      "commands": [d.get("command") for d in docs], "pooled": pooled})
     (out / "pooled.txt").write_text(text + "\n")
+    plot_pooled(pooled, seeds, out / "pooled.png", key)
     return 0
+
+
+def plot_pooled(pooled: list[dict], seeds: list, path: Path, key: str) -> None:
+    """One row per comparison: every fold's paired difference (a marker per seed) and the pooled mean ±
+    SE, against the zero line; what the pooled table says, at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(pooled) + 1.2))
+    for y, q in enumerate(pooled):
+        for j, s in enumerate(q["seeds"]):
+            v = q["per_seed_folds"][str(s)]
+            ax.plot(v, [y + 0.12 * (j - 1)] * len(v), "o", ms=3, alpha=0.6, color=f"C{j}",
+                    label=f"seed {s} folds" if y == 0 else None)
+        a = q["all"]
+        ax.errorbar([a["mean_diff"]], [y], xerr=[a["se"]], fmt="s", color="k", capsize=3,
+                    label="all folds: mean ± SE" if y == 0 else None)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(pooled)), [f"{q['arm']} vs {q['against']}" for q in pooled], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"paired difference in {key} (per test fold)")
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(seeds) + 1, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def froc_for(weights, real, series, test_idx, cfg) -> dict:

@@ -294,6 +294,7 @@ def test_runs_of_the_same_folds_merge_and_disagreeing_rows_are_refused(tmp_path)
     assert q["per_seed"]["0"]["mean_diff"] == pytest.approx(d[:3].mean()) and q["all"]["folds"] == 6
     assert q["all"]["mean_diff"] == pytest.approx(d.mean()) and q["all"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(6))
     assert q["all"]["ahead"] == 6 and "all: +0.022" in (tmp_path / "p" / "pooled.txt").read_text()
+    assert (tmp_path / "p" / "pooled.png").stat().st_size > 1000
     assert detection.main(["--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "q")]) == 2
 
 
