@@ -138,7 +138,7 @@ def check_lesion_label(label: np.ndarray, spacing: tuple[float, float, float], n
     MAX_LESION_ML."""
     if not label.any():
         return
-    comps, n = ndi.label(label, structure=np.ones((3, 3, 3), bool))
+    comps, _ = ndi.label(label, structure=np.ones((3, 3, 3), bool))
     voxel_ml = float(np.prod(spacing)) / 1000.0
     for i, sl in enumerate(ndi.find_objects(comps), start=1):
         extent = [(s.stop - s.start) * sp for s, sp in zip(sl, spacing)]
