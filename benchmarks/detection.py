@@ -627,6 +627,7 @@ def run(a, argv) -> int:
         n_ext = len(ext_paths)
 
     rows: list[dict] = []
+    uses = list(dict.fromkeys(a.synth_use))
     for f in range(run_folds):
         test_mask = np.isin(real.group, fold_pats[f])
         train_idx = subsample_patients(np.nonzero(~test_mask)[0], real.group, a.train_fraction, a.seed * 1000 + f)
@@ -635,7 +636,6 @@ def run(a, argv) -> int:
         val_idx = rng.choice(train_idx, size=min(len(train_idx), 32), replace=False)  # ultralytics' mandatory final val
         test_yaml = Y.write_data_yaml(work / f"fold{f}" / "test.yaml", real_paths[val_idx[:1]].tolist(),
                                       real_paths[test_idx].tolist())
-        uses = list(dict.fromkeys(a.synth_use))
         arms = [("real", None, 0, epochs, "mix")] + [(arm_name(src, n, use), src, n, epochs, use)
                                                      for n in n_list if n for src in syn for use in uses]
         if not a.no_control and n_max:

@@ -243,17 +243,16 @@ def _fill(poly_yx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def label_volume(refs: list[LabelRef], slices, orientation, shape: tuple[int, int]) -> np.ndarray:
+def label_volume(placed: list[tuple[LabelRef, dict[int, int]]], slices, orientation,
+                 shape: tuple[int, int]) -> np.ndarray:
     """Boolean (z, y, x) lesion label of one volume run: the union of its SEGs' lesion frames and its
-    RTSTRUCTs' lesion contours (each ROI even-odd per slice)."""
+    RTSTRUCTs' lesion contours (each ROI even-odd per slice); ``placed``: each file with its
+    {frame or contour: slice} from :func:`match_frames`."""
     import pydicom
 
     out = np.zeros((len(slices), *shape), bool)
     row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    for ref in refs:
-        where = match_frames(ref, slices, orientation)
-        if not where:
-            continue
+    for ref, where in placed:
         if ref.kind == "RTSTRUCT":
             per_roi: dict[tuple[int, int], np.ndarray] = {}
             for i, k in where.items():

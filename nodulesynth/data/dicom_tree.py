@@ -61,6 +61,7 @@ class DicomVolumeRef:
     slices: list[_Slice] = field(default_factory=list)
     stack: int = 0  # > 0: the series holds several images at these positions; this is the stack-th
     labels: list[LabelRef] = field(default_factory=list)  # SEG / RTSTRUCT files with lesions on these slices
+    placed: dict[Path, dict[int, int]] = field(default_factory=dict)  # per file: {its frame or contour: slice}
 
     @property
     def key(self) -> str:
@@ -269,6 +270,7 @@ def _attach_labels(annotations: list[LabelRef], volumes: list[DicomVolumeRef], s
             got = match_frames(a, v.slices, v.orientation)
             if got:
                 v.labels.append(a)
+                v.placed[a.path] = got
                 matched |= set(got)
         missing = [f for f in a.lesion_frames if f[0] not in matched]
         normal = np.cross(np.asarray(runs[0].orientation[:3]), np.asarray(runs[0].orientation[3:]))
@@ -291,7 +293,9 @@ def _attach_labels(annotations: list[LabelRef], volumes: list[DicomVolumeRef], s
 def read_dicom_label(ref: DicomVolumeRef, shape: tuple[int, int]) -> np.ndarray | None:
     """Boolean (z, y, x) lesion label of a volume from its SEG / RTSTRUCT files (stored order, as
     ``read_dicom_volume``), or None when none labels it."""
-    return label_volume(ref.labels, ref.slices, ref.orientation, shape) if ref.labels else None
+    if not ref.labels:
+        return None
+    return label_volume([(a, ref.placed[a.path]) for a in ref.labels], ref.slices, ref.orientation, shape)
 
 
 def _rescale(ds, frame: int | None) -> tuple[float, float]:
@@ -311,7 +315,10 @@ def _file_hu(path: Path, frames: list[int | None]) -> dict[int | None, np.ndarra
         ds = pydicom.dcmread(path)
         a = ds.pixel_array
         a = a[None] if a.ndim == 2 else a
-        out = {f: a[f or 0].astype(np.float32) * _rescale(ds, f)[0] + _rescale(ds, f)[1] for f in frames}
+        out = {}
+        for f in frames:
+            slope, intercept = _rescale(ds, f)
+            out[f] = a[f or 0].astype(np.float32) * slope + intercept
     except Exception as e:  # no pydicom decoder for this transfer syntax, truncated pixel data
         import SimpleITK as sitk
 

@@ -139,10 +139,11 @@ def check_lesion_label(label: np.ndarray, spacing: tuple[float, float, float], n
     if not label.any():
         return
     comps, _ = ndi.label(label, structure=np.ones((3, 3, 3), bool))
+    voxels = np.bincount(comps.ravel())
     voxel_ml = float(np.prod(spacing)) / 1000.0
     for i, sl in enumerate(ndi.find_objects(comps), start=1):
         extent = [(s.stop - s.start) * sp for s, sp in zip(sl, spacing)]
-        ml = int((comps[sl] == i).sum()) * voxel_ml
+        ml = int(voxels[i]) * voxel_ml
         if max(extent) > MAX_LESION_MM or ml > MAX_LESION_ML:
             raise NoduleSynthError(
                 f"{name}: a labelled region spans {extent[2]:.0f} × {extent[1]:.0f} × {extent[0]:.0f} mm (x, y, z) and "
