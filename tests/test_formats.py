@@ -117,6 +117,11 @@ def test_dicom_reads_back_in_pydicom_simpleitk_and_is_synthetic(written):
         assert img.GetSpacing()[:2] == pytest.approx((it.spacing_mm[1], it.spacing_mm[0]))
         np.testing.assert_array_equal(sitk.GetArrayFromImage(img).reshape(it.hu.shape), it.hu)
     assert len(uids) == len(items)
+    # every slice its own series (a series reader must not stack unrelated slices into a volume)
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(base / "dicom" / "images"))
+    assert len(series) == len(items)
+    assert all(len(reader.GetGDCMSeriesFileNames(str(base / "dicom" / "images"), s)) == 1 for s in series)
     # deterministic from the dataset key (reruns and shards agree), different for another key
     ctx = DicomContext("rev-abc|seed-7", "m", "r", "v")
     assert ctx.uid("sop", "x") == ctx.uid("sop", "x") != DicomContext("rev-abc|seed-8", "m", "r", "v").uid("sop", "x")

@@ -90,6 +90,84 @@ def test_mixing_real_and_mask_in(tmp_path, weights):
     assert len(data["annotations"]) == 2
 
 
+def test_mask_in_slices_do_not_depend_on_the_batch_size(tmp_path, weights):
+    """--batch-size is speed only: a mask-in slice is seeded by its name, not by its place in a call
+    (before, the 3rd mask of a run at --batch-size 2 drew the 1st one's background and body)."""
+    mdir = tmp_path / "masks"
+    mdir.mkdir()
+    for k in range(5):
+        np.save(mdir / f"m{k}.npy", scene_mask([(18 + k, 30, 2)]))
+    outs = {}
+    for bs in (2, 5):
+        outs[bs] = tmp_path / f"b{bs}"
+        assert main(["generate", "--masks", str(mdir), "--out", str(outs[bs]), "--weights", weights, "--device", "cpu",
+                     "--batch-size", str(bs), "--image-format", "npy"]) == 0
+    for k in range(5):
+        assert np.array_equal(np.load(outs[2] / "images" / f"mask_m{k}.npy"), np.load(outs[5] / "images" / f"mask_m{k}.npy"))
+    first = [np.load(outs[2] / "images" / f"mask_m{k}.npy") for k in (0, 2)]
+    body = scene_mask([]) == 1
+    assert not np.array_equal(first[0][body], first[1][body])  # each slice draws its own streams
+
+
+def _real_set(tmp_path, spacing: float, splits: list[str]):
+    from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+    from nodulesynth.masks.boxes import mask_to_boxes
+
+    masks = np.stack([scene_mask([(18, 30, 2)] if k % 2 else []) for k in range(len(splits))])
+    hu = np.where(masks == 1, 40, np.where(masks == 0, -1000, -850)).astype(np.int16)
+    hu[masks == 5] = 30
+    recs = [SliceRecord(series_uid=f"1.2.{k}", z_mm=float(k), slice_index=k, spacing_mm=(spacing, spacing),
+                        boxes=mask_to_boxes(masks[k]), source="lidc", has_nodule=bool(k % 2), patient=f"P{k}",
+                        split=splits[k]) for k in range(len(splits))]
+    return write_slice_dataset(tmp_path / "real", hu, masks, recs), hu, masks
+
+
+def test_real_slices_get_added_nodules_like_the_dataset(tmp_path, weights):
+    """`generate --real --add-nodules`: each TRAIN slice gets LIDC nodules (its own kept; beyond the new
+    nodules' rim every pixel is the scan's), validation slices stay as they were, and the files are
+    the very slices SyntheticNoduleDataset(real=..., conditions={"add_nodules": True}) gives, at
+    another batch size."""
+    from scipy.ndimage import binary_dilation
+
+    from nodulesynth import SyntheticNoduleDataset
+
+    real, hu, masks = _real_set(tmp_path, 6.4, ["train", "train", "val", "train", "train", "train"])
+    out = tmp_path / "o"
+    assert main(["generate", "--real", str(real), "--n", "0", "--add-nodules", "--num-nodules", "1", "--out", str(out),
+                 "--weights", weights, "--device", "cpu", "--image-format", "npy", "--batch-size", "4"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["n_real"] == 6 and man["n_real_nodules_added"] + man["n_real_no_room"] == 5
+    assert man["n_real_nodules_added"] >= 3
+    ds = SyntheticNoduleDataset(0, weights=weights, real=real, device="cpu", batch_size=2, real_split="all",
+                                conditions={"add_nodules": True, "num_nodules": 1})
+    for k, it in enumerate(man["items"]):
+        img = np.load(out / it["files"]["coco"][0])
+        own = masks[k] == 5
+        if it["split"] == "val":
+            assert np.array_equal(img, hu[k]) and "nodules" not in it["provenance"]
+            continue
+        prov = it["provenance"]
+        assert prov["source"] == "real+lidc-nodules" and prov["real"] == f"real{k}"
+        if "no_room" in prov:
+            assert np.array_equal(img, hu[k]) and prov["nodules"] == []
+            continue
+        assert len(prov["nodules"]) == 1 and len(it["boxes_xyxy_px"]) == 1 + int(own.any())
+        raw = ds.raw(k)
+        assert np.array_equal(img, raw["hu"]) and np.allclose(np.reshape(it["boxes_xyxy_px"], (-1, 4)), raw["boxes"])
+        new = (raw["mask"] == 5) & ~own
+        far = ~binary_dilation(new, iterations=3)
+        assert new.any() and np.array_equal(img[far], hu[k][far]) and not np.array_equal(img[new], hu[k][new])
+
+
+def test_added_nodules_need_the_models_pixel_spacing(tmp_path, weights, capsys):
+    real, _, _ = _real_set(tmp_path, 0.8, ["train", "train"])
+    assert main(["generate", "--real", str(real), "--n", "0", "--add-nodules", "--out", str(tmp_path / "o"),
+                 "--weights", weights, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "slice 0 has pixel spacing [0.8, 0.8] mm" in err and "--spacing 6.4" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_yolo_val_is_real_only_and_split_by_patient(tmp_path, weights):
     """Val holds whole real patients (SliceRecord.patient when present, else the series), never a
     synthetic slice; slices of one patient never straddle train and val."""
@@ -251,6 +329,7 @@ def test_ctrl_c_in_a_terminal_is_one_line(tmp_path, weights):
     (["--n", "2", "--start-index", "-1"], "--start-index"),
     (["--n", "2", "--place-workers", "-1"], "--place-workers: must be ≥ 0"),
     (["--n", "2", "--start-index", "4", "--real", "."], "--start-index: shards synthetic samples only"),
+    (["--n", "2", "--add-nodules"], "--add-nodules: needs --real DIR or --masks DIR"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, weights, capsys, extra, message):
     args = ["generate", "--out", str(tmp_path / "o"), "--device", "cpu", "--weights", weights]

@@ -9,7 +9,8 @@ PatientName (SYNTHETIC^nodulesynth) and SeriesDescription say "SYNTHETIC nodules
 DeidentificationMethod names the model and its revision. Real slices mixed in are labelled as real
 (PatientName REAL^<patient>), keep their own pixel spacing and carry their provenance (source, series, z) in
 ImageComments. Pixels are int16 HU (RescaleSlope 1, RescaleIntercept 0); geometry as in
-``export.volume`` (identity orientation, pixel (0, 0) centre at the origin).
+``export.volume`` (identity orientation, pixel (0, 0) centre at the origin). Every slice is its own
+series (SeriesNumber = its position + 1, shared by its SEG) in one study per source or real patient.
 """
 from __future__ import annotations
 
@@ -75,17 +76,20 @@ def ct_dataset(item, ctx: DicomContext):
         f"{'SYNTHETIC: generated' if synthetic else 'REAL slice exported'} by nodulesynth {ctx.version}"[:64],
         f"model revision {ctx.revision}"[:64], f"model {ctx.model}"[:64]]
     ds.BurnedInAnnotation = "NO"
+    # one study per group; every slice its own series and frame of reference: the slices are separate
+    # images, not a volume, and tools that stack a series (dcm2niix, Slicer, SimpleITK's series
+    # reader) would otherwise make one "volume" of unrelated slices all at position 0
     ds.StudyInstanceUID = ctx.uid("study", group)
-    ds.SeriesInstanceUID = ctx.uid("series", group)
-    ds.FrameOfReferenceUID = ctx.uid("frame", group)
+    ds.SeriesInstanceUID = ctx.uid("series", item.name)
+    ds.FrameOfReferenceUID = ctx.uid("frame", item.name)
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "000000"
     ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "", "", ""
     ds.StudyDescription = SYNTHETIC_TEXT if synthetic else "REAL slices via nodulesynth"
     ds.SeriesDescription = (f"{SYNTHETIC_TEXT} {item.source}" if synthetic
                             else f"REAL {item.provenance.get('source', '')} slices via nodulesynth")
-    ds.SeriesNumber = {"synthetic": 1, "mask-in": 2}.get(item.source, 3)
-    ds.InstanceNumber = int(item.position) + 1
+    ds.SeriesNumber = int(item.position) + 1
+    ds.InstanceNumber = 1
     ds.Manufacturer = "nodulesynth"
     ds.ManufacturerModelName = f"TSGAN {ctx.model}"[:64]
     ds.SoftwareVersions = f"nodulesynth {ctx.version}"
@@ -130,7 +134,7 @@ def seg_dataset(ct, mask: np.ndarray, ctx: DicomContext, name: str):
     seg = hd.seg.Segmentation(
         source_images=[ct], pixel_array=(np.asarray(mask) == MaskClass.NODULE)[None].astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[desc],
-        series_instance_uid=ctx.uid("seg-series", str(ct.SeriesInstanceUID)), series_number=100 + int(ct.SeriesNumber),
+        series_instance_uid=ctx.uid("seg-series", str(ct.SeriesInstanceUID)), series_number=int(ct.SeriesNumber),
         sop_instance_uid=ctx.uid("seg", name), instance_number=int(ct.InstanceNumber),
         manufacturer="nodulesynth", manufacturer_model_name=f"TSGAN {ctx.model}"[:64],
         software_versions=f"nodulesynth {ctx.version}", device_serial_number="none",

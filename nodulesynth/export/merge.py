@@ -19,6 +19,10 @@ from ..errors import NoduleSynthError
 from ..io import atomic_dir
 from .coco import read_coco_records
 from .monai import read_datalist_records
+
+# the manifest's slice counts; a merge sums them (real slices with added nodules, or kept as they were
+# for want of room, are counted among n_real as well)
+COUNTS = ("n_real", "n_synthetic", "n_mask_in", "n_real_nodules_added", "n_real_no_room")
 from .writer import ExportSpec, finalize, load_preview, prepare_folders
 
 # Header fields every shard must agree on (anything that changes which samples or files you get).
@@ -120,8 +124,7 @@ def merge_datasets(shards: list[Path], base: Path, final_root: Path, move: bool 
     gate = _sum_gate([m.get("quality_gate_counts", {}) for _, m in mans])
     header = {k: v for k, v in first.items() if k != "items"}
     header.update(
-        n_synthetic=sum(m["n_synthetic"] for _, m in mans), n_real=sum(m["n_real"] for _, m in mans),
-        n_mask_in=sum(m["n_mask_in"] for _, m in mans), start_index=min(m.get("start_index", 0) for _, m in mans),
+        **{k: sum(m.get(k, 0) for _, m in mans) for k in COUNTS}, start_index=min(m.get("start_index", 0) for _, m in mans),
         quality_gate=gate_summary(gate), quality_gate_counts=gate,
     )
     preview = None

@@ -803,10 +803,11 @@ class LidcPlacer:
         """masks: (B,H,W) uint8 tensor. Returns (new masks, then quality_gate's triple)."""
         return self.collect(self.submit(masks, keys), masks.device)
 
-    def add_to(self, masks, names: list[str] | None = None):
+    def add_to(self, masks, names: list[str] | None = None, skipped: list | None = None):
         """Mask-in mode: LIDC nodules added to each given mask (its own nodules kept and avoided).
         Mask k draws from the stream of (seed, crc32(name) or k, 0). Raises one clear error when the
-        nodules do not fit a mask."""
+        nodules do not fit a mask; with a ``skipped`` list such a mask is left as it was (its
+        provenance ``[]``) and ``(k, why)`` appended, for callers that keep the slice unchanged."""
         import zlib
 
         import torch
@@ -819,7 +820,11 @@ class LidcPlacer:
                 new, prov = self.model.place(out[k].numpy(), self.task.spacing_mm, rng,
                                              count=draw_count(self.task.counts, rng))
             except PlacementError as e:
-                raise NoduleSynthError(f"mask {names[k] if names is not None else k}: {e}") from None
+                if skipped is None:
+                    raise NoduleSynthError(f"mask {names[k] if names is not None else k}: {e}") from None
+                skipped.append((k, str(e)))
+                provs.append([])
+                continue
             out[k] = torch.from_numpy(new)
             provs.append(prov)
         return out, provs

@@ -100,6 +100,17 @@ def check_real_size(real, size: int, name: str = "real") -> None:
         )
 
 
+def check_real_spacing(real, indices, spacing_mm: float, name: str = "real") -> None:
+    """Real slices that get LIDC nodules must have the model's pixel spacing: the outlines are scaled
+    to it, so on other pixels the added nodules would have the wrong size in mm."""
+    for i in indices:
+        got = tuple(float(v) for v in real.records[int(i)].spacing_mm)
+        if any(abs(g - spacing_mm) > 0.01 * spacing_mm for g in got):
+            raise NoduleSynthError(
+                f"{name}: slice {int(i)} has pixel spacing {list(got)} mm but nodules are added at the model's "
+                f"{spacing_mm:g} mm (their sizes would be wrong); prepare the real data with --spacing {spacing_mm:g}")
+
+
 def real_provenance(record, index: int) -> dict:
     """Provenance of real slice ``index`` (one definition for the Dataset, the CLI and every export)."""
     prov = {"source": str(getattr(record, "source", "real")), "series_uid": str(getattr(record, "series_uid", "")),
@@ -174,9 +185,11 @@ class SyntheticNoduleDataset(Dataset):
         self._synth: Synthesizer | None = None
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self._pregenerated = False
-        if self.n_synth:
+        if self.n_synth or (self.n_real and cfg.add_nodules):
             self.synthesizer  # load weights now: a missing file is reported at construction
             check_real_size(self.real, self.synthesizer.image_size)
+        if self.n_real and cfg.add_nodules:
+            check_real_spacing(self.real, self.real_index, float(self.synthesizer.spacing_mm))
 
     # ---- generation ---------------------------------------------------------------------------
     @property
@@ -212,13 +225,16 @@ class SyntheticNoduleDataset(Dataset):
 
     def _real_nodule_block(self, b: int) -> dict:
         """``conditions={"add_nodules": True}``: real slices b·bs … get LIDC nodules (the conditions),
-        translated texture pasted with a soft edge (Synthesizer.add_nodules_to_real); mask stream
-        of real slice j: (seed, crc32("real<j>"))."""
+        translated texture pasted with a soft edge (Synthesizer.add_nodules_to_real), each seeded by its
+        name "real<j>" (j: its index in the prepared set), so never by the batch size; a slice the
+        nodules do not fit stays as it was (provenance ``no_room``). `generate --real --add-nodules`
+        writes the same slices."""
         lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.n_real)
         items = [self.real[int(self.real_index[i])] for i in range(lo, hi)]
         out = self.synthesizer.add_nodules_to_real(np.stack([np.asarray(it["image_hu"]) for it in items]),
                                                    np.stack([np.asarray(it["mask"]) for it in items]),
-                                                   [f"real{int(self.real_index[i])}" for i in range(lo, hi)])
+                                                   [f"real{int(self.real_index[i])}" for i in range(lo, hi)],
+                                                   no_room="keep")
         prov = [{**real_provenance(it["record"], int(self.real_index[i])), **p}
                 for i, it, p in zip(range(lo, hi), items, out.provenance)]
         return {"hu": out.images_hu.round().to(torch.int16).numpy(), "masks": out.masks.numpy(),

@@ -6,7 +6,9 @@ item (source, split, pixel spacing, boxes, provenance, files). Everything is wri
 folder renamed to --out at the end (Ctrl-C, SIGTERM or a failed rank leave nothing); an existing
 non-empty --out is refused unless --overwrite.
 
-Dataset order: real slices (--real), synthetic samples start_index.., mask-in slices (--masks).
+Dataset order: real slices (--real; with --add-nodules the TRAIN ones carry added LIDC nodules, the
+same slices as SyntheticNoduleDataset(real=..., conditions={"add_nodules": True})), synthetic samples
+start_index.., mask-in slices (--masks).
 Under torchrun each rank writes a contiguous range of that order as a shard and rank 0 merges them
 (synth.shard, export.merge): the result equals the single-process run. The validation split
 (yolo, monai) holds real slices only, whole patients (SliceRecord.patient, else the series).
@@ -78,7 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", type=float, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"),
                    help="nodule centres inside this box, as fractions of the image width/height")
     p.add_argument("--add-nodules", action="store_true",
-                   help="with --masks: place LIDC nodules (the conditions above) into each given mask before translating")
+                   help="with --masks: place LIDC nodules (the conditions above) into each given mask before translating; "
+                        "with --real: into each real TRAIN slice (its own nodules kept; only the new nodules and their "
+                        "rim change the scan's pixels; validation slices stay as they are)")
     p.add_argument("--image-format", choices=("png", "png16", "npy"), default="png",
                    help="COCO images: 8-bit lung window [-1000,400] HU (default), 16-bit HU+1024, or int16 HU .npy")
     p.add_argument("--val-fraction", type=float, default=0.1,
@@ -147,6 +151,9 @@ def _check_args(args: argparse.Namespace) -> tuple[str, ...]:
         raise NoduleSynthError(f"--real {args.real}: not a folder (expected a dataset written by `nodulesynth prepare`)")
     if args.start_index < 0:
         raise NoduleSynthError(f"--start-index: must be ≥ 0, got {args.start_index}")
+    if args.add_nodules and args.real is None and args.masks is None:
+        raise NoduleSynthError("--add-nodules: needs --real DIR or --masks DIR (the slices that get the nodules); "
+                               "generated slices always have them (--num-nodules sets how many)")
     if args.start_index and (args.real is not None or args.masks is not None):
         raise NoduleSynthError("--start-index: shards synthetic samples only; mix --real / translate --masks in one "
                                "run without --start-index (merge accepts it as a part)")
@@ -201,6 +208,7 @@ class Plan:
     val: set[int]
     spacing_mm: tuple[float, float]  # synthetic / mask-in slices
     preview: bool
+    add_nodules: bool = False  # real TRAIN slices get LIDC nodules (validation slices never)
 
     @property
     def n_real(self) -> int:
@@ -221,11 +229,12 @@ class Part:
 
 def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_size: int, bar) -> Part:
     """Generate and export the dataset positions ``positions`` (a contiguous range) through ``writer``."""
+    from ..export.merge import COUNTS
     from ..export.writer import ExportItem
     from .dataset import real_provenance
 
     preview: list = []
-    counts = {"n_real": 0, "n_synthetic": 0, "n_mask_in": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     only_real = plan.n_synth + len(plan.masks) == 0
 
     def emit(pos: int, name: str, hu, mask, boxes, source: str, spacing, prov: dict) -> None:
@@ -233,17 +242,31 @@ def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_
         writer.add(ExportItem(name, hu, mask, np.asarray(boxes, np.float32).reshape(-1, 4), source,
                               tuple(float(v) for v in spacing), prov, split, plan.start_index + pos))
         counts[{"real": "n_real", "synthetic": "n_synthetic", "mask-in": "n_mask_in"}[source]] += 1
-        if plan.preview and len(preview) < PREVIEW_ITEMS and (source != "real" or only_real):
+        if plan.preview and len(preview) < PREVIEW_ITEMS and (source != "real" or only_real or "nodules" in prov):
             preview.append((hu, mask, boxes))
         bar.update(1)
 
     lo, hi = positions.start, positions.stop
-    for k in range(max(lo, 0), min(hi, plan.n_real)):
-        i = plan.real_idx[k]
-        it = plan.real[i]
-        rec = it["record"]
-        emit(k, f"real_{i:06d}", np.asarray(it["image_hu"]), np.asarray(it["mask"]), it["boxes"], "real",
-             tuple(rec.spacing_mm), real_provenance(rec, i))
+    r0, r1 = max(lo, 0), min(hi, plan.n_real)
+    for c in range(r0, max(r0, r1), batch_size):
+        ks = range(c, min(c + batch_size, r1))
+        items = [plan.real[plan.real_idx[k]] for k in ks]
+        hus = [np.asarray(it["image_hu"]) for it in items]
+        masks = [np.asarray(it["mask"]) for it in items]
+        boxes = [it["boxes"] for it in items]
+        provs = [real_provenance(it["record"], plan.real_idx[k]) for k, it in zip(ks, items)]
+        add = [j for j, k in enumerate(ks) if plan.add_nodules and plan.real_idx[k] not in plan.val]
+        if add:  # named as the Dataset names them, so both give the same slices
+            b = synth.add_nodules_to_real(np.stack([hus[j] for j in add]), np.stack([masks[j] for j in add]),
+                                          [f"real{plan.real_idx[ks[j]]}" for j in add], no_room="keep")
+            hu_new = b.images_hu.round().short().numpy()
+            for q, j in enumerate(add):
+                hus[j], masks[j], boxes[j] = hu_new[q], b.masks[q].numpy(), b.boxes[q]
+                provs[j] = {**provs[j], **b.provenance[q]}
+                counts["n_real_no_room" if "no_room" in b.provenance[q] else "n_real_nodules_added"] += 1
+        for j, k in enumerate(ks):
+            i = plan.real_idx[k]
+            emit(k, f"real_{i:06d}", hus[j], masks[j], boxes[j], "real", tuple(items[j]["record"].spacing_mm), provs[j])
     s0, s1 = max(lo, plan.n_real) - plan.n_real, min(hi, plan.n_real + plan.n_synth) - plan.n_real
     for s in range(s0, max(s0, s1), batch_size):
         idx = range(plan.start_index + s, plan.start_index + min(s + batch_size, s1))
@@ -319,7 +342,7 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
     from ..export.dicom import DicomContext
     from ..export.merge import PREVIEW_NPZ
     from ..export.writer import DatasetWriter, ExportSpec, finalize, save_preview
-    from .dataset import check_real_size, load_tsgan, mixed_counts, open_real
+    from .dataset import check_real_size, check_real_spacing, load_tsgan, mixed_counts, open_real
 
     device = resolve_device(args.device)
     if dist.world > 1 and device.type == "cuda" and device.index is None:
@@ -366,7 +389,10 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
         masks += [(f.stem if len(m) == 1 else f"{f.stem}_{j:04d}", m[j]) for j in range(len(m))]
     check_real_size(real, size, f"--real {args.real}")
     spacing = float(synth.spacing_mm)
-    plan = Plan(real, real_idx, n_synth, args.start_index, masks, val, (spacing, spacing), args.preview)
+    add_real = bool(args.add_nodules and real is not None)
+    if add_real:
+        check_real_spacing(real, [i for i in real_idx if i not in val], spacing, f"--real {args.real}")
+    plan = Plan(real, real_idx, n_synth, args.start_index, masks, val, (spacing, spacing), args.preview, add_real)
     if dist.rank == 0 and left_out:
         print(f"note: {len(left_out)} real slices of the test patients {validation['test_patients']} are left out "
               "(the real data's own split keeps them for the final evaluation)", file=sys.stderr)

@@ -10,6 +10,8 @@ Reproducibility contract (why the code is shaped this way):
   batch of a fixed shape. So every forward pass runs at exactly ``block`` rows (padded), whatever
   batch size the caller asks for: results are bit-identical for any batch size, order or number of
   DataLoader workers on the same device. ``block`` is recorded in the provenance.
+- Slices that come in rather than being drawn (mask-in ``translate`` with names, ``add_nodules_to_real``)
+  are keyed by their names (:func:`named_keys`), so each is a function of its name and input alone.
 - Across devices (CPU fp32 vs CUDA bf16 autocast) logits differ by rounding: masks are nearly
   always equal (a boundary pixel can flip the argmax, rarely), HU agree within bf16 tolerance.
 
@@ -208,6 +210,22 @@ def sample_seed(seed: int, index: int, attempt: int) -> int:
     """64-bit seed of attempt ``attempt`` of sample ``index``: independent streams per (i, j)."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(index), int(attempt)]).generate_state(2)
     return int((int(state[0]) << 32 | int(state[1])) & 0x7FFFFFFFFFFFFFFF)
+
+
+NAMED_ATTEMPT = 1 << 31  # the attempt slot of named mask-in slices' keys: never a generated sample's attempt
+
+
+def named_keys(names: Sequence[str]) -> list[tuple[int, int]]:
+    """Seed keys of named mask-in / real slices: (64-bit hash of the name, NAMED_ATTEMPT). A named
+    slice's result is then a function of (weights, seed, name, mask) alone, never of its place in a
+    call, of the other slices beside it or of the batch size."""
+    import hashlib
+
+    if len(set(names)) != len(names):
+        dup = sorted({x for x in names if list(names).count(x) > 1})[:3]
+        raise NoduleSynthError(f"names: must be unique (they seed each slice), repeated: {dup}")
+    return [(int.from_bytes(hashlib.blake2b(str(x).encode(), digest_size=8).digest(), "little"), NAMED_ATTEMPT)
+            for x in names]
 
 
 def latents(seed: int, keys: Sequence[tuple[int, int]], z_dim: int) -> torch.Tensor:
@@ -650,14 +668,14 @@ class Synthesizer:
         No gate is applied (the user owns the masks); boxes come from the given nodule pixels."""
         m = validate_masks(masks, self.image_size)
         names = list(names) if names is not None else None
+        keys = named_keys(names) if names is not None else [(k, 0) for k in range(len(m))]
         placed = [None] * len(m)
         if self.config.add_nodules if add_nodules is None else add_nodules:  # user/real masks get LIDC nodules
             m, placed = self.lidc.add_to(m, names)
         hus, boxes = [], []
         for s in range(0, len(m), self.config.block):
             part = m[s : s + self.config.block].to(self.device)
-            hus.append(self._translate(part, [(s + k, 0) for k in range(len(part))],
-                                       placed[s : s + self.config.block]).cpu())
+            hus.append(self._translate(part, keys[s : s + self.config.block], placed[s : s + self.config.block]).cpu())
             bad = (~torch.isfinite(hus[-1]).flatten(1).all(1)).nonzero().flatten().tolist()
             if bad:
                 which = names[s + bad[0]] if names is not None else str(s + bad[0])
@@ -671,25 +689,33 @@ class Synthesizer:
              "revision": str(getattr(self.tsgan, "revision", "unknown")), "mask": n, "index": k,
              "seed": int(self.config.seed), "lung_texture": self.textured, "body_texture": self.body_textured,
              "nodule_texture": self.nodule_textured,
-             "background": self._background_record(k, 0), "body": self._body_record(k, 0),
+             "background": self._background_record(*keys[k]), "body": self._body_record(*keys[k]),
              **({"nodule_mode": "lidc", "nodules": placed[k]} if placed[k] is not None else {})}
             for k, n in enumerate(names)
         ]
         return SyntheticBatch(torch.cat(hus) if hus else torch.zeros(0, self.image_size, self.image_size), m, boxes, prov)
 
-    def add_nodules_to_real(self, images_hu, masks, names: Sequence[str]) -> SyntheticBatch:
+    def add_nodules_to_real(self, images_hu, masks, names: Sequence[str], no_room: str = "raise") -> SyntheticBatch:
         """Real slices + LIDC nodules (a copy-paste augmentation with a translated texture): nodules are
         placed into the real masks (their own nodules kept and avoided), the modified masks translated,
         and only the new nodules pasted into the real HU with a soft edge (Gaussian σ 0.6 px alpha: the
         partial-volume rim real outlines have); with a nodule texture model, each new nodule and its
-        rim are then redrawn from the real pixels around it. Every other pixel stays the real scan's."""
+        rim are then redrawn from the real pixels around it. Every other pixel stays the real scan's.
+        Slice k is seeded by ``names[k]`` (unique), so it never depends on the slices beside it. A slice
+        the nodules do not fit raises (``no_room="raise"``) or stays as it was (``"keep"``: provenance
+        ``nodules`` [] and ``no_room`` says why)."""
         from scipy.ndimage import gaussian_filter
 
         if self.lidc is None:
             raise NoduleSynthError("add_nodules_to_real: needs nodules='lidc'")
+        if no_room not in ("raise", "keep"):
+            raise NoduleSynthError(f"no_room: 'raise' or 'keep', got {no_room!r}")
         hu = np.asarray(images_hu, np.float32).reshape(-1, self.image_size, self.image_size)
         old = validate_masks(masks, self.image_size, name="real masks")
-        new, placed = self.lidc.add_to(old, list(names))
+        names = list(names)
+        keys = named_keys(names)
+        skipped: list | None = [] if no_room == "keep" else None
+        new, placed = self.lidc.add_to(old, names, skipped)
         # only the nodules and their rim are used: the body around them stays the translator's, never
         # another patient's from the atlas
         atlas, self.atlas, self._real_context = self.atlas, None, True  # nodules are redrawn below, on the scan
@@ -710,9 +736,13 @@ class Synthesizer:
             # scan's own nodules are context, never redrawn
             only_new = torch.where(fresh, MaskClass.NODULE, MaskClass.BODY)
             res = self.tsgan.nodule_texture.render(torch.from_numpy(res).to(self.device), only_new.to(self.device),
-                                                   self._stream_seeds([(k, 0) for k in range(len(new))], 6, 0),
+                                                   self._stream_seeds(keys, 6, 0),
                                                    self._nodule_textures(None, placed)).clamp(HU_MIN, HU_MAX).cpu().numpy()
-        prov = [{**(out.provenance[k] if out is not None else {}), "source": "real+lidc-nodules", "real": n,
-                 "seed": int(self.config.seed), "nodule_mode": "lidc", "nodules": placed[k]}
+        why = dict(skipped or [])
+        # the translator's body, background and lungs are discarded here, so their records are not kept
+        prov = [{"source": "real+lidc-nodules", "real": n, "model": str(getattr(self.tsgan, "source", "unknown")),
+                 "revision": str(getattr(self.tsgan, "revision", "unknown")), "seed": int(self.config.seed),
+                 "nodule_texture": self.nodule_textured, "nodule_mode": "lidc", "nodules": placed[k],
+                 **({"no_room": why[k]} if k in why else {})}
                 for k, n in enumerate(names)]
         return SyntheticBatch(torch.from_numpy(res), new, out.boxes if out is not None else [], prov)
