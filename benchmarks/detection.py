@@ -470,6 +470,9 @@ def main(argv=None) -> int:
     p.add_argument("--run-folds", type=int, help="run only the first K folds (CPU budget); said in the table")
     p.add_argument("--epochs", type=int)
     p.add_argument("--no-control", action="store_true", help="skip the real-only equal-optimiser-steps control")
+    p.add_argument("--control-only", action="store_true",
+                   help="train only the real arm and the control (the synthetic slices are still made, to size the "
+                        "control): completes a --no-control run of the same folds and seed, merged with --from-json")
     p.add_argument("--max-patients", type=int, help="use a random subset of patients (CPU budget)")
     p.add_argument("--train-fraction", type=float, default=1.0,
                    help="train on this fraction of each fold's real training patients (scarce real data); test folds "
@@ -534,6 +537,8 @@ def run(a, argv) -> int:
                                    f"pass --test-unseen-by {a.insert_into[0]}")
     elif set(CROP_SOURCES) & set(sources):
         raise NoduleSynthError("--synth-source crops/backgrounds: only with --insert-into a crops set (prepare --lidc-crops)")
+    if a.control_only and (a.no_control or not any(n_list)):
+        raise NoduleSynthError("--control-only: needs the control (not --no-control) and an --n-synth > 0 to size it")
     if not 0 < a.train_fraction <= 1:
         raise NoduleSynthError(f"--train-fraction {a.train_fraction}: expected a fraction in (0, 1]")
     det_weights = {}
@@ -637,7 +642,8 @@ def run(a, argv) -> int:
         test_yaml = Y.write_data_yaml(work / f"fold{f}" / "test.yaml", real_paths[val_idx[:1]].tolist(),
                                       real_paths[test_idx].tolist())
         arms = [("real", None, 0, epochs, "mix")] + [(arm_name(src, n, use), src, n, epochs, use)
-                                                     for n in n_list if n for src in syn for use in uses]
+                                                     for n in n_list if n for src in syn for use in uses
+                                                     if not a.control_only]
         if not a.no_control and n_max:
             added = max(int((w.group < n_max).sum()) for w in syn.values())  # the largest mixed arm's windows
             ctrl_epochs = int(round(epochs * (len(train_idx) + added) / len(train_idx)))

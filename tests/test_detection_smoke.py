@@ -163,6 +163,14 @@ def test_detection_slices_smoke_with_froc(tmp_path):
          tmp_path)
     doc = json.loads((out / "results.json").read_text())
     assert all(r["froc"]["n_scans"] >= 1 and 0 <= r["cpm"] <= 1 for r in doc["rows"])
+    # --control-only: the real arm and the control alone (to complete a --no-control run of the same folds);
+    # the real rows are the first run's to the digit, so the two merge with --from-json
+    _run(["--protocol", "slices", "--smoke", "--data", str(tmp_path / "ds"), "--n-synth", "1", "--control-only",
+          "--out", str(tmp_path / "ctrl")], tmp_path)
+    ctrl = json.loads((tmp_path / "ctrl" / "results.json").read_text())
+    assert [r["arm"] for r in ctrl["rows"]] == ["real", "real (equal steps as +1)"]
+    assert ctrl["rows"][1]["epochs"] >= ctrl["rows"][0]["epochs"]
+    assert ctrl["rows"][0]["map50_95"] == doc["rows"][0]["map50_95"]
 
 
 def test_detection_bad_input_one_clear_error(tmp_path):
@@ -170,6 +178,11 @@ def test_detection_bad_input_one_clear_error(tmp_path):
                         "--out", str(tmp_path / "o"), "--n-synth", "0"], capture_output=True, text=True, timeout=120,
                        env={**__import__("os").environ, "YOLO_OFFLINE": "1"})
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no.npz" in r.stderr
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import detection
+
+    assert detection.main(["--out", str(tmp_path / "o"), "--n-synth", "200", "--control-only", "--no-control"]) == 2
+    assert detection.main(["--out", str(tmp_path / "o"), "--n-synth", "0", "--control-only"]) == 2
 
 
 def test_test_folds_hold_only_patients_the_generators_never_saw(tmp_path):
