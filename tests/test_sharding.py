@@ -102,6 +102,30 @@ def test_torchrun_two_ranks_equal_single_run(setup, single):
     assert not [p for p in root.iterdir() if p.name.startswith(".torchrun.tmp")]
 
 
+def test_torchrun_real_slices_with_added_nodules_equal_single_run(setup, tmp_path):
+    """--real --add-nodules sharded: the ranks split the real slices, each slice seeded by its name,
+    so two ranks at batch size 1 write the single run's files (batch size 4)."""
+    from nodulesynth.data.slices import SliceRecord, write_slice_dataset
+    from nodulesynth.masks.boxes import mask_to_boxes
+
+    _, weights, _ = setup
+    masks = np.stack([scene_mask([(18, 30, 2)] if k % 2 else []) for k in range(5)])
+    recs = [SliceRecord(series_uid=f"1.2.{k}", z_mm=float(k), slice_index=k, spacing_mm=(6.4, 6.4),
+                        boxes=mask_to_boxes(masks[k]), source="lidc", has_nodule=bool(k % 2), patient=f"P{k}",
+                        split="val" if k == 3 else "train") for k in range(5)]
+    real = str(write_slice_dataset(tmp_path / "real", np.where(masks == 1, 40, -850).astype(np.int16), masks, recs))
+    args = ["generate", "--n", "1", "--real", real, "--add-nodules", "--num-nodules", "1", "--weights", weights,
+            "--device", "cpu", "--image-format", "npy"]
+    assert main([*args, "--out", str(tmp_path / "single"), "--batch-size", "4"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nodulesynth",
+           "--", *args, "--out", str(tmp_path / "ranks"), "--batch-size", "1"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same(tmp_path / "single", tmp_path / "ranks")
+    man = json.loads((tmp_path / "ranks" / "manifest.json").read_text())
+    assert man["n_real_nodules_added"] + man["n_real_no_room"] == 4 and man["n_real"] == 5
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_cli_process_keeps_its_heap():
     """The CLI's own process keeps freed memory (runtime.keep_heap; the torchrun run above used it and
