@@ -225,3 +225,5 @@ def test_pipeline_lidc_mode_tiny_model(tmp_path):
                                 conditions={"add_nodules": True, "num_nodules": 1, **cfg})
     item = ds[1]
     assert item["source"] == "real" and len(item["boxes"]) == 2 and item["provenance"]["nodules"]
+    with pytest.raises(NoduleSynthError, match="add_nodules needs real="):
+        SyntheticNoduleDataset(1, weights=model, device="cpu", seed=2, conditions={"add_nodules": True, **cfg})

@@ -178,6 +178,9 @@ class SyntheticNoduleDataset(Dataset):
                 raise NoduleSynthError(f"conditions: unknown key(s) {sorted(unknown)}; valid: {sorted(fields)}")
             cfg = GenerationConfig(**{**(conditions or {}), "seed": seed, "batch_size": batch_size})
         cfg.validate()
+        if cfg.add_nodules and self.real is None:
+            raise NoduleSynthError("conditions: add_nodules needs real= (the slices that get the nodules); generated "
+                                   "slices always have them (num_nodules sets how many)")
         self.config = cfg
         # Cache blocks are whole forward-pass blocks: a smaller batch would be padded anyway (wasted
         # compute), and block size never changes which samples come out.
