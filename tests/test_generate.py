@@ -147,7 +147,8 @@ def test_real_slices_get_added_nodules_like_the_dataset(tmp_path, weights):
             assert np.array_equal(img, hu[k]) and "nodules" not in it["provenance"]
             continue
         prov = it["provenance"]
-        assert prov["source"] == "real+lidc-nodules" and prov["real"] == f"real{k}"
+        assert prov["source"] == "real+lidc-nodules" and prov["real"] == f"real{k}" and prov["real_source"] == "lidc"
+        assert prov["patient"] == f"P{k}" and prov["spacing_mm"] == [6.4, 6.4]
         if "no_room" in prov:
             assert np.array_equal(img, hu[k]) and prov["nodules"] == []
             continue

@@ -111,6 +111,13 @@ def check_real_spacing(real, indices, spacing_mm: float, name: str = "real") -> 
                 f"{spacing_mm:g} mm (their sizes would be wrong); prepare the real data with --spacing {spacing_mm:g}")
 
 
+def added_nodules_provenance(record, index: int, added: dict) -> dict:
+    """Provenance of real slice ``index`` after ``add_nodules_to_real`` (its provenance ``added``): what
+    the slice is now (source "real+lidc-nodules", the nodules) and where the scan came from (real_source)."""
+    real = real_provenance(record, index)
+    return {**real, **added, "real_source": real["source"]}
+
+
 def real_provenance(record, index: int) -> dict:
     """Provenance of real slice ``index`` (one definition for the Dataset, the CLI and every export)."""
     prov = {"source": str(getattr(record, "source", "real")), "series_uid": str(getattr(record, "series_uid", "")),
@@ -238,7 +245,7 @@ class SyntheticNoduleDataset(Dataset):
                                                    np.stack([np.asarray(it["mask"]) for it in items]),
                                                    [f"real{int(self.real_index[i])}" for i in range(lo, hi)],
                                                    no_room="keep")
-        prov = [{**real_provenance(it["record"], int(self.real_index[i])), **p}
+        prov = [added_nodules_provenance(it["record"], int(self.real_index[i]), p)
                 for i, it, p in zip(range(lo, hi), items, out.provenance)]
         return {"hu": out.images_hu.round().to(torch.int16).numpy(), "masks": out.masks.numpy(),
                 "boxes": out.boxes, "provenance": prov}

@@ -231,7 +231,7 @@ def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_
     """Generate and export the dataset positions ``positions`` (a contiguous range) through ``writer``."""
     from ..export.merge import COUNTS
     from ..export.writer import ExportItem
-    from .dataset import real_provenance
+    from .dataset import added_nodules_provenance, real_provenance
 
     preview: list = []
     counts = dict.fromkeys(COUNTS, 0)
@@ -262,7 +262,7 @@ def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_
             hu_new = b.images_hu.round().short().numpy()
             for q, j in enumerate(add):
                 hus[j], masks[j], boxes[j] = hu_new[q], b.masks[q].numpy(), b.boxes[q]
-                provs[j] = {**provs[j], **b.provenance[q]}
+                provs[j] = added_nodules_provenance(items[j]["record"], plan.real_idx[ks[j]], b.provenance[q])
                 counts["n_real_no_room" if "no_room" in b.provenance[q] else "n_real_nodules_added"] += 1
         for j, k in enumerate(ks):
             i = plan.real_idx[k]
