@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from scipy import ndimage as ndi
 from scenes import scene_mask
 
 from nodulesynth.cli import main
@@ -158,6 +159,55 @@ def test_real_slices_get_added_nodules_like_the_dataset(tmp_path, weights):
         new = (raw["mask"] == 5) & ~own
         far = ~binary_dilation(new, iterations=3)
         assert new.any() and np.array_equal(img[far], hu[k][far]) and not np.array_equal(img[new], hu[k][new])
+
+
+def test_inserted_copies_of_train_slices_without_a_nodule(tmp_path, weights):
+    """`--synthetic inserted`: the real slices stay as they are, and the --n synthetic slices are copies of
+    TRAIN slices without a nodule (never a validation patient's, never one with a nodule) with LIDC
+    nodules inserted; the Dataset's synthetic="inserted" gives the same copies at another batch size.
+    In DICOM they stay their patient's and say that the nodules are the model's."""
+    import pydicom
+
+    from nodulesynth import SyntheticNoduleDataset
+
+    real, hu, masks = _real_set(tmp_path, 6.4, ["train", "train", "val", "train", "train", "train"])
+    out = tmp_path / "o"
+    assert main(["generate", "--real", str(real), "--synthetic", "inserted", "--n", "5", "--num-nodules", "1",
+                 "--out", str(out), "--weights", weights, "--device", "cpu", "--image-format", "npy",
+                 "--format", "coco,dicom", "--batch-size", "2"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert (man["n_real"], man["n_inserted"], man["n_synthetic"]) == (6, 5, 0)
+    real_items = [it for it in man["items"] if it["source"] == "real"]
+    for it in real_items:
+        k = int(it["name"].split("_")[1])
+        assert np.array_equal(np.load(out / it["files"]["coco"][0]), hu[k])
+    ds = SyntheticNoduleDataset(5, weights=weights, real=real, device="cpu", batch_size=4, synthetic="inserted",
+                                conditions={"num_nodules": 1})
+    copies = [it for it in man["items"] if it["source"] == "inserted"]
+    assert [it["name"] for it in copies] == [f"insert_{i:06d}" for i in range(5)]
+    for i, it in enumerate(copies):
+        p = it["provenance"]
+        k = p["real_index"]
+        assert k in (0, 4) and p["patient"] == f"P{k}" and p["source"] == "real+lidc-nodules" and len(p["nodules"]) == 1
+        img = np.load(out / it["files"]["coco"][0])
+        raw = ds.raw(ds.n_real + i)
+        assert raw["source"] == "inserted" and np.array_equal(img, raw["hu"]) and raw["provenance"]["real_index"] == k
+        new = raw["mask"] == 5
+        assert new.any() and len(it["boxes_xyxy_px"]) >= 1
+        np.testing.assert_array_equal(img[~ndi.binary_dilation(new, iterations=3)], hu[k][~ndi.binary_dilation(new, iterations=3)])
+    ct = pydicom.dcmread(out / copies[0]["files"]["dicom"][0])
+    assert str(ct.PatientName) == f"REAL^P{copies[0]['provenance']['real_index']}"
+    assert "SYNTHETIC nodules" in ct.SeriesDescription and "SYNTHETIC nodules" in ct.DeidentificationMethod[0]
+    if len(copies[0]["files"]["dicom"]) > 1:  # highdicom installed: the SEG says the nodules are the model's
+        assert pydicom.dcmread(out / copies[0]["files"]["dicom"][1]).SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+
+
+def test_inserted_needs_train_slices_without_a_nodule(tmp_path, weights, capsys):
+    real, _, _ = _real_set(tmp_path, 6.4, ["val", "train", "val"])  # the nodule-free slices are validation's
+    assert main(["generate", "--real", str(real), "--synthetic", "inserted", "--n", "2", "--out", str(tmp_path / "o"),
+                 "--weights", weights, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no TRAIN slice without a nodule" in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 def test_added_nodules_need_the_models_pixel_spacing(tmp_path, weights, capsys):
@@ -331,6 +381,7 @@ def test_ctrl_c_in_a_terminal_is_one_line(tmp_path, weights):
     (["--n", "2", "--place-workers", "-1"], "--place-workers: must be ≥ 0"),
     (["--n", "2", "--start-index", "4", "--real", "."], "--start-index: shards synthetic samples only"),
     (["--n", "2", "--add-nodules"], "--add-nodules: needs --real DIR or --masks DIR"),
+    (["--n", "2", "--synthetic", "inserted"], "--synthetic inserted: needs --real DIR"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, weights, capsys, extra, message):
     args = ["generate", "--out", str(tmp_path / "o"), "--device", "cpu", "--weights", weights]

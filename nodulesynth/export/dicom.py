@@ -8,7 +8,8 @@ data. ImageType DERIVED\\SECONDARY, BurnedInAnnotation NO, PatientIdentityRemove
 PatientName (SYNTHETIC^nodulesynth) and SeriesDescription say "SYNTHETIC nodulesynth";
 DeidentificationMethod names the model and its revision. Real slices mixed in are labelled as real
 (PatientName REAL^<patient>), keep their own pixel spacing and carry their provenance (source, series, z) in
-ImageComments. Pixels are int16 HU (RescaleSlope 1, RescaleIntercept 0); geometry as in
+ImageComments; a real slice carrying nodules the model placed stays its patient's and says so
+(DeidentificationMethod, SeriesDescription, DerivationDescription; its SEG is AUTOMATIC). Pixels are int16 HU (RescaleSlope 1, RescaleIntercept 0); geometry as in
 ``export.volume`` (identity orientation, pixel (0, 0) centre at the origin). Every slice is its own
 series (SeriesNumber = its position + 1, shared by its SEG) in one study per source or real patient.
 """
@@ -26,6 +27,7 @@ from ..masks.classes import MaskClass
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SYNTHETIC_NAME = "SYNTHETIC^nodulesynth"  # PersonName: family SYNTHETIC, given nodulesynth
 SYNTHETIC_TEXT = "SYNTHETIC nodulesynth"
+DESCRIBE = {"synthetic": "SYNTHETIC: generated", "real": "REAL slice exported", "real+nodules": "REAL slice + SYNTHETIC nodules"}
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,18 @@ class DicomContext:
         return str(generate_uid(entropy_srcs=["nodulesynth", self.dataset_key, *map(str, parts)]))
 
 
+def _kind(item) -> str:
+    """"synthetic" (generated or mask-in), "real", or "real+nodules": a real patient's slice carrying
+    nodules the model placed (`generate --real --add-nodules`, `--synthetic inserted`)."""
+    if item.provenance.get("source") == "real+lidc-nodules":
+        return "real+nodules"
+    return "real" if item.source == "real" else "synthetic"
+
+
 def _group(item) -> tuple[str, str, str]:
-    """(uid group, PatientName, PatientID) of an item: synthetic, mask-in, or one real patient."""
-    if item.source == "real":
+    """(uid group, PatientName, PatientID) of an item: synthetic, mask-in, or one real patient (whose
+    slices with inserted nodules are that patient's too: their pixels are)."""
+    if _kind(item) != "synthetic":
         patient = str(item.provenance.get("patient") or item.provenance.get("series_uid") or "unknown")
         return f"real:{patient}", f"REAL^{patient}"[:64], f"REAL-{patient}"[:64]
     return item.source, SYNTHETIC_NAME, f"NODULESYNTH-{item.source.upper()}"
@@ -65,7 +76,8 @@ def ct_dataset(item, ctx: DicomContext):
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
     date = ctx.date or _dt.date.today().strftime("%Y%m%d")
-    synthetic = item.source != "real"
+    kind = _kind(item)
+    synthetic = kind == "synthetic"
     ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
     ds.Modality = "CT"
     ds.ImageType = ["DERIVED", "SECONDARY"]
@@ -73,7 +85,7 @@ def ct_dataset(item, ctx: DicomContext):
     ds.PatientBirthDate, ds.PatientSex = "", ""
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = [  # LO values (≤ 64 chars each): what made it, and from which weights
-        f"{'SYNTHETIC: generated' if synthetic else 'REAL slice exported'} by nodulesynth {ctx.version}"[:64],
+        f"{DESCRIBE[kind]} by nodulesynth {ctx.version}"[:64],
         f"model revision {ctx.revision}"[:64], f"model {ctx.model}"[:64]]
     ds.BurnedInAnnotation = "NO"
     # one study per group; every slice its own series and frame of reference: the slices are separate
@@ -87,7 +99,8 @@ def ct_dataset(item, ctx: DicomContext):
     ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "", "", ""
     ds.StudyDescription = SYNTHETIC_TEXT if synthetic else "REAL slices via nodulesynth"
     ds.SeriesDescription = (f"{SYNTHETIC_TEXT} {item.source}" if synthetic
-                            else f"REAL {item.provenance.get('source', '')} slices via nodulesynth")
+                            else f"REAL {item.provenance.get('real_source', item.provenance.get('source', ''))} slice"
+                            + (" + SYNTHETIC nodules via nodulesynth" if kind == "real+nodules" else "s via nodulesynth"))[:64]
     ds.SeriesNumber = int(item.position) + 1
     ds.InstanceNumber = 1
     ds.Manufacturer = "nodulesynth"
@@ -96,7 +109,8 @@ def ct_dataset(item, ctx: DicomContext):
     ds.PositionReferenceIndicator = ""
     ds.ImageComments = "; ".join(f"{k}={v}" for k, v in item.provenance.items())[:10240]
     if not synthetic:
-        ds.DerivationDescription = "real CT slice resampled to the dataset grid by nodulesynth prepare"
+        ds.DerivationDescription = "real CT slice resampled to the dataset grid by nodulesynth prepare" + (
+            "; LIDC nodule outlines placed and drawn by nodulesynth" if kind == "real+nodules" else "")
     dy, dx = (float(v) for v in item.spacing_mm)
     ds.PixelSpacing = [f"{dy:.6g}", f"{dx:.6g}"]  # DICOM order: row spacing, column spacing
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
@@ -114,15 +128,16 @@ def ct_dataset(item, ctx: DicomContext):
     return ds
 
 
-def seg_dataset(ct, mask: np.ndarray, ctx: DicomContext, name: str):
-    """A highdicom binary SEG of the nodule pixels referencing ``ct`` (None when highdicom is absent)."""
+def seg_dataset(ct, mask: np.ndarray, ctx: DicomContext, name: str, automatic: bool):
+    """A highdicom binary SEG of the nodule pixels referencing ``ct`` (None when highdicom is absent);
+    ``automatic``: some of its nodules are the model's (else all are the readers')."""
     try:
         import highdicom as hd
     except ImportError:
         return None
     from pydicom.sr.codedict import codes
 
-    if str(ct.PatientName) == SYNTHETIC_NAME:  # the nodule is the model's: an automatic segmentation
+    if automatic:  # a nodule is the model's: an automatic segmentation
         how = dict(algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                    algorithm_identification=hd.AlgorithmIdentificationSequence(
                        name="nodulesynth TSGAN", version=ctx.revision[:64], family=codes.DCM.ArtificialIntelligence))
@@ -138,7 +153,8 @@ def seg_dataset(ct, mask: np.ndarray, ctx: DicomContext, name: str):
         sop_instance_uid=ctx.uid("seg", name), instance_number=int(ct.InstanceNumber),
         manufacturer="nodulesynth", manufacturer_model_name=f"TSGAN {ctx.model}"[:64],
         software_versions=f"nodulesynth {ctx.version}", device_serial_number="none",
-        series_description=f"{SYNTHETIC_TEXT if str(ct.PatientName) == SYNTHETIC_NAME else 'REAL'} nodule SEG"[:64],
+        series_description=f"{SYNTHETIC_TEXT if str(ct.PatientName) == SYNTHETIC_NAME else 'REAL'} nodule SEG"
+                           f"{' (model-placed nodules)' if automatic and str(ct.PatientName) != SYNTHETIC_NAME else ''}"[:64],
     )
     # highdicom stamps the wall clock and a random dimension-organisation UID; pin them so reruns and
     # sharded runs write identical files (the CT slices' dates are pinned the same way)
@@ -163,7 +179,7 @@ def dicom_item(root: Path, item, ctx: DicomContext) -> dict:
     ct.save_as(root / image, enforce_file_format=True)
     rec = {"image": image, "seg": None}
     if len(np.asarray(item.boxes).reshape(-1, 4)):
-        seg = seg_dataset(ct, item.mask, ctx, item.name)
+        seg = seg_dataset(ct, item.mask, ctx, item.name, automatic=_kind(item) != "real")
         if seg is not None:
             rec["seg"] = f"seg/{item.name}.dcm"
             seg.save_as(root / rec["seg"])

@@ -23,7 +23,7 @@ from .writer import ExportSpec, finalize, load_preview, prepare_folders
 
 # the manifest's slice counts; a merge sums them (real slices with added nodules, or kept as they were
 # for want of room, are counted among n_real as well)
-COUNTS = ("n_real", "n_synthetic", "n_mask_in", "n_real_nodules_added", "n_real_no_room")
+COUNTS = ("n_real", "n_synthetic", "n_inserted", "n_mask_in", "n_real_nodules_added", "n_real_no_room")
 
 # Header fields every shard must agree on (anything that changes which samples or files you get).
 MUST_AGREE = ("version", "weights", "revision", "seed", "formats", "image_format", "config", "val_fraction",

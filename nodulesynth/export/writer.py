@@ -188,7 +188,7 @@ class Header:
     fields: dict = field(default_factory=dict)
 
     def coco_info(self, image_format: str) -> dict:
-        keep = ("weights", "revision", "seed", "source", "n_synthetic", "n_real", "n_mask_in", "start_index",
+        keep = ("weights", "revision", "seed", "source", "n_synthetic", "n_inserted", "n_real", "n_mask_in", "start_index",
                 "block", "pixel_spacing_mm", "pixel_spacing_note", "validation", "quality_gate")
         return coco.coco_info(image_format, {k: self.fields[k] for k in keep if k in self.fields})
 

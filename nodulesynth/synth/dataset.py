@@ -134,9 +134,11 @@ def real_provenance(record, index: int) -> dict:
 
 class SyntheticNoduleDataset(Dataset):
     """Detection-ready items: ``{"image": (1,H,W) float32, "mask": (H,W) uint8 labels, "boxes": (K,4)
-    float32 xyxy pixels, "labels": (K,) int64 (1 = nodule), "source": "synthetic"|"real",
+    float32 xyxy pixels, "labels": (K,) int64 (1 = nodule), "source": "synthetic"|"inserted"|"real",
     "provenance": dict}``. ``output`` picks the image scale: "hu" (HU), "window" (lung window
-    [-1000, 400] HU → [0,1], as exported PNGs; the paper states no window), "unit" (network range [-1,1])."""
+    [-1000, 400] HU → [0,1], as exported PNGs; the paper states no window), "unit" (network range [-1,1]).
+    ``synthetic="inserted"`` makes the synthetic samples real ``real_split`` slices without a nodule with
+    LIDC nodules inserted (:mod:`synth.insert`) instead of generated slices."""
 
     def __init__(
         self,
@@ -153,9 +155,17 @@ class SyntheticNoduleDataset(Dataset):
         revision: str | None = None,
         cache_blocks: int | None = 4,
         real_split: str | None = "train",
+        synthetic: str = "generated",
     ):
+        from .insert import MODES as SYNTHETIC_MODES
+
         if output not in OUTPUTS:
             raise NoduleSynthError(f"output: must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        if synthetic not in SYNTHETIC_MODES:
+            raise NoduleSynthError(f"synthetic: must be one of {', '.join(SYNTHETIC_MODES)}, got {synthetic!r}")
+        if synthetic == "inserted" and real is None:
+            raise NoduleSynthError("synthetic='inserted': needs real= (its TRAIN slices without a nodule are the lungs "
+                                   "the nodules go into)")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise NoduleSynthError(f"batch_size: must be an int ≥ 1, got {batch_size!r}")
         self.real = open_real(real) if real is not None else None
@@ -200,6 +210,11 @@ class SyntheticNoduleDataset(Dataset):
             check_real_size(self.real, self.synthesizer.image_size)
         if self.n_real and cfg.add_nodules:
             check_real_spacing(self.real, self.real_index, float(self.synthesizer.spacing_mm))
+        self.inserted = None  # synthetic="inserted": the backgrounds (real_split's slices without a nodule)
+        if synthetic == "inserted" and self.n_synth:
+            from .insert import InsertionSource
+
+            self.inserted = InsertionSource.from_real(self.real, self.real_index, float(self.synthesizer.spacing_mm))
 
     # ---- generation ---------------------------------------------------------------------------
     @property
@@ -225,7 +240,8 @@ class SyntheticNoduleDataset(Dataset):
         if isinstance(b, tuple):  # ("real", block): real slices with LIDC nodules added
             return self._real_nodule_block(b[1])
         lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.n_synth)
-        out = self.synthesizer.generate(range(lo, hi))
+        out = (self.synthesizer.generate(range(lo, hi)) if self.inserted is None
+               else self.inserted.generate(self.synthesizer, range(lo, hi)))
         return {
             "hu": out.images_hu.round().to(torch.int16).numpy(),  # integer HU, like real CT
             "masks": out.masks.numpy(),
@@ -301,7 +317,7 @@ class SyntheticNoduleDataset(Dataset):
         blk = self._block(s // self.batch_size)
         k = s % self.batch_size
         return {"hu": blk["hu"][k], "mask": blk["masks"][k], "boxes": blk["boxes"][k],
-                "source": "synthetic", "provenance": blk["provenance"][k]}
+                "source": "synthetic" if self.inserted is None else "inserted", "provenance": blk["provenance"][k]}
 
     def __getitem__(self, i: int) -> dict:
         r = self.raw(int(i))

@@ -31,6 +31,7 @@ from ..io import atomic_dir, check_out_dir
 from ..runtime import resolve_device
 from .atlas import MODES as BODY_MODES
 from .background import MODES as BACKGROUND_MODES
+from .insert import MODES as SYNTHETIC_MODES
 from .pipeline import GenerationConfig, Synthesizer, validate_masks
 
 MASK_SUFFIXES = (".png", ".npy")
@@ -66,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real", default=None, help="prepared real slice dataset folder to mix in (nodulesynth prepare)")
     p.add_argument("--ratio", type=float, default=None,
                    help="synthetic:real count ratio with --real (2.0 = twice as many synthetic as real slices)")
+    p.add_argument("--synthetic", choices=SYNTHETIC_MODES, default="generated",
+                   help="what the --n / --ratio synthetic slices are: generated (TSGAN slices) or inserted (copies of "
+                        "--real's TRAIN slices without a nodule, each with LIDC nodules inserted; the real slices stay too)")
     p.add_argument("--masks", default=None, help="translate these label masks (.png/.npy, values 0..5) instead of sampling")
     p.add_argument("--nodules", choices=("lidc", "stylegan"), default="lidc",
                    help="lidc (default): real LIDC-IDRI outlines placed into the generated anatomy, conditions met by "
@@ -151,6 +155,9 @@ def _check_args(args: argparse.Namespace) -> tuple[str, ...]:
         raise NoduleSynthError(f"--real {args.real}: not a folder (expected a dataset written by `nodulesynth prepare`)")
     if args.start_index < 0:
         raise NoduleSynthError(f"--start-index: must be ≥ 0, got {args.start_index}")
+    if args.synthetic == "inserted" and (args.real is None or args.masks is not None):
+        raise NoduleSynthError("--synthetic inserted: needs --real DIR (its TRAIN slices without a nodule get the "
+                               "nodules) and no --masks")
     if args.add_nodules and args.real is None and args.masks is None:
         raise NoduleSynthError("--add-nodules: needs --real DIR or --masks DIR (the slices that get the nodules); "
                                "generated slices always have them (--num-nodules sets how many)")
@@ -209,6 +216,7 @@ class Plan:
     spacing_mm: tuple[float, float]  # synthetic / mask-in slices
     preview: bool
     add_nodules: bool = False  # real TRAIN slices get LIDC nodules (validation slices never)
+    inserted: object | None = None  # --synthetic inserted: the InsertionSource the synthetic samples come from
 
     @property
     def n_real(self) -> int:
@@ -241,7 +249,7 @@ def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_
         split = "val" if source == "real" and prov["index"] in plan.val else "train"
         writer.add(ExportItem(name, hu, mask, np.asarray(boxes, np.float32).reshape(-1, 4), source,
                               tuple(float(v) for v in spacing), prov, split, plan.start_index + pos))
-        counts[{"real": "n_real", "synthetic": "n_synthetic", "mask-in": "n_mask_in"}[source]] += 1
+        counts[{"real": "n_real", "synthetic": "n_synthetic", "inserted": "n_inserted", "mask-in": "n_mask_in"}[source]] += 1
         if plan.preview and len(preview) < PREVIEW_ITEMS and (source != "real" or only_real or "nodules" in prov):
             preview.append((hu, mask, boxes))
         bar.update(1)
@@ -270,11 +278,12 @@ def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_
     s0, s1 = max(lo, plan.n_real) - plan.n_real, min(hi, plan.n_real + plan.n_synth) - plan.n_real
     for s in range(s0, max(s0, s1), batch_size):
         idx = range(plan.start_index + s, plan.start_index + min(s + batch_size, s1))
-        b = synth.generate(idx)
+        b = synth.generate(idx) if plan.inserted is None else plan.inserted.generate(synth, idx)
         hu = b.images_hu.round().short().numpy()
+        kind, stem = ("synthetic", "synth") if plan.inserted is None else ("inserted", "insert")
         for k, prov in enumerate(b.provenance):
-            emit(plan.n_real + s + k, f"synth_{prov['index']:06d}", hu[k], b.masks[k].numpy(), b.boxes[k],
-                 "synthetic", plan.spacing_mm, prov)
+            emit(plan.n_real + s + k, f"{stem}_{prov['index']:06d}", hu[k], b.masks[k].numpy(), b.boxes[k],
+                 kind, plan.spacing_mm, prov)
     m_off = plan.n_real + plan.n_synth
     m0, m1 = max(lo, m_off) - m_off, min(hi, plan.total) - m_off
     for s in range(m0, max(m0, m1), batch_size):
@@ -392,7 +401,13 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
     add_real = bool(args.add_nodules and real is not None)
     if add_real:
         check_real_spacing(real, [i for i in real_idx if i not in val], spacing, f"--real {args.real}")
-    plan = Plan(real, real_idx, n_synth, args.start_index, masks, val, (spacing, spacing), args.preview, add_real)
+    inserted = None
+    if args.synthetic == "inserted" and n_synth:
+        from .insert import InsertionSource
+
+        inserted = InsertionSource.from_real(real, [i for i in real_idx if i not in val], spacing, f"--real {args.real}")
+    plan = Plan(real, real_idx, n_synth, args.start_index, masks, val, (spacing, spacing), args.preview, add_real,
+                inserted)
     if dist.rank == 0 and left_out:
         print(f"note: {len(left_out)} real slices of the test patients {validation['test_patients']} are left out "
               "(the real data's own split keeps them for the final evaluation)", file=sys.stderr)
@@ -451,7 +466,8 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
         if dist.rank != 0:
             return 0
     elapsed = time.perf_counter() - t0
-    print(f"wrote {plan.total} slices ({header['n_synthetic']} synthetic, {header['n_real']} real, "
+    inserted = f"{header['n_inserted']} inserted, " if header.get("n_inserted") else ""
+    print(f"wrote {plan.total} slices ({header['n_synthetic']} synthetic, {inserted}{header['n_real']} real, "
           f"{header['n_mask_in']} mask-in) to {out} in {elapsed:.1f} s ({plan.total / max(elapsed, 1e-9):.2f} img/s); "
           f"quality gate: {header['quality_gate']}")
     return 0
