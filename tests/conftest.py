@@ -100,6 +100,23 @@ def synth_chest(seed: int = 0, nodule: bool = True) -> SynthChest:
     return SynthChest(np.clip(np.rint(hu), -1024, 3000).astype(np.int16), seg)
 
 
+def chest_over_abdomen(seed: int = 0):
+    """(Z, H, W) canonical volume, 60 slices of 2.5 mm at 2 mm pixels: two lungs (−850 HU, vessels)
+    over slices 25–59 joined by a trachea in the top slices, and below them colon gas mottled with
+    stool (its 90th HU percentile above −960, so one slice alone takes it for lung) in slices 5–20."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(np.arange(60), np.arange(128), np.arange(128), indexing="ij")
+    hu = np.where(((x - 64) / 55.0) ** 2 + ((y - 64) / 40.0) ** 2 <= 1, 40.0, -1000.0)
+    for side in (-1, 1):
+        lung = (((x - 64 - side * 25) / 17.0) ** 2 + ((y - 66) / 25.0) ** 2 <= 1) & (z >= 25)
+        hu[lung] = -850 + rng.normal(0, 30, lung.sum())
+    hu[(((x - 64) / 5.0) ** 2 + ((y - 46) / 5.0) ** 2 <= 1) & (z >= 50)] = -1000  # trachea
+    hu[(np.abs(x - 64) <= 30) & (np.abs(y - 46) <= 2) & (z >= 50) & (z <= 52)] = -1000  # main bronchi
+    gas = (((x - 85) / 14.0) ** 2 + ((y - 60) / 12.0) ** 2 <= 1) & (z >= 5) & (z <= 20)
+    hu[gas] = np.where(rng.random(gas.sum()) < 0.2, -600, -1000)
+    return hu.astype(np.int16), gas
+
+
 def write_mhd(path: Path, arr: np.ndarray, flipped: bool = False) -> None:
     """Write (z, y, x) ``arr`` in canonical geometry; ``flipped`` stores it the way some LUNA16
     scans are stored: x and y reversed with direction diag(−1, −1, 1)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import NODULE_XYZ, SPACING, synth_chest
+from conftest import NODULE_XYZ, SPACING, chest_over_abdomen, synth_chest
 from nodulesynth.data.ct import load_ct
 from nodulesynth.data.lidc import nodules_from_lidc
 from nodulesynth.masks.classes import MaskClass
@@ -117,3 +117,20 @@ def test_lung_parenchyma():
     par = lung_parenchyma(hu, m)
     lungs = np.isin(m, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG, MaskClass.NODULE))
     assert (par[~lungs] == -1024).all() and (par[lungs] == hu[lungs]).all() and par.dtype == hu.dtype
+
+
+def test_bowel_gas_is_not_lung_once_the_volume_shows_the_chest():
+    C = MaskClass
+    from nodulesynth.masks.semantic import thoracic_air
+
+    hu, gas = chest_over_abdomen()
+    sp = (2.0, 2.0)
+    alone = semantic_mask(hu[12], sp)  # one slice cannot tell stool-mottled gas from lung
+    assert np.isin(alone, (C.LEFT_LUNG, C.RIGHT_LUNG)).any()
+    air = thoracic_air(hu, (2.5, 2.0, 2.0))
+    assert not (air & gas).any()
+    low = semantic_mask(hu[12], sp, lung_air=air[12])
+    assert not np.isin(low, (C.LEFT_LUNG, C.RIGHT_LUNG)).any() and (low == C.BODY).sum() > (alone == C.BODY).sum()
+    for k in (30, 55):  # chest slices keep their lungs and airway as the one-slice rule drew them
+        np.testing.assert_array_equal(semantic_mask(hu[k], sp, lung_air=air[k]), semantic_mask(hu[k], sp))
+    assert thoracic_air(hu[:30], (2.5, 2.0, 2.0)) is None  # 75 mm: too little of the chest to tell

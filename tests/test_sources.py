@@ -87,6 +87,25 @@ def test_a_lung_mask_given_as_label_is_refused(tmp_path, capsys):
     check_lesion_label(sitk.GetArrayFromImage(sitk.ReadImage(str(lesion))) != 0, sp, lesion)  # the real lesion passes
 
 
+def test_negatives_never_call_bowel_gas_lung(tmp_path):
+    """A labelled volume whose lower slices show the abdomen: its nodule-free slices are drawn from the
+    whole volume, and a slice of colon gas must not pass as a slice with 1000 mm² of lung."""
+    from conftest import chest_over_abdomen
+
+    hu, gas = chest_over_abdomen()
+    label = np.zeros(hu.shape, np.uint8)
+    label[40:43, 60:64, 84:88] = 1  # a nodule in the patient's left lung
+    img, lab = _write(tmp_path / "abd_image.nii.gz", hu), _write(tmp_path / "abd_label.nii.gz", label)
+    out = prepare_volumes(VolumeConfig(out=tmp_path / "ds", volumes=[img], labels=[lab], size=128, spacing_mm=2.0,
+                                       negatives=10.0, split_fractions=(1.0, 0.0, 0.0)))
+    ds = SliceDataset(out)
+    assert len(ds) > 3
+    for i in range(len(ds)):
+        lung = np.isin(np.asarray(ds.masks[i]), (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG))
+        assert np.median(np.asarray(ds.images[i])[lung]) > -960  # parenchyma, never gas
+    assert all(r.slice_index >= 25 for r in ds.records)  # the abdominal slices hold no lung
+
+
 def test_unlabelled_volume_every_k(pair, tmp_path):
     img = pair[0]
     assert main(["prepare", "--volume", str(img), "--out", str(tmp_path / "a"), *FAST, "--every-k", "1"]) == 0

@@ -40,7 +40,7 @@ from ..io import (atomic_dir, atomic_file, check_out_dir, disk_full_error, free_
                   tree_bytes, write_json)
 from ..masks.boxes import mask_to_boxes
 from ..masks.classes import MaskClass
-from ..masks.semantic import semantic_mask
+from ..masks.semantic import semantic_mask, thoracic_air
 from .ct import AIR_HU, CTVolume, dicom_series_parts, load_ct, mhd_data_file
 from .lidc import lidc_series_uid, nodules_from_lidc, reframe_contours
 from .luna16 import discover_luna16, lung_seg_sides, read_lung_seg
@@ -261,11 +261,13 @@ def process_scan(job: ScanJob, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarr
             log.warning("%s: nodule at (%.1f, %.1f, %.1f) mm (%.1f mm) has its centre outside the scan; only "
                         "cross-sections inside it are labelled", job.path, *n.center_xyz_mm, n.diameter_mm)
     no_lung = []
+    lung_air = thoracic_air(ct.hu, ct.spacing) if seg is None else None  # bowel gas is never lung
+    air = (lambda k: None) if lung_air is None else lung_air.__getitem__  # noqa: E731
     for k in range(ct.shape[0]):
         sns = nodules_in_slice(ct, k, nodules, cfg.min_section_mm)
         if not sns:
             continue
-        m = semantic_mask(ct.hu[k], sp, sns, None if seg is None else seg[k])
+        m = semantic_mask(ct.hu[k], sp, sns, None if seg is None else seg[k], air(k))
         if (m == MaskClass.NODULE).any():  # else readers disagree here: neither positive nor negative
             if not np.isin(m, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)).any():
                 no_lung.append(float(zs[k]))  # a nodule with no lung around it is not a lung nodule slice
@@ -289,7 +291,7 @@ def process_scan(job: ScanJob, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarr
         cands = rng.permutation(np.flatnonzero(~near))[: 3 * n_neg + 3]
         px_mm2 = sp[0] * sp[1]
         for k in cands:
-            m = semantic_mask(ct.hu[k], sp, (), None if seg is None else seg[k])
+            m = semantic_mask(ct.hu[k], sp, (), None if seg is None else seg[k], air(k))
             if np.isin(m, (MaskClass.LEFT_LUNG, MaskClass.RIGHT_LUNG)).sum() * px_mm2 >= MIN_LUNG_MM2:
                 picked.append((int(k), m, 0))
                 n_neg -= 1

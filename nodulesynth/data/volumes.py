@@ -42,7 +42,7 @@ from ..errors import NoduleSynthError
 from ..io import check_out_dir
 from ..masks.boxes import mask_to_boxes
 from ..masks.classes import MaskClass
-from ..masks.semantic import semantic_mask
+from ..masks.semantic import semantic_mask, thoracic_air
 from .ct import CTVolume, _image_geometry, _to_hu_int16, check_hu_plausible
 from .dicom_tree import DicomVolumeRef, read_dicom_label, read_dicom_volume, scan_dicom_tree
 from .slices import SliceRecord
@@ -303,15 +303,17 @@ def pick_slices(ct: CTVolume, label: np.ndarray | None, cfg: VolumeConfig, rng: 
     sp = (ct.spacing[1], ct.spacing[2])
     px = sp[0] * sp[1]
     picked = []
+    lung_air = thoracic_air(ct.hu, ct.spacing)  # bowel gas is never lung (one slice cannot tell)
+    air = (lambda k: None) if lung_air is None else lung_air.__getitem__  # noqa: E731
     if label is None:
         for k in range(0, ct.shape[0], cfg.every_k):
-            m = semantic_mask(ct.hu[k], sp)
+            m = semantic_mask(ct.hu[k], sp, lung_air=air(k))
             if min(_lung_areas(m, px)) >= cfg.min_lung_mm2:
                 picked.append((k, m))
         return picked
     pos = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
     for k in pos:
-        m = semantic_mask(ct.hu[k], sp)
+        m = semantic_mask(ct.hu[k], sp, lung_air=air(k))
         m[label[k]] = MaskClass.NODULE
         picked.append((int(k), m))
     n_neg = int(np.floor(cfg.negatives * len(pos) + rng.random())) if len(pos) else 0
@@ -321,7 +323,7 @@ def pick_slices(ct: CTVolume, label: np.ndarray | None, cfg: VolumeConfig, rng: 
         for k in pos:
             near |= np.abs(zs - zs[k]) <= NEGATIVE_MARGIN_MM + ct.spacing[0] / 2
         for k in rng.permutation(np.flatnonzero(~near))[: 3 * n_neg + 3]:
-            m = semantic_mask(ct.hu[k], sp)
+            m = semantic_mask(ct.hu[k], sp, lung_air=air(k))
             if sum(_lung_areas(m, px)) >= MIN_LUNG_MM2:
                 picked.append((int(k), m))
                 n_neg -= 1

@@ -8,7 +8,9 @@ Without a lung segmentation the anatomy comes from HU alone, built to hold on ch
 (field of view, table, arms, 0.5–1 mm pixels), with all sizes in millimetres:
 - body: HU > −500, opened to cut the table/blanket loose, components ≥ 20 % of the largest kept
   (arms), holes filled;
-- air inside the body (HU < −400) split into components: the airway is a small, round, very dark
+- air inside the body (HU < −400), within the volume's 3-D lungs and airways where the volume is long
+  enough to show them (``thoracic_air``: on one slice bowel gas can pass for lung), split into
+  components: the airway is a small, round, very dark
   (< −900 HU median) component near the mediastinal midline; gas pockets (uniform ≤ −960 HU, e.g.
   bowel) and small specks are dropped; the rest is lung, filled (vessels) and closed;
 - left/right: each lung component goes to the side of the body's midline its centroid lies on; a
@@ -75,6 +77,41 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
     body = ndi.binary_fill_holes(body)
     # opening shaved the skin; restore dense pixels touching the body
     return body | (ndi.binary_dilation(body, structure=_disk(3.0, spacing)) & dense)
+
+
+LUNG_SHARE = 0.3  # a 3-D air component this share of the largest one's volume is lung too (separate lungs)
+MIN_EXTENT_MM = 100.0  # thinner stacks (single slices, short runs) hold too little of the chest to tell
+
+
+def thoracic_air(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray | None:
+    """(Z, H, W) bool: where a canonical volume's lungs and airways may lie (None for a stack under
+    MIN_EXTENT_MM, where the one-slice rule stands alone). On one slice, colon gas mixed with stool and
+    a stomach bubble look like lung; in 3-D they are components of their own, below the diaphragm.
+    So: air (< LUNG_AIR_HU) inside each slice's body, labelled in 3-D at half resolution; kept are the
+    largest component (both lungs, joined by the airways), any of ≥ LUNG_SHARE its volume, and any
+    reaching the upper half of its height (trachea, apical pieces; gas stays below the diaphragm),
+    dilated by one half-resolution pixel so no lung edge is lost."""
+    hu = np.asarray(hu)
+    z, h, w = hu.shape
+    if z * float(spacing[0]) < MIN_EXTENT_MM:
+        return None
+    half = (float(spacing[1]) * 2, float(spacing[2]) * 2)
+    air = np.stack([body_mask(sl, half) & (sl < LUNG_AIR_HU) for sl in hu[:, ::2, ::2]])
+    lab, n = ndi.label(air)
+    out = np.zeros(hu.shape, dtype=bool)
+    if n == 0:
+        return out
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    big = int(np.argmax(sizes))
+    boxes = ndi.find_objects(lab)
+    lo, hi = boxes[big - 1][0].start, boxes[big - 1][0].stop  # canonical: slice index grows toward the head
+    keep = sizes >= LUNG_SHARE * sizes[big]
+    keep |= np.array([False] + [b is not None and b[0].stop - 1 >= (lo + hi) / 2 for b in boxes])
+    keep[0] = False
+    lungs = ndi.binary_dilation(keep[lab], structure=ndi.generate_binary_structure(3, 1)[1:2])
+    out[:] = np.repeat(np.repeat(lungs, 2, axis=1), 2, axis=2)[:, :h, :w]
+    return out
 
 
 def _split_touching(comp: np.ndarray, spacing: tuple[float, float]) -> np.ndarray | None:
@@ -144,7 +181,8 @@ def _find_airway(
     return best
 
 
-def _anatomy_from_hu(hu: np.ndarray, spacing: tuple[float, float], body: np.ndarray) -> np.ndarray:
+def _anatomy_from_hu(hu: np.ndarray, spacing: tuple[float, float], body: np.ndarray,
+                     lung_air: np.ndarray | None = None) -> np.ndarray:
     out = np.zeros(hu.shape, dtype=np.uint8)
     ys, xs = np.nonzero(body)
     if len(ys) == 0:
@@ -153,6 +191,8 @@ def _anatomy_from_hu(hu: np.ndarray, spacing: tuple[float, float], body: np.ndar
     mid_col = (xs.min() + xs.max()) / 2.0
     px_area = spacing[0] * spacing[1]
     air = body & (hu < LUNG_AIR_HU)
+    if lung_air is not None:  # the volume's 3-D lungs and airways (thoracic_air): bowel gas is not lung
+        air &= lung_air
     air = ndi.binary_opening(air, structure=_disk(1.0, spacing))
     airway = _find_airway(hu, spacing, body, air, body_box)
     if airway is not None:
@@ -252,10 +292,12 @@ def semantic_mask(
     spacing: tuple[float, float],
     nodules=(),
     lung_seg: np.ndarray | None = None,
+    lung_air: np.ndarray | None = None,
 ) -> np.ndarray:
     """uint8 (H, W) ``MaskClass`` labels for one canonical axial slice. ``nodules``: ``SliceNodule``
     cross-sections in this slice's pixels (see ``nodulesynth.data.sections.nodules_in_slice``). ``lung_seg``: the matching
-    LUNA16 seg-lungs slice (3 left, 4 right, 5 trachea); when given it decides lungs and trachea."""
+    LUNA16 seg-lungs slice (3 left, 4 right, 5 trachea); when given it decides lungs and trachea.
+    ``lung_air``: this slice of the volume's :func:`thoracic_air`; air outside it is never lung."""
     hu = np.asarray(slice_hu, dtype=np.float32)
     if hu.ndim != 2:
         raise ValueError(f"semantic_mask: expected one (H, W) slice, got shape {hu.shape}")
@@ -270,7 +312,7 @@ def semantic_mask(
             anat[seg == v] = cls
         body |= anat > 0
     else:
-        anat = _anatomy_from_hu(hu, spacing, body)
+        anat = _anatomy_from_hu(hu, spacing, body, lung_air)
     mask = np.where(body, np.uint8(MaskClass.BODY), np.uint8(MaskClass.BACKGROUND)).astype(np.uint8)
     mask[anat > 0] = anat[anat > 0]
     for sn in nodules:
