@@ -137,8 +137,8 @@ class SyntheticNoduleDataset(Dataset):
     float32 xyxy pixels, "labels": (K,) int64 (1 = nodule), "source": "synthetic"|"inserted"|"real",
     "provenance": dict}``. ``output`` picks the image scale: "hu" (HU), "window" (lung window
     [-1000, 400] HU → [0,1], as exported PNGs; the paper states no window), "unit" (network range [-1,1]).
-    ``synthetic="inserted"`` makes the synthetic samples real ``real_split`` slices without a nodule with
-    LIDC nodules inserted (:mod:`synth.insert`) instead of generated slices."""
+    ``synthetic="inserted"`` makes the synthetic samples real TRAIN slices without a nodule with LIDC
+    nodules inserted (:mod:`synth.insert`) instead of generated slices."""
 
     def __init__(
         self,
@@ -210,11 +210,12 @@ class SyntheticNoduleDataset(Dataset):
             check_real_size(self.real, self.synthesizer.image_size)
         if self.n_real and cfg.add_nodules:
             check_real_spacing(self.real, self.real_index, float(self.synthesizer.spacing_mm))
-        self.inserted = None  # synthetic="inserted": the backgrounds (real_split's slices without a nodule)
+        self.inserted = None  # synthetic="inserted": the backgrounds, TRAIN slices without a nodule whatever real_split
         if synthetic == "inserted" and self.n_synth:
             from .insert import InsertionSource
 
-            self.inserted = InsertionSource.from_real(self.real, self.real_index, float(self.synthesizer.spacing_mm))
+            self.inserted = InsertionSource.from_real(self.real, split_indices(self.real, "train"),
+                                                      float(self.synthesizer.spacing_mm))
 
     # ---- generation ---------------------------------------------------------------------------
     @property
