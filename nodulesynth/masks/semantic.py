@@ -79,7 +79,6 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
     return body | (ndi.binary_dilation(body, structure=_disk(3.0, spacing)) & dense)
 
 
-LUNG_SHARE = 0.3  # a 3-D air component this share of the largest one's volume is lung too (separate lungs)
 MIN_EXTENT_MM = 100.0  # thinner stacks (single slices, short runs) hold too little of the chest to tell
 
 
@@ -88,9 +87,9 @@ def thoracic_air(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndar
     MIN_EXTENT_MM, where the one-slice rule stands alone). On one slice, colon gas mixed with stool and
     a stomach bubble look like lung; in 3-D they are components of their own, below the diaphragm.
     So: air (< LUNG_AIR_HU) inside each slice's body, labelled in 3-D at half resolution; kept are the
-    largest component (both lungs, joined by the airways), any of ≥ LUNG_SHARE its volume, and any
-    reaching the upper half of its height (trachea, apical pieces; gas stays below the diaphragm),
-    dilated by one half-resolution pixel so no lung edge is lost."""
+    largest component (the lungs, joined by the airways) and any other reaching the upper half of its
+    height (a lung not joined at this resolution, the trachea; gas stays below the diaphragm, and even
+    a distended colon's gas may be large), dilated by one half-resolution pixel so no lung edge is lost."""
     hu = np.asarray(hu)
     z, h, w = hu.shape
     if z * float(spacing[0]) < MIN_EXTENT_MM:
@@ -106,9 +105,8 @@ def thoracic_air(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndar
     big = int(np.argmax(sizes))
     boxes = ndi.find_objects(lab)
     lo, hi = boxes[big - 1][0].start, boxes[big - 1][0].stop  # canonical: slice index grows toward the head
-    keep = sizes >= LUNG_SHARE * sizes[big]
-    keep |= np.array([False] + [b is not None and b[0].stop - 1 >= (lo + hi) / 2 for b in boxes])
-    keep[0] = False
+    keep = np.array([False] + [b is not None and b[0].stop - 1 >= (lo + hi) / 2 for b in boxes])
+    keep[big] = True
     lungs = ndi.binary_dilation(keep[lab], structure=ndi.generate_binary_structure(3, 1)[1:2])
     out[:] = np.repeat(np.repeat(lungs, 2, axis=1), 2, axis=2)[:, :h, :w]
     return out
