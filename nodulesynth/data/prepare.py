@@ -261,7 +261,8 @@ def process_scan(job: ScanJob, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarr
             log.warning("%s: nodule at (%.1f, %.1f, %.1f) mm (%.1f mm) has its centre outside the scan; only "
                         "cross-sections inside it are labelled", job.path, *n.center_xyz_mm, n.diameter_mm)
     no_lung = []
-    lung_air = thoracic_air(ct.hu, ct.spacing) if seg is None else None  # bowel gas is never lung
+    # bowel gas is never lung; without nodules no slice is drawn (no positives, so no negatives)
+    lung_air = thoracic_air(ct.hu, ct.spacing) if seg is None and nodules else None
     air = (lambda k: None) if lung_air is None else lung_air.__getitem__  # noqa: E731
     for k in range(ct.shape[0]):
         sns = nodules_in_slice(ct, k, nodules, cfg.min_section_mm)

@@ -303,7 +303,8 @@ def pick_slices(ct: CTVolume, label: np.ndarray | None, cfg: VolumeConfig, rng: 
     sp = (ct.spacing[1], ct.spacing[2])
     px = sp[0] * sp[1]
     picked = []
-    lung_air = thoracic_air(ct.hu, ct.spacing)  # bowel gas is never lung (one slice cannot tell)
+    # bowel gas is never lung (one slice cannot tell); a label without lesions draws no slice
+    lung_air = thoracic_air(ct.hu, ct.spacing) if label is None or label.any() else None
     air = (lambda k: None) if lung_air is None else lung_air.__getitem__  # noqa: E731
     if label is None:
         for k in range(0, ct.shape[0], cfg.every_k):

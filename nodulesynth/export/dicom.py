@@ -128,16 +128,20 @@ def ct_dataset(item, ctx: DicomContext):
     return ds
 
 
-def seg_dataset(ct, mask: np.ndarray, ctx: DicomContext, name: str, automatic: bool):
+SEG_DESCRIPTION = {"synthetic": f"{SYNTHETIC_TEXT} nodule SEG", "real": "REAL nodule SEG",
+                   "real+nodules": "REAL nodule SEG (model-placed nodules)"}
+
+
+def seg_dataset(ct, mask: np.ndarray, ctx: DicomContext, name: str, kind: str):
     """A highdicom binary SEG of the nodule pixels referencing ``ct`` (None when highdicom is absent);
-    ``automatic``: some of its nodules are the model's (else all are the readers')."""
+    ``kind`` (:func:`_kind`): any but "real" holds nodules the model placed, an automatic segmentation."""
     try:
         import highdicom as hd
     except ImportError:
         return None
     from pydicom.sr.codedict import codes
 
-    if automatic:  # a nodule is the model's: an automatic segmentation
+    if kind != "real":  # a nodule is the model's: an automatic segmentation
         how = dict(algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                    algorithm_identification=hd.AlgorithmIdentificationSequence(
                        name="nodulesynth TSGAN", version=ctx.revision[:64], family=codes.DCM.ArtificialIntelligence))
@@ -153,8 +157,7 @@ def seg_dataset(ct, mask: np.ndarray, ctx: DicomContext, name: str, automatic: b
         sop_instance_uid=ctx.uid("seg", name), instance_number=int(ct.InstanceNumber),
         manufacturer="nodulesynth", manufacturer_model_name=f"TSGAN {ctx.model}"[:64],
         software_versions=f"nodulesynth {ctx.version}", device_serial_number="none",
-        series_description=f"{SYNTHETIC_TEXT if str(ct.PatientName) == SYNTHETIC_NAME else 'REAL'} nodule SEG"
-                           f"{' (model-placed nodules)' if automatic and str(ct.PatientName) != SYNTHETIC_NAME else ''}"[:64],
+        series_description=SEG_DESCRIPTION[kind],
     )
     # highdicom stamps the wall clock and a random dimension-organisation UID; pin them so reruns and
     # sharded runs write identical files (the CT slices' dates are pinned the same way)
@@ -179,7 +182,7 @@ def dicom_item(root: Path, item, ctx: DicomContext) -> dict:
     ct.save_as(root / image, enforce_file_format=True)
     rec = {"image": image, "seg": None}
     if len(np.asarray(item.boxes).reshape(-1, 4)):
-        seg = seg_dataset(ct, item.mask, ctx, item.name, automatic=_kind(item) != "real")
+        seg = seg_dataset(ct, item.mask, ctx, item.name, _kind(item))
         if seg is not None:
             rec["seg"] = f"seg/{item.name}.dcm"
             seg.save_as(root / rec["seg"])

@@ -97,9 +97,8 @@ def thoracic_air(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndar
     half = (float(spacing[1]) * 2, float(spacing[2]) * 2)
     air = np.stack([body_mask(sl, half) & (sl < LUNG_AIR_HU) for sl in hu[:, ::2, ::2]])
     lab, n = ndi.label(air)
-    out = np.zeros(hu.shape, dtype=bool)
     if n == 0:
-        return out
+        return np.zeros(hu.shape, dtype=bool)
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     big = int(np.argmax(sizes))
@@ -108,8 +107,7 @@ def thoracic_air(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndar
     keep = np.array([False] + [b is not None and b[0].stop - 1 >= (lo + hi) / 2 for b in boxes])
     keep[big] = True
     lungs = ndi.binary_dilation(keep[lab], structure=ndi.generate_binary_structure(3, 1)[1:2])
-    out[:] = np.repeat(np.repeat(lungs, 2, axis=1), 2, axis=2)[:, :h, :w]
-    return out
+    return np.repeat(np.repeat(lungs, 2, axis=1), 2, axis=2)[:, :h, :w]
 
 
 def _split_touching(comp: np.ndarray, spacing: tuple[float, float]) -> np.ndarray | None:

@@ -111,13 +111,6 @@ def check_real_spacing(real, indices, spacing_mm: float, name: str = "real") -> 
                 f"{spacing_mm:g} mm (their sizes would be wrong); prepare the real data with --spacing {spacing_mm:g}")
 
 
-def added_nodules_provenance(record, index: int, added: dict) -> dict:
-    """Provenance of real slice ``index`` after ``add_nodules_to_real`` (its provenance ``added``): what
-    the slice is now (source "real+lidc-nodules", the nodules) and where the scan came from (real_source)."""
-    real = real_provenance(record, index)
-    return {**real, **added, "real_source": real["source"]}
-
-
 def real_provenance(record, index: int) -> dict:
     """Provenance of real slice ``index`` (one definition for the Dataset, the CLI and every export)."""
     prov = {"source": str(getattr(record, "source", "real")), "series_uid": str(getattr(record, "series_uid", "")),
@@ -256,16 +249,12 @@ class SyntheticNoduleDataset(Dataset):
         name "real<j>" (j: its index in the prepared set), so never by the batch size; a slice the
         nodules do not fit stays as it was (provenance ``no_room``). `generate --real --add-nodules`
         writes the same slices."""
-        lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.n_real)
-        items = [self.real[int(self.real_index[i])] for i in range(lo, hi)]
-        out = self.synthesizer.add_nodules_to_real(np.stack([np.asarray(it["image_hu"]) for it in items]),
-                                                   np.stack([np.asarray(it["mask"]) for it in items]),
-                                                   [f"real{int(self.real_index[i])}" for i in range(lo, hi)],
-                                                   no_room="keep")
-        prov = [added_nodules_provenance(it["record"], int(self.real_index[i]), p)
-                for i, it, p in zip(range(lo, hi), items, out.provenance)]
+        from .insert import add_to_real_slices
+
+        rows = [int(r) for r in self.real_index[b * self.batch_size:(b + 1) * self.batch_size]]
+        out = add_to_real_slices(self.synthesizer, self.real, rows, [f"real{r}" for r in rows])
         return {"hu": out.images_hu.round().to(torch.int16).numpy(), "masks": out.masks.numpy(),
-                "boxes": out.boxes, "provenance": prov}
+                "boxes": out.boxes, "provenance": out.provenance}
 
     def _block(self, b: int) -> dict:
         if b in self._cache:

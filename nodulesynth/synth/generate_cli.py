@@ -239,7 +239,8 @@ def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_
     """Generate and export the dataset positions ``positions`` (a contiguous range) through ``writer``."""
     from ..export.merge import COUNTS
     from ..export.writer import ExportItem
-    from .dataset import added_nodules_provenance, real_provenance
+    from .dataset import real_provenance
+    from .insert import add_to_real_slices
 
     preview: list = []
     counts = dict.fromkeys(COUNTS, 0)
@@ -265,13 +266,12 @@ def _write_part(plan: Plan, synth: Synthesizer, positions: range, writer, batch_
         provs = [real_provenance(it["record"], plan.real_idx[k]) for k, it in zip(ks, items)]
         add = [j for j, k in enumerate(ks) if plan.add_nodules and plan.real_idx[k] not in plan.val]
         if add:  # named as the Dataset names them, so both give the same slices
-            b = synth.add_nodules_to_real(np.stack([hus[j] for j in add]), np.stack([masks[j] for j in add]),
-                                          [f"real{plan.real_idx[ks[j]]}" for j in add], no_room="keep")
+            rows = [plan.real_idx[ks[j]] for j in add]
+            b = add_to_real_slices(synth, plan.real, rows, [f"real{r}" for r in rows])
             hu_new = b.images_hu.round().short().numpy()
             for q, j in enumerate(add):
-                hus[j], masks[j], boxes[j] = hu_new[q], b.masks[q].numpy(), b.boxes[q]
-                provs[j] = added_nodules_provenance(items[j]["record"], plan.real_idx[ks[j]], b.provenance[q])
-                counts["n_real_no_room" if "no_room" in b.provenance[q] else "n_real_nodules_added"] += 1
+                hus[j], masks[j], boxes[j], provs[j] = hu_new[q], b.masks[q].numpy(), b.boxes[q], b.provenance[q]
+                counts["n_real_no_room" if "no_room" in provs[j] else "n_real_nodules_added"] += 1
         for j, k in enumerate(ks):
             i = plan.real_idx[k]
             emit(k, f"real_{i:06d}", hus[j], masks[j], boxes[j], "real", tuple(items[j]["record"].spacing_mm), provs[j])

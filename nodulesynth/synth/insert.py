@@ -22,6 +22,23 @@ MODES = ("generated", "inserted")  # what the synthetic samples are
 MAX_ATTEMPTS = 16  # backgrounds tried per copy before giving up
 
 
+def add_to_real_slices(synth: Synthesizer, real, rows, names) -> SyntheticBatch:
+    """Slices ``rows`` of the prepared set ``real`` with LIDC nodules added, slice k seeded by
+    ``names[k]``; one where they find no room stays as it was (provenance ``no_room``). Provenance: the
+    real slice's, overlaid by what it is now (source "real+lidc-nodules", the nodules), with where the
+    scan came from kept as ``real_source``. The one path of `generate --real
+    --add-nodules`, ``conditions={"add_nodules": True}`` and the inserted copies."""
+    from .dataset import real_provenance
+
+    rows = [int(r) for r in rows]
+    items = [real[r] for r in rows]
+    out = synth.add_nodules_to_real(np.stack([np.asarray(it["image_hu"]) for it in items]),
+                                    np.stack([np.asarray(it["mask"]) for it in items]), list(names), no_room="keep")
+    real_provs = [real_provenance(it["record"], r) for r, it in zip(rows, items)]
+    out.provenance = [{**rp, **p, "real_source": rp["source"]} for rp, p in zip(real_provs, out.provenance)]
+    return out
+
+
 @dataclass
 class InsertionSource:
     """The backgrounds of the inserted copies: indices into ``real`` (a SliceDataset)."""
@@ -46,8 +63,6 @@ class InsertionSource:
 
     def generate(self, synth: Synthesizer, indices) -> SyntheticBatch:
         """Copies ``indices`` (their provenance: the background's, the nodules, index and attempt)."""
-        from .dataset import added_nodules_provenance
-
         indices = [int(i) for i in indices]
         m = len(self.backgrounds)
         todo = {i: 0 for i in indices}
@@ -55,16 +70,13 @@ class InsertionSource:
         while todo:
             batch = sorted(todo)
             rows = [int(self.backgrounds[(i + todo[i]) % m]) for i in batch]
-            items = [self.real[r] for r in rows]
             names = [f"insert{i}" + (f".{todo[i]}" if todo[i] else "") for i in batch]
-            out = synth.add_nodules_to_real(np.stack([np.asarray(it["image_hu"]) for it in items]),
-                                            np.stack([np.asarray(it["mask"]) for it in items]), names, no_room="keep")
-            for k, (i, r, it) in enumerate(zip(batch, rows, items)):
+            out = add_to_real_slices(synth, self.real, rows, names)
+            for k, (i, r) in enumerate(zip(batch, rows)):
                 p = out.provenance[k]
                 if "no_room" not in p:
-                    prov = {**added_nodules_provenance(it["record"], r, p), "real_index": r, "index": i,
-                            "attempt": todo.pop(i)}
-                    done[i] = (out.images_hu[k], out.masks[k], out.boxes[k], prov)
+                    done[i] = (out.images_hu[k], out.masks[k], out.boxes[k],
+                               {**p, "real_index": r, "index": i, "attempt": todo.pop(i)})
                 elif todo[i] + 1 >= min(m, MAX_ATTEMPTS):
                     raise NoduleSynthError(f"{self.name}: copy {i}: the nodules found no room in {min(m, MAX_ATTEMPTS)} "
                                            f"TRAIN slices ({p['no_room']}); relax the nodule conditions")
