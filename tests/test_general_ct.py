@@ -242,6 +242,40 @@ def test_volume_acquisition_variants(lung1, name, change, min_dice, lesion_tol):
     _assert_same_anatomy(ref, var, min_dice=min_dice, lesion_tol=lesion_tol)
 
 
+def _small_field_of_view(pad: int, radius: int = 175):
+    """A reconstruction circle (centre row 360, column 300 of lung1's 512² slices) that cuts the
+    body all round and the lateral 0-15 % of the image-left lung; outside it, the scanner's padding."""
+
+    def change(a, img, is_label):
+        if is_label:
+            return a, _geometry(img)
+        yy, xx = np.ogrid[: a.shape[1], : a.shape[2]]
+        a = a.astype(np.int16)
+        a[:, (yy - 360) ** 2 + (xx - 300) ** 2 > radius**2] = pad
+        return a, _geometry(img)
+
+    return change
+
+
+@pytest.mark.parametrize("pad", [-3024, -1024])
+def test_lung_cut_by_the_field_of_view_stays_lung(lung1, pad):
+    """A lung reaching past the field of view is open to the padding, so hole filling never made it
+    body and it was lost (then the slice had one lung, or none, and the lesion was refused). It must
+    stay the same lung up to the circle, and the air the circle closes off stays background."""
+    root, imgs, ref = lung1
+    name = f"fov_{-pad}"
+    var = _prepare_volume(_write_volume(root / name, imgs, _small_field_of_view(pad)), root / f"out_{name}")
+    R, X, pairs = _pairs(ref, var)
+    assert len(X) == len(R) == len(pairs)
+    for rec, mr, mv, img, mask in pairs:
+        for cls in (LEFT, RIGHT):
+            kept = (mr == cls) & (mv > 0)  # the reference lung inside the field of view
+            assert (mv == cls)[kept].mean() >= 0.97, (rec.z_mm, MaskClass(cls).name)
+            assert (mr == cls)[mv == cls].mean() >= 0.97, (rec.z_mm, MaskClass(cls).name)
+        assert ((mv > 0) & (mr == 0)).sum() <= 0.002 * (mr > 0).sum(), (rec.z_mm, "outside air became patient")
+    assert sum(int((p[2] == NODULE).sum()) for p in pairs) >= 0.98 * sum(int((p[1] == NODULE).sum()) for p in pairs)
+
+
 # ------------------------------------------------------------------ DICOM (LIDC-IDRI-0001 with its XML)
 
 LIDC_Z = (-122.5, -112.5)  # five slices through the nodule of LIDC-IDRI-0001

@@ -4,11 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import NODULE_XYZ, SPACING, chest_over_abdomen, synth_chest
+from conftest import LIDC_SAMPLE, NODULE_XYZ, SPACING, chest_over_abdomen, synth_chest
 from nodulesynth.data.ct import load_ct
+from nodulesynth.data.dicom_tree import read_dicom_volume, scan_dicom_tree
 from nodulesynth.data.lidc import nodules_from_lidc
 from nodulesynth.masks.classes import MaskClass
 from nodulesynth.data.sections import nodules_in_slice
+from nodulesynth.masks import semantic
 from nodulesynth.masks.semantic import SliceNodule, lung_parenchyma, semantic_mask
 
 SP2 = SPACING[1:]
@@ -134,3 +136,39 @@ def test_bowel_gas_is_not_lung_once_the_volume_shows_the_chest():
     for k in (30, 55):  # chest slices keep their lungs and airway as the one-slice rule drew them
         np.testing.assert_array_equal(semantic_mask(hu[k], sp, lung_air=air[k]), semantic_mask(hu[k], sp))
     assert thoracic_air(hu[:30], (2.5, 2.0, 2.0)) is None  # 75 mm: too little of the chest to tell
+
+
+TCGA = LIDC_SAMPLE.parent / "tcga-chest-slices"
+
+
+def _tcga_slice(patient: str, image_id: str):
+    files = sorted((TCGA / patient).glob(f"ID_{image_id}_*.dcm"))
+    if not files:
+        pytest.skip(f"{TCGA / patient} absent (real TCGA slices are only on the project's machines)")
+    ref = next(v for v in scan_dicom_tree(files[0].parent).volumes if files[0] in v.files)
+    ct = read_dicom_volume(ref).canonical()
+    return ct.hu[0], ct.spacing[1:]
+
+
+@pytest.mark.parametrize("patient, image_id", [
+    ("TCGA-50-8460", "0070"),  # foam cushion under the back, as dark as lung, cut by the circle
+    ("TCGA-60-2695", "0002"),  # cushion under the back, cut by the image edge
+    ("TCGA-50-5942", "0090"),  # back flattened on the circle: a thin air pocket between them
+])
+def test_what_the_field_of_view_closes_off_outside_the_patient_stays_outside(patient, image_id, monkeypatch):
+    """Rescuing lungs cut by the field of view must not take in what lies under the patient."""
+    hu, sp = _tcga_slice(patient, image_id)
+    rescue = semantic._cut_by_field_of_view
+    monkeypatch.setattr(semantic, "_cut_by_field_of_view", lambda h, s, b: np.zeros_like(b))
+    body = semantic.body_mask(hu, sp)
+    assert not rescue(hu, sp, body).any()
+
+
+def test_lung_cut_by_the_image_edge_stays_lung():
+    """TCGA-17-Z028's image ends inside the patient and cuts the right lung (image left): hole
+    filling alone loses that lung to the background."""
+    hu, sp = _tcga_slice("TCGA-17-Z028", "0033")
+    m = semantic_mask(hu, sp)
+    right = m == MaskClass.RIGHT_LUNG
+    assert right.sum() * sp[0] * sp[1] > 8000 and right[:, 0].any()  # the lung, up to the edge
+    assert np.median(hu[right]) < -700

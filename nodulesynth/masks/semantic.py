@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError
 
 from ..hu import AIR_HU
 from .classes import MaskClass
@@ -76,7 +77,61 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
     body = ndi.binary_closing(body, structure=_disk(3.0, spacing), border_value=0) | body
     body = ndi.binary_fill_holes(body)
     # opening shaved the skin; restore dense pixels touching the body
-    return body | (ndi.binary_dilation(body, structure=_disk(3.0, spacing)) & dense)
+    body |= ndi.binary_dilation(body, structure=_disk(3.0, spacing)) & dense
+    return body | _cut_by_field_of_view(hu, spacing, body)
+
+
+FOV_CONTACT_MAX = 0.4  # share of a region's rim on the field-of-view edge: a cut lung's is small
+INSIDE_HULL_MIN = 0.5  # share of a region inside the body's convex hull: cut lungs 0.6-1, cushions ≤ 0.2
+OUTSIDE_AIR_HU = -960  # median of the air around the patient (≈ −1000); parenchyma's is −780 to −900
+
+
+def _cut_by_field_of_view(hu: np.ndarray, spacing: tuple[float, float], body: np.ndarray) -> np.ndarray:
+    """Regions inside the patient that hole filling missed because the reconstruction circle (or the
+    image edge) cuts through them: a lung reaching past a small field of view is open to the padding
+    outside it, so it is no hole. Such a region is walled by the body on most of its rim, holds
+    parenchyma and lies mostly inside the body's convex hull. The air between a wide patient and
+    the circle touches the edge along a long arc and reads as air; cushions under the back, as dark
+    as lung, lie outside the hull. Padding is flat air (≤ AIR_HU after ``CTVolume``'s clipping) in
+    blocks a few mm wide, which noise in real air never fills."""
+    padding = ndi.binary_opening(hu <= AIR_HU, structure=_disk(2.0, spacing))
+    frame = np.zeros(hu.shape, dtype=bool)
+    frame[[0, -1], :] = True
+    frame[:, [0, -1]] = True
+    lab, n, sizes = _components(~body & ~padding)
+    out = np.zeros(hu.shape, dtype=bool)
+    hull = None
+    min_px = 100.0 / (spacing[0] * spacing[1])  # under 1 cm²: nothing to decide
+    for i, box in enumerate(ndi.find_objects(lab), start=1):
+        if sizes[i] < min_px:
+            continue
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        comp = lab[box] == i
+        rim = ndi.binary_dilation(comp, structure=np.ones((3, 3), dtype=bool)) & ~comp  # body or padding
+        on_edge = int((rim & padding[box]).sum()) + int((comp & frame[box]).sum())
+        contact = on_edge / max(int(rim.sum()) + int((comp & frame[box]).sum()), 1)
+        if not 0 < contact < FOV_CONTACT_MAX:
+            continue
+        core = ndi.binary_erosion(comp, structure=_disk(3.0, spacing))  # a narrow pocket is all skin and rim
+        if not core.any() or np.median(hu[box][core]) <= OUTSIDE_AIR_HU:
+            continue
+        hull = _convex_hull(body) if hull is None else hull  # foam cushions read like lung, but lie outside it
+        if hull[box][comp].mean() >= INSIDE_HULL_MIN:
+            out[box] |= comp
+    return out
+
+
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The filled convex hull of a 2-D mask's pixels (all False for fewer than three)."""
+    ys, xs = np.nonzero(mask & ~ndi.binary_erosion(mask))
+    im = Image.new("1", (mask.shape[1], mask.shape[0]), 0)
+    if len(xs) >= 3:
+        pts = np.c_[xs, ys].astype(float)
+        try:
+            ImageDraw.Draw(im).polygon([tuple(pts[v]) for v in ConvexHull(pts).vertices], fill=1, outline=1)
+        except QhullError:  # collinear: a line has no inside
+            pass
+    return np.array(im, dtype=bool)
 
 
 MIN_EXTENT_MM = 100.0  # thinner stacks (single slices, short runs) hold too little of the chest to tell
