@@ -15,7 +15,9 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from nodulesynth.cli import main
+from nodulesynth.data.ct import load_ct
 from nodulesynth.data.dicom_tree import read_dicom_volume, scan_dicom_tree
+from nodulesynth.data.lidc import nodules_from_lidc
 from nodulesynth.data.slices import SliceDataset
 from nodulesynth.errors import NoduleSynthError
 from nodulesynth.masks.classes import MaskClass
@@ -358,6 +360,49 @@ def test_lidc_dicom_encodings(lidc_0001, lidc_ref, name, change, xml_change):
     out = root / f"out_{name}"
     assert main(["prepare", "--lidc", str(src), "--negatives", "0", "--out", str(out)]) == 0
     _assert_same_anatomy(ref, out, min_dice=0.97, lesion_tol=0.02)
+
+
+def _gantry_tilt(deg: float):
+    """The same pixels acquired with the gantry tilted: every slice plane leans (its column axis
+    turns in y-z), the table still steps straight along z, so the stack is sheared."""
+    t = np.radians(deg)
+
+    def change(ds, hu):
+        ds.ImageOrientationPatient = [1, 0, 0, 0, f"{np.cos(t):.8f}", f"{-np.sin(t):.8f}"]
+        ds.GantryDetectorTilt = f"{deg:g}"
+
+    return change
+
+
+@pytest.mark.parametrize("deg", [15, -25])
+def test_gantry_tilt_keeps_slices_boxes_and_the_nodule_where_it_was_scanned(lidc_0001, lidc_ref, deg, caplog):
+    """A tilted series was read as if each slice lay along the leaning plane's normal: slice
+    positions drifted (z_mm −120.085 for −120.0 at 15°) and the nodule's centre, taken at the table's
+    z, fell outside its own scan (a warning per nodule, and ``--include-small`` spheres lost)."""
+    root, ref = lidc_ref
+    src = _copy_lidc(*lidc_0001, root / f"tilt{deg}", _gantry_tilt(deg))
+    out = root / f"out_tilt{deg}"
+    with caplog.at_level("WARNING"):
+        assert main(["prepare", "--lidc", str(src), "--negatives", "0", "--out", str(out)]) == 0
+    assert "outside the scan" not in caplog.text
+    R, X = SliceDataset(ref), SliceDataset(out)
+    assert np.array_equal(np.asarray(X.images), np.asarray(R.images))
+    assert np.array_equal(np.asarray(X.masks), np.asarray(R.masks))
+    assert [r.z_mm for r in X.records] == [r.z_mm for r in R.records]
+    assert all(np.array_equal(a.boxes, b.boxes) for a, b in zip(X.records, R.records))
+    # the nodule's centre where the leaning plane put it: rows run (0, cos t, −sin t) from the origin
+    series = next(src.rglob("*.xml")).parent
+    plain = load_ct(lidc_0001[0])
+    ct = load_ct(series)
+    (n0,), (n,) = nodules_from_lidc(lidc_0001[1], plain), nodules_from_lidc(next(series.glob("*.xml")), ct)
+    r = n0.center_xyz_mm[1] - plain.origin[1]
+    t = np.radians(deg)
+    assert np.allclose(n.center_xyz_mm, (n0.center_xyz_mm[0], plain.origin[1] + r * np.cos(t),
+                                         n0.center_xyz_mm[2] - r * np.sin(t)), atol=0.05)
+    # --dicom's reader agrees with the series reader
+    alt = read_dicom_volume(scan_dicom_tree(series).volumes[0])
+    assert np.array_equal(alt.hu, ct.hu) and np.allclose(alt.spacing, ct.spacing)
+    assert np.allclose(alt.direction, ct.direction, atol=1e-4) and np.allclose(alt.origin, ct.origin)  # its IOP keeps 4 decimals
 
 
 def test_dicom_tree_reads_jpeg_lossless(lidc_0001, tmp_path):

@@ -123,6 +123,28 @@ def _image_geometry(img: sitk.Image) -> tuple[tuple, tuple, np.ndarray]:
     return spacing, origin, d
 
 
+TILT_MIN_DEG = 0.5  # slice steps further than this off the plane's normal: a gantry-tilted (sheared) stack
+
+
+def slice_axis_from_positions(direction: np.ndarray, spacing: tuple, first_xyz, last_xyz, n: int) -> tuple[np.ndarray, tuple]:
+    """Direction and spacing with the slice axis set to the real step between slice positions.
+    A gantry-tilted acquisition leans every slice plane while the table moves straight along z, so
+    the stack is sheared: the next slice is not along the plane's normal. Readers that assume it is
+    (SimpleITK's series reader, a normal-based affine) misplace every slice but the first, by up to
+    (k·step·sin tilt), and a nodule's centre can then lie outside its own scan. The step keeps the
+    acquired pixels where they were measured (no resampling: every slice stays the scanner's image);
+    the direction is then not orthogonal, which ``world_to_voxel`` (a general inverse) allows."""
+    d = np.asarray(direction, dtype=np.float64).copy()
+    if n < 2:
+        return d, tuple(spacing)
+    step = (np.asarray(last_xyz, dtype=np.float64) - np.asarray(first_xyz, dtype=np.float64))[::-1] / (n - 1)
+    length = float(np.linalg.norm(step))
+    if length <= 0 or abs(float(step @ d[:, 0])) / length >= np.cos(np.radians(TILT_MIN_DEG)):
+        return d, tuple(spacing)
+    d[:, 0] = step / length * np.sign(step @ d[:, 0])
+    return d, (length, *tuple(spacing)[1:])
+
+
 def _to_hu_int16(arr: np.ndarray) -> np.ndarray:
     """Clip to the int16 HU range; padding outside the scanner's field of view (−2000/−3024) becomes air."""
     return np.clip(arr, AIR_HU, np.iinfo(np.int16).max).astype(np.int16)
@@ -323,7 +345,7 @@ def dicom_series_parts(folder: str | Path, split_at_gaps: bool = False) -> tuple
     return uid, [p for p in parts if len(p) >= 2]
 
 
-def _load_dicom_series(folder: Path, files: list[str] | None = None) -> tuple[np.ndarray, sitk.Image, str]:
+def _load_dicom_series(folder: Path, files: list[str] | None = None) -> tuple[np.ndarray, sitk.Image, str, tuple]:
     if files is None:
         uid, parts = dicom_series_parts(folder)
         files = parts[0] if parts else []
@@ -342,7 +364,7 @@ def _load_dicom_series(folder: Path, files: list[str] | None = None) -> tuple[np
         import pydicom
 
         uid = str(pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
-    return arr, img, uid
+    return arr, img, uid, _positions(list(files))
 
 
 def load_ct(path: str | Path, files: list[str] | tuple[str, ...] | None = None) -> CTVolume:
@@ -354,15 +376,28 @@ def load_ct(path: str | Path, files: list[str] | tuple[str, ...] | None = None) 
     if not p.exists():
         raise NoduleSynthError(f"{p}: no such file or folder")
     if p.is_dir():
-        arr, img, uid = _load_dicom_series(p, None if files is None else list(files))
+        arr, img, uid, ends = _load_dicom_series(p, None if files is None else list(files))
     elif p.suffix.lower() == ".mhd":
         arr, img = _load_mhd(p)
         uid = p.stem
     else:
         raise NoduleSynthError(f"{p}: expected a .mhd file or a DICOM series folder")
     spacing, origin, direction = _image_geometry(img)
+    if p.is_dir():
+        direction, spacing = slice_axis_from_positions(direction, spacing, *ends, arr.shape[0])
     if min(spacing) <= 0 or not np.all(np.isfinite(spacing)):
         raise NoduleSynthError(f"{p}: invalid voxel spacing {spacing}")
     check_hu_plausible(arr, p)
     return CTVolume(_to_hu_int16(arr), spacing, origin, direction, uid, str(p))
+
+
+def _positions(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """ImagePositionPatient (x, y, z) of the first and last of ``files`` (the series reader's order)."""
+    import pydicom
+
+    ipp = [pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["ImagePositionPatient"]).get("ImagePositionPatient")
+           for f in (files[0], files[-1])]
+    if any(v is None for v in ipp):
+        return np.zeros(3), np.zeros(3)  # no positions: keep the reader's geometry
+    return np.asarray([float(v) for v in ipp[0]]), np.asarray([float(v) for v in ipp[1]])
 

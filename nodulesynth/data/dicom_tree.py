@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NoduleSynthError
-from .ct import CTVolume, _to_hu_int16
+from .ct import CTVolume, _to_hu_int16, slice_axis_from_positions
 from .dicom_labels import LabelRef, forget_unknown_sources, frame_macro, label_volume, match_frames, read_label_header
 
 log = logging.getLogger(__name__)
@@ -353,8 +353,10 @@ def read_dicom_volume(ref: DicomVolumeRef) -> CTVolume:
         raise NoduleSynthError(f"{ref.slices[0].path}: invalid voxel spacing {(dz, dy, dx)}")
     # direction[:, j] = world (z, y, x) unit vector of array axis j (slice, row, column)
     direction = np.stack([normal[::-1], col[::-1], row[::-1]], axis=1)
+    direction, spacing = slice_axis_from_positions(direction, (dz, float(dy), float(dx)), ref.slices[0].ipp,
+                                                   ref.slices[-1].ipp, len(ref.slices))
     origin = tuple(float(v) for v in ref.slices[0].ipp[::-1])
-    return CTVolume(hu, (dz, float(dy), float(dx)), origin, direction, ref.series_uid, str(ref.slices[0].path.parent))
+    return CTVolume(hu, spacing, origin, direction, ref.series_uid, str(ref.slices[0].path.parent))
 
 
 def dicom_patient_id(folder: str | Path) -> str:

@@ -141,6 +141,17 @@ def _polygon_centroid(xy: np.ndarray) -> tuple[np.ndarray, float]:
     return np.array([cx, cy]), abs(a)
 
 
+def _plane_z(w: np.ndarray, xy: np.ndarray, z_mm: float) -> float:
+    """World z at ``xy`` of the slice plane through the outline's world points ``w``. That is the
+    XML's imageZposition (the table's z) on an axial slice, but not under gantry tilt: there the
+    plane leans, z changes along the rows, and a centre at the table's z lies off its own slice."""
+    if np.ptp(w[:, 2]) < 1e-6:  # one point, or an axial plane
+        return z_mm if abs(float(w[0, 2]) - z_mm) < 1e-3 else float(w[0, 2])
+    a = np.c_[np.ones(len(w)), w[:, :2]]
+    coef, *_ = np.linalg.lstsq(a, w[:, 2], rcond=None)
+    return float(coef[0] + coef[1:] @ xy)
+
+
 def measure_nodule(n: Nodule, ct: CTVolume) -> Nodule:
     """Fill in the world centre (area-weighted centroid of the inclusion outlines) and diameter
     (largest in-plane extent over slices, + one pixel because edgeMap points are boundary pixel
@@ -151,7 +162,7 @@ def measure_nodule(n: Nodule, ct: CTVolume) -> Nodule:
     for c in incl:
         w = _contour_world(c, ct)
         cen, area = _polygon_centroid(w[:, :2])
-        cents.append([cen[0], cen[1], c.z_mm])
+        cents.append([cen[0], cen[1], _plane_z(w, cen, c.z_mm)])
         weights.append(max(area, 1e-6))
         if len(w) > 1:
             d = np.sqrt(((w[:, None, :2] - w[None, :, :2]) ** 2).sum(-1)).max()
