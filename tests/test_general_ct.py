@@ -259,14 +259,29 @@ def _small_field_of_view(pad: int, radius: int = 175):
     return change
 
 
-@pytest.mark.parametrize("pad", [-3024, -1024])
-def test_lung_cut_by_the_field_of_view_stays_lung(lung1, pad):
-    """A lung reaching past the field of view is open to the padding, so hole filling never made it
-    body and it was lost (then the slice had one lung, or none, and the lesion was refused). It must
-    stay the same lung up to the circle, and the air the circle closes off stays background."""
+def _columns_from(c0: int):
+    """The image starts at column c0 (a rectangular reconstruction that ends inside the patient):
+    it cuts the body and the lateral ~5 % of the image-left lung on the lesion's slices."""
+
+    def change(a, img, is_label):
+        g = _geometry(img)
+        g["origin"] = g["origin"] + g["direction"][:, 0] * g["spacing"][0] * c0
+        return a[:, :, c0:], g
+
+    return change
+
+
+@pytest.mark.parametrize("name,change", [
+    ("fov_3024", _small_field_of_view(-3024)),
+    ("fov_1024", _small_field_of_view(-1024)),
+    ("image_edge", _columns_from(112)),
+])
+def test_lung_cut_by_the_field_of_view_stays_lung(lung1, name, change):
+    """A lung reaching past the field of view (or the image edge) is open to the padding, so hole
+    filling never made it body and it was lost: the slice kept one lung or none. It must stay the
+    same lung up to the cut, and the air the cut closes off stays background."""
     root, imgs, ref = lung1
-    name = f"fov_{-pad}"
-    var = _prepare_volume(_write_volume(root / name, imgs, _small_field_of_view(pad)), root / f"out_{name}")
+    var = _prepare_volume(_write_volume(root / name, imgs, change), root / f"out_{name}")
     R, X, pairs = _pairs(ref, var)
     assert len(X) == len(R) == len(pairs)
     for rec, mr, mv, img, mask in pairs:
