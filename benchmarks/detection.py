@@ -340,6 +340,8 @@ def paired(rows: list[dict], key: str = "map50_95") -> list[dict]:
             refs.append(mixed)
         if mixed.endswith(" crops"):  # and the nodules against the same lungs without them
             refs.append(mixed.replace(" crops", " backgrounds") + arm[len(mixed):])
+        if arm.endswith(")") and " (" in arm:  # renamed by --arm-suffix: against the arm of the other run
+            refs.append(arm[: arm.rindex(" (")])
         refs = list(dict.fromkeys(refs))
         for ref in refs:
             w = by.get((det, ref), {})
@@ -492,13 +494,20 @@ def main(argv=None) -> int:
                    help="only re-summarise a (possibly partial) results.json into --out; several runs of the same "
                         "folds and seed (e.g. one with the control, one with --synth-source inserted) are merged, "
                         "so every arm is paired with every other; their shared arms must agree to the digit")
+    p.add_argument("--arm-suffix", nargs="+", metavar="SUFFIX",
+                   help="with --from-json, one per file ('' for none), e.g. ' (clean)': appended to the names of "
+                        "that file's arms other than 'real', so two runs of one arm (e.g. inserted into other "
+                        "backgrounds) both stay, and pair with each other")
     p.add_argument("--pool", nargs="+", metavar="RESULTS_JSON",
                    help="only pool the paired differences of runs with other seeds (each possibly merged with "
                         "--from-json first) over all their folds: OUT/pooled.{json,txt,png}")
     a = p.parse_args(argv)
     try:
+        if a.arm_suffix is not None and (not a.from_json or len(a.arm_suffix) != len(a.from_json)):
+            raise NoduleSynthError(f"--arm-suffix: one per --from-json file ({len(a.from_json or [])}), "
+                                   f"got {len(a.arm_suffix)}")
         if a.from_json:
-            return summarise_json([Path(f) for f in a.from_json], Path(a.out))
+            return summarise_json([Path(f) for f in a.from_json], Path(a.out), a.arm_suffix)
         if a.pool:
             return pool_seeds([Path(f) for f in a.pool], Path(a.out))
         return run(a, argv)
@@ -702,12 +711,15 @@ def read_results(srcs: list[Path], arg: str, keys: tuple[str, ...]) -> list[dict
     return docs
 
 
-def summarise_json(srcs: list[Path], out: Path) -> int:
+def summarise_json(srcs: list[Path], out: Path, suffixes: list[str] | None = None) -> int:
     """Table, CSV and plot from the rows of one or more results.json (e.g. of a run stopped after some
     folds); the note says how many folds each row averages. Several runs must share protocol, seed and
     fold patients; a row (fold, detector, arm, test set) that two runs both hold must agree, since the
-    benchmark is deterministic on one machine: a mismatch means the runs are not comparable."""
+    benchmark is deterministic on one machine: a mismatch means the runs are not comparable.
+    ``suffixes`` (one per file) rename that file's arms but 'real', so two runs of one arm both stay."""
     docs = read_results(srcs, "--from-json", ("rows", "note", "folds"))
+    for doc, suffix in zip(docs, suffixes or []):
+        doc["rows"] = [{**r, "arm": r["arm"] + suffix} if r["arm"] != "real" else r for r in doc["rows"]]
     first, rows, seen = docs[0], [], {}
     for src, doc in zip(srcs, docs):
         for k in ("protocol", "seed", "fold_patients"):
@@ -726,6 +738,8 @@ def summarise_json(srcs: list[Path], out: Path) -> int:
     done = sorted({r["fold"] for r in rows})
     note = first["note"].split(":", 1)[0] + f": folds completed {done} of {first['folds']} (" + first["note"].split(", ", 1)[1] + ")"
     merged = {**first, "rows": rows, "summarised_from": [str(s) for s in srcs]}
+    if suffixes:
+        merged["arm_suffixes"] = list(suffixes)
     if len(docs) > 1:
         merged["commands"] = [d.get("command") for d in docs]
         for d in docs[1:]:  # each source's metadata from whichever run made it

@@ -292,6 +292,16 @@ def test_runs_of_the_same_folds_merge_and_disagreeing_rows_are_refused(tmp_path)
     assert pairs[("real+200 inserted", "real+200")]["per_fold"] == pytest.approx([0.03, -0.01, 0.03])
     assert pairs[("real+200 inserted", "real")]["ahead"] == 3
     assert "real+200 inserted" in (tmp_path / "m" / "table.txt").read_text()
+    # --arm-suffix: a second run of the same arm (other backgrounds) stays beside the first and pairs with it
+    (tmp_path / "b2.json").write_text(json.dumps(doc([("real", 0, None), ("real+200 inserted", 200, (0.13, 0.25, 0.17))])))
+    assert detection.main(["--from-json", *(str(tmp_path / f) for f in ("a.json", "b.json", "b2.json")),
+                           "--arm-suffix", "", "", " (clean)", "--out", str(tmp_path / "r")]) == 0
+    renamed = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert [r["arm"] for r in renamed["table"]] == ["real", "real+200", "real+200 inserted", "real+200 inserted (clean)"]
+    pairs = {(q["arm"], q["against"]): q["per_fold"] for q in renamed["paired"]}
+    assert pairs[("real+200 inserted (clean)", "real+200 inserted")] == pytest.approx([-0.02, 0.04, -0.02])
+    assert pairs[("real+200 inserted (clean)", "real+200")] == pytest.approx([0.01, 0.03, 0.01])
+    assert detection.main(["--from-json", str(tmp_path / "a.json"), "--arm-suffix", "", "x", "--out", str(tmp_path / "s")]) == 2
     (tmp_path / "c.json").write_text(json.dumps(doc([("real", 0, None)], real=(0.10, 0.21, 0.15))))
     assert detection.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "n")]) == 2
     (tmp_path / "d.json").write_text(json.dumps({**b, "fold_patients": [[1], [2], [3]]}))
