@@ -141,7 +141,7 @@ def slice_axis_from_positions(direction: np.ndarray, spacing: tuple, first_xyz, 
     length = float(np.linalg.norm(step))
     if length <= 0 or abs(float(step @ d[:, 0])) / length >= np.cos(np.radians(TILT_MIN_DEG)):
         return d, tuple(spacing)
-    d[:, 0] = step / length * np.sign(step @ d[:, 0])
+    d[:, 0] = step / length  # slice k lies at the first slice's position + k · step
     return d, (length, *tuple(spacing)[1:])
 
 
