@@ -795,7 +795,7 @@ def plot_pooled(pooled: list[dict], seeds: list, path: Path, key: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(pooled) + 1.2))
+    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(pooled) + 1.5))
     for y, q in enumerate(pooled):
         for j, s in enumerate(q["seeds"]):
             v = q["per_seed_folds"][str(s)]
@@ -808,10 +808,10 @@ def plot_pooled(pooled: list[dict], seeds: list, path: Path, key: str) -> None:
     ax.set_yticks(range(len(pooled)), [f"{q['arm']} vs {q['against']}" for q in pooled], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(f"paired difference in {key} (per test fold)")
-    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(seeds) + 1, frameon=False)
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(seeds) + 1, 4), frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
