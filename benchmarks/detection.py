@@ -796,11 +796,13 @@ def plot_pooled(pooled: list[dict], seeds: list, path: Path, key: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(pooled) + 1.5))
+    offset = {s: 0.3 * (j / max(len(seeds) - 1, 1) - 0.5) for j, s in enumerate(seeds)}
+    for j, s in enumerate(seeds):  # one colour per seed in every row, whichever seeds a row has
+        ax.plot([], [], "o", ms=3, alpha=0.6, color=f"C{j % 10}", label=f"seed {s} folds")
     for y, q in enumerate(pooled):
-        for j, s in enumerate(q["seeds"]):
+        for s in q["seeds"]:
             v = q["per_seed_folds"][str(s)]
-            ax.plot(v, [y + 0.12 * (j - 1)] * len(v), "o", ms=3, alpha=0.6, color=f"C{j}",
-                    label=f"seed {s} folds" if y == 0 else None)
+            ax.plot(v, [y + offset[s]] * len(v), "o", ms=3, alpha=0.6, color=f"C{seeds.index(s) % 10}")
         a = q["all"]
         ax.errorbar([a["mean_diff"]], [y], xerr=[a["se"]], fmt="s", color="k", capsize=3,
                     label="all folds: mean ± SE" if y == 0 else None)
