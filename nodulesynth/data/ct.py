@@ -139,7 +139,7 @@ def slice_axis_from_positions(direction: np.ndarray, spacing: tuple, first_xyz, 
         return d, tuple(spacing)
     step = (np.asarray(last_xyz, dtype=np.float64) - np.asarray(first_xyz, dtype=np.float64))[::-1] / (n - 1)
     length = float(np.linalg.norm(step))
-    if length <= 0 or abs(float(step @ d[:, 0])) / length >= np.cos(np.radians(TILT_MIN_DEG)):
+    if not length > 0 or abs(float(step @ d[:, 0])) / length >= np.cos(np.radians(TILT_MIN_DEG)):  # nan: unknown
         return d, tuple(spacing)
     d[:, 0] = step / length  # slice k lies at the first slice's position + k · step
     return d, (length, *tuple(spacing)[1:])
@@ -267,11 +267,12 @@ def _load_mhd(path: Path) -> tuple[np.ndarray, sitk.Image]:
 STEP_TOLERANCE = 0.1  # a slice step more than 10 % off the series' median step is a gap (or an overlap)
 
 
-def _slice_positions(files: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Position of every file along the slice normal (mm); files pydicom cannot read are returned apart."""
+def _slice_positions(files: list[str]) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Position of every file along the slice normal (mm), the files pydicom cannot read apart, and
+    every file's ImagePositionPatient (x, y, z) (nan where unreadable)."""
     import pydicom
 
-    pos, bad = [], []
+    pos, bad, ipps = [], [], []
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True,
@@ -279,10 +280,12 @@ def _slice_positions(files: list[str]) -> tuple[np.ndarray, list[str]]:
             ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
             iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
             pos.append(float(np.dot(ipp, np.cross(iop[:3], iop[3:]))))
+            ipps.append(ipp)
         except Exception:  # noqa: BLE001 - pydicom raises many types for broken files
             bad.append(f)
             pos.append(np.nan)
-    return np.asarray(pos, dtype=np.float64), bad
+            ipps.append(np.full(3, np.nan))
+    return np.asarray(pos, dtype=np.float64), bad, np.asarray(ipps, dtype=np.float64).reshape(-1, 3)
 
 
 def dicom_series_parts(folder: str | Path, split_at_gaps: bool = False) -> tuple[str, list[list[str]]]:
@@ -313,7 +316,7 @@ def dicom_series_parts(folder: str | Path, split_at_gaps: bool = False) -> tuple
         raise NoduleSynthError(f"{unlisted[0]}: unreadable DICOM file in series folder {folder} "
                                f"({len(unlisted)} such file(s)); refusing to read the series with a slice missing "
                                "(prepare --split-series-at-gaps uses the intact runs of slices instead)")
-    pos, bad = _slice_positions(files)
+    pos, bad, _ = _slice_positions(files)
     if bad:
         if not split_at_gaps:
             raise NoduleSynthError(f"{bad[0]}: DICOM file without a readable slice position (series {uid})")
@@ -364,7 +367,8 @@ def _load_dicom_series(folder: Path, files: list[str] | None = None) -> tuple[np
         import pydicom
 
         uid = str(pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
-    return arr, img, uid, _positions(list(files))
+    ends = _slice_positions([files[0], files[-1]])[2]  # the series reader's first and last slice
+    return arr, img, uid, (ends[0], ends[1])
 
 
 def load_ct(path: str | Path, files: list[str] | tuple[str, ...] | None = None) -> CTVolume:
@@ -390,14 +394,4 @@ def load_ct(path: str | Path, files: list[str] | tuple[str, ...] | None = None) 
     check_hu_plausible(arr, p)
     return CTVolume(_to_hu_int16(arr), spacing, origin, direction, uid, str(p))
 
-
-def _positions(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """ImagePositionPatient (x, y, z) of the first and last of ``files`` (the series reader's order)."""
-    import pydicom
-
-    ipp = [pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["ImagePositionPatient"]).get("ImagePositionPatient")
-           for f in (files[0], files[-1])]
-    if any(v is None for v in ipp):
-        return np.zeros(3), np.zeros(3)  # no positions: keep the reader's geometry
-    return np.asarray([float(v) for v in ipp[0]]), np.asarray([float(v) for v in ipp[1]])
 
