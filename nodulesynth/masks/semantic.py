@@ -108,8 +108,8 @@ def _cut_by_field_of_view(hu: np.ndarray, spacing: tuple[float, float], body: np
         box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
         comp = lab[box] == i
         rim = ndi.binary_dilation(comp, structure=np.ones((3, 3), dtype=bool)) & ~comp  # body or padding
-        on_edge = int((rim & padding[box]).sum()) + int((comp & frame[box]).sum())
-        contact = on_edge / max(int(rim.sum()) + int((comp & frame[box]).sum()), 1)
+        at_frame = int((comp & frame[box]).sum())  # the image's own edge rows belong to the region
+        contact = (int((rim & padding[box]).sum()) + at_frame) / max(int(rim.sum()) + at_frame, 1)
         if not 0 < contact < FOV_CONTACT_MAX:
             continue
         core = ndi.binary_erosion(comp, structure=_disk(3.0, spacing))  # a narrow pocket is all skin and rim
