@@ -24,6 +24,9 @@ only their VAL + TEST patients, which no model trained by ``benchmarks/retrain.p
 - **Lung structure**: share of lung pixels above −700 HU (vessels, bronchial walls, fissures),
   generated vs held-out real: an empty, vessel-free lung reads near 0.
 - **lung/body**: median lung share of the body in the masks: where along the chest the slices sit.
+- **KID lung windows**: 64² windows of lung alone (≥ 97 % lung, ≥ 3 mm from any nodule) of the generated
+  slices (resampled to 0.7 mm, as the nodule windows) vs lung-only corners of the held-out LIDC crops;
+  floor: the same of the train crops. What the lungs' interior (``--lungs``) draws, without the rest.
 - **lung |∇²|**: mean |Laplacian| (HU/px²) of the lung pixels of the nodule windows: the parenchyma's
   fine texture and noise at the crops' resolution, which KID's 299² Inception features barely see
   (a softer lung moves the nodule KID by less than its noise); floor: the held-out crops' own, at
@@ -85,6 +88,64 @@ def _crop_windows(prepared: Path, split, n: int, seed: int, size: int = 64) -> n
     return np.asarray(ds.images[idx][:, o : o + size, o : o + size], np.float32)
 
 
+def _crop_lung_windows(prepared: Path, split, n: int, seed: int, size: int = 64) -> np.ndarray | None:
+    """Up to ``n`` size² lung-only windows (a corner of a crop, ≥ 97 % lung and ≥ 4 px from its nodule;
+    at most one per crop) of the ``split`` patients' LIDC nodule crops, at their native spacing."""
+    from scipy import ndimage as ndi
+
+    from nodulesynth.data.slices import SliceDataset
+    from nodulesynth.data.splits import split_indices
+
+    if not (prepared / CROP_SET / "index.json").is_file():
+        return None
+    ds = SliceDataset(prepared / CROP_SET)
+    out = []
+    for i in np.random.default_rng(seed).permutation(split_indices(ds, split)):
+        m = np.asarray(ds.masks[i])
+        lung = np.isin(m, (2, 3)) & ~ndi.binary_dilation(m == 5, iterations=4)
+        e = m.shape[0] - size
+        for y, x in ((0, 0), (0, e), (e, 0), (e, e)):
+            if lung[y:y + size, x:x + size].mean() >= 0.97:
+                out.append(np.asarray(ds.images[i][y:y + size, x:x + size], np.float32))
+                break
+        if len(out) >= n:
+            break
+    return np.stack(out) if out else None
+
+
+def _crop_patients(prepared: Path, split) -> list[str]:
+    """The ``split`` patients of the LIDC crops (what the shipped lung library must not hold)."""
+    from nodulesynth.data.slices import SliceDataset
+    from nodulesynth.data.splits import patient_of, split_indices
+
+    if not (prepared / CROP_SET / "index.json").is_file():
+        return []
+    ds = SliceDataset(prepared / CROP_SET)
+    return sorted({f"{CROP_SET}:{patient_of(ds.records[i])}" for i in split_indices(ds, split)})
+
+
+def lung_windows(images_hu: np.ndarray, masks: np.ndarray, spacing: float, target: float, n: int, seed: int,
+                 size: int = 64) -> np.ndarray:
+    """Up to ``n`` size² windows of generated slices (resampled to ``target`` mm) that are ≥ 97 % lung
+    and keep ≥ 3 mm from every nodule, on a size/2 grid, drawn at random."""
+    from scipy import ndimage as ndi
+
+    from nodulesynth.detect.windows import resample_slice
+
+    out = []
+    for h, m in zip(images_hu, masks):
+        h, m = resample_slice(h, m, spacing, target)
+        lung = np.isin(m, (2, 3)) & ~ndi.binary_dilation(m == 5, iterations=max(1, round(3.0 / target)))
+        for y in range(0, m.shape[0] - size + 1, size // 2):
+            for x in range(0, m.shape[1] - size + 1, size // 2):
+                if lung[y:y + size, x:x + size].mean() >= 0.97:
+                    out.append(h[y:y + size, x:x + size])
+    if not out:
+        return np.zeros((0, size, size), np.float32)
+    pick = np.sort(np.random.default_rng(seed).permutation(len(out))[:n])
+    return np.stack([out[k] for k in pick]).astype(np.float32)
+
+
 def lung_structure_share(hu: np.ndarray, masks: np.ndarray) -> float:
     """Share of lung pixels (classes 2, 3) above −700 HU."""
     lung = np.isin(masks, (2, 3))
@@ -126,6 +187,8 @@ def main(argv=None) -> int:
                    help="generate's --background; several: one row per weights and background")
     p.add_argument("--body", nargs="+", default=["atlas"], choices=("atlas", "translator"),
                    help="generate's --body; several: one row per weights, background and body")
+    p.add_argument("--lungs", nargs="+", default=None, choices=("library", "texture", "translator"),
+                   help="generate's --lungs (default: generate's default); several: one row each")
     p.add_argument("--atlas", nargs="*", action="append", metavar="KEY=VALUE",
                    help="synth.atlas.AtlasConfig fields for the atlas rows, e.g. grid=12 smooth=0.05 (default: shipped); "
                         "repeat the flag for one row per setting (a bare --atlas: the shipped one)")
@@ -176,23 +239,31 @@ def main(argv=None) -> int:
         g_tr, g_ho = net(c_tr), net(c_ho)
         floor["kid_nodule"] = k1000(g_tr, g_ho)
         floor["lung_lap"] = lung_fine_texture(c_ho)
-    rows, grid, nodule_rows = [], None, []
+    l_tr, l_ho = (_crop_lung_windows(a.prepared, s, a.n_crops, a.seed) for s in ("train", list(HELD_OUT)))
+    lw_ho = None
+    if l_tr is not None and l_ho is not None and len(l_ho) >= 2:
+        lw_ho = net(l_ho)
+        floor["kid_lung"] = k1000(net(l_tr), lw_ho)
+    rows, grid, nodule_rows, lung_rows = [], None, [], []
     translation: dict[str, dict] = {}  # weights → paired scores of its own translation (same for every row)
+    lungs = a.lungs or [GenerationConfig.lungs]
     runs = [(", ".join([n] + ([f"{bg} bg"] if len(a.background) > 1 else []) + ([f"{bd} body"] if len(a.body) > 1 else [])
-                       + ([f"atlas {ak or 'shipped'}"] if bd == "atlas" and len(atlas_configs) > 1 else [])), w, bg, bd, ac)
+                       + ([f"atlas {ak or 'shipped'}"] if bd == "atlas" and len(atlas_configs) > 1 else [])
+                       + ([f"{lg} lungs"] if len(lungs) > 1 else [])), w, bg, bd, ac, lg)
             for n, w in zip(names, a.weights) for bg in a.background for bd in a.body
-            for ak, ac in (atlas_configs if bd == "atlas" else atlas_configs[:1])]
-    for name, w, background, body, atlas_config in runs:
+            for ak, ac in (atlas_configs if bd == "atlas" else atlas_configs[:1]) for lg in lungs]
+    for name, w, background, body, atlas_config, lung_mode in runs:
         t1 = time.time()
         model = TSGAN.from_pretrained(w, device="cpu")
         psi = {} if a.psi is None else {"truncation_psi": a.psi}
-        syn = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, background=background, body=body, **psi))
+        syn = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, background=background, body=body,
+                                                  lungs=lung_mode, **psi))
         if syn.atlas is not None and atlas_config != syn.atlas.config:
             syn.atlas = BodyAtlas(config=atlas_config)
         b = syn.generate(range(a.n_generated))
         gen, gm = b.images_hu.numpy(), b.masks.numpy()
         row = {"model": name, "weights": str(model.source), "revision": str(model.revision), "background": background,
-               "body": body, **({"atlas": dataclasses.asdict(syn.atlas.config)} if syn.atlas is not None else {}),
+               "body": body, "lungs": lung_mode, **({"atlas": dataclasses.asdict(syn.atlas.config)} if syn.atlas is not None else {}),
                "kid_full": k1000(net(gen), f_ho), "lung_share": round(lung_structure_share(gen, gm), 4),
                "lung_of_body": lung_of_body(gm),
                "checkerboard": round(float(checkerboard_score(b.images_hu).median()), 3)}
@@ -203,13 +274,19 @@ def main(argv=None) -> int:
                 row["kid_nodule"] = k1000(net(gw), g_ho)
                 row["lung_lap"] = lung_fine_texture(gw)
             nodule_rows.append((name, gw[:8]))
+        if lw_ho is not None:
+            lw = lung_windows(gen, gm, float(model.meta.get("spacing_mm") or 0.8), LIDC_MEDIAN_SPACING_MM, a.n_crops, a.seed)
+            if len(lw) >= 2:
+                row["kid_lung"] = k1000(net(lw), lw_ho)
+                lung_rows.append((name, lw[:8]))
         # Stage 2 alone: the train patients' real masks translated, against held-out real — the same
         # anatomy as the floor's train side, so the gap to the floor is the translator's texture.
         # With the atlas, a train mask must not take its own patient's body (the atlas holds the TRAIN
         # patients): translated with the translator's body, then each its atlas body from another patient
         # (the atlas touches only class 1, which no later stage changes, so the order is the pipeline's).
         if body == "atlas":
-            t2 = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, background=background, body="translator"))
+            t2 = Synthesizer(model, GenerationConfig(seed=a.seed, block=a.block, background=background, body="translator",
+                                                     lungs=lung_mode))
             hu2 = syn.atlas.apply(t2.translate(tr_m).images_hu, torch.from_numpy(tr_m), list(range(len(tr_m))), syn.spacing_mm, avoid=tr_p)[0]
         else:
             hu2 = syn.translate(tr_m).images_hu
@@ -221,8 +298,8 @@ def main(argv=None) -> int:
             translation[w] = paired(model, ho_i, ho_m, 8, a.block)
         tr = translation[w]
         row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in tr.items()})
-        if (background, body) != ("translator", "translator"):
-            gen_scores = paired(model, ho_i, ho_m, 8, a.block, background, body)
+        if (background, body, lung_mode) != ("translator", "translator", "texture"):
+            gen_scores = paired(model, ho_i, ho_m, 8, a.block, background, body, lung_mode)
             row.update({f"gen_{k}": round(gen_scores[k], 4) for k in ("psnr8_full", "ssim_full", "psnr_full")})
         row["kid_ratio"] = round(row["kid_full"][0] / max(floor["kid_full"][0], 1e-9), 2)
         row["seconds"] = round(time.time() - t1, 1)
@@ -232,20 +309,23 @@ def main(argv=None) -> int:
             grid = (gen[:6], gm[:6], [bx for bx in b.boxes[:6]])
     rows.append(floor)
     lines = [f"{'model':32} {'KID×1000 full':>15} {'ratio':>6} {'KID×1000 stage 2':>16} {'KID×1000 nodule':>16} {'SSIM':>6} {'PSNR8':>6} "
-             f"{'PSNR4095':>8} {'gen SSIM':>8} {'gen PSNR8':>9} {'lung>-700HU':>11} {'grid':>5} {'lung/body':>9} {'lung |∇²|':>9}"]
+             f"{'PSNR4095':>8} {'gen SSIM':>8} {'gen PSNR8':>9} {'lung>-700HU':>11} {'grid':>5} {'lung/body':>9} {'lung |∇²|':>9} "
+             f"{'KID×1000 lung':>14}"]
     for r in rows:
         kf, kn = r["kid_full"], r.get("kid_nodule")
-        k2 = r.get("kid_stage2")
+        k2, kl = r.get("kid_stage2"), r.get("kid_lung")
         lines.append(f"{r['model'][:32]:32} {kf[0]:>8.1f}±{kf[1]:<6.1f} {r.get('kid_ratio', ''):>6} "
                      f"{(f'{k2[0]:.1f}±{k2[1]:.1f}' if k2 else '-'):>16} "
                      f"{(f'{kn[0]:.1f}±{kn[1]:.1f}' if kn else '-'):>16} {r.get('ssim_full', '-'):>6} "
                      f"{r.get('psnr8_full', '-'):>6} {r.get('psnr_full', '-'):>8} {r.get('gen_ssim_full', '-'):>8} "
                      f"{r.get('gen_psnr8_full', '-'):>9} {r['lung_share']:>11} {r['checkerboard']:>5} "
-                     f"{r['lung_of_body']:>9} {r.get('lung_lap', '-'):>9}")
+                     f"{r['lung_of_body']:>9} {r.get('lung_lap', '-'):>9} "
+                     f"{(f'{kl[0]:.1f}±{kl[1]:.1f}' if kl else '-'):>14}")
     text = "\n".join(lines)
     print(text)
     doc = {"command": " ".join(sys.argv), "n_generated": a.n_generated, "held_out_splits": HELD_OUT,
            "n_train_slices": len(tr_i), "n_heldout_slices": len(ho_i), "heldout_patients": sorted(set(ho_p)),
+           "heldout_crop_patients": _crop_patients(a.prepared, list(HELD_OUT)),
            "rows": rows, "seconds": round(time.time() - t0, 1)}
     (a.out / "heldout_realism.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
     (a.out / "heldout_realism.txt").write_text(text + "\n", encoding="utf-8")
@@ -256,6 +336,10 @@ def main(argv=None) -> int:
         cells = [w for _, ws in nodule_rows for w in [*ws, *[np.full_like(c_ho[0], -1024)] * (8 - len(ws))]]
         preview_grid(a.out / "nodule_grid.png", [*cells, *c_ho[:8]], columns=8, tile=128)
         print("nodule_grid.png rows: " + ", ".join(n for n, _ in nodule_rows) + ", held-out real crops", flush=True)
+    if lung_rows and l_ho is not None:  # one row of lung windows per model, then held-out real lung windows
+        cells = [w for _, ws in lung_rows for w in [*ws, *[np.full_like(l_ho[0], -1024)] * (8 - len(ws))]]
+        preview_grid(a.out / "lung_grid.png", [*cells, *l_ho[:8]], columns=8, tile=128)
+        print("lung_grid.png rows: " + ", ".join(n for n, _ in lung_rows) + ", held-out real lung windows", flush=True)
     return 0
 
 

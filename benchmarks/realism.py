@@ -144,15 +144,16 @@ def halves(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def paired(model, images: np.ndarray, masks: np.ndarray, dilate_px: int, block: int, background: str = "translator",
-           body: str = "translator") -> dict:
+           body: str = "translator", lungs: str = "texture") -> dict:
     """Translator output of each real slice's mask vs that slice: PSNR/SSIM, full and masked.
-    ``background`` and ``body`` as generate's; the defaults, the translator's own, measure translation
-    (a scanner background or an atlas body is another scan's: no pixel of it is predictable from the mask)."""
+    ``background``, ``body`` and ``lungs`` as generate's; the defaults, the translator's own (with the
+    weights' lung texture, as measured since it shipped), measure translation (a scanner background, an
+    atlas body or library lung tiles are another scan's: no pixel of them is predictable from the mask)."""
     from nodulesynth.masks.classes import MaskClass
     from nodulesynth.metrics.image_quality import dilate, psnr_8bit, psnr_ct, ssim_8bit
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
 
-    syn = Synthesizer(model, GenerationConfig(block=block, background=background, body=body))
+    syn = Synthesizer(model, GenerationConfig(block=block, background=background, body=body, lungs=lungs))
     res = {k: [] for k in ("psnr_full", "psnr8_full", "ssim_full", "psnr_masked", "psnr8_masked", "ssim_masked")}
     for s in range(0, len(images), block):
         fake = syn.translate(masks[s : s + block]).images_hu

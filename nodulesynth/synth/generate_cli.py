@@ -32,6 +32,7 @@ from ..runtime import resolve_device
 from .atlas import MODES as BODY_MODES
 from .background import MODES as BACKGROUND_MODES
 from .insert import MODES as SYNTHETIC_MODES
+from .lung_library import MODES as LUNG_MODES
 from .pipeline import GenerationConfig, Synthesizer, validate_masks
 
 MASK_SUFFIXES = (".png", ".npy")
@@ -49,8 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--truncation-psi", type=float, default=GenerationConfig.truncation_psi,
                    help="StyleGAN truncation of the anatomy masks: < 1 trades variety for typical anatomy (1 = none)")
+    p.add_argument("--lungs", choices=LUNG_MODES, default=GenerationConfig.lungs,
+                   help="the lungs' interior: library = real TRAIN lung tiles from the shipped library, quilted; "
+                        "texture = the weights' lung texture model; translator = the translator's own")
     p.add_argument("--no-lung-texture", dest="lung_texture", action="store_false",
-                   help="keep the translator's own lungs even when the weights hold a lung texture model")
+                   help="keep the translator's own lungs (as --lungs translator)")
     p.add_argument("--background", choices=BACKGROUND_MODES, default=GenerationConfig.background,
                    help="outside the patient: scanner (default) = a real scanner background (table, cushions, air "
                         "noise) from the shipped library; translator = the translator's own")
@@ -370,7 +374,7 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
                            add_nodules=args.add_nodules, truncation_psi=args.truncation_psi,
                            place_workers=args.place_workers, lung_texture=args.lung_texture,
                            body_texture=args.body_texture, nodule_texture=args.nodule_texture,
-                           background=args.background, body=args.body)
+                           background=args.background, body=args.body, lungs=args.lungs)
     cfg.validate()
     mask_files = _mask_files(args.masks) if args.masks else []
     real = open_real(args.real) if args.real else None

@@ -40,6 +40,8 @@ from .atlas import MODES as BODY_MODES
 from .atlas import BodyAtlas
 from .background import MODES as BACKGROUND_MODES
 from .background import ScannerBackgrounds
+from .lung_library import MODES as LUNG_MODES
+from .lung_library import LungLibrary
 
 # Default in-plane spacing of prepared slices (prepare --size 512 --spacing 0.8): 512 px ↔ 409.6 mm.
 DEFAULT_FIELD_OF_VIEW_MM = 512 * 0.8
@@ -89,6 +91,9 @@ class GenerationConfig:
     # Weights with a lung texture model (models.lung_texture): its field replaces the translator's
     # lung interior (False: the translator's lungs, e.g. to compare the two).
     lung_texture: bool = True
+    # The lungs' interior: "library" quilts real TRAIN lung tiles (synth.lung_library); "texture" draws
+    # the weights' lung texture model; "translator" keeps the translator's (as lung_texture=False).
+    lungs: str = "texture"
     # Weights with a body texture model (models.body_texture): its field replaces the translator's body
     # (class 1) but near nodules (False: the translator's body).
     body_texture: bool = True
@@ -145,6 +150,8 @@ class GenerationConfig:
             bad("texture", "needs nodules='lidc' (StyleGAN-drawn nodules carry no texture class)")
         if self.background not in BACKGROUND_MODES:
             bad("background", f"must be one of {', '.join(BACKGROUND_MODES)}, got {self.background!r}")
+        if self.lungs not in LUNG_MODES:
+            bad("lungs", f"must be one of {', '.join(LUNG_MODES)}, got {self.lungs!r}")
         if self.body not in BODY_MODES:
             bad("body", f"must be one of {', '.join(BODY_MODES)}, got {self.body!r}")
         if self.add_nodules and self.nodules != "lidc":
@@ -411,6 +418,7 @@ class Synthesizer:
             self.lidc = LidcPlacer(self.config, self.spacing_mm, workers=self.place_workers)
         self.backgrounds = ScannerBackgrounds() if self.config.background == "scanner" else None
         self.atlas = BodyAtlas() if self.config.body == "atlas" else None
+        self.lung_library = LungLibrary() if self.config.lungs == "library" and self.config.lung_texture else None
         self._atlas_entries: dict[tuple[int, int], int] = {}  # (i, attempt) → entry, until its provenance
         self._real_context = False  # True while add_nodules_to_real translates (it redraws nodules itself)
 
@@ -450,6 +458,7 @@ class Synthesizer:
             "truncation_psi": float(self.config.truncation_psi),
             "nodule_mode": self.config.nodules,
             "lung_texture": self.textured,
+            **self._lungs_record(index, attempt),
             "body_texture": self.body_textured,
             "nodule_texture": self.nodule_textured,
             "background": self._background_record(index, attempt),
@@ -462,6 +471,13 @@ class Synthesizer:
             return "translator"
         k = self.backgrounds.entry(self._stream_seeds([(index, attempt)], 3, 1)[0])
         return {"library": self.backgrounds.revision, "entry": k, "source": self.backgrounds.source(k)}
+
+    def _lungs_record(self, index: int, attempt: int) -> dict:
+        if not self.textured:
+            return {"lungs": "translator"}
+        if self.lung_library is None:
+            return {"lungs": "texture"}
+        return {"lungs": {"mode": "library", **self.lung_library.record(self._stream_seeds([(index, attempt)], 2, 1)[0])}}
 
     def _body_record(self, index: int, attempt: int) -> dict | str:
         if self.atlas is None:
@@ -531,7 +547,9 @@ class Synthesizer:
         redraw = self.nodule_textured and not self._real_context
         # the nodule components and their windows, labelled once for the lung texture and the redraw
         wins = self.tsgan.nodule_texture.windows(m.to(self.device)) if redraw else None
-        if self.textured:
+        if self.textured and not (self._real_context and self.lung_library is not None):
+            # (in a real slice only the new nodules and their rim are kept, where the lung field is never
+            # blended in: quilting lungs there would be thrown away)
             from ..models.lung_texture import lung_alpha, lung_conditions
 
             lm = m
@@ -540,8 +558,11 @@ class Synthesizer:
                 # context is then parenchyma up to the hole, not the translator's smooth margin)
                 lm = torch.where(self.tsgan.nodule_texture.redrawn(m.to(self.device), wins).to(m.device),
                                  MaskClass.LEFT_LUNG, m)
-            cond = lung_conditions(self._pad(m)) if self.tsgan.lung_texture.cfg.cond_channels else None
-            hu = self._composite_texture(hu, lm, keys, self.tsgan.lung_texture, 2, lung_alpha, cond)  # a third stream
+            if self.lung_library is not None:  # real lung tiles, quilted by the same third stream
+                hu = self._composite_texture(hu, lm, keys, self.lung_library, 2, lung_alpha, boxes_always=True)
+            else:
+                cond = lung_conditions(self._pad(m)) if self.tsgan.lung_texture.cfg.cond_channels else None
+                hu = self._composite_texture(hu, lm, keys, self.tsgan.lung_texture, 2, lung_alpha, cond)  # a third stream
         if redraw:
             # each nodule redrawn from the slice around it (lungs, body, vessels as drawn so far): a seventh stream
             # (a placed LIDC nodule's density follows its texture class: models.nodule_texture.texture_band)
@@ -558,11 +579,12 @@ class Synthesizer:
         return [sample_seed(self.config.seed, i, j + (stream << 32)) for i, j in keys] or list(range(n))
 
     def _composite_texture(self, hu: torch.Tensor, masks: torch.Tensor, keys, model, stream: int, alpha,
-                           cond: torch.Tensor | None = None) -> torch.Tensor:
+                           cond: torch.Tensor | None = None, boxes_always: bool = False) -> torch.Tensor:
         """``hu`` with the texture field of ``model`` blended in where ``alpha`` of the masks says,
         seeded per sample from ``stream`` for the whole block (padding rows seed 0). On a CPU each
         field is drawn only around where it is needed (the same values there, a fraction of the
-        work); on an accelerator as one batch."""
+        work); on an accelerator as one batch. ``boxes_always``: a field whose values depend on the
+        boxes (the lung library's quilt starts at them) gets them on every device."""
         from ..models.lung_texture import composite
 
         n = hu.shape[0]
@@ -572,7 +594,7 @@ class Synthesizer:
         def field(boxes: torch.Tensor) -> torch.Tensor:
             pad = torch.zeros((len(seeds) - n, 4), dtype=boxes.dtype, device=boxes.device)
             return model.sample_hu(*hu.shape[1:], seeds, self.device, self.spacing_mm, cond=cond,
-                                   boxes=torch.cat([boxes, pad]) if cpu else None)[:n]
+                                   boxes=torch.cat([boxes, pad]) if cpu or boxes_always else None)[:n]
 
         return composite(hu, masks, field, alpha=alpha).clamp(HU_MIN, HU_MAX)
 
@@ -588,8 +610,11 @@ class Synthesizer:
 
     @property
     def textured(self) -> bool:
-        """Whether lung texture is composited: the weights hold a model and the config allows it."""
-        return self.config.lung_texture and getattr(self.tsgan, "lung_texture", None) is not None
+        """Whether the lungs get a field (the lung library's or the weights' texture model): the config allows it
+        and there is one."""
+        if not self.config.lung_texture or self.config.lungs == "translator":
+            return False
+        return self.lung_library is not None or getattr(self.tsgan, "lung_texture", None) is not None
 
     # ---- public API -----------------------------------------------------------------------------
     def generate(self, indices: Sequence[int], progress=None) -> SyntheticBatch:
@@ -687,7 +712,8 @@ class Synthesizer:
         prov = [
             {"source": "mask-in", "model": str(getattr(self.tsgan, "source", "unknown")),
              "revision": str(getattr(self.tsgan, "revision", "unknown")), "mask": n, "index": k,
-             "seed": int(self.config.seed), "lung_texture": self.textured, "body_texture": self.body_textured,
+             "seed": int(self.config.seed), "lung_texture": self.textured, **self._lungs_record(*keys[k]),
+             "body_texture": self.body_textured,
              "nodule_texture": self.nodule_textured,
              "background": self._background_record(*keys[k]), "body": self._body_record(*keys[k]),
              **({"nodule_mode": "lidc", "nodules": placed[k]} if placed[k] is not None else {})}

@@ -1,0 +1,166 @@
+"""Real lung parenchyma for generated lungs: image quilting of real TRAIN lung tiles.
+
+A mask says where the lungs are, not where their vessels run. The lung texture GAN (models.lung_texture)
+draws a stationary field of blobs and short segments; cut into 64² windows it scores KID × 1000 ≈ 156
+against held-out real lung, where real lung of other patients scores ≈ 1 (README "Real lung tiles").
+Quilting real parenchyma (Efros & Freeman, "Image Quilting for Texture Synthesis and Transfer", 2001)
+keeps real vessels, fissure fragments and the scanner's noise grain, tile by tile.
+
+The library (``lung_library.npz``, built by ``benchmarks/build_lung_library.py``) holds ``TILE``² tiles at
+0.8 mm of nodule-free lung from the LIDC crops of TRAIN patients. Per sample, by its own seed:
+- an anchor patient, and the pool of tiles of the ``POOL_PATIENTS`` patients whose lungs look most like
+  its own (median HU and noise grain), in all 8 flips/turns: one scan's look per lung, not a patchwork
+  of kernels and doses;
+- tiles laid on a grid with ``OVERLAP`` px overlaps over the lungs' box, each chosen at random among
+  the ``TOP_K`` that best continue what is already laid (sum of squared HU differences on the overlap,
+  after shifting the tile by the overlap's mean difference, at most ``MAX_SHIFT_HU``), and cut in along
+  the overlap's minimum-error seam.
+The result replaces the lung interior as the texture field does (``models.lung_texture.composite``):
+pleura, airway and nodules stay as drawn. A sample stays a pure function of (weights, seed, index): the
+grid starts at its own lung box, which its own mask sets.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .library import NpzLibrary
+
+LIBRARY = Path(__file__).with_name("lung_library.npz")
+SPACING_MM = 0.8
+TILE = 32
+OVERLAP = 4
+POOL_PATIENTS = 12
+TOP_K = 2
+MAX_SHIFT_HU = 40.0
+FILL_HU = -850.0  # outside the lung box, where the field is never blended in
+MODES = ("library", "texture", "translator")  # generate --lungs
+
+
+def _seam(err: np.ndarray) -> np.ndarray:
+    """(rows, cols) error of a vertical overlap → bool mask, True right of the minimum-error path
+    (the new tile's side): dynamic programming down the rows, the path moving ≤ 1 column a row."""
+    cost = err.astype(np.float64).copy()
+    for r in range(1, len(cost)):
+        prev = cost[r - 1]
+        cost[r] += np.minimum(prev, np.minimum(np.r_[np.inf, prev[:-1]], np.r_[prev[1:], np.inf]))
+    path = np.empty(len(cost), dtype=np.int64)
+    path[-1] = int(np.argmin(cost[-1]))
+    for r in range(len(cost) - 2, -1, -1):
+        c = path[r + 1]
+        lo = max(0, c - 1)
+        path[r] = lo + int(np.argmin(cost[r, lo:c + 2]))
+    return np.arange(err.shape[1])[None] >= path[:, None]
+
+
+class LungLibrary(NpzLibrary):
+    """The shipped library of real TRAIN lung tiles (loaded on first use); see the module docstring."""
+
+    WHAT = "lung library"
+    BUILDER = "benchmarks/build_lung_library.py"
+
+    def __init__(self, path: str | Path = LIBRARY):
+        super().__init__(path)
+
+    def check(self, d: dict[str, np.ndarray]) -> str | None:
+        if why := super().check(d):
+            return why
+        if d["hu"].shape[1:] != (TILE, TILE):
+            return f"tiles {d['hu'].shape[1:]}, expected {TILE}²"
+        return None
+
+    @cached_property
+    def _patients(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """(tile indices of each patient, each patient's POOL_PATIENTS nearest patients by look)."""
+        src = self._data["source"]
+        names, inv = np.unique(src, return_inverse=True)
+        tiles = [np.flatnonzero(inv == p) for p in range(len(names))]
+        hu = self._data["hu"].astype(np.float32)
+        grain = np.abs(hu - F.avg_pool2d(torch.from_numpy(hu)[:, None], 3, 1, 1, count_include_pad=False)[:, 0].numpy())
+        look = np.stack([[np.median(hu[t]), np.median(grain[t])] for t in tiles])
+        look = (look - look.mean(0)) / np.maximum(look.std(0), 1e-6)
+        d = ((look[:, None] - look[None]) ** 2).sum(-1)
+        return tiles, np.argsort(d, axis=1, kind="stable")[:, :POOL_PATIENTS]
+
+    def anchor(self, seed: int) -> int:
+        """The anchor patient (index into the sorted sources) of the sample with this seed."""
+        return int(np.random.default_rng(seed).integers(len(self._patients[0])))
+
+    def record(self, seed: int) -> dict:
+        """Provenance of one sample's lungs: the library revision and the patients its tiles came from."""
+        tiles, near = self._patients
+        names = np.unique(self._data["source"])
+        return {"library": self.revision, "patients": [str(names[p]) for p in near[self.anchor(seed)]]}
+
+    def quilt(self, height: int, width: int, seed: int) -> np.ndarray:
+        """(height, width) float32 HU of real lung, at the library's spacing, for the sample ``seed``."""
+        rng = np.random.default_rng(seed)
+        tiles, near = self._patients
+        anchor = int(rng.integers(len(tiles)))  # the first draw: see anchor()
+        base = self._data["hu"][np.concatenate([tiles[p] for p in near[anchor]])].astype(np.float32)
+        pool = np.concatenate([np.rot90(base, k, axes=(1, 2)) for k in range(4)])
+        pool = np.concatenate([pool, pool[:, :, ::-1]])  # the 8 flips and turns
+        base_of = np.tile(np.arange(len(base)), 8)
+        step = TILE - OVERLAP
+        ny, nx = (max(1, -(-(n - OVERLAP) // step)) for n in (height, width))
+        out = np.zeros((ny * step + OVERLAP, nx * step + OVERLAP), np.float32)
+        laid = np.full((ny + 1, nx + 2), -1)  # base tile of each grid cell (padded): no tile beside itself
+        flat = pool.reshape(len(pool), -1)
+        regions = {}
+        for iy in range(ny):
+            for ix in range(nx):
+                y, x = iy * step, ix * step
+                if iy == 0 and ix == 0:
+                    j = int(rng.integers(len(pool)))
+                    out[:TILE, :TILE] = pool[j]
+                    laid[1, 1] = base_of[j]
+                    continue
+                if (iy > 0, ix > 0) not in regions:
+                    r = np.zeros((TILE, TILE), bool)
+                    r[:, :OVERLAP] |= ix > 0
+                    r[:OVERLAP, :] |= iy > 0
+                    regions[iy > 0, ix > 0] = (r, flat[:, r.ravel()], flat[:, r.ravel()].mean(1))
+                r, cand, cand_mean = regions[iy > 0, ix > 0]
+                here = out[y:y + TILE, x:x + TILE]
+                target = here[r]
+                shift = np.clip(target.mean() - cand_mean, -MAX_SHIFT_HU, MAX_SHIFT_HU)
+                cost = ((cand + shift[:, None] - target[None]) ** 2).sum(1)
+                # a tile's own flipped copy continues it almost exactly: mirror images, not lung
+                cost[np.isin(base_of, laid[iy:iy + 2, ix:ix + 3])] = np.inf
+                best = np.argpartition(cost, TOP_K)[:TOP_K] if len(cost) > TOP_K else np.arange(len(cost))
+                j = int(rng.choice(np.sort(best)))
+                t = pool[j] + shift[j]
+                new = np.ones((TILE, TILE), bool)
+                if ix > 0:
+                    new[:, :OVERLAP] &= _seam((t[:, :OVERLAP] - here[:, :OVERLAP]) ** 2)
+                if iy > 0:
+                    new[:OVERLAP, :] &= _seam(((t[:OVERLAP, :] - here[:OVERLAP, :]) ** 2).T).T
+                here[new] = t[new]
+                laid[iy + 1, ix + 1] = base_of[j]
+        return out[:height, :width]
+
+    def sample_hu(self, height: int, width: int, seeds: Sequence[int], device=None, spacing_mm: float | None = None,
+                  boxes: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, height, width) HU fields, one per seed, for pixels of ``spacing_mm`` (default the library's),
+        quilted over each row's ``boxes`` ((B, 4) y0, x0, y1, x1; empty rows allowed; None: the whole
+        field) and ``FILL_HU`` elsewhere: the same interface as the lung texture's ``sample_hu``. The
+        grid starts at the box, so pass the boxes on every device (the values depend on them)."""
+        scale = (spacing_mm or SPACING_MM) / SPACING_MM
+        field = np.full((len(seeds), height, width), FILL_HU, np.float32)
+        full = [(0, 0, height, width)] * len(seeds)
+        for b, (y0, x0, y1, x1) in enumerate(full if boxes is None else boxes.tolist()):
+            if y1 <= y0 or x1 <= x0:
+                continue
+            h, w = y1 - y0, x1 - x0
+            if abs(scale - 1) < 1e-3:
+                field[b, y0:y1, x0:x1] = self.quilt(h, w, int(seeds[b]))
+            else:  # drawn at the library's spacing, resampled: a vessel keeps its size in mm
+                q = torch.from_numpy(self.quilt(max(1, round(h * scale)), max(1, round(w * scale)), int(seeds[b])))
+                field[b, y0:y1, x0:x1] = F.interpolate(q[None, None], size=(h, w), mode="bicubic",
+                                                       align_corners=False)[0, 0].numpy()
+        return torch.from_numpy(field).to(device if device is not None else "cpu")
