@@ -6,6 +6,7 @@ the translator: the quickest way to see checkerboards, halos, vessels and nodule
     python benchmarks/compare_weights.py --weights pretrained runs/gpu/texture --out DIR/compare.png
     python benchmarks/compare_weights.py --weights pretrained --background translator scanner --out FILE
     python benchmarks/compare_weights.py --weights pretrained --body translator atlas --out FILE
+    python benchmarks/compare_weights.py --weights pretrained --lungs texture library --out FILE
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def main(argv=None) -> int:
                    help="generate's --background; several: one row per weights and background")
     p.add_argument("--body", nargs="+", default=["atlas"], choices=("atlas", "translator"),
                    help="generate's --body; several: one row per weights, background and body")
+    p.add_argument("--lungs", nargs="+", default=[None], choices=("library", "texture", "translator"),
+                   help="generate's --lungs (default: generate's); several: one row per weights, background, body and lungs")
     a = p.parse_args(argv)
     from PIL import Image
 
@@ -56,12 +59,15 @@ def main(argv=None) -> int:
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
 
     rows = []
-    for w, bg, body in [(w, bg, body) for w in a.weights for bg in a.background for body in a.body]:
+    for w, bg, body, lungs in [(w, bg, body, lg) for w in a.weights for bg in a.background for body in a.body
+                               for lg in a.lungs]:
         model = TSGAN.from_pretrained(w, device="cpu")
-        b = Synthesizer(model, GenerationConfig(seed=a.seed, block=8, background=bg, body=body)).generate(range(a.n))
+        lungs = lungs or GenerationConfig.lungs
+        b = Synthesizer(model, GenerationConfig(seed=a.seed, block=8, background=bg, body=body, lungs=lungs)
+                        ).generate(range(a.n))
         hu, masks = b.images_hu.numpy(), b.masks.numpy()
         rows.append(np.concatenate([t for i in range(a.n) for t in tiles(hu[i], masks[i], a.tile)], 1))
-        print(f"{w} ({bg} background, {body} body): revision {model.revision}", flush=True)
+        print(f"{w} ({bg} background, {body} body, {lungs} lungs): revision {model.revision}", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name(a.out.name + ".tmp.png")
     Image.fromarray(np.concatenate(rows, 0)).save(tmp, optimize=True)

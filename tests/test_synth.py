@@ -57,8 +57,10 @@ def test_same_samples_for_any_batch_size_and_order(model):
     assert any(p["attempt"] > 0 for p in ref.provenance), "rejection sampling was not exercised"
     assert ref.provenance[4] == {"source": "synthetic", "model": model.source, "revision": model.revision,
                                  "seed": 7, "index": 4, "attempt": ref.provenance[4]["attempt"], "block": 8,
-                                 "truncation_psi": 1.0, "nodule_mode": "stylegan", "lung_texture": False, "body_texture": False, "nodule_texture": False,
+                                 "truncation_psi": 1.0, "nodule_mode": "stylegan", "lung_texture": True,
+                                 "lungs": ref.provenance[4]["lungs"], "body_texture": False, "nodule_texture": False,
                                  "background": ref.provenance[4]["background"], "body": ref.provenance[4]["body"]}
+    assert ref.provenance[4]["lungs"]["mode"] == "library"  # real lung tiles need no model in the weights
     diff = Synthesizer(model, GenerationConfig(seed=8, **GATE)).generate([0])
     assert not torch.equal(diff.masks[0], ref.masks[0])
 
