@@ -75,8 +75,9 @@ class LungLibrary(NpzLibrary):
         return None
 
     @cached_property
-    def _patients(self) -> tuple[list[np.ndarray], np.ndarray]:
-        """(tile indices of each patient, each patient's POOL_PATIENTS nearest patients by look)."""
+    def _patients(self) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """(the patients' sources, sorted; each one's tile indices; each one's POOL_PATIENTS nearest
+        patients by look, itself first)."""
         src = self._data["source"]
         names, inv = np.unique(src, return_inverse=True)
         tiles = [np.flatnonzero(inv == p) for p in range(len(names))]
@@ -85,22 +86,21 @@ class LungLibrary(NpzLibrary):
         look = np.stack([[np.median(hu[t]), np.median(grain[t])] for t in tiles])
         look = (look - look.mean(0)) / np.maximum(look.std(0), 1e-6)
         d = ((look[:, None] - look[None]) ** 2).sum(-1)
-        return tiles, np.argsort(d, axis=1, kind="stable")[:, :POOL_PATIENTS]
+        return names, tiles, np.argsort(d, axis=1, kind="stable")[:, :POOL_PATIENTS]
 
     def anchor(self, seed: int) -> int:
         """The anchor patient (index into the sorted sources) of the sample with this seed."""
-        return int(np.random.default_rng(seed).integers(len(self._patients[0])))
+        return int(np.random.default_rng(seed).integers(len(self._patients[1])))
 
     def record(self, seed: int) -> dict:
         """Provenance of one sample's lungs: the library revision and the patients its tiles came from."""
-        tiles, near = self._patients
-        names = np.unique(self._data["source"])
+        names, _, near = self._patients
         return {"library": self.revision, "patients": [str(names[p]) for p in near[self.anchor(seed)]]}
 
     def quilt(self, height: int, width: int, seed: int) -> np.ndarray:
         """(height, width) float32 HU of real lung, at the library's spacing, for the sample ``seed``."""
         rng = np.random.default_rng(seed)
-        tiles, near = self._patients
+        _, tiles, near = self._patients
         anchor = int(rng.integers(len(tiles)))  # the first draw: see anchor()
         base = self._data["hu"][np.concatenate([tiles[p] for p in near[anchor]])].astype(np.float32)
         pool = np.concatenate([np.rot90(base, k, axes=(1, 2)) for k in range(4)])
