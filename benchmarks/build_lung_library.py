@@ -18,7 +18,9 @@ TEST patient, so the held-out evaluation stays unseen), each resampled to 0.8 mm
   LIDC's readers did not mark as a nodule ≥ 3 mm, as in every LIDC/LUNA16 slice;
 - at most ``PER_PATIENT`` tiles per patient, spread over its crops, so no patient dominates.
 
-Stored: ``hu`` int16 (N, TILE, TILE), ``source`` (``lidc-crops:patient``), ``spacing_mm``.
+Stored: ``hu`` int16 (N, TILE, TILE), ``source`` (``lidc-crops:patient``), ``spacing_mm``, and ``pool``
+(P, POOL_PATIENTS): for each patient (sorted by source), the patients whose lungs look most like its own
+(median HU, and the median |pixel − its 3×3 neighbours' mean|, the scan's noise grain), itself among them.
 Data: LIDC-IDRI (TCIA, CC BY 3.0); attribution in ../shared/data/lidc-idri-sample/ATTRIBUTION.
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ from nodulesynth.data.slices import SliceDataset  # noqa: E402
 from nodulesynth.data.splits import patient_of, split_indices  # noqa: E402
 from nodulesynth.io import atomic_file  # noqa: E402
 from nodulesynth.masks.classes import MaskClass  # noqa: E402
-from nodulesynth.synth.lung_library import LIBRARY, SPACING_MM, TILE  # noqa: E402
+from nodulesynth.synth.lung_library import LIBRARY, POOL_PATIENTS, SPACING_MM, TILE  # noqa: E402
 
 STRIDE = 16
 CLEAR_MM = 5.0
@@ -61,6 +63,20 @@ def crowded_patients(db: Path) -> set[str]:
                 if n2 != n and abs(z2 - z) < 1.5 and np.hypot(*(c - c2)) - r - r2 < CROWD_MM:
                     out.add(p)
     return out
+
+
+def pools(tiles: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """(P, POOL_PATIENTS) int16: each patient's nearest patients by look, standardised (see the docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    names, inv = np.unique(sources, return_inverse=True)
+    hu = tiles.astype(np.float32)
+    grain = np.abs(hu - F.avg_pool2d(torch.from_numpy(hu)[:, None], 3, 1, 1, count_include_pad=False)[:, 0].numpy())
+    look = np.stack([[np.median(hu[inv == p]), np.median(grain[inv == p])] for p in range(len(names))])
+    look = (look - look.mean(0)) / np.maximum(look.std(0), 1e-6)
+    d = ((look[:, None] - look[None]) ** 2).sum(-1)
+    return np.argsort(d, axis=1, kind="stable")[:, :POOL_PATIENTS].astype(np.int16)
 
 
 def main(argv=None) -> int:
@@ -107,7 +123,8 @@ def main(argv=None) -> int:
             tiles.append(ts[j])
             sources.append(f"lidc-crops:{patient}")
     with atomic_file(a.out) as fh:
-        np.savez_compressed(fh, hu=np.stack(tiles), source=np.asarray(sources), spacing_mm=np.float32(SPACING_MM))
+        np.savez_compressed(fh, hu=np.stack(tiles), source=np.asarray(sources), spacing_mm=np.float32(SPACING_MM),
+                            pool=pools(np.stack(tiles), np.asarray(sources)))
     print(f"{a.out}: {len(tiles)} tiles of {len(per_patient)} patients ({len(left_out)} crowded patients left out), "
           f"{a.out.stat().st_size / 1e6:.1f} MB")
     return 0

@@ -15,12 +15,18 @@ from nodulesynth.synth.lung_library import LIBRARY, OVERLAP, POOL_PATIENTS, TILE
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def save_library(path: Path, hu: np.ndarray, src: np.ndarray) -> LungLibrary:
+    """A library file of these tiles; each patient's pool is every patient, itself first."""
+    n = len(np.unique(src))
+    pool = np.array([[p] + [q for q in range(n) if q != p] for p in range(n)])[:, :POOL_PATIENTS]
+    np.savez_compressed(path, hu=hu, source=src, spacing_mm=np.float32(0.8), pool=pool.astype(np.int16))
+    return LungLibrary(path)
+
+
 def tiny_library(path: Path, patients: int = 3, per: int = 6) -> LungLibrary:
     """Tiles whose HU say which patient and tile they are: patient p, tile t → −900 + 10·p + t."""
     hu = np.stack([np.full((TILE, TILE), -900 + 10 * p + t, np.int16) for p in range(patients) for t in range(per)])
-    src = np.array([f"x:p{p}" for p in range(patients) for _ in range(per)])
-    np.savez_compressed(path, hu=hu, source=src, spacing_mm=np.float32(0.8))
-    return LungLibrary(path)
+    return save_library(path, hu, np.array([f"x:p{p}" for p in range(patients) for _ in range(per)]))
 
 
 def test_seam_follows_the_cheapest_path():
@@ -45,8 +51,7 @@ def test_no_tile_lies_beside_its_own_copy(tmp_path):
     """A tile's own flip continues it almost exactly (mirror images): neighbours are other tiles."""
     rng = np.random.default_rng(0)
     hu = (-850 + 60 * rng.standard_normal((10, TILE, TILE))).astype(np.int16)
-    np.savez_compressed(tmp_path / "r.npz", hu=hu, source=np.array(["x:p0"] * 10), spacing_mm=np.float32(0.8))
-    f = LungLibrary(tmp_path / "r.npz").quilt(TILE * 5, TILE * 5, 0)
+    f = save_library(tmp_path / "r.npz", hu, np.array(["x:p0"] * 10)).quilt(TILE * 5, TILE * 5, 0)
     orient = [np.rot90(t, k) for t in hu.astype(np.float32) for k in range(4)]
     orient = np.stack(orient + [o[:, ::-1] for o in orient])  # base tile b at rows b·4+k and 40+b·4+k
     step, inner = TILE - OVERLAP, slice(OVERLAP, TILE - OVERLAP)
@@ -82,14 +87,33 @@ def test_bad_library_is_one_clear_error(tmp_path):
     with pytest.raises(NoduleSynthError, match="bad.npz: not a lung library"):
         LungLibrary(bad).quilt(40, 40, 0)
     odd = tmp_path / "odd.npz"
-    np.savez(odd, hu=np.zeros((2, 8, 8), np.int16), source=np.array(["a", "b"]), spacing_mm=np.float32(0.8))
+    np.savez(odd, hu=np.zeros((2, 8, 8), np.int16), source=np.array(["a", "b"]), spacing_mm=np.float32(0.8),
+             pool=np.zeros((2, 1), np.int16))
     with pytest.raises(NoduleSynthError, match="odd.npz: inconsistent lung library"):
         len(LungLibrary(odd))
+    nopool = tmp_path / "nopool.npz"
+    np.savez(nopool, hu=np.zeros((2, TILE, TILE), np.int16), source=np.array(["a", "b"]), spacing_mm=np.float32(0.8),
+             pool=np.array([[0], [5]], np.int16))
+    with pytest.raises(NoduleSynthError, match=r"nopool.npz: inconsistent lung library \(pool"):
+        len(LungLibrary(nopool))
+
+
+def test_quilt_runs_the_same_on_worker_processes(tmp_path):
+    """What the pipeline hands the LIDC placement workers (``LidcPlacer.map``) gives the same fields."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    lib = tiny_library(tmp_path / "t.npz")
+    boxes = torch.tensor([[3, 5, 60, 70], [10, 0, 40, 30]])
+    with ProcessPoolExecutor(1) as pool:
+        far = lib.sample_hu(64, 80, [4, 9], boxes=boxes, run=lambda fn, jobs: list(pool.map(fn, *zip(*jobs))))
+    assert torch.equal(far, lib.sample_hu(64, 80, [4, 9], boxes=boxes))
 
 
 def test_shipped_library_holds_train_lung_only():
     with np.load(LIBRARY, allow_pickle=False) as z:
         hu, sources = z["hu"], sorted({str(s) for s in z["source"]})
+        pool = z["pool"]
+    assert pool.shape == (len(sources), POOL_PATIENTS) and all(p in row for p, row in enumerate(pool))  # itself included
     assert hu.dtype == np.int16 and hu.shape[1:] == (TILE, TILE) and len(hu) >= 1000 and len(sources) >= 100
     assert all(s.startswith("lidc-crops:LIDC-IDRI-") for s in sources)
     assert (np.median(hu.reshape(len(hu), -1), axis=1) <= -700).all()  # parenchyma, not consolidation

@@ -758,6 +758,19 @@ class LidcPlacer:
         except BrokenProcessPool as e:
             self._died(e)
 
+    def map(self, fn, jobs: list) -> list:
+        """``[fn(*job) for job in jobs]`` on the placement workers (in process without them): other pure
+        per-sample host work shares their pool, so beside a GPU it never runs on the main process
+        (the lung library's quilt, ``synth.lung_library``). ``fn`` must be importable by a worker."""
+        import multiprocessing
+
+        if self.workers <= 0 or multiprocessing.current_process().daemon:
+            return [fn(*job) for job in jobs]
+        try:
+            return list(self._executor().map(fn, *zip(*jobs)))
+        except BrokenProcessPool as e:
+            self._died(e)
+
     def _died(self, e: BaseException):
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None  # the next batch starts a fresh pool

@@ -9,7 +9,7 @@ keeps real vessels, fissure fragments and the scanner's noise grain, tile by til
 The library (``lung_library.npz``, built by ``benchmarks/build_lung_library.py``) holds ``TILE``² tiles at
 0.8 mm of nodule-free lung from the LIDC crops of TRAIN patients. Per sample, by its own seed:
 - an anchor patient, and the pool of tiles of the ``POOL_PATIENTS`` patients whose lungs look most like
-  its own (median HU and noise grain), in all 8 flips/turns: one scan's look per lung, not a patchwork
+  its own (median HU and noise grain; the builder stores each patient's pool), in all 8 flips/turns: one scan's look per lung, not a patchwork
   of kernels and doses;
 - tiles laid on a grid with ``OVERLAP`` px overlaps over the lungs' box, each chosen at random among
   the ``TOP_K`` that best continue what is already laid (sum of squared HU differences on the overlap,
@@ -18,6 +18,10 @@ The library (``lung_library.npz``, built by ``benchmarks/build_lung_library.py``
 The result replaces the lung interior as the texture field does (``models.lung_texture.composite``):
 pleura, airway and nodules stay as drawn. A sample stays a pure function of (weights, seed, index): the
 grid starts at its own lung box, which its own mask sets.
+
+The quilt is NumPy on the CPU (about 0.1 CPU-s per slice's lungs), so beside a GPU it runs on the LIDC
+placement worker processes when there are any (``sample_hu(run=...)``): this module imports no torch
+at the top, as those workers import only NumPy and SciPy.
 """
 from __future__ import annotations
 
@@ -26,8 +30,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .library import NpzLibrary
 
@@ -72,21 +74,19 @@ class LungLibrary(NpzLibrary):
             return why
         if d["hu"].shape[1:] != (TILE, TILE):
             return f"tiles {d['hu'].shape[1:]}, expected {TILE}²"
+        n = len(np.unique(d["source"]))
+        if d["pool"].ndim != 2 or len(d["pool"]) != n or d["pool"].size == 0 or not 0 <= d["pool"].min() <= d["pool"].max() < n:
+            return f"pool {d['pool'].shape} for {n} patients"
         return None
+
+    KEYS = ("hu", "source", "spacing_mm", "pool")
 
     @cached_property
     def _patients(self) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """(the patients' sources, sorted; each one's tile indices; each one's POOL_PATIENTS nearest
-        patients by look, itself first)."""
-        src = self._data["source"]
-        names, inv = np.unique(src, return_inverse=True)
-        tiles = [np.flatnonzero(inv == p) for p in range(len(names))]
-        hu = self._data["hu"].astype(np.float32)
-        grain = np.abs(hu - F.avg_pool2d(torch.from_numpy(hu)[:, None], 3, 1, 1, count_include_pad=False)[:, 0].numpy())
-        look = np.stack([[np.median(hu[t]), np.median(grain[t])] for t in tiles])
-        look = (look - look.mean(0)) / np.maximum(look.std(0), 1e-6)
-        d = ((look[:, None] - look[None]) ** 2).sum(-1)
-        return names, tiles, np.argsort(d, axis=1, kind="stable")[:, :POOL_PATIENTS]
+        """(the patients' sources, sorted; each one's tile indices; each one's pool: the POOL_PATIENTS
+        patients whose lungs look most like its own, itself among them, as the builder stored them)."""
+        names, inv = np.unique(self._data["source"], return_inverse=True)
+        return names, [np.flatnonzero(inv == p) for p in range(len(names))], self._data["pool"].astype(np.int64)
 
     def anchor(self, seed: int) -> int:
         """The anchor patient (index into the sorted sources) of the sample with this seed."""
@@ -145,22 +145,37 @@ class LungLibrary(NpzLibrary):
         return out[:height, :width]
 
     def sample_hu(self, height: int, width: int, seeds: Sequence[int], device=None, spacing_mm: float | None = None,
-                  boxes: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, height, width) HU fields, one per seed, for pixels of ``spacing_mm`` (default the library's),
-        quilted over each row's ``boxes`` ((B, 4) y0, x0, y1, x1; empty rows allowed; None: the whole
-        field) and ``FILL_HU`` elsewhere: the same interface as the lung texture's ``sample_hu``. The
-        grid starts at the box, so pass the boxes on every device (the values depend on them)."""
+                  boxes=None, cond=None, run=None):
+        """(B, height, width) HU fields (a torch tensor on ``device``), one per seed, for pixels of
+        ``spacing_mm`` (default the library's), quilted over each row's ``boxes`` ((B, 4) y0, x0, y1, x1;
+        empty rows allowed; None: the whole field) and ``FILL_HU`` elsewhere: the same interface as the
+        lung texture's ``sample_hu``. The grid starts at the box, so pass the boxes on every device (the
+        values depend on them). ``run(fn, jobs)``: runs ``[fn(*job) for job in jobs]`` elsewhere, e.g. on the
+        LIDC placement workers (``LidcPlacer.map``; the same values)."""
+        import torch
+        import torch.nn.functional as F
+
         scale = (spacing_mm or SPACING_MM) / SPACING_MM
         field = np.full((len(seeds), height, width), FILL_HU, np.float32)
-        full = [(0, 0, height, width)] * len(seeds)
-        for b, (y0, x0, y1, x1) in enumerate(full if boxes is None else boxes.tolist()):
-            if y1 <= y0 or x1 <= x0:
-                continue
-            h, w = y1 - y0, x1 - x0
-            if abs(scale - 1) < 1e-3:
-                field[b, y0:y1, x0:x1] = self.quilt(h, w, int(seeds[b]))
-            else:  # drawn at the library's spacing, resampled: a vessel keeps its size in mm
-                q = torch.from_numpy(self.quilt(max(1, round(h * scale)), max(1, round(w * scale)), int(seeds[b])))
-                field[b, y0:y1, x0:x1] = F.interpolate(q[None, None], size=(h, w), mode="bicubic",
-                                                       align_corners=False)[0, 0].numpy()
+        rows = [(b, y0, x0, y1, x1) for b, (y0, x0, y1, x1) in
+                enumerate([(0, 0, height, width)] * len(seeds) if boxes is None else boxes.tolist()) if y1 > y0 and x1 > x0]
+        jobs = [(str(self.path), max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale)), int(seeds[b]))
+                for b, y0, x0, y1, x1 in rows]
+        quilts = run(quilt_job, jobs) if run is not None and jobs else [quilt_job(*j, library=self) for j in jobs]
+        for (b, y0, x0, y1, x1), q in zip(rows, quilts):
+            if abs(scale - 1) >= 1e-3:  # drawn at the library's spacing, resampled: a vessel keeps its size in mm
+                q = F.interpolate(torch.from_numpy(q)[None, None], size=(y1 - y0, x1 - x0), mode="bicubic",
+                                  align_corners=False)[0, 0].numpy()
+            field[b, y0:y1, x0:x1] = q
         return torch.from_numpy(field).to(device if device is not None else "cpu")
+
+
+_OPEN: dict[str, LungLibrary] = {}  # per process: a worker opens each library once
+
+
+def quilt_job(path: str, height: int, width: int, seed: int, library: LungLibrary | None = None) -> np.ndarray:
+    """``LungLibrary(path).quilt(height, width, seed)``, with the library opened once per process (a
+    worker's task; ``library`` the caller's own, when it runs in process)."""
+    if library is None:
+        library = _OPEN.setdefault(path, LungLibrary(path))
+    return library.quilt(height, width, seed)

@@ -560,8 +560,11 @@ class Synthesizer:
                 # context is then parenchyma up to the hole, not the translator's smooth margin)
                 lm = torch.where(self.tsgan.nodule_texture.redrawn(m.to(self.device), wins).to(m.device),
                                  MaskClass.LEFT_LUNG, m)
-            if self.lung_library is not None:  # real lung tiles, quilted by the same third stream
-                hu = self._composite_texture(hu, lm, keys, self.lung_library, 2, lung_alpha, boxes_always=True)
+            if self.lung_library is not None:  # real lung tiles, quilted by the same third stream (on the
+                # placement workers when there are any: the quilt is host work, as the placement is)
+                run = {"run": self.lidc.map} if self.lidc is not None and self.lidc.workers > 0 else {}
+                hu = self._composite_texture(hu, lm, keys, self.lung_library, 2, lung_alpha, boxes_always=True,
+                                             sample_kw=run)
             else:
                 cond = lung_conditions(self._pad(m)) if self.tsgan.lung_texture.cfg.cond_channels else None
                 hu = self._composite_texture(hu, lm, keys, self.tsgan.lung_texture, 2, lung_alpha, cond)  # a third stream
@@ -581,12 +584,14 @@ class Synthesizer:
         return [sample_seed(self.config.seed, i, j + (stream << 32)) for i, j in keys] or list(range(n))
 
     def _composite_texture(self, hu: torch.Tensor, masks: torch.Tensor, keys, model, stream: int, alpha,
-                           cond: torch.Tensor | None = None, boxes_always: bool = False) -> torch.Tensor:
+                           cond: torch.Tensor | None = None, boxes_always: bool = False,
+                           sample_kw: dict | None = None) -> torch.Tensor:
         """``hu`` with the texture field of ``model`` blended in where ``alpha`` of the masks says,
         seeded per sample from ``stream`` for the whole block (padding rows seed 0). On a CPU each
         field is drawn only around where it is needed (the same values there, a fraction of the
         work); on an accelerator as one batch. ``boxes_always``: a field whose values depend on the
-        boxes (the lung library's quilt starts at them) gets them on every device."""
+        boxes (the lung library's quilt starts at them) gets them on every device. ``sample_kw``: more
+        keywords for ``model.sample_hu``."""
         from ..models.lung_texture import composite
 
         n = hu.shape[0]
@@ -596,7 +601,8 @@ class Synthesizer:
         def field(boxes: torch.Tensor) -> torch.Tensor:
             pad = torch.zeros((len(seeds) - n, 4), dtype=boxes.dtype, device=boxes.device)
             return model.sample_hu(*hu.shape[1:], seeds, self.device, self.spacing_mm, cond=cond,
-                                   boxes=torch.cat([boxes, pad]) if cpu or boxes_always else None)[:n]
+                                   boxes=torch.cat([boxes, pad]) if cpu or boxes_always else None,
+                                   **(sample_kw or {}))[:n]
 
         return composite(hu, masks, field, alpha=alpha).clamp(HU_MIN, HU_MAX)
 
