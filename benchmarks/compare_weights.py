@@ -40,6 +40,8 @@ def tiles(hu: np.ndarray, mask: np.ndarray, tile: int, zoom_px: int = 96) -> lis
 
 
 def main(argv=None) -> int:
+    from nodulesynth.synth.lung_library import MODES as LUNG_MODES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", nargs="+", required=True, help="TSGAN weight folders (one row each)")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
                    help="generate's --background; several: one row per weights and background")
     p.add_argument("--body", nargs="+", default=["atlas"], choices=("atlas", "translator"),
                    help="generate's --body; several: one row per weights, background and body")
-    p.add_argument("--lungs", nargs="+", default=[None], choices=("library", "texture", "translator"),
+    p.add_argument("--lungs", nargs="+", default=[None], choices=LUNG_MODES,
                    help="generate's --lungs (default: generate's); several: one row per weights, background, body and lungs")
     a = p.parse_args(argv)
     from PIL import Image

@@ -447,13 +447,15 @@ def preview(sets: list, path: Path, n: int = 8, seed: int = 0) -> None:
 
 
 def main(argv=None) -> int:
+    from nodulesynth.synth.lung_library import MODES as LUNG_MODES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", choices=["patches", "slices"], default="patches")
     p.add_argument("--out", required=True)
     p.add_argument("--crops", default="../shared/data/lidc-nodule-crops/lidc_nodule_crops.npz")
     p.add_argument("--data", nargs="+", help="prepared slice dataset folders (protocol slices)")
     p.add_argument("--weights", default="pretrained", help="TSGAN weights for the synthetic arm")
-    p.add_argument("--lungs", choices=("library", "texture", "translator"), default=None,
+    p.add_argument("--lungs", choices=LUNG_MODES, default=None,
                    help="generate's --lungs for the generated slices (default: generate's default)")
     p.add_argument("--detectors", nargs="+", choices=["yolov8n", "yolov5nu"])
     p.add_argument("--detector-weights", nargs="*", default=[], metavar="DET=PT",

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -73,14 +74,21 @@ def _slices(prepared: Path, split) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.concatenate(ims), np.concatenate(mks), pats
 
 
+@functools.lru_cache(maxsize=None)
+def _crop_set(prepared: Path):
+    """The prepared LIDC crops (opened once for every crop-window function), or None."""
+    from nodulesynth.data.slices import SliceDataset
+
+    return SliceDataset(prepared / CROP_SET) if (prepared / CROP_SET / "index.json").is_file() else None
+
+
 def _crop_windows(prepared: Path, split, n: int, seed: int, size: int = 64) -> np.ndarray | None:
     """Central size² HU of up to ``n`` nodule crops of ``split`` (one per nodule: its middle crop)."""
-    from nodulesynth.data.slices import SliceDataset
     from nodulesynth.data.splits import split_indices
 
-    if not (prepared / CROP_SET / "index.json").is_file():
+    ds = _crop_set(prepared)
+    if ds is None:
         return None
-    ds = SliceDataset(prepared / CROP_SET)
     idx = split_indices(ds, split)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(idx, min(n, len(idx)), replace=False))
@@ -93,12 +101,11 @@ def _crop_lung_windows(prepared: Path, split, n: int, seed: int, size: int = 64)
     at most one per crop) of the ``split`` patients' LIDC nodule crops, at their native spacing."""
     from scipy import ndimage as ndi
 
-    from nodulesynth.data.slices import SliceDataset
     from nodulesynth.data.splits import split_indices
 
-    if not (prepared / CROP_SET / "index.json").is_file():
+    ds = _crop_set(prepared)
+    if ds is None:
         return None
-    ds = SliceDataset(prepared / CROP_SET)
     out = []
     for i in np.random.default_rng(seed).permutation(split_indices(ds, split)):
         m = np.asarray(ds.masks[i])
@@ -115,27 +122,23 @@ def _crop_lung_windows(prepared: Path, split, n: int, seed: int, size: int = 64)
 
 def _crop_patients(prepared: Path, split) -> list[str]:
     """The ``split`` patients of the LIDC crops (what the shipped lung library must not hold)."""
-    from nodulesynth.data.slices import SliceDataset
     from nodulesynth.data.splits import patient_of, split_indices
 
-    if not (prepared / CROP_SET / "index.json").is_file():
+    ds = _crop_set(prepared)
+    if ds is None:
         return []
-    ds = SliceDataset(prepared / CROP_SET)
     return sorted({f"{CROP_SET}:{patient_of(ds.records[i])}" for i in split_indices(ds, split)})
 
 
-def lung_windows(images_hu: np.ndarray, masks: np.ndarray, spacing: float, target: float, n: int, seed: int,
-                 size: int = 64) -> np.ndarray:
-    """Up to ``n`` size² windows of generated slices (resampled to ``target`` mm) that are ≥ 97 % lung
-    and keep ≥ 3 mm from every nodule, on a size/2 grid, drawn at random."""
+def lung_windows(images_hu, masks, spacing: float, n: int, seed: int, size: int = 64) -> np.ndarray:
+    """Up to ``n`` size² windows of slices at ``spacing`` mm (generated ones already resampled to the
+    crops' spacing) that are ≥ 97 % lung and keep ≥ 3 mm from every nodule, on a size/2 grid, drawn at
+    random."""
     from scipy import ndimage as ndi
-
-    from nodulesynth.detect.windows import resample_slice
 
     out = []
     for h, m in zip(images_hu, masks):
-        h, m = resample_slice(h, m, spacing, target)
-        lung = np.isin(m, (2, 3)) & ~ndi.binary_dilation(m == 5, iterations=max(1, round(3.0 / target)))
+        lung = np.isin(m, (2, 3)) & ~ndi.binary_dilation(m == 5, iterations=max(1, round(3.0 / spacing)))
         for y in range(0, m.shape[0] - size + 1, size // 2):
             for x in range(0, m.shape[1] - size + 1, size // 2):
                 if lung[y:y + size, x:x + size].mean() >= 0.97:
@@ -173,6 +176,8 @@ def lung_of_body(masks: np.ndarray) -> float:
 
 
 def main(argv=None) -> int:
+    from nodulesynth.synth.lung_library import MODES as LUNG_MODES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prepared", type=Path, default=Path("prepared"))
     p.add_argument("--weights", nargs="+", default=["pretrained"])
@@ -187,7 +192,7 @@ def main(argv=None) -> int:
                    help="generate's --background; several: one row per weights and background")
     p.add_argument("--body", nargs="+", default=["atlas"], choices=("atlas", "translator"),
                    help="generate's --body; several: one row per weights, background and body")
-    p.add_argument("--lungs", nargs="+", default=None, choices=("library", "texture", "translator"),
+    p.add_argument("--lungs", nargs="+", default=None, choices=LUNG_MODES,
                    help="generate's --lungs (default: generate's default); several: one row each")
     p.add_argument("--atlas", nargs="*", action="append", metavar="KEY=VALUE",
                    help="synth.atlas.AtlasConfig fields for the atlas rows, e.g. grid=12 smooth=0.05 (default: shipped); "
@@ -196,7 +201,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from realism import nodule_windows, paired  # same helpers as the Table-1 benchmark
 
-    from nodulesynth.detect.windows import LIDC_MEDIAN_SPACING_MM
+    from nodulesynth.detect.windows import LIDC_MEDIAN_SPACING_MM, resample_slice
     from nodulesynth.metrics.artifacts import checkerboard_score
     from nodulesynth.metrics.kid import InceptionFeatures, kid
     from nodulesynth.models.tsgan import TSGAN
@@ -267,15 +272,19 @@ def main(argv=None) -> int:
                "kid_full": k1000(net(gen), f_ho), "lung_share": round(lung_structure_share(gen, gm), 4),
                "lung_of_body": lung_of_body(gm),
                "checkerboard": round(float(checkerboard_score(b.images_hu).median()), 3)}
+        # both window kinds are cut at the crops' spacing: each generated slice is resampled once
+        sp = float(model.meta.get("spacing_mm") or 0.8)
+        at_crops = [resample_slice(h, m, sp, LIDC_MEDIAN_SPACING_MM) for h, m in zip(gen, gm)] \
+            if g_ho is not None or lw_ho is not None else []
+        ch, cm = [h for h, _ in at_crops], [m for _, m in at_crops]
         if g_ho is not None:
-            sp = float(model.meta.get("spacing_mm") or 0.8)
-            gw = nodule_windows(gen, gm, sp, LIDC_MEDIAN_SPACING_MM)
+            gw = nodule_windows(ch, cm, LIDC_MEDIAN_SPACING_MM, LIDC_MEDIAN_SPACING_MM)
             if len(gw) >= 2:
                 row["kid_nodule"] = k1000(net(gw), g_ho)
                 row["lung_lap"] = lung_fine_texture(gw)
             nodule_rows.append((name, gw[:8]))
         if lw_ho is not None:
-            lw = lung_windows(gen, gm, float(model.meta.get("spacing_mm") or 0.8), LIDC_MEDIAN_SPACING_MM, a.n_crops, a.seed)
+            lw = lung_windows(ch, cm, LIDC_MEDIAN_SPACING_MM, a.n_crops, a.seed)
             if len(lw) >= 2:
                 row["kid_lung"] = k1000(net(lw), lw_ho)
                 lung_rows.append((name, lw[:8]))

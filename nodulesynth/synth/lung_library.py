@@ -63,6 +63,7 @@ def _seam(err: np.ndarray) -> np.ndarray:
 class LungLibrary(NpzLibrary):
     """The shipped library of real TRAIN lung tiles (loaded on first use); see the module docstring."""
 
+    KEYS = ("hu", "source", "spacing_mm", "pool")
     WHAT = "lung library"
     BUILDER = "benchmarks/build_lung_library.py"
 
@@ -78,8 +79,6 @@ class LungLibrary(NpzLibrary):
         if d["pool"].ndim != 2 or len(d["pool"]) != n or d["pool"].size == 0 or not 0 <= d["pool"].min() <= d["pool"].max() < n:
             return f"pool {d['pool'].shape} for {n} patients"
         return None
-
-    KEYS = ("hu", "source", "spacing_mm", "pool")
 
     @cached_property
     def _patients(self) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
@@ -161,7 +160,7 @@ class LungLibrary(NpzLibrary):
                 enumerate([(0, 0, height, width)] * len(seeds) if boxes is None else boxes.tolist()) if y1 > y0 and x1 > x0]
         jobs = [(str(self.path), max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale)), int(seeds[b]))
                 for b, y0, x0, y1, x1 in rows]
-        quilts = run(quilt_job, jobs) if run is not None and jobs else [quilt_job(*j, library=self) for j in jobs]
+        quilts = run(quilt_job, jobs) if run is not None and jobs else [self.quilt(h, w, s) for _, h, w, s in jobs]
         for (b, y0, x0, y1, x1), q in zip(rows, quilts):
             if abs(scale - 1) >= 1e-3:  # drawn at the library's spacing, resampled: a vessel keeps its size in mm
                 q = F.interpolate(torch.from_numpy(q)[None, None], size=(y1 - y0, x1 - x0), mode="bicubic",
@@ -173,9 +172,8 @@ class LungLibrary(NpzLibrary):
 _OPEN: dict[str, LungLibrary] = {}  # per process: a worker opens each library once
 
 
-def quilt_job(path: str, height: int, width: int, seed: int, library: LungLibrary | None = None) -> np.ndarray:
-    """``LungLibrary(path).quilt(height, width, seed)``, with the library opened once per process (a
-    worker's task; ``library`` the caller's own, when it runs in process)."""
-    if library is None:
-        library = _OPEN.setdefault(path, LungLibrary(path))
-    return library.quilt(height, width, seed)
+def quilt_job(path: str, height: int, width: int, seed: int) -> np.ndarray:
+    """``LungLibrary(path).quilt(height, width, seed)``, the library opened once per process: a worker's task."""
+    if path not in _OPEN:
+        _OPEN[path] = LungLibrary(path)
+    return _OPEN[path].quilt(height, width, seed)

@@ -549,9 +549,9 @@ class Synthesizer:
         redraw = self.nodule_textured and not self._real_context
         # the nodule components and their windows, labelled once for the lung texture and the redraw
         wins = self.tsgan.nodule_texture.windows(m.to(self.device)) if redraw else None
-        if self.textured and not (self._real_context and self.lung_library is not None):
+        if self.textured and not self._real_context:
             # (in a real slice only the new nodules and their rim are kept, where the lung field is never
-            # blended in: quilting lungs there would be thrown away)
+            # blended in: a field drawn there would be thrown away)
             from ..models.lung_texture import lung_alpha, lung_conditions
 
             lm = m
