@@ -48,28 +48,47 @@ def test_quilt_is_a_pure_function_of_the_seed_and_uses_only_its_pool(tmp_path):
     assert rec["library"] == lib.revision and len(rec["patients"]) == min(POOL_PATIENTS, 3)
 
 
-def test_no_tile_lies_beside_its_own_copy(tmp_path):
-    """A tile's own flip continues it almost exactly (mirror images): neighbours are other tiles."""
-    rng = np.random.default_rng(0)
-    hu = (-850 + 60 * rng.standard_normal((10, TILE, TILE))).astype(np.int16)
-    f = save_library(tmp_path / "r.npz", hu, np.array(["x:p0"] * 10)).quilt(TILE * 5, TILE * 5, 0)
+def laid_bases(f: np.ndarray, hu: np.ndarray, cells: int) -> list[list[int]]:
+    """Which of the tiles ``hu`` lies in each of the first cells² grid cells of the quilt ``f``
+    (identified by each cell's interior, beyond the seams, in any of the 8 orientations)."""
+    n = len(hu)
     orient = [np.rot90(t, k) for t in hu.astype(np.float32) for k in range(4)]
-    orient = np.stack(orient + [o[:, ::-1] for o in orient])  # base tile b at rows b·4+k and 40+b·4+k
+    orient = np.stack(orient + [o[:, ::-1] for o in orient])  # base tile b at rows b·4+k and 4n+b·4+k
     step, inner = TILE - OVERLAP, slice(OVERLAP, TILE - OVERLAP)
 
     def base(y: int, x: int) -> int:
         cell = f[y * step:y * step + TILE, x * step:x * step + TILE][inner, inner]
-        d = orient[:, inner, inner] - orient[:, inner, inner].mean((1, 2), keepdims=True) - (cell - cell.mean())
+        d = orient[:, inner, inner] - cell
         j = int(np.argmin(np.abs(d).max((1, 2))))
-        assert np.abs(d[j]).max() < 1.0  # the cell's interior is that tile, shifted
-        return (j % 40) // 4
+        assert np.abs(d[j]).max() < 1.0  # the cell's interior is that tile, at its own HU
+        return (j % (4 * n)) // 4
 
-    grid = [[base(y, x) for x in range(5)] for y in range(5)]
+    return [[base(y, x) for x in range(cells)] for y in range(cells)]
+
+
+def random_tiles(n: int) -> np.ndarray:
+    return (-850 + 60 * np.random.default_rng(0).standard_normal((n, TILE, TILE))).astype(np.int16)
+
+
+def test_no_tile_lies_beside_its_own_copy(tmp_path):
+    """A tile's own flip continues it almost exactly (mirror images): neighbours are other tiles, even
+    when the pool (10 tiles for 25 cells) must repeat."""
+    hu = random_tiles(10)
+    f = save_library(tmp_path / "r.npz", hu, np.array(["x:p0"] * 10)).quilt(TILE * 5, TILE * 5, 0)
+    grid = laid_bases(f, hu, 5)
     for y in range(5):
         for x in range(5):
             for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):
                 if 0 <= y + dy < 5 and 0 <= x + dx < 5:
                     assert grid[y][x] != grid[y + dy][x + dx], (y, x, grid)
+
+
+def test_no_tile_repeats_while_the_pool_lasts(tmp_path):
+    """Real lung never repeats itself: with 30 tiles for 25 cells, every cell holds another tile."""
+    hu = random_tiles(30)
+    f = save_library(tmp_path / "r.npz", hu, np.array(["x:p0"] * 30)).quilt(TILE * 5, TILE * 5, 3)
+    grid = laid_bases(f, hu, 5)
+    assert len({b for row in grid for b in row}) == 25, grid
 
 
 def test_other_pixel_sizes_and_boxes(tmp_path):

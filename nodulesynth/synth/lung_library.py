@@ -15,7 +15,9 @@ The library (``lung_library.npz``, built by ``benchmarks/build_lung_library.py``
   the ``TOP_K`` that best continue what is already laid (sum of squared HU differences on the overlap),
   and cut in along the overlap's minimum-error seam. Tiles keep their own HU: matching the overlap's
   mean instead lets the bright vessels in it lift the next tile, and the quilt drifted ~20 HU denser
-  than real lung (README "Real lung tiles").
+  than real lung (README "Real lung tiles"). No tile is laid twice in a field while the pool lasts (real
+  lung never repeats itself; the few best continuations otherwise made a third of a lung's cells
+  repeats), and never beside its own copy.
 The result replaces the lung interior as the texture field does (``models.lung_texture.composite``):
 pleura, airway and nodules stay as drawn. A sample stays a pure function of (weights, seed, index): the
 grid starts at its own lung box, which its own mask sets.
@@ -110,6 +112,7 @@ class LungLibrary(NpzLibrary):
         ny, nx = (max(1, -(-(n - OVERLAP) // step)) for n in (height, width))
         out = np.zeros((ny * step + OVERLAP, nx * step + OVERLAP), np.float32)
         laid = np.full((ny + 1, nx + 2), -1)  # base tile of each grid cell (padded): no tile beside itself
+        used = np.zeros(len(base), bool)  # base tiles laid anywhere in this field: real lung never repeats
         flat = pool.reshape(len(pool), -1)
         regions = {}
         for iy in range(ny):
@@ -119,6 +122,7 @@ class LungLibrary(NpzLibrary):
                     j = int(rng.integers(len(pool)))
                     out[:TILE, :TILE] = pool[j]
                     laid[1, 1] = base_of[j]
+                    used[base_of[j]] = True
                     continue
                 if (iy > 0, ix > 0) not in regions:
                     r = np.zeros((TILE, TILE), bool)
@@ -133,6 +137,8 @@ class LungLibrary(NpzLibrary):
                 cost = sq - 2 * np.einsum("ij,j->i", cand, here[r].astype(np.float64))
                 # a tile's own flipped copy continues it almost exactly: mirror images, not lung
                 cost[np.isin(base_of, laid[iy:iy + 2, ix:ix + 3])] = np.inf
+                if (~used).sum() > TOP_K:  # the best continuations are few: without this a third of
+                    cost[used[base_of]] = np.inf  # a lung's cells repeated a tile laid elsewhere in it
                 best = np.argpartition(cost, TOP_K)[:TOP_K] if len(cost) > TOP_K else np.arange(len(cost))
                 j = int(rng.choice(np.sort(best)))
                 t = pool[j]
@@ -143,6 +149,7 @@ class LungLibrary(NpzLibrary):
                     new[:OVERLAP, :] &= _seam(((t[:OVERLAP, :] - here[:OVERLAP, :]) ** 2).T).T
                 here[new] = t[new]
                 laid[iy + 1, ix + 1] = base_of[j]
+                used[base_of[j]] = True
         return out[:height, :width]
 
     def sample_hu(self, height: int, width: int, seeds: Sequence[int], device=None, spacing_mm: float | None = None,
