@@ -93,8 +93,8 @@ class GenerationConfig:
     lung_texture: bool = True
     # The lungs' interior: "library" quilts real TRAIN lung tiles (synth.lung_library); "texture" draws
     # the weights' lung texture model; "translator" keeps the translator's (as lung_texture=False).
-    # Held out (README "Real lung tiles"), KID×1000 of the lung windows 140 → 12 (floor 1), nodule windows
-    # 58 → 18, whole slices 62 → 53 (floor 36) against the texture model.
+    # Held out (README "Real lung tiles", seed 0), KID×1000 of the lung windows 140 → 10 (floor 1), nodule
+    # windows 58 → 17, whole slices 62 → 50 (floor 36) against the texture model.
     lungs: str = "library"
     # Weights with a body texture model (models.body_texture): its field replaces the translator's body
     # (class 1) but near nodules (False: the translator's body).
