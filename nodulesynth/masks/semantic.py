@@ -32,6 +32,7 @@ from scipy.spatial import ConvexHull, QhullError
 from ..hu import AIR_HU
 from .classes import MaskClass
 from .components import components as _components
+from .outlines import outline_pixels
 
 BODY_HU = -500  # denser than this: the patient (fat ≈ −100, lung walls), not the air around it
 LUNG_AIR_HU = -400  # darker than this inside the body: lungs and airways (parenchyma ≈ −850)
@@ -293,24 +294,16 @@ def _anatomy_from_hu(hu: np.ndarray, spacing: tuple[float, float], body: np.ndar
 
 
 def _rasterise(polys: list[tuple[np.ndarray, bool, str | None]], shape: tuple[int, int], n_readers: int) -> np.ndarray:
-    """LIDC outlines → boolean mask: per reader inclusion minus exclusion, then ≥50 % reader vote.
-    edgeMap points are boundary pixels, so the outline itself is part of the nodule."""
-    per_reader: dict[str | None, np.ndarray] = {}
-    for pts, incl, reader in sorted(polys, key=lambda p: not p[1]):  # inclusions first
-        img = Image.new("1", (shape[1], shape[0]), 0)
-        xy = [tuple(p) for p in np.asarray(pts, dtype=np.float64)]
-        draw = ImageDraw.Draw(img)
-        if len(xy) >= 3:
-            draw.polygon(xy, fill=1, outline=1)
-        else:
-            draw.point(xy, fill=1)
-        m = np.asarray(img, dtype=bool)
-        acc = per_reader.setdefault(reader, np.zeros(shape, dtype=bool))
-        if incl:
-            acc |= m
-        else:
-            acc &= ~ndi.binary_erosion(m)  # keep the boundary pixels of a hole outline out of the hole
-    votes = np.sum(list(per_reader.values()), axis=0)
+    """LIDC outlines → boolean mask: per reader the pixels inside its outlines (masks.outlines: the
+    outline's own pixels lie outside the nodule), then the ≥50 % reader vote."""
+    per_reader: dict[str | None, list[tuple[np.ndarray, bool]]] = {}
+    for pts, incl, reader in polys:
+        per_reader.setdefault(reader, []).append((np.asarray(pts, dtype=np.float64).reshape(-1, 2), bool(incl)))
+    votes = np.zeros(shape, dtype=np.int32)
+    for reader_polys in per_reader.values():
+        yx = outline_pixels(reader_polys, 0.5)
+        yx = yx[(yx[:, 0] >= 0) & (yx[:, 0] < shape[0]) & (yx[:, 1] >= 0) & (yx[:, 1] < shape[1])]
+        votes[yx[:, 0], yx[:, 1]] += 1
     need = max(1, math.ceil(0.5 * max(n_readers, 1)))
     return votes >= need
 
