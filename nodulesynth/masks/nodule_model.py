@@ -38,15 +38,16 @@ range of those rows and edges (15–31 mm), the error of the median lung for one
 
 Juxta-pleural: 28.8 % of the ≥ 2-reader cross-sections in the LIDC nodule crops (6,394 crops, 768
 patients) touch chest wall or mediastinum within 2 px (build script). The library marks that share of
-its sections' weight as juxta-pleural: those whose outline comes closest to the reference lung's border (centre's
-distance to it minus half the 2-D extent), so wall-attached nodules are the ones LIDC has at the wall.
+its sections' weight as juxta-pleural: the rows whose outline comes closest to the reference lung's
+border (centre's distance to it minus half the 2-D extent), so wall-attached nodules are the ones
+LIDC has at the wall.
 
 Placement of one nodule: draw juxta-pleural or not with the allowed rows' weighted share, then a row
-among the allowed rows of that kind by its weight; rasterise its outline at the output spacing (orientation kept) and put
-its centre on the lung pixel nearest to the row's (u, v) mapped into this mask's lung where the
-outline fits: a free nodule lies wholly inside that lung, > 2 px from anything else; a juxta-pleural
-one touches the body (chest wall / mediastinum) with ≥ 60 % of its pixels in the lung. If a row fits
-nowhere another is drawn (≤ ``tries``); nodules never touch each other (2 px apart).
+among the allowed rows of that kind by its weight; rasterise its outline at the output spacing
+(orientation kept) and put its centre on the lung pixel nearest to the row's (u, v) mapped into this
+mask's lung where the outline fits: a free nodule lies wholly inside that lung, > 2 px from anything
+else; a juxta-pleural one touches the body (chest wall / mediastinum) with ≥ 60 % of its pixels in the
+lung. If a row fits nowhere another is drawn (≤ ``tries``); nodules never touch each other (2 px apart).
 Labels stay hard (the mask has classes only); the translator draws the partial-volume edge.
 """
 from __future__ import annotations
@@ -108,7 +109,8 @@ class NoduleLibrary:
         self.spacing = d["spacing_mm"].astype(np.float64)
         self.z_mm = d["z_mm"]
         # the nodule's own extent and area (inside the outline, masks.outlines), not the outline's
-        self.extent_mm, self.area_mm2 = d["nodule_extent_mm"].astype(np.float64), d["nodule_area_mm2"].astype(np.float64)
+        self.extent_mm = d["nodule_extent_mm"].astype(np.float64)
+        self.area_mm2 = d["nodule_area_mm2"].astype(np.float64)
         # Each physical section (nodule, z) counts once: its 1–4 readers' rows share its weight.
         # By row, 4-reader nodules (larger) held 57 % of the draws; by section 42 %.
         _, inv, cnt = np.unique(np.stack([self.nodule.astype(np.int64), np.rint(self.z_mm * 100).astype(np.int64)], 1),
