@@ -62,6 +62,12 @@ def _check(mask: np.ndarray, prov: list[dict], cond: NoduleConditions, before: n
         assert (got["side"] == ("right", "left").index(cond.lung)).all()
     if cond.texture is not None:
         assert all(p["texture"] == cond.texture for p in prov)
+    if cond.min_readers is not None:
+        lib = load_library()
+        for p in prov:  # the provenance's count, checked against the library's own annotations
+            ann = lib.nodule[lib.annotation == p["lidc_annotation"]][0]
+            assert p["readers"] >= cond.min_readers
+            assert len(np.unique(lib.annotation[lib.nodule == ann])) >= cond.min_readers
     if cond.region is not None:
         x0, y0, x1, y1 = cond.region
         for p in prov:
@@ -81,6 +87,7 @@ def _check(mask: np.ndarray, prov: list[dict], cond: NoduleConditions, before: n
     NoduleConditions(count=2, lung="left", texture="ground-glass"),
     NoduleConditions(count=1, lung="right", min_size_mm=20),
     NoduleConditions(count=2, texture="part-solid", region=(0.0, 0.3, 0.5, 0.7)),
+    NoduleConditions(count=2, min_readers=3, max_size_mm=8),
 ])
 def test_conditions_exact_on_many_seeds(anatomy, cond):
     model = NoduleModel(cond)
@@ -249,3 +256,20 @@ def test_pipeline_lidc_mode_tiny_model(tmp_path):
     assert item["source"] == "real" and len(item["boxes"]) == 2 and item["provenance"]["nodules"]
     with pytest.raises(NoduleSynthError, match="add_nodules needs real="):
         SyntheticNoduleDataset(1, weights=model, device="cpu", seed=2, conditions={"add_nodules": True, **cfg})
+
+
+def test_min_readers_keeps_consensus_nodules_and_refuses_nonsense():
+    """min_readers=3 (LUNA16's rule) leaves out the single- and two-reader nodules; bad values and the
+    StyleGAN mode are refused with the argument's name."""
+    lib = load_library()
+    rows = NoduleModel(NoduleConditions(min_readers=3)).rows
+    assert (lib.readers[rows] >= 3).all() and (lib.readers[np.setdiff1d(np.flatnonzero(lib.weight > 0), rows)] <= 2).all()
+    share = lib.weight[lib.readers <= 2].sum() / lib.weight.sum()
+    assert 0.3 < share < 0.45  # by section, 1- and 2-reader nodules are 37 % of LIDC's
+    for bad in (0, 5, 2.5):
+        with pytest.raises(NoduleSynthError, match="min_readers"):
+            NoduleModel(NoduleConditions(min_readers=bad))
+        with pytest.raises(NoduleSynthError, match="min_readers"):
+            GenerationConfig(min_readers=bad).validate()
+    with pytest.raises(NoduleSynthError, match="min_readers: needs nodules='lidc'"):
+        GenerationConfig(nodules="stylegan", min_readers=3).validate()

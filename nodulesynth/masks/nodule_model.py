@@ -90,6 +90,7 @@ class NoduleConditions:
     max_size_mm: float | None = None
     lung: str | None = None  # "left" / "right" (patient's)
     texture: str | None = None  # "solid" / "part-solid" / "ground-glass"
+    min_readers: int | None = None  # nodules outlined by at least this many of LIDC's 4 readers (LUNA16: 3)
     region: tuple[float, float, float, float] | None = None  # centres in (x0, y0, x1, y1) image fractions
 
 
@@ -117,6 +118,11 @@ class NoduleLibrary:
                                 axis=0, return_inverse=True, return_counts=True)
         self.weight = np.where(self.area_mm2 > 0, 1.0 / cnt[inv.ravel()], 0.0)  # no interior: never drawn
         self.diameter_mm = d["diameter_mm"]
+        # readers who outlined the row's nodule anywhere (its distinct annotations); a group of more than
+        # 4 (4.4 % of rows: nodules the build's grouping joined, or read twice) counts as 4
+        pairs = np.unique(np.stack([self.nodule.astype(np.int64), self.annotation.astype(np.int64)], 1), axis=0)
+        nod, per = np.unique(pairs[:, 0], return_counts=True)
+        self.readers = np.minimum(per[np.searchsorted(nod, self.nodule)], 4)
         c = d["centroid_px"].astype(np.float64)
         self.dx_mm = (c[:, 0] - 255.5) * self.spacing  # offset from the image centre (x right, y down)
         self.dy_mm = (c[:, 1] - 255.5) * self.spacing
@@ -212,6 +218,8 @@ class NoduleLibrary:
             ok &= self.side == SIDES.index(cond.lung)
         if cond.texture is not None:
             ok &= self.texture == TEXTURES.index(cond.texture)
+        if cond.min_readers is not None:
+            ok &= self.readers >= cond.min_readers
         return np.flatnonzero(ok)
 
 
@@ -362,6 +370,8 @@ class NoduleModel:
             raise NoduleSynthError(f"texture: must be one of {', '.join(TEXTURES)}, got {c.texture!r}")
         if c.lung not in (None, *SIDES):
             raise NoduleSynthError(f"lung: must be 'left' or 'right', got {c.lung!r}")
+        if c.min_readers is not None and not (isinstance(c.min_readers, (int, np.integer)) and 1 <= c.min_readers <= 4):
+            raise NoduleSynthError(f"min_readers: must be 1, 2, 3 or 4 (LIDC had four readers), got {c.min_readers!r}")
         self.rows = self.lib.select(c, slack_mm=2.5)  # exact bounds are checked on the raster
         jp = self.lib.juxta_pleural[self.rows]
         self.rows_by_jp = (self.rows[~jp], self.rows[jp])
@@ -369,13 +379,14 @@ class NoduleModel:
         self.cum_by_jp = (np.cumsum(w[~jp]), np.cumsum(w[jp]))  # rows are drawn by section weight
         self.jp_share = float(w[jp].sum() / w.sum()) if len(jp) else 0.0
         if c.count and len(self.rows) == 0:
-            anyrow = self.lib.select(NoduleConditions(lung=c.lung, texture=c.texture))
+            anyrow = self.lib.select(NoduleConditions(lung=c.lung, texture=c.texture, min_readers=c.min_readers))
             rng = (f"{self.lib.box_mm[anyrow].min():.1f}–{self.lib.box_mm[anyrow].max():.1f} mm"
                    if len(anyrow) else "none")
             raise NoduleSynthError(
                 f"nodule conditions cannot be met: no LIDC cross-section has a size (longest box side) in "
                 f"[{c.min_size_mm or 0}, {c.max_size_mm or 'inf'}] mm"
-                f"{' with texture ' + c.texture if c.texture else ''}{' in the ' + c.lung + ' lung' if c.lung else ''} "
+                f"{' with texture ' + c.texture if c.texture else ''}{' in the ' + c.lung + ' lung' if c.lung else ''}"
+                f"{f' outlined by ≥ {c.min_readers} readers' if c.min_readers else ''} "
                 f"(LIDC's sizes for these: {rng})")
         if c.count:
             # Up-front: the discs of the smallest allowed outlines, count of them, must fit into
@@ -513,6 +524,7 @@ class NoduleModel:
                         "lidc_annotation": int(self.lib.annotation[i]), "lidc_nodule": int(self.lib.nodule[i]),
                         "patient": f"LIDC-IDRI-{int(self.lib.patient[i]):04d}", "z_mm": float(self.lib.z_mm[i]),
                         "texture": TEXTURES[int(self.lib.texture[i])], "texture_rating": int(self.lib.texture_rating[i]),
+                        "readers": int(self.lib.readers[i]),
                         "lung": side, "juxta_pleural": jp, "size_mm": round(float(size * spacing_mm), 3),
                         "extent_mm": round(float(ext * spacing_mm), 3),
                         "lidc_extent_mm": round(float(self.lib.extent_mm[i]), 3),
@@ -735,7 +747,7 @@ class LidcPlacer:
             counts = (int(n[0]), int(n[1]))
         conditions = NoduleConditions(
             count=counts[1], min_size_mm=config.min_size_mm, max_size_mm=config.max_size_mm,
-            lung=config.lung, texture=config.texture, region=config.region)
+            lung=config.lung, texture=config.texture, region=config.region, min_readers=config.min_readers)
         self.model = NoduleModel(conditions)  # refuses impossible conditions now
         self.task = PlacementTask(conditions, counts, float(spacing_mm), int(config.seed), *anatomy_minimums(config))
         self.workers = int(workers)

@@ -85,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lung", choices=("left", "right"), default=None, help="every nodule in the patient's left/right lung")
     p.add_argument("--texture", choices=("solid", "part-solid", "ground-glass"), default=None,
                    help="--nodules lidc: LIDC texture class (rating 4-5 solid, 3 part-solid, 1-2 ground-glass)")
+    p.add_argument("--min-readers", type=int, choices=(1, 2, 3, 4), default=None,
+                   help="--nodules lidc: only nodules that at least N of LIDC's 4 readers outlined (LUNA16 keeps N = 3)")
     p.add_argument("--region", type=float, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"),
                    help="nodule centres inside this box, as fractions of the image width/height")
     p.add_argument("--add-nodules", action="store_true",
@@ -370,7 +372,7 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
     out = check_out_dir(args.out, args.overwrite, inputs=inputs)
     cfg = GenerationConfig(seed=args.seed, batch_size=args.batch_size, min_size_mm=args.min_size_mm,
                            max_size_mm=args.max_size_mm, num_nodules=args.num_nodules, nodules=args.nodules,
-                           lung=args.lung, texture=args.texture, region=tuple(args.region) if args.region else None,
+                           lung=args.lung, texture=args.texture, min_readers=args.min_readers, region=tuple(args.region) if args.region else None,
                            add_nodules=args.add_nodules, truncation_psi=args.truncation_psi,
                            place_workers=args.place_workers, lung_texture=args.lung_texture,
                            body_texture=args.body_texture, nodule_texture=args.nodule_texture,

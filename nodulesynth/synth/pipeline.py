@@ -87,6 +87,9 @@ class GenerationConfig:
     # construction; "stylegan" — the paper's StyleGAN-drawn nodules, conditions by rejection.
     nodules: str = "lidc"
     texture: str | None = None  # lidc only: "solid" (LIDC texture 4-5), "part-solid" (3), "ground-glass" (1-2)
+    # lidc only: nodules outlined by at least this many of LIDC's 4 readers (LUNA16 keeps ≥ 3); None: all.
+    # Drawn by section, 1-reader nodules are 21 % of LIDC's sections, 2-reader 16 %.
+    min_readers: int | None = None
     add_nodules: bool = False  # mask-in (translate): place LIDC nodules into the given masks first
     # Weights with a lung texture model (models.lung_texture): its field replaces the translator's
     # lung interior (False: the translator's lungs, e.g. to compare the two).
@@ -150,6 +153,11 @@ class GenerationConfig:
             bad("nodules", f"must be one of {', '.join(NODULE_MODES)}, got {self.nodules!r}")
         if self.texture is not None and self.nodules != "lidc":
             bad("texture", "needs nodules='lidc' (StyleGAN-drawn nodules carry no texture class)")
+        if self.min_readers is not None:
+            if self.nodules != "lidc":
+                bad("min_readers", "needs nodules='lidc' (StyleGAN-drawn nodules have no readers)")
+            if not (isinstance(self.min_readers, int) and 1 <= self.min_readers <= 4):
+                bad("min_readers", f"must be 1, 2, 3 or 4 (LIDC had four readers), got {self.min_readers!r}")
         if self.background not in BACKGROUND_MODES:
             bad("background", f"must be one of {', '.join(BACKGROUND_MODES)}, got {self.background!r}")
         if self.lungs not in LUNG_MODES:
