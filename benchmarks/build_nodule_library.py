@@ -40,13 +40,19 @@ SOFT_TISSUE = 88  # crop grey level ≈ −280 HU (crops: HU ≈ 8·v − 980, s
 WALL_MIN_PX = 1500  # a connected soft-tissue region this large (≈ 9 % of a crop) is wall / mediastinum
 
 
+def section_pixels(a, s) -> list[tuple[np.ndarray, bool]]:
+    """One section's outlines as the integer pixel points (x, y) of its 512² slice, with inclusion flags:
+    what the library stores, and what the nodule's own size is measured on."""
+    c = np.array(s.centroid_px)
+    return [(np.rint(poly / a.pixel_spacing + c).astype(np.int32), inc) for poly, inc in s.polygons]
+
+
 def outlines(annotations):
     """Chain-coded outlines: per section the first point (int16 px) and int8 steps to the next."""
     starts, steps, npts = [], [], []
     for a in annotations:
         for s in a.sections:
-            for poly, inc in s.polygons:
-                px = np.rint(poly / a.pixel_spacing + np.array(s.centroid_px)).astype(np.int32)
+            for px, inc in section_pixels(a, s):
                 d = np.diff(px, axis=0)
                 if len(d) and np.abs(d).max() > 127:
                     raise SystemExit(f"annotation {a.id}: outline step too long for int8")
@@ -58,14 +64,11 @@ def outlines(annotations):
 
 def interior_sizes(annotations) -> np.ndarray:
     """Per section, the nodule's own 2-D extent (mm, between pixel centres) and area (mm²): its pixels
-    inside the outline at the scan's spacing (masks.outlines; the outline's pixels lie outside), from
-    the same integer points ``outlines`` stores."""
+    inside the outline at the scan's spacing (masks.outlines; the outline's pixels lie outside)."""
     out = []
     for a in tqdm(annotations, desc="interior sizes", unit="annotation"):
         for s in a.sections:
-            c = np.array(s.centroid_px)
-            polys = [(np.rint(poly / a.pixel_spacing + c), inc) for poly, inc in s.polygons]
-            yx = outline_pixels(polys, 0.5)
+            yx = outline_pixels([(px.astype(np.float64), inc) for px, inc in section_pixels(a, s)], 0.5)
             out.append((longest_extent(yx) * a.pixel_spacing, len(yx) * a.pixel_spacing ** 2))
     return np.array(out, np.float64).reshape(-1, 2)
 

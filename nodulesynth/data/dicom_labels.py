@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NoduleSynthError
+from ..masks.outlines import inside_polygon
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +233,8 @@ def _fill(poly_yx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if y0 >= y1 or x0 >= x1:
         return out
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(float)
-    inside = np.zeros(yy.shape, bool)
-    a, b = poly_yx, np.roll(poly_yx, -1, axis=0)
-    for (ay, ax), (by, bx) in zip(a, b):
-        if ay == by:
-            continue
-        crosses = (ay > yy) != (by > yy)
-        inside ^= crosses & (xx < ax + (yy - ay) * (bx - ax) / (by - ay))
-    out[y0:y1, x0:x1] = inside
+    pts = np.stack([xx.ravel(), yy.ravel()], 1)
+    out[y0:y1, x0:x1] = inside_polygon(pts, np.asarray(poly_yx, float)[:, ::-1]).reshape(yy.shape)
     return out
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def _inside(pts: np.ndarray, poly: np.ndarray) -> np.ndarray:
-    """Even-odd test of points (P, 2) x/y against a closed polygon."""
+def inside_polygon(pts: np.ndarray, poly: np.ndarray) -> np.ndarray:
+    """Even-odd test of points (P, 2) x/y against a closed polygon (N, 2) x/y: the one fill rule of the
+    project's outlines (LIDC here, DICOM RTSTRUCT contours in data.dicom_labels)."""
     if len(poly) < 3:
         return np.zeros(len(pts), bool)
     px, py = pts[:, :1], pts[:, 1:]
@@ -45,10 +46,10 @@ def outline_pixels(polys: list[tuple[np.ndarray, bool]], clear_px: float) -> np.
     pts = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
     m = np.zeros(len(pts), bool)
     for p in inc:
-        m |= _inside(pts, p)
+        m |= inside_polygon(pts, p)
     for p, ok in polys:
         if not ok:
-            m &= ~_inside(pts, p)
+            m &= ~inside_polygon(pts, p)
     for p, _ in polys:
         k = np.flatnonzero(m)
         if len(k) and len(p):
