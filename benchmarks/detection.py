@@ -172,9 +172,11 @@ def cached_slices(f: Path, n: int, chunk: int, desc: str, make) -> tuple[np.ndar
     return have_h, have_m, made
 
 
-def synthesize(weights: str, n: int, seed: int, cache: Path, device: str, lungs: str | None = None):
+def synthesize(weights: str, n: int, seed: int, cache: Path, device: str, lungs: str | None = None,
+               min_readers: int | None = None):
     """n generated 512² slices (HU float16, masks) from ``weights``, cached by (weights, revision, seed,
-    and ``lungs`` when it is not "texture", what every cache before ``--lungs`` holds)."""
+    ``lungs`` when it is not "texture", what every cache before ``--lungs`` holds, and ``min_readers``
+    when set)."""
     from nodulesynth.models.tsgan import TSGAN
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
 
@@ -182,13 +184,15 @@ def synthesize(weights: str, n: int, seed: int, cache: Path, device: str, lungs:
     lungs = lungs or GenerationConfig.lungs
     key = f"{Path(str(model.source)).name}-{model.revision}-seed{seed}-block{min(16, n)}"
     key += "" if lungs == "texture" else f"-lungs-{lungs}"
+    key += "" if min_readers is None else f"-readers{min_readers}"
     # block (the fixed forward-pass shape, part of the reproducibility key) ≤ n: no padded compute
-    syn = Synthesizer(model, GenerationConfig(seed=seed, block=min(16, n), lungs=lungs))
+    syn = Synthesizer(model, GenerationConfig(seed=seed, block=min(16, n), lungs=lungs, min_readers=min_readers))
     have_h, have_m, made = cached_slices(cache / f"synthetic-{key}.npz", n, 32, "synthetic slices",
                                          lambda s, e, bar: syn.generate(range(s, e), progress=bar.update))
     prov = {"gate": syn.stats.summary()} if made else {}
     meta = {"weights": str(model.source), "revision": str(model.revision), "seed": seed, "lungs": lungs,
-            "block": min(16, n), "spacing_mm": float(getattr(model, "meta", {}).get("spacing_mm", 0.8) or 0.8), **prov}
+            "min_readers": min_readers, "block": min(16, n),
+            "spacing_mm": float(getattr(model, "meta", {}).get("spacing_mm", 0.8) or 0.8), **prov}
     return have_h[:n].astype(np.float32), have_m[:n], meta
 
 
@@ -276,7 +280,7 @@ def arm_name(source: str, n: int, use: str = "mix") -> str:
 def make_source(a, source: str, n: int, cache: Path, backgrounds: dict | None):
     """The n slices of one synthetic source: generated whole slices, or real slices with inserted nodules."""
     if source == "generated":
-        return synthesize(a.weights, n, a.seed, cache, a.device, a.lungs)
+        return synthesize(a.weights, n, a.seed, cache, a.device, a.lungs, a.min_readers)
     return insert_nodules(a.weights, backgrounds, n, a.seed, cache, a.device)
 
 
@@ -457,6 +461,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="pretrained", help="TSGAN weights for the synthetic arm")
     p.add_argument("--lungs", choices=LUNG_MODES, default=None,
                    help="generate's --lungs for the generated slices (default: generate's default)")
+    p.add_argument("--min-readers", type=int, choices=[1, 2, 3, 4], default=None,
+                   help="generate's --min-readers for the generated slices: only nodules that many of LIDC's 4 "
+                        "readers outlined (LUNA16: 3; default: all)")
     p.add_argument("--detectors", nargs="+", choices=["yolov8n", "yolov5nu"])
     p.add_argument("--detector-weights", nargs="*", default=[], metavar="DET=PT",
                    help="start a detector from a local ultralytics .pt (your own file: .pt files are pickles)")

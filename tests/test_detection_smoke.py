@@ -101,9 +101,11 @@ def test_detection_patches_smoke(tmp_path):
     out = tmp_path / "out"
     _run(["--protocol", "patches", "--smoke", "--crops", str(npz), "--n-synth", "0", "1", "--out", str(out),
           "--eval", str(npz), "--synth-source", "generated", "inserted", "--insert-into", str(_backgrounds(tmp_path)),
-          "--synth-use", "mix", "pretrain"], tmp_path)
+          "--synth-use", "mix", "pretrain", "--min-readers", "3"], tmp_path)
     doc = json.loads((out / "results.json").read_text())
     arms = {(r["arm"], r["test"]) for r in doc["rows"]}
+    assert doc["synthetic"]["min_readers"] == 3  # generate's condition reached the generated arm
+    assert list(out.rglob("synthetic-*-readers3.npz"))  # and keyed its cache
     assert {("real", "fold"), ("real+1", "fold"), ("real+1 inserted", "fold"), ("real", "external"),
             ("real+1 pretrain", "fold"), ("real+1 inserted pretrain", "fold")} <= arms
     # the pretrain arm trained twice (synthetic windows, then real from those weights), as many steps as mixing

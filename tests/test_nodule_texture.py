@@ -159,6 +159,28 @@ def test_trainer_resumes_bit_identical_exports_and_ships(nodule_data, tmp_path):
         assert a.provenance[0]["nodule_texture"] is True and b.provenance[0]["nodule_texture"] is False
 
 
+def test_init_weights_starts_from_a_trained_inpainter(nodule_data, tmp_path):
+    from nodulesynth.models.io import load_module, save_module
+
+    torch.manual_seed(3)
+    init = model(window=32)
+    save_module(init, init.cfg, tmp_path / "init", "nodule_texture")
+    t = NoduleTextureTrainer(nt_cfg(nodule_data, tmp_path / "run", init_weights=str(tmp_path / "init")))
+    t.setup()
+    t.build()
+    start = {k: v for k, v in t.G.state_dict().items() if k != "density_quantiles"}
+    assert all(torch.equal(v, init.state_dict()[k]) for k, v in start.items())  # the init's weights, not fresh ones
+    run = train_nodule_texture(nt_cfg(nodule_data, tmp_path / "run2", steps=2, init_weights=str(tmp_path / "init")))
+    trained = load_module(NoduleInpainter, NoduleTextureConfig, run / "export", "nodule_texture")
+    assert not torch.equal(trained.state_dict()["out.weight"], init.state_dict()["out.weight"])  # it trained
+    with pytest.raises(NoduleSynthError, match="differs from --model"):
+        train_nodule_texture(nt_cfg(nodule_data, tmp_path / "bad", init_weights=str(tmp_path / "init"),
+                                    model=NoduleTextureConfig(**{**SMALL, "ring_px": 3})))
+    with pytest.raises(NoduleSynthError, match="no nodule_texture.safetensors"):
+        train_nodule_texture(nt_cfg(nodule_data, tmp_path / "bad2", init_weights=str(tmp_path)))
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()  # refused before anything is written
+
+
 def test_real_slices_get_new_nodules_redrawn_from_the_scan_around_them():
     """add_nodules_to_real: the new nodules are redrawn from the real pixels; the scan's own nodule
     and everything away from the new ones stay the scan's."""

@@ -29,6 +29,7 @@ from ..errors import NoduleSynthError
 from ..masks.classes import MaskClass
 from ..models.lung_texture import PatchCritic
 from ..models.nodule_texture import NAME, NoduleInpainter, NoduleTextureConfig, hole_of
+from . import engine
 from .engine import opt
 from .lung_texture import GanRunConfig, LungTextureTrainer
 
@@ -45,6 +46,8 @@ class NoduleTextureTrainConfig(GanRunConfig):
     batch_size: int = opt(32, "windows per step")
     jitter: int = opt(8, "largest shift (px) of a view from the nodule's centre")
     lambda_l1: float = opt(10.0, "weight of the L1 distance to the real pixels inside the hole")
+    init_weights: str | None = opt(None, "fine-tune: start the generator from the nodule texture of this weights "
+                                         "folder (\"pretrained\": the shipped one); the critic starts fresh")
 
 
 def nodule_cuts(hu: np.ndarray, mask: np.ndarray, side: int, max_extent: int) -> np.ndarray:
@@ -85,6 +88,13 @@ class NoduleTextureTrainer(LungTextureTrainer):
             raise NoduleSynthError("--steps and --batch-size must be positive, --jitter and --lambda-l1 ≥ 0")
         if cfg.r1_gamma < 0 or cfg.r1_every < 1 or not 0 <= cfg.ema_beta < 1:
             raise NoduleSynthError("--r1-gamma must be ≥ 0, --r1-every ≥ 1 and --ema-beta in [0, 1)")
+        if cfg.init_weights:
+            from ..models.io import read_config
+
+            init = read_config(NoduleTextureConfig, engine.init_folder(cfg.init_weights, NAME), NAME)
+            if init != cfg.model:
+                raise NoduleSynthError(f"--init-weights {cfg.init_weights}: its nodule texture ({init}) differs from "
+                                       f"--model ({cfg.model})")
 
     @property
     def side(self) -> int:
@@ -118,7 +128,8 @@ class NoduleTextureTrainer(LungTextureTrainer):
 
     def build(self) -> None:
         cfg = self.cfg
-        self.G = NoduleInpainter(cfg.model).to(self.device)
+        self.G = (engine.load_init_module(cfg.init_weights, NoduleInpainter, NoduleTextureConfig, NAME)
+                  if cfg.init_weights else NoduleInpainter(cfg.model)).to(self.device)  # config checked in check()
         with torch.no_grad():  # the bank's nodule densities, which generation draws from
             self.G.density_quantiles.copy_(torch.quantile(self.density(self.bank), torch.linspace(0, 1, 101)))
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
