@@ -10,7 +10,8 @@ import torch
 from nodulesynth.errors import NoduleSynthError
 from nodulesynth.masks.classes import MaskClass
 from nodulesynth.models.nodule_texture import NoduleInpainter, NoduleTextureConfig, hole_of
-from nodulesynth.train.nodule_texture import NoduleTextureTrainConfig, NoduleTextureTrainer, nodule_cuts, train_nodule_texture
+from nodulesynth.train.nodule_texture import (NoduleTextureTrainConfig, NoduleTextureTrainer, gaussian_blur, hole_std,
+                                              nodule_cuts, train_nodule_texture)
 
 from test_train import assert_same_state, final_state, synth_slices
 
@@ -179,6 +180,26 @@ def test_init_weights_starts_from_a_trained_inpainter(nodule_data, tmp_path):
     with pytest.raises(NoduleSynthError, match="no nodule_texture.safetensors"):
         train_nodule_texture(nt_cfg(nodule_data, tmp_path / "bad2", init_weights=str(tmp_path)))
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()  # refused before anything is written
+
+
+def test_fine_band_loss_splits_shape_from_texture(nodule_data, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(gaussian_blur(x, 0), x)
+    assert torch.allclose(gaussian_blur(torch.full((1, 1, 16, 16), 0.3), 1.5), torch.full((1, 1, 16, 16), 0.3))
+    fine = x - gaussian_blur(x, 1.5)
+    assert fine.std() > 0.5 and gaussian_blur(x, 1.5).std() < 0.3  # white noise lives in the fine band
+    hole = torch.zeros(2, 1, 32, 32)
+    hole[:, :, 8:24, 8:24] = 1
+    y = x.clone()
+    y[0, :, :8] = 100  # outside the hole: no effect
+    assert torch.allclose(hole_std(x, hole), hole_std(y, hole))
+    assert torch.allclose(hole_std(2 * x, hole), 2 * hole_std(x, hole), atol=1e-4)
+    run = train_nodule_texture(nt_cfg(nodule_data, tmp_path / "run", steps=2, l1_blur=1.0, lambda_band=5.0))
+    head = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"band", "fake_band_std", "real_band_std"} <= set(head)
+    with pytest.raises(NoduleSynthError, match="needs a blur"):
+        train_nodule_texture(nt_cfg(nodule_data, tmp_path / "bad", lambda_band=1.0))
 
 
 def test_real_slices_get_new_nodules_redrawn_from_the_scan_around_them():

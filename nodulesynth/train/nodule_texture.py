@@ -46,6 +46,11 @@ class NoduleTextureTrainConfig(GanRunConfig):
     batch_size: int = opt(32, "windows per step")
     jitter: int = opt(8, "largest shift (px) of a view from the nodule's centre")
     lambda_l1: float = opt(10.0, "weight of the L1 distance to the real pixels inside the hole")
+    l1_blur: float = opt(0.0, "σ (px) of the Gaussian that fill and real are blurred with before the L1 (0: pixel "
+                              "L1); above 0 the L1 holds shape and density and leaves the fine band to the "
+                              "critic and --lambda-band")
+    lambda_band: float = opt(0.0, "weight of matching each window's fine-band std (image − its --l1-blur blur) inside "
+                                  "the hole to the real window's (needs --l1-blur > 0)")
     init_weights: str | None = opt(None, "fine-tune: start the generator from the nodule texture of this weights "
                                          "folder (\"pretrained\": the shipped one); the critic starts fresh")
 
@@ -69,6 +74,24 @@ def nodule_cuts(hu: np.ndarray, mask: np.ndarray, side: int, max_extent: int) ->
     return np.stack(out).astype(np.float32) if out else np.zeros((0, 2, side, side), np.float32)
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, 1, H, W) blurred by a separable Gaussian of ``sigma`` px (reflected edges); ``sigma`` 0: ``x``."""
+    if sigma <= 0:
+        return x
+    r = max(1, int(3 * sigma + 0.5))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma**2))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def hole_std(x: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """(B,) standard deviation of (B, 1, H, W) ``x`` over each window's ``hole`` pixels."""
+    n = hole.sum((1, 2, 3)).clamp(min=1)
+    mean = (x * hole).sum((1, 2, 3)) / n
+    return (((x - mean[:, None, None, None]) ** 2 * hole).sum((1, 2, 3)) / n + 1e-8).sqrt()
+
+
 def wmean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` weighted by ``w`` (same shape)."""
     return (x * w).sum() / w.sum().clamp(min=1e-6)
@@ -80,7 +103,8 @@ class NoduleTextureTrainer(LungTextureTrainer):
 
     name = "nodule-texture"
     export_name = NAME
-    metric_fields = ("d_loss", "g_loss", "l1", "r1", "fake_hole_hu", "real_hole_hu", "fake_hole_std", "real_hole_std")
+    metric_fields = ("d_loss", "g_loss", "l1", "band", "r1", "fake_hole_hu", "real_hole_hu", "fake_hole_std",
+                     "real_hole_std", "fake_band_std", "real_band_std")
 
     def check(self) -> None:
         cfg = self.cfg
@@ -88,6 +112,9 @@ class NoduleTextureTrainer(LungTextureTrainer):
             raise NoduleSynthError("--steps and --batch-size must be positive, --jitter and --lambda-l1 ≥ 0")
         if cfg.r1_gamma < 0 or cfg.r1_every < 1 or not 0 <= cfg.ema_beta < 1:
             raise NoduleSynthError("--r1-gamma must be ≥ 0, --r1-every ≥ 1 and --ema-beta in [0, 1)")
+        if cfg.l1_blur < 0 or cfg.lambda_band < 0 or (cfg.lambda_band > 0 and cfg.l1_blur == 0):
+            raise NoduleSynthError(f"--l1-blur {cfg.l1_blur}, --lambda-band {cfg.lambda_band}: both must be ≥ 0, and "
+                                   "the fine band needs a blur (--l1-blur > 0)")
         if cfg.init_weights:
             from ..models.io import read_config
 
@@ -178,15 +205,20 @@ class NoduleTextureTrainer(LungTextureTrainer):
         d_loss.backward()
         self.opt_d.step()
         real = real.detach()
-        l1 = ((fake[:, :1] - real[:, :1]).abs() * hole).sum() / hole.sum().clamp(min=1)
-        g_loss = wmean(F.softplus(-self.D(fake)), w) + cfg.lambda_l1 * l1
+        f_low, r_low = (gaussian_blur(x[:, :1], cfg.l1_blur) for x in (fake, real))
+        l1 = ((f_low - r_low).abs() * hole).sum() / hole.sum().clamp(min=1)
+        f_std, r_std = hole_std(fake[:, :1] - f_low, hole), hole_std(real[:, :1] - r_low, hole)
+        band = (f_std - r_std).abs().mean()
+        g_loss = wmean(F.softplus(-self.D(fake)), w) + cfg.lambda_l1 * l1 + cfg.lambda_band * band
         self.generator_step(g_loss)
         with torch.no_grad():
             to_hu, inside = cfg.model.to_hu, hole[:, 0] > 0
             f, r = to_hu(fake[:, 0].detach())[inside], to_hu(real[:, 0])[inside]
+            hu = (cfg.model.hu_high - cfg.model.hu_low) / 2  # HU per unit
             stats = {"fake_hole_hu": f.mean(), "real_hole_hu": r.mean(), "fake_hole_std": f.std(),
-                     "real_hole_std": r.std()}
-        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "l1": l1.detach(), "r1": r1.detach(), **stats}
+                     "real_hole_std": r.std(), "fake_band_std": f_std.detach().mean() * hu, "real_band_std": r_std.mean() * hu}
+        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "l1": l1.detach(), "band": band.detach(),
+                "r1": r1.detach(), **stats}
 
     @staticmethod
     def density(views: torch.Tensor) -> torch.Tensor:
