@@ -30,8 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def variants(hu: np.ndarray, masks: np.ndarray, render) -> dict[str, np.ndarray]:
-    """The crops with their nodule kept, redrawn (``render(hu, masks)``), a flat disc, erased."""
+def variants(hu: np.ndarray, masks: np.ndarray, renders: dict) -> dict[str, np.ndarray]:
+    """The crops with their nodule kept, redrawn (``{name: render(hu, masks)}``, one per weights), a
+    flat disc, erased."""
     from scipy import ndimage as ndi
 
     from nodulesynth.masks.classes import MaskClass
@@ -43,12 +44,25 @@ def variants(hu: np.ndarray, masks: np.ndarray, render) -> dict[str, np.ndarray]
         ring = ndi.binary_dilation(m, iterations=4) & ~ndi.binary_dilation(m, iterations=1) & (hu[i] < -500)
         disc[i][m] = hu[i][m].mean()
         erased[i][ndi.binary_dilation(m, iterations=1)] = np.median(hu[i][ring]) if ring.any() else -850.0
-    return {"kept": hu, "redrawn": render(hu, masks), "flat disc": disc, "erased": erased}
+    return {"kept": hu, **{f"redrawn{name}": r(hu, masks) for name, r in renders.items()}, "flat disc": disc, "erased": erased}
+
+
+def interior_std(hu: np.ndarray, masks: np.ndarray) -> float:
+    """Median over crops of the HU standard deviation inside each nodule's outline less one pixel:
+    how much inner structure (texture, partial volume, calcification) the nodules hold."""
+    from scipy import ndimage as ndi
+
+    from nodulesynth.masks.classes import MaskClass
+
+    out = [h[inner].std() for h, m in zip(hu, masks)
+           if (inner := ndi.binary_erosion(m == MaskClass.NODULE, iterations=1)).sum() >= 3]
+    return round(float(np.median(out)), 1) if out else float("nan")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", default="pretrained")
+    p.add_argument("--weights", nargs="+", default=["pretrained"], help="one redrawn and one generated row each")
+    p.add_argument("--names", nargs="+", help="a name per --weights for the rows (default: the folders' names)")
     p.add_argument("--prepared", type=Path, default=Path("prepared"), help="folder holding lidc-crops/")
     p.add_argument("--n", type=int, default=200, help="crops per side")
     p.add_argument("--generated", type=int, default=64, help="generated slices whose nodule windows are scored too")
@@ -73,42 +87,55 @@ def main(argv=None) -> int:
     ds = SliceDataset(a.prepared / CROP_SET)
     rng = np.random.default_rng(a.seed)
     pick = {s: np.sort(rng.choice(split_indices(ds, s), a.n, replace=False)) for s in ("val", "test", "train")}
-    model = TSGAN.from_pretrained(a.weights, device="cpu")
-    if getattr(model, "nodule_texture", None) is None:
-        raise SystemExit(f"--weights {a.weights}: no nodule texture model to redraw with")
+    names = a.names or [Path(w).name for w in a.weights]
+    if len(names) != len(a.weights):
+        raise SystemExit(f"--names: {len(names)} names for {len(a.weights)} --weights")
+    models = {n: TSGAN.from_pretrained(w, device="cpu") for n, w in zip(names, a.weights)}
+    for n, w in zip(names, a.weights):
+        if getattr(models[n], "nodule_texture", None) is None:
+            raise SystemExit(f"--weights {w}: no nodule texture model to redraw with")
 
-    def render(hu, masks):
-        seeds = [a.seed * 1_000_003 + i for i in range(len(hu))]
-        return model.nodule_texture.render(torch.from_numpy(hu), torch.from_numpy(masks), seeds).numpy()
+    def renderer(model):
+        def render(hu, masks):
+            seeds = [a.seed * 1_000_003 + i for i in range(len(hu))]
+            return model.nodule_texture.render(torch.from_numpy(hu), torch.from_numpy(masks), seeds).numpy()
+        return render
 
+    tag = (lambda n: f" ({n})") if len(models) > 1 else (lambda n: "")
     o = (ds.images.shape[1] - 64) // 2
     centre = lambda x: np.ascontiguousarray(x[:, o : o + 64, o : o + 64])
     net = InceptionFeatures("cpu")
     f_test = net(centre(np.asarray(ds.images[pick["test"]], np.float32)))
     sets = {"train crops (the floor side)": centre(np.asarray(ds.images[pick["train"]], np.float32))}
-    sets.update({f"VAL crops, nodule {k}": centre(v) for k, v in variants(
-        np.asarray(ds.images[pick["val"]], np.float32), np.asarray(ds.masks[pick["val"]]), render).items()})
-    if a.generated:
-        b = Synthesizer(model, GenerationConfig(seed=a.seed)).generate(range(a.generated))
-        gw = nodule_windows(b.images_hu.numpy(), b.masks.numpy(), float(model.meta.get("spacing_mm") or 0.8),
-                            LIDC_MEDIAN_SPACING_MM)  # 64², centred on each nodule
-        sets[f"generated nodule windows ({len(gw)})"] = gw
+    val_m = np.asarray(ds.masks[pick["val"]])
+    val = variants(np.asarray(ds.images[pick["val"]], np.float32), val_m,
+                   {tag(n): renderer(m) for n, m in models.items()})
+    sets.update({f"VAL crops, nodule {k}": centre(v) for k, v in val.items()})
+    inner = {f"VAL crops, nodule {k}": interior_std(v, val_m) for k, v in val.items()}
+    for n, model in models.items():
+        if a.generated:
+            b = Synthesizer(model, GenerationConfig(seed=a.seed)).generate(range(a.generated))
+            gw = nodule_windows(b.images_hu.numpy(), b.masks.numpy(), float(model.meta.get("spacing_mm") or 0.8),
+                                LIDC_MEDIAN_SPACING_MM)  # 64², centred on each nodule
+            sets[f"generated nodule windows{tag(n)} ({len(gw)})"] = gw
     rows = []
     for name, x in sets.items():  # every set: 64² windows
         r = kid(net(x), f_test, subsets=a.subsets, subset_size=a.n // 2, seed=a.seed)
         rows.append({"set": name, "kid_x1000": round(r.mean * 1000, 2), "kid_std_x1000": round(r.std * 1000, 2),
-                     "lung_lap": lung_fine_texture(x)})
+                     "lung_lap": lung_fine_texture(x), **({"interior_std_hu": inner[name]} if name in inner else {})})
         print(f"{name:36} KID×1000 {rows[-1]['kid_x1000']:6.2f} ± {rows[-1]['kid_std_x1000']:5.2f}  "
-              f"lung |∇²| {rows[-1]['lung_lap']}", flush=True)
+              f"lung |∇²| {rows[-1]['lung_lap']}  interior std {inner.get(name, '–')}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     doc = {"command": "python benchmarks/nodule_context.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "weights": str(model.source), "revision": str(model.revision), "n": a.n, "seed": a.seed,
+           "weights": {n: str(m.source) for n, m in models.items()},
+           "revision": {n: str(m.revision) for n, m in models.items()}, "n": a.n, "seed": a.seed,
            "against": f"{a.n} TEST-patient crops of {a.prepared / CROP_SET}, central 64²", "rows": rows,
            "wall_s": round(time.time() - t0, 1)}
     write_json(a.out / "nodule_context.json", doc)
     (a.out / "nodule_context.txt").write_text(
         f"KID × 1000 against {doc['against']}\n" + "\n".join(
-            f"{r['set']:36} {r['kid_x1000']:6.2f} ± {r['kid_std_x1000']:5.2f}   lung |∇²| {r['lung_lap']}" for r in rows) + "\n")
+            f"{r['set']:36} {r['kid_x1000']:6.2f} ± {r['kid_std_x1000']:5.2f}   lung |∇²| {r['lung_lap']}"
+            f"   interior std {r.get('interior_std_hu', '–')}" for r in rows) + "\n")
     return 0
 
 

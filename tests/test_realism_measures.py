@@ -76,10 +76,13 @@ def test_nodule_context_changes_only_the_nodule():
     hu[:, disc] = 30 + 50 * rng.standard_normal((2, int(disc.sum())))
     masks[:, disc] = 5
     calls = []
-    v = nodule_context.variants(hu, masks, lambda h, m: calls.append(1) or h + 1)
+    v = nodule_context.variants(hu, masks, {"": lambda h, m: calls.append(1) or h + 1, " (b)": lambda h, m: h - 1})
     assert calls == [1] and np.array_equal(v["kept"], hu) and np.array_equal(v["redrawn"], hu + 1)
+    assert np.array_equal(v["redrawn (b)"], hu - 1)  # one redrawn variant per weights
     far = ~(((yy - 64) ** 2 + (xx - 60) ** 2) <= 64)  # beyond the 1-px dilation of the outline
     for k in ("flat disc", "erased"):
         assert np.array_equal(v[k][:, far], hu[:, far])
     assert np.allclose(v["flat disc"][0][disc], hu[0][disc].mean())
     assert np.all(v["erased"][:, disc] < -700)  # lung now, at the ring's median
+    assert abs(nodule_context.interior_std(hu, masks) - 50) < 10  # the disc's own noise, not the lung's
+    assert nodule_context.interior_std(v["flat disc"], masks) < 1e-3
