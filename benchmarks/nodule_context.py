@@ -15,7 +15,9 @@ each scored by KID × 1000 (the central 64², the yardstick's features and subse
 crops of TEST patients, beside TRAIN crops (the yardstick's floor side) and the windows around the
 nodules of ``--generated`` slices the weights generate (as the yardstick cuts them). The span from
 "kept" to "erased" is all that a nodule can move this KID; a gap far beyond it lies in the context.
-Crops stay at their native spacing (0.5–0.9 mm; the model was trained at 0.8 mm).
+Crops stay at their native spacing (0.5–0.9 mm; the model was trained at 0.8 mm). Several
+``--weights`` give a redrawn and a generated row each, on the same crops and features; each crop row
+also reports its nodules' inner HU std (inside the outline less one pixel), the texture a fill keeps.
 Writes OUT/nodule_context.{json,txt}.
 """
 from __future__ import annotations
@@ -44,7 +46,8 @@ def variants(hu: np.ndarray, masks: np.ndarray, renders: dict) -> dict[str, np.n
         ring = ndi.binary_dilation(m, iterations=4) & ~ndi.binary_dilation(m, iterations=1) & (hu[i] < -500)
         disc[i][m] = hu[i][m].mean()
         erased[i][ndi.binary_dilation(m, iterations=1)] = np.median(hu[i][ring]) if ring.any() else -850.0
-    return {"kept": hu, **{f"redrawn{name}": r(hu, masks) for name, r in renders.items()}, "flat disc": disc, "erased": erased}
+    redrawn = {f"redrawn{name}": render(hu, masks) for name, render in renders.items()}
+    return {"kept": hu, **redrawn, "flat disc": disc, "erased": erased}
 
 
 def interior_std(hu: np.ndarray, masks: np.ndarray) -> float:

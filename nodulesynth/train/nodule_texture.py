@@ -9,10 +9,18 @@ nodules sit in the centre.
 
 Step: the critic sees (window, outline) with the non-saturating loss and a lazy R1 penalty, as the
 lung texture's, each logit weighted by how much hole its cell holds (outside the hole real and fake
-are the same pixels: a plain mean stayed at chance, 2·ln 2, in a first run); the generator adds ``lambda_l1`` · the L1 distance inside the hole (so the hole
-agrees with the real one) to the adversarial loss (so it draws texture, not a mean); both are given
-the real nodule's mean density inside its outline, the one thing the window cannot tell. An
-EMA of the generator is what is exported. Resume is exact (global RNG only, saved).
+are the same pixels: a plain mean stayed at chance, 2·ln 2, in a first run); the generator adds
+``lambda_l1`` · the L1 distance inside the hole (so the hole agrees with the real one) to the
+adversarial loss (so it draws texture, not a mean); both are given the real nodule's mean density
+inside its outline, the one thing the window cannot tell. An EMA of the generator is what is
+exported. Resume is exact (global RNG only, saved).
+
+Fine band (``l1_blur``, ``lambda_band``): the critic learns slowly here, and a pixel L1 then draws
+the smooth conditional median (the first shipped model held half the real inner structure). With
+``l1_blur`` > 0 the L1 compares blurred fill and real (shape, density, edges), and ``lambda_band``
+matches each window's std of the fine band (image minus its blur) inside the hole to the real's: the
+frequency split of super-resolution GANs, with texture left to terms that accept any draw of the
+right energy.
 """
 from __future__ import annotations
 
@@ -216,7 +224,8 @@ class NoduleTextureTrainer(LungTextureTrainer):
             f, r = to_hu(fake[:, 0].detach())[inside], to_hu(real[:, 0])[inside]
             hu = (cfg.model.hu_high - cfg.model.hu_low) / 2  # HU per unit
             stats = {"fake_hole_hu": f.mean(), "real_hole_hu": r.mean(), "fake_hole_std": f.std(),
-                     "real_hole_std": r.std(), "fake_band_std": f_std.detach().mean() * hu, "real_band_std": r_std.mean() * hu}
+                     "real_hole_std": r.std(), "fake_band_std": f_std.detach().mean() * hu,
+                     "real_band_std": r_std.mean() * hu}
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "l1": l1.detach(), "band": band.detach(),
                 "r1": r1.detach(), **stats}
 
