@@ -115,12 +115,11 @@ def main(argv=None) -> int:
                    {tag(n): renderer(m) for n, m in models.items()})
     sets.update({f"VAL crops, nodule {k}": centre(v) for k, v in val.items()})
     inner = {f"VAL crops, nodule {k}": interior_std(v, val_m) for k, v in val.items()}
-    for n, model in models.items():
-        if a.generated:
-            b = Synthesizer(model, GenerationConfig(seed=a.seed)).generate(range(a.generated))
-            gw = nodule_windows(b.images_hu.numpy(), b.masks.numpy(), float(model.meta.get("spacing_mm") or 0.8),
-                                LIDC_MEDIAN_SPACING_MM)  # 64², centred on each nodule
-            sets[f"generated nodule windows{tag(n)} ({len(gw)})"] = gw
+    for n, model in models.items() if a.generated else ():
+        b = Synthesizer(model, GenerationConfig(seed=a.seed)).generate(range(a.generated))
+        gw = nodule_windows(b.images_hu.numpy(), b.masks.numpy(), float(model.meta.get("spacing_mm") or 0.8),
+                            LIDC_MEDIAN_SPACING_MM)  # 64², centred on each nodule
+        sets[f"generated nodule windows{tag(n)} ({len(gw)})"] = gw
     rows = []
     for name, x in sets.items():  # every set: 64² windows
         r = kid(net(x), f_test, subsets=a.subsets, subset_size=a.n // 2, seed=a.seed)

@@ -372,7 +372,8 @@ def _run(args: argparse.Namespace, formats: tuple[str, ...], dist) -> int:
     out = check_out_dir(args.out, args.overwrite, inputs=inputs)
     cfg = GenerationConfig(seed=args.seed, batch_size=args.batch_size, min_size_mm=args.min_size_mm,
                            max_size_mm=args.max_size_mm, num_nodules=args.num_nodules, nodules=args.nodules,
-                           lung=args.lung, texture=args.texture, min_readers=args.min_readers, region=tuple(args.region) if args.region else None,
+                           lung=args.lung, texture=args.texture, min_readers=args.min_readers,
+                           region=tuple(args.region) if args.region else None,
                            add_nodules=args.add_nodules, truncation_psi=args.truncation_psi,
                            place_workers=args.place_workers, lung_texture=args.lung_texture,
                            body_texture=args.body_texture, nodule_texture=args.nodule_texture,

@@ -247,6 +247,14 @@ def init_folder(init_weights: str, name: str) -> Path:
     return folder
 
 
+def init_config(init_weights: str, config_cls, name: str):
+    """``--init-weights``: the config of network ``name`` in a weights folder (to check or adopt its
+    architecture before anything is written)."""
+    from ..models.io import read_config
+
+    return read_config(config_cls, init_folder(init_weights, name), name)
+
+
 def load_init_module(init_weights: str, cls, config_cls, name: str):
     """``--init-weights``: network ``name`` of a weights folder, safetensors only, fp32, in training mode."""
     from ..models.io import load_module

@@ -139,9 +139,7 @@ class LungTextureTrainer(engine.Trainer):
         if cfg.r1_gamma < 0 or cfg.r1_every < 1 or not 0 <= cfg.ema_beta < 1:
             raise NoduleSynthError("--r1-gamma must be ≥ 0, --r1-every ≥ 1 and --ema-beta in [0, 1)")
         if getattr(cfg, "init_weights", None):
-            from ..models.io import read_config
-
-            init = read_config(LungTextureConfig, engine.init_folder(cfg.init_weights, NAME), NAME)
+            init = engine.init_config(cfg.init_weights, LungTextureConfig, NAME)
             if dataclasses.replace(init, cond_channels=cfg.model.cond_channels) != cfg.model:
                 raise NoduleSynthError(f"--init-weights {cfg.init_weights}: its lung texture ({init}) differs from "
                                        f"--model ({cfg.model}) in more than the condition maps")

@@ -124,9 +124,7 @@ class NoduleTextureTrainer(LungTextureTrainer):
             raise NoduleSynthError(f"--l1-blur {cfg.l1_blur}, --lambda-band {cfg.lambda_band}: both must be ≥ 0, and "
                                    "the fine band needs a blur (--l1-blur > 0)")
         if cfg.init_weights:
-            from ..models.io import read_config
-
-            init = read_config(NoduleTextureConfig, engine.init_folder(cfg.init_weights, NAME), NAME)
+            init = engine.init_config(cfg.init_weights, NoduleTextureConfig, NAME)
             if init != cfg.model:
                 raise NoduleSynthError(f"--init-weights {cfg.init_weights}: its nodule texture ({init}) differs from "
                                        f"--model ({cfg.model})")

@@ -101,9 +101,7 @@ def _init_architecture(cfg: "TranslatorTrainConfig"):
     """The generator fields of ``cfg.init_weights`` (read before the run folder's config.json is
     written, so it records, and --resume compares, the network that actually trains), plus decoder
     noise if asked for; the discriminator fields stay ``cfg.model``'s."""
-    from ..models.io import read_config
-
-    init = read_config(TranslatorConfig, engine.init_folder(cfg.init_weights, "translator"), "translator")
+    init = engine.init_config(cfg.init_weights, TranslatorConfig, "translator")
     keep = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
             if f.name in ("ndf", "n_layers_d", "num_d")}
     return dataclasses.replace(init, noise=init.noise or cfg.model.noise, **keep)
