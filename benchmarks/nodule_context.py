@@ -17,7 +17,9 @@ nodules of ``--generated`` slices the weights generate (as the yardstick cuts th
 "kept" to "erased" is all that a nodule can move this KID; a gap far beyond it lies in the context.
 Crops stay at their native spacing (0.5–0.9 mm; the model was trained at 0.8 mm). Several
 ``--weights`` give a redrawn and a generated row each, on the same crops and features; each crop row
-also reports its nodules' inner HU std (inside the outline less one pixel), the texture a fill keeps.
+also reports its nodules' inner HU std (inside the outline less one pixel), the texture a fill keeps,
+and its density gap: the Wasserstein-1 distance (HU) of the nodules' mean HU from the kept ones' within
+each tercile of nodule area (a density drawn at the wrong size shows here).
 Writes OUT/nodule_context.{json,txt}.
 """
 from __future__ import annotations
@@ -62,6 +64,23 @@ def interior_std(hu: np.ndarray, masks: np.ndarray) -> float:
     return round(float(np.median(out)), 1) if out else float("nan")
 
 
+def density_gap(hu: np.ndarray, kept: np.ndarray, masks: np.ndarray, spacing: np.ndarray) -> float:
+    """How far the nodules' mean HU (inside the outline) lies from the kept real ones' at the same size:
+    Wasserstein-1 distance (HU) between the two, within each tercile of nodule area, averaged."""
+    from scipy.stats import wasserstein_distance
+
+    from nodulesynth.masks.classes import MaskClass
+
+    nod = masks == MaskClass.NODULE
+    area = nod.sum((1, 2)) * spacing**2
+    mean = lambda x: np.array([h[m].mean() for h, m in zip(x, nod)])
+    ok = nod.any((1, 2))
+    group = np.digitize(area, np.quantile(area[ok], [1 / 3, 2 / 3]))
+    a, b = mean(hu), mean(kept)
+    return round(float(np.mean([wasserstein_distance(a[ok & (group == g)], b[ok & (group == g)])
+                                for g in range(3)])), 1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", nargs="+", default=["pretrained"], help="one redrawn and one generated row each")
@@ -101,7 +120,8 @@ def main(argv=None) -> int:
     def renderer(model):
         def render(hu, masks):
             seeds = [a.seed * 1_000_003 + i for i in range(len(hu))]
-            return model.nodule_texture.render(torch.from_numpy(hu), torch.from_numpy(masks), seeds).numpy()
+            return model.nodule_texture.render(torch.from_numpy(hu), torch.from_numpy(masks), seeds,
+                                               spacing_mm=val_sp).numpy()
         return render
 
     tag = (lambda n: f" ({n})") if len(models) > 1 else (lambda n: "")
@@ -111,10 +131,12 @@ def main(argv=None) -> int:
     f_test = net(centre(np.asarray(ds.images[pick["test"]], np.float32)))
     sets = {"train crops (the floor side)": centre(np.asarray(ds.images[pick["train"]], np.float32))}
     val_m = np.asarray(ds.masks[pick["val"]])
+    val_sp = np.array([ds.records[i].spacing_mm[0] for i in pick["val"]], np.float64)  # crops: native spacing
     val = variants(np.asarray(ds.images[pick["val"]], np.float32), val_m,
                    {tag(n): renderer(m) for n, m in models.items()})
     sets.update({f"VAL crops, nodule {k}": centre(v) for k, v in val.items()})
     inner = {f"VAL crops, nodule {k}": interior_std(v, val_m) for k, v in val.items()}
+    gap = {f"VAL crops, nodule {k}": density_gap(v, val["kept"], val_m, val_sp) for k, v in val.items()}
     for n, model in models.items() if a.generated else ():
         b = Synthesizer(model, GenerationConfig(seed=a.seed)).generate(range(a.generated))
         gw = nodule_windows(b.images_hu.numpy(), b.masks.numpy(), float(model.meta.get("spacing_mm") or 0.8),
@@ -124,9 +146,11 @@ def main(argv=None) -> int:
     for name, x in sets.items():  # every set: 64² windows
         r = kid(net(x), f_test, subsets=a.subsets, subset_size=a.n // 2, seed=a.seed)
         rows.append({"set": name, "kid_x1000": round(r.mean * 1000, 2), "kid_std_x1000": round(r.std * 1000, 2),
-                     "lung_lap": lung_fine_texture(x), **({"interior_std_hu": inner[name]} if name in inner else {})})
+                     "lung_lap": lung_fine_texture(x), **({"interior_std_hu": inner[name]} if name in inner else {}),
+                     **({"density_gap_hu": gap[name]} if name in gap else {})})
         print(f"{name:36} KID×1000 {rows[-1]['kid_x1000']:6.2f} ± {rows[-1]['kid_std_x1000']:5.2f}  "
-              f"lung |∇²| {rows[-1]['lung_lap']}  interior std {inner.get(name, '–')}", flush=True)
+              f"lung |∇²| {rows[-1]['lung_lap']}  interior std {inner.get(name, '–')}  "
+              f"density gap {gap.get(name, '–')}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     doc = {"command": "python benchmarks/nodule_context.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "weights": {n: str(m.source) for n, m in models.items()},
@@ -137,7 +161,8 @@ def main(argv=None) -> int:
     (a.out / "nodule_context.txt").write_text(
         f"KID × 1000 against {doc['against']}\n" + "\n".join(
             f"{r['set']:36} {r['kid_x1000']:6.2f} ± {r['kid_std_x1000']:5.2f}   lung |∇²| {r['lung_lap']}"
-            f"   interior std {r.get('interior_std_hu', '–')}" for r in rows) + "\n")
+            f"   interior std {r.get('interior_std_hu', '–')}   density gap {r.get('density_gap_hu', '–')}"
+            for r in rows) + "\n")
     return 0
 
 

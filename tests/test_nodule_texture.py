@@ -15,7 +15,7 @@ from nodulesynth.train.nodule_texture import (NoduleTextureTrainConfig, NoduleTe
 
 from test_train import assert_same_state, final_state, synth_slices
 
-SMALL = dict(window=32, channels=(8, 8, 8), noise_channels=2)
+SMALL = dict(window=32, channels=(8, 8, 8), noise_channels=2, area_bins=2)
 
 
 def model(**kw) -> NoduleInpainter:
@@ -169,7 +169,7 @@ def test_init_weights_starts_from_a_trained_inpainter(nodule_data, tmp_path):
     t = NoduleTextureTrainer(nt_cfg(nodule_data, tmp_path / "run", init_weights=str(tmp_path / "init")))
     t.setup()
     t.build()
-    start = {k: v for k, v in t.G.state_dict().items() if k != "density_quantiles"}
+    start = {k: v for k, v in t.G.state_dict().items() if k not in ("density_quantiles", "area_edges_mm2")}
     assert all(torch.equal(v, init.state_dict()[k]) for k, v in start.items())  # the init's weights, not fresh ones
     run = train_nodule_texture(nt_cfg(nodule_data, tmp_path / "run2", steps=2, init_weights=str(tmp_path / "init")))
     trained = load_module(NoduleInpainter, NoduleTextureConfig, run / "export", "nodule_texture")
@@ -246,7 +246,68 @@ def test_placed_texture_picks_the_density_band():
     hu, masks = slices(2)
     seen = []
     orig = g.draw_density
-    g.draw_density = lambda seeds, bands=None: (seen.append(bands), orig(seeds, bands))[1]
+    g.draw_density = lambda seeds, bands=None, areas=None: (seen.append(bands), orig(seeds, bands, areas))[1]
     ys, xs = (masks[0] == MaskClass.NODULE).nonzero(as_tuple=True)
     g.render(hu, masks, [1, 2], textures=[[(int(xs.float().mean()), int(ys.float().mean()), 0)], None])
     assert seen[0][:2] == [g.texture_band(0), (0.0, 1.0)]
+
+
+def test_density_is_drawn_at_the_nodules_size():
+    """With area bins a nodule's density comes from real nodules of its size: a table fitted where
+    density rises with area draws small nodules darker than big ones; with no size given, a bin at
+    random (the overall distribution)."""
+    g = model(area_bins=4)
+    area = torch.linspace(1, 100, 400)
+    dens = area / 100 - 0.5 + 0.05 * torch.randn(400, generator=torch.Generator().manual_seed(0))
+    g.fit_density(dens, area)
+    assert bool((g.area_edges_mm2.diff() > 0).all()) and abs(float(g.area_edges_mm2[1]) - 50.5) < 1
+    seeds = list(range(200))
+    small, big = (g.draw_density(seeds, areas_mm2=[a] * 200) for a in (5.0, 95.0))
+    assert float(small.max()) < float(big.min())
+    anyone = g.draw_density(seeds)
+    assert float(anyone.min()) < float(small.max()) and float(anyone.max()) > float(big.min())
+    with pytest.raises(NoduleSynthError, match="--area-bins 4"):
+        g.fit_density(dens[:7], area[:7])
+
+
+def test_render_looks_up_each_nodule_by_its_area_in_mm2():
+    g = model()
+    hu, masks = slices(1)
+    masks[masks == MaskClass.NODULE] = MaskClass.LEFT_LUNG
+    masks[0, 10:14, 10:14] = MaskClass.NODULE  # 16 px
+    masks[0, 40:46, 30:36] = MaskClass.NODULE  # 36 px
+    seen = []
+    orig = g.draw_density
+    g.draw_density = lambda seeds, bands=None, areas=None: (seen.append(areas), orig(seeds, bands, areas))[1]
+    g.render(hu, masks, [1], spacing_mm=0.5)
+    assert seen[0][:2] == [16 * 0.25, 36 * 0.25]
+
+
+def test_weights_written_before_area_bins_still_load(tmp_path):
+    """A config without ``area_bins`` means one density distribution for every size (the (101,) table
+    older weights hold), not today's default."""
+    from nodulesynth.models.io import load_module, save_module
+
+    old = model(area_bins=1)
+    save_module(old, old.cfg, tmp_path, "nodule_texture")
+    meta = json.loads((tmp_path / "nodule_texture.json").read_text())
+    del meta["config"]["area_bins"]
+    (tmp_path / "nodule_texture.json").write_text(json.dumps(meta))
+    back = load_module(NoduleInpainter, NoduleTextureConfig, tmp_path, "nodule_texture")
+    assert back.cfg.area_bins == 1 and back.density_quantiles.shape == (101,)
+    assert NoduleTextureConfig().area_bins > 1  # new weights draw by size
+
+
+def test_steps_0_refits_only_the_density_table(nodule_data, tmp_path):
+    from nodulesynth.models.io import load_module, save_module
+
+    init = model(area_bins=1)
+    save_module(init, init.cfg, tmp_path / "init", "nodule_texture")
+    run = train_nodule_texture(nt_cfg(nodule_data, tmp_path / "run", steps=0, init_weights=str(tmp_path / "init")))
+    out = load_module(NoduleInpainter, NoduleTextureConfig, run / "export", "nodule_texture")
+    assert out.cfg.area_bins == 2 and out.area_edges_mm2.shape == (1,)  # the run's bins, not the init's
+    table = ("density_quantiles", "area_edges_mm2")
+    assert all(torch.equal(v, init.state_dict()[k]) for k, v in out.state_dict().items() if k not in table)
+    assert not torch.equal(out.density_quantiles[0], init.density_quantiles)  # refitted on the data
+    with pytest.raises(NoduleSynthError, match="needs --init-weights"):
+        train_nodule_texture(nt_cfg(nodule_data, tmp_path / "bad", steps=0))

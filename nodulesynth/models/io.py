@@ -113,13 +113,15 @@ def read_config(config_cls: type, folder: str | Path, name: str) -> Any:
     if meta.get("config_class") not in (None, config_cls.__name__):
         raise NoduleSynthError(f"{path}: holds a {meta['config_class']}, expected a {config_cls.__name__}")
     known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(meta["config"]) - known)
+    # fields added since the file was written: what their absence means (else the dataclass default)
+    values = {**getattr(config_cls, "ABSENT_MEANS", {}), **meta["config"]}
+    unknown = sorted(set(values) - known)
     if unknown:
         raise NoduleSynthError(f"{path}: unknown {config_cls.__name__} fields {_brief(unknown)} "
                                "(written by a newer nodulesynth?)")
-    check_config_values(config_cls, meta["config"], path)
+    check_config_values(config_cls, values, path)
     try:
-        return config_cls(**meta["config"])
+        return config_cls(**values)
     except (TypeError, ValueError, NoduleSynthError) as e:
         raise NoduleSynthError(f"{path}: invalid {config_cls.__name__}: {e}") from e
 

@@ -17,8 +17,11 @@ outline, the nodule's mean density and ``noise_channels`` of seeded Gaussian noi
 noise added again in the decoder (StyleGAN's noise inputs, so the interior is drawn, not averaged).
 The density is a condition because nothing in the window decides it: a first run without it drew
 every nodule as the grey average of solid and ground-glass ones. Training takes each real window's
-own density; generation draws it from the training windows' distribution (101 quantiles stored
-with the weights). Critic: the lung texture's patch critic on (image, outline).
+own density; generation draws it from the training windows' distribution at the nodule's size
+(101 quantiles per area bin, stored with the weights): in the TRAIN crops the median density rises
+from −425 HU below 3 mm to −69 HU above 20 mm (partial volume and ground-glass in small ones), so a
+draw that ignored size gave big nodules the grey of small ones. Critic: the lung texture's patch
+critic on (image, outline).
 """
 from __future__ import annotations
 
@@ -52,6 +55,12 @@ class NoduleTextureConfig(UnitRange):
     # nodules placed with LIDC's texture mix keep the training windows' density distribution. That
     # the rating follows density rank is assumed, not measured (the crops carry no rating).
     texture_shares: tuple[float, ...] = (0.080, 0.055, 0.865)
+    # Equal-count bins of nodule area (on the training windows) that the density is drawn within
+    # (1: one distribution for every size, as weights written before this field drew)
+    area_bins: int = 8
+
+    # what a config written before a field existed means by its absence (models.io.read_config)
+    ABSENT_MEANS = {"area_bins": 1}
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -62,6 +71,8 @@ class NoduleTextureConfig(UnitRange):
                                    f"and at least {2 * self.factor}")
         if self.ring_px < 1 or self.noise_channels < 1:
             raise NoduleSynthError("NoduleTextureConfig: ring_px and noise_channels must be ≥ 1")
+        if self.area_bins < 1:
+            raise NoduleSynthError(f"NoduleTextureConfig.area_bins={self.area_bins}: need ≥ 1")
         self.check_range()
         self.texture_shares = tuple(float(v) for v in self.texture_shares)
         if len(self.texture_shares) != 3 or min(self.texture_shares) < 0 or abs(sum(self.texture_shares) - 1) > 1e-6:
@@ -109,8 +120,13 @@ class NoduleInpainter(nn.Module):
         ch = cfg.channels
         self.inp = nn.Sequential(_conv(4 + cfg.noise_channels, ch[0]), _conv(ch[0], ch[0]))
         # quantiles of the real nodules' mean density (unit range, inside the outline) of the training
-        # windows: what render() draws each nodule's density from (set by the trainer, saved with it)
-        self.register_buffer("density_quantiles", torch.linspace(-1, 1, 101))
+        # windows, per area bin ((101,) with one bin, the shape weights before area bins have; else
+        # (area_bins, 101)) and the bins' inner edges in mm²: what render() draws each nodule's density
+        # from (set by the trainer, :meth:`fit_density`, saved with it)
+        q = torch.linspace(-1, 1, 101)
+        self.register_buffer("density_quantiles", q if cfg.area_bins == 1 else q.repeat(cfg.area_bins, 1))
+        if cfg.area_bins > 1:
+            self.register_buffer("area_edges_mm2", torch.zeros(cfg.area_bins - 1))
         self.down = nn.ModuleList(
             nn.Sequential(nn.Conv2d(ch[k], ch[k + 1], 4, 2, 1), nn.LeakyReLU(0.2), _conv(ch[k + 1], ch[k + 1]))
             for k in range(len(ch) - 1))
@@ -166,17 +182,41 @@ class NoduleInpainter(nn.Module):
         edges = [0.0, *torch.tensor(self.cfg.texture_shares).cumsum(0).tolist()]
         return edges[texture], min(edges[texture + 1], 1.0)
 
-    def draw_density(self, seeds: Sequence[int], bands: Sequence[tuple[float, float]] | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def fit_density(self, density: torch.Tensor, area_mm2: torch.Tensor) -> None:
+        """Set the density table from real nodules' (N,) mean densities (unit range) and outline areas
+        (mm²): ``area_bins`` equal-count bins of area, 101 quantiles of density in each."""
+        k = self.cfg.area_bins
+        density, area_mm2 = density.float().cpu(), area_mm2.float().cpu()
+        if len(density) < 2 * k:
+            raise NoduleSynthError(f"--area-bins {k}: {len(density)} nodule windows cannot fill {k} bins of at least 2; "
+                                   "pass fewer bins (1: one density distribution for every size)")
+        p = torch.linspace(0, 1, 101)
+        if k == 1:
+            self.density_quantiles.copy_(torch.quantile(density, p))
+            return
+        edges = torch.quantile(area_mm2, torch.linspace(0, 1, k + 1)[1:-1])
+        bins = torch.bucketize(area_mm2, edges)
+        self.area_edges_mm2.copy_(edges)
+        self.density_quantiles.copy_(torch.stack([torch.quantile(density[bins == b], p) for b in range(k)]))
+
+    def draw_density(self, seeds: Sequence[int], bands: Sequence[tuple[float, float]] | None = None,
+                     areas_mm2: Sequence[float] | None = None) -> torch.Tensor:
         """(B,) densities drawn from :attr:`density_quantiles` (within each row's quantile band, default
-        all), one per seed (a stream of its own)."""
-        q = self.density_quantiles.float().cpu()
+        all; from each row's area bin, by ``areas_mm2``, else a bin at random), one per seed (a stream
+        of its own)."""
+        q = self.density_quantiles.float().cpu().reshape(-1, self.density_quantiles.shape[-1])
+        r, pick = torch.stack([torch.rand(2, generator=torch.Generator().manual_seed((int(s) ^ 0x5DEECE66D) & ((1 << 63) - 1)))
+                               for s in seeds]).reshape(-1, 2).unbind(1)
+        if areas_mm2 is not None and len(q) > 1:
+            rows = torch.bucketize(torch.tensor(areas_mm2, dtype=torch.float32), self.area_edges_mm2.float().cpu())
+        else:  # no size given: a bin at random (the bins hold equal counts: the overall distribution)
+            rows = (pick * len(q)).long().clamp(max=len(q) - 1)
         bands = bands or [(0.0, 1.0)] * len(seeds)
-        r = torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed((int(s) ^ 0x5DEECE66D) & ((1 << 63) - 1))).item()
-                          for s in seeds])
         lo, hi = torch.tensor(bands, dtype=torch.float32).reshape(-1, 2).unbind(1)
-        u = (lo + r * (hi - lo)) * (len(q) - 1)
-        lo = u.floor().long().clamp(max=len(q) - 2)
-        return torch.lerp(q[lo], q[lo + 1], u - lo)
+        u = (lo + r * (hi - lo)) * (q.shape[1] - 1)
+        lo = u.floor().long().clamp(max=q.shape[1] - 2)
+        return torch.lerp(q[rows, lo], q[rows, lo + 1], u - lo)
 
     def windows(self, masks: torch.Tensor) -> list[tuple[int, int, int, int, tuple[int, int, int, int], bool]]:
         """(row, y0, x0, rank, box, big) per nodule component of (B, H, W) ``masks``: the window's
@@ -209,27 +249,32 @@ class NoduleInpainter(nn.Module):
     @torch.no_grad()
     def render(self, hu: torch.Tensor, masks: torch.Tensor, seeds: Sequence[int],
                textures: Sequence[Sequence[tuple[int, int, int]] | None] | None = None, chunk: int = 16,
-               wins: list | None = None) -> torch.Tensor:
+               wins: list | None = None, spacing_mm: float | Sequence[float] | None = None) -> torch.Tensor:
         """``hu`` (B, H, W) with every nodule (class 5 component) that fits the window redrawn,
         window seed = hash of (the row's seed, the component's rank in raster order); components
         whose extent passes :attr:`NoduleTextureConfig.max_extent` keep their pixels. ``textures``
         (per row: (x, y, texture class) of its placed nodules, or None) picks each component's
         density band (:meth:`texture_band`) from the placed nodule whose centre lies in its box. Windows
         run in fixed ``chunk``-row forward passes, so the result is a pure function of each row.
-        ``wins``: :meth:`windows` of these masks, when the caller has them."""
+        ``wins``: :meth:`windows` of these masks, when the caller has them. ``spacing_mm`` (one, or one
+        per row; default the model's) turns a component's pixels (in its box) into the area its
+        density bin is looked up by."""
         cfg, s = self.cfg, self.cfg.window
         b, h, w = hu.shape
         if h < s or w < s:
             return hu
         dev = next(self.parameters()).device
         nod = masks.to(hu.device) == MaskClass.NODULE
-        jobs = []  # (row, y0, x0, seed, density band)
+        sp = [float(spacing_mm or cfg.spacing_mm)] * b if spacing_mm is None or isinstance(spacing_mm, (int, float)) \
+            else [float(v) for v in spacing_mm]
+        jobs = []  # (row, y0, x0, seed, density band, area mm²)
         for r, y0, x0, k, (by0, bx0, by1, bx1), big in (self.windows(masks.to(dev)) if wins is None else wins):
             if big:
                 continue
             tex = next((t for x, y, t in (textures[r] or []) if by0 <= y < by1 and bx0 <= x < bx1), None
                        ) if textures is not None else None
-            jobs.append((r, y0, x0, (int(seeds[r]) * 1_000_003 + k) & ((1 << 63) - 1), self.texture_band(tex)))
+            area = float(nod[r, by0:by1, bx0:bx1].sum()) * sp[r] ** 2
+            jobs.append((r, y0, x0, (int(seeds[r]) * 1_000_003 + k) & ((1 << 63) - 1), self.texture_band(tex), area))
         if not jobs:
             return hu
         out = hu.clone()
@@ -237,14 +282,16 @@ class NoduleInpainter(nn.Module):
             part = jobs[c:c + chunk]
             ctx = torch.zeros(chunk, 1, s, s, device=dev)
             outl = torch.zeros(chunk, 1, s, s, device=dev)
-            for j, (r, y0, x0, _, _) in enumerate(part):
+            for j, (r, y0, x0, *_) in enumerate(part):
                 ctx[j, 0] = cfg.to_unit(out[r, y0:y0 + s, x0:x0 + s].float().to(dev))
                 outl[j, 0] = nod[r, y0:y0 + s, x0:x0 + s].float().to(dev)
             seeds_c = [p[3] for p in part] + [0] * (chunk - len(part))
             bands = [p[4] for p in part] + [(0.0, 1.0)] * (chunk - len(part))
-            y = cfg.to_hu(self(ctx, outl, self.draw_density(seeds_c, bands).to(dev), self.noise_inputs(chunk, s, seeds_c, dev)))
+            areas = [p[5] for p in part] + [0.0] * (chunk - len(part))
+            dens = self.draw_density(seeds_c, bands, areas).to(dev)
+            y = cfg.to_hu(self(ctx, outl, dens, self.noise_inputs(chunk, s, seeds_c, dev)))
             alpha = F.avg_pool2d(hole_of(outl[:, 0], cfg.ring_px).float()[:, None], 3, 1, 1)[:, 0]
-            for j, (r, y0, x0, _, _) in enumerate(part):
+            for j, (r, y0, x0, *_) in enumerate(part):
                 win = out[r, y0:y0 + s, x0:x0 + s]
                 out[r, y0:y0 + s, x0:x0 + s] = torch.lerp(win, y[j, 0].to(win), alpha[j].to(win))
         return out

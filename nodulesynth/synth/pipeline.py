@@ -580,7 +580,8 @@ class Synthesizer:
             # each nodule redrawn from the slice around it (lungs, body, vessels as drawn so far): a seventh stream
             # (a placed LIDC nodule's density follows its texture class: models.nodule_texture.texture_band)
             hu = self.tsgan.nodule_texture.render(hu, m, self._stream_seeds(keys, 6, n)[:n],
-                                                  self._nodule_textures(keys, placed), wins=wins).clamp(HU_MIN, HU_MAX)
+                                                  self._nodule_textures(keys, placed), wins=wins,
+                                                  spacing_mm=self.spacing_mm).clamp(HU_MIN, HU_MAX)
         if self.backgrounds is not None:
             # the background of sample (i, attempt j): a fourth seed stream (see synth.background)
             hu = self.backgrounds.paste(hu, m, self._stream_seeds(keys, 3, n), self.spacing_mm).clamp(HU_MIN, HU_MAX)
@@ -779,7 +780,8 @@ class Synthesizer:
             only_new = torch.where(fresh, MaskClass.NODULE, MaskClass.BODY)
             res = self.tsgan.nodule_texture.render(torch.from_numpy(res).to(self.device), only_new.to(self.device),
                                                    self._stream_seeds(keys, 6, 0),
-                                                   self._nodule_textures(None, placed)).clamp(HU_MIN, HU_MAX).cpu().numpy()
+                                                   self._nodule_textures(None, placed), spacing_mm=self.spacing_mm
+                                                   ).clamp(HU_MIN, HU_MAX).cpu().numpy()
         why = dict(skipped or [])
         # the translator's body, background and lungs are discarded here, so their records are not kept
         prov = [{"source": "real+lidc-nodules", "real": n, "model": str(getattr(self.tsgan, "source", "unknown")),

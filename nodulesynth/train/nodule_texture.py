@@ -60,7 +60,14 @@ class NoduleTextureTrainConfig(GanRunConfig):
     lambda_band: float = opt(0.0, "weight of matching each window's fine-band std (image − its --l1-blur blur) inside "
                                   "the hole to the real window's (needs --l1-blur > 0)")
     init_weights: str | None = opt(None, "fine-tune: start the generator from the nodule texture of this weights "
-                                         "folder (\"pretrained\": the shipped one); the critic starts fresh")
+                                         "folder (\"pretrained\": the shipped one); the critic starts fresh; with "
+                                         "--steps 0 only its density table is refitted on --data")
+
+
+def draw_fields(model: NoduleTextureConfig) -> dict[str, Any]:
+    """The config fields that only say how densities are drawn (not the network): a fine-tune may
+    change them."""
+    return {"area_bins": model.area_bins, "texture_shares": model.texture_shares}
 
 
 def nodule_cuts(hu: np.ndarray, mask: np.ndarray, side: int, max_extent: int) -> np.ndarray:
@@ -116,8 +123,10 @@ class NoduleTextureTrainer(LungTextureTrainer):
 
     def check(self) -> None:
         cfg = self.cfg
-        if min(cfg.steps, cfg.batch_size) < 1 or cfg.jitter < 0 or cfg.lambda_l1 < 0:
-            raise NoduleSynthError("--steps and --batch-size must be positive, --jitter and --lambda-l1 ≥ 0")
+        if cfg.steps < 0 or cfg.batch_size < 1 or cfg.jitter < 0 or cfg.lambda_l1 < 0:
+            raise NoduleSynthError("--batch-size must be positive, --steps, --jitter and --lambda-l1 ≥ 0")
+        if cfg.steps == 0 and not cfg.init_weights:
+            raise NoduleSynthError("--steps 0 (refit the density table only) needs --init-weights")
         if cfg.r1_gamma < 0 or cfg.r1_every < 1 or not 0 <= cfg.ema_beta < 1:
             raise NoduleSynthError("--r1-gamma must be ≥ 0, --r1-every ≥ 1 and --ema-beta in [0, 1)")
         if cfg.l1_blur < 0 or cfg.lambda_band < 0 or (cfg.lambda_band > 0 and cfg.l1_blur == 0):
@@ -125,9 +134,9 @@ class NoduleTextureTrainer(LungTextureTrainer):
                                    "the fine band needs a blur (--l1-blur > 0)")
         if cfg.init_weights:
             init = engine.init_config(cfg.init_weights, NoduleTextureConfig, NAME)
-            if init != cfg.model:
+            if dataclasses.replace(init, **draw_fields(cfg.model)) != cfg.model:
                 raise NoduleSynthError(f"--init-weights {cfg.init_weights}: its nodule texture ({init}) differs from "
-                                       f"--model ({cfg.model})")
+                                       f"--model ({cfg.model}) in more than how densities are drawn")
 
     @property
     def side(self) -> int:
@@ -161,10 +170,15 @@ class NoduleTextureTrainer(LungTextureTrainer):
 
     def build(self) -> None:
         cfg = self.cfg
-        self.G = (engine.load_init_module(cfg.init_weights, NoduleInpainter, NoduleTextureConfig, NAME)
-                  if cfg.init_weights else NoduleInpainter(cfg.model)).to(self.device)  # config checked in check()
-        with torch.no_grad():  # the bank's nodule densities, which generation draws from
-            self.G.density_quantiles.copy_(torch.quantile(self.density(self.bank), torch.linspace(0, 1, 101)))
+        self.G = NoduleInpainter(cfg.model)
+        if cfg.init_weights:  # (config checked in check(); the density table is refitted below)
+            init = engine.load_init_module(cfg.init_weights, NoduleInpainter, NoduleTextureConfig, NAME)
+            table = ("density_quantiles", "area_edges_mm2")
+            self.G.load_state_dict({k: v for k, v in init.state_dict().items() if k not in table}, strict=False)
+        self.G.to(self.device)
+        # the bank's nodule densities by area (the cuts are at the model's spacing), which generation draws from
+        area = (self.bank[:, 1] > 0).sum((1, 2)).float() * cfg.model.spacing_mm**2
+        self.G.fit_density(self.density(self.bank), area)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.D = PatchCritic(in_channels=2).to(self.device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
