@@ -20,7 +20,8 @@ Crops stay at their native spacing (0.5–0.9 mm; the model was trained at 0.8 m
 also reports its nodules' inner HU std (inside the outline less one pixel), the texture a fill keeps,
 and its density gap: the Wasserstein-1 distance (HU) of the nodules' mean HU from the kept ones' within
 each tercile of nodule area (a density drawn at the wrong size shows here).
-Writes OUT/nodule_context.{json,txt}.
+Writes OUT/nodule_context.{json,txt}; ``--grid FILE`` adds a picture of the VAL crops kept and
+redrawn, from the smallest nodule to the largest.
 """
 from __future__ import annotations
 
@@ -81,6 +82,21 @@ def density_gap(hu: np.ndarray, kept: np.ndarray, masks: np.ndarray, spacing: np
                                 for g in range(3)])), 1)
 
 
+def size_grid(path: Path, sets: dict[str, np.ndarray], masks: np.ndarray, columns: int = 10) -> None:
+    """PNG: one row per set (64² centres, lung window), ``columns`` crops from the smallest nodule to the
+    largest (evenly spaced in area rank), so a density drawn at the wrong size shows."""
+    from PIL import Image
+
+    from nodulesynth.hu import window_uint8
+    from nodulesynth.masks.classes import MaskClass
+
+    order = np.argsort((masks == MaskClass.NODULE).sum((1, 2)))
+    pick = order[np.linspace(0, len(order) - 1, columns).round().astype(int)]
+    rows = [np.concatenate([window_uint8(x[i]) for i in pick], 1) for x in sets.values()]
+    grid = np.concatenate([np.pad(r, ((0, 2), (0, 0)), constant_values=255) for r in rows], 0)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", nargs="+", default=["pretrained"], help="one redrawn and one generated row each")
@@ -91,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--subsets", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--grid", type=Path, help="also write this PNG: the VAL crops kept and redrawn, small to large nodules")
     a = p.parse_args(argv)
 
     import torch
@@ -137,6 +154,8 @@ def main(argv=None) -> int:
     sets.update({f"VAL crops, nodule {k}": centre(v) for k, v in val.items()})
     inner = {f"VAL crops, nodule {k}": interior_std(v, val_m) for k, v in val.items()}
     gap = {f"VAL crops, nodule {k}": density_gap(v, val["kept"], val_m, val_sp) for k, v in val.items()}
+    if a.grid:
+        size_grid(a.grid, {k: centre(v) for k, v in val.items() if k == "kept" or k.startswith("redrawn")}, centre(val_m))
     for n, model in models.items() if a.generated else ():
         b = Synthesizer(model, GenerationConfig(seed=a.seed)).generate(range(a.generated))
         gw = nodule_windows(b.images_hu.numpy(), b.masks.numpy(), float(model.meta.get("spacing_mm") or 0.8),

@@ -86,3 +86,23 @@ def test_nodule_context_changes_only_the_nodule():
     assert np.all(v["erased"][:, disc] < -700)  # lung now, at the ring's median
     assert abs(nodule_context.interior_std(hu, masks) - 50) < 10  # the disc's own noise, not the lung's
     assert nodule_context.interior_std(v["flat disc"], masks) < 1e-3
+
+
+def test_density_gap_compares_nodules_of_the_same_size():
+    """benchmarks/nodule_context.py's density gap: 0 for the real nodules themselves; a set whose big
+    nodules take the small ones' density (the same overall distribution) is caught."""
+    import nodule_context
+
+    n = 60
+    masks = np.full((n, 32, 32), 2, np.uint8)
+    hu = np.full((n, 32, 32), -850.0, np.float32)
+    r = np.arange(n) % 6 + 1  # radius 1..6 px: density rises with size
+    for i in range(n):
+        masks[i, 16 - r[i]:16 + r[i], 16 - r[i]:16 + r[i]] = 5
+        hu[i][masks[i] == 5] = -600 + 100 * r[i]
+    sp = np.full(n, 0.7)
+    assert nodule_context.density_gap(hu, hu, masks, sp) == 0
+    swapped = hu.copy()
+    for i in range(n):  # each nodule gets the density of the nodule of mirrored size rank
+        swapped[i][masks[i] == 5] = -600 + 100 * (7 - r[i])
+    assert nodule_context.density_gap(swapped, hu, masks, sp) > 150
