@@ -11,7 +11,8 @@ falls in the weights' table for its area. On TRAIN sections (each matched reader
 section) this gives each class's deciles of rank: the ``NoduleTextureConfig.texture_ranks`` the
 weights draw a class from. On VAL and TEST sections it scores both ways of drawing a class's density
 (those deciles; the fixed shares' bands, lowest ranks ground-glass) by the Wasserstein-1 distance
-(HU) to the real densities of that class, each section drawn at its own size.
+(HU) to the real densities of that class, each section drawn at its own size, beside the distance
+between the class's real VAL and real TEST sections (the floor).
 Writes OUT/nodule_texture_ranks.json and prints the config value.
 """
 from __future__ import annotations
@@ -137,24 +138,26 @@ def main(argv=None) -> int:
     rows = []
     for c in range(3):
         s = held & (cls == c)
-        i, n = sec[s], int(s.sum())
+        i, n, ws = sec[s], int(s.sum()), wt[s]  # one row per matched reader outline, weighted 1/n of its section
         u = rng.random(n)
         u_band = band_edges[c] + u * (band_edges[c + 1] - band_edges[c])
         u_rank = np.interp(u, deciles, ranks[c])
         draw = lambda uu: np.array([np.interp(x * 100, np.arange(101), table[bins[k]]) for x, k in zip(uu, i)])
         real = dens[i]
         to_hu = lambda x: (x + 1) / 2 * (cfg.hu_high - cfg.hu_low) + cfg.hu_low
-        rows.append({"class": CLASSES[c], "heldout_sections": n, "train_share": round(shares[c], 3),
+        rows.append({"class": CLASSES[c], "heldout_outlines": n, "heldout_sections": round(float(ws.sum()), 1), "train_share": round(shares[c], 3),
                      "real_median_hu": round(float(np.median(to_hu(real))), 1),
                      "bands_median_hu": round(float(np.median(to_hu(draw(u_band)))), 1),
                      "ranks_median_hu": round(float(np.median(to_hu(draw(u_rank)))), 1),
-                     "bands_w1_hu": round(float(wasserstein_distance(to_hu(draw(u_band)), to_hu(real))), 1),
-                     "ranks_w1_hu": round(float(wasserstein_distance(to_hu(draw(u_rank)), to_hu(real))), 1),
+                     "bands_w1_hu": round(float(wasserstein_distance(to_hu(draw(u_band)), to_hu(real), ws, ws)), 1),
+                     "ranks_w1_hu": round(float(wasserstein_distance(to_hu(draw(u_rank)), to_hu(real), ws, ws)), 1),
                      "train_rank_deciles": [round(float(v), 4) for v in ranks[c]]})
+        v, t = s & (split[sec] == "val"), s & (split[sec] == "test")  # real against real: the floor
+        rows[-1]["floor_w1_hu"] = round(float(wasserstein_distance(to_hu(dens[sec[v]]), to_hu(dens[sec[t]]), wt[v], wt[t])), 1)
         r_ = rows[-1]
-        print(f"{CLASSES[c]:12} held-out n={n:4d}  real median {r_['real_median_hu']:7.1f} HU | shares' band: median "
+        print(f"{CLASSES[c]:12} held-out {r_['heldout_sections']:6.1f} sections  real median {r_['real_median_hu']:7.1f} HU | shares' band: median "
               f"{r_['bands_median_hu']:7.1f}, W1 {r_['bands_w1_hu']:6.1f} | rank deciles: median {r_['ranks_median_hu']:7.1f}, "
-              f"W1 {r_['ranks_w1_hu']:6.1f}", flush=True)
+              f"W1 {r_['ranks_w1_hu']:6.1f} | real VAL vs TEST W1 {r_['floor_w1_hu']:6.1f}", flush=True)
     value = [round(float(v), 4) for c in range(3) for v in ranks[c]]
     doc = {"command": "python benchmarks/nodule_texture_ranks.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "weights": str(a.weights), "sections": int(len(ds.records)), "sections_rated": int(rated.sum()),
