@@ -7,6 +7,7 @@ the translator: the quickest way to see checkerboards, halos, vessels and nodule
     python benchmarks/compare_weights.py --weights pretrained --background translator scanner --out FILE
     python benchmarks/compare_weights.py --weights pretrained --body translator atlas --out FILE
     python benchmarks/compare_weights.py --weights pretrained --lungs texture library --out FILE
+    python benchmarks/compare_weights.py --weights A B --texture ground-glass part-solid --out FILE
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
                    help="generate's --body; several: one row per weights, background and body")
     p.add_argument("--lungs", nargs="+", default=[None], choices=LUNG_MODES,
                    help="generate's --lungs (default: generate's); several: one row per weights, background, body and lungs")
+    p.add_argument("--texture", nargs="+", default=[None], choices=("solid", "part-solid", "ground-glass"),
+                   help="generate's --texture (LIDC nodules of that class); several: one row per texture, then weights, ...")
     a = p.parse_args(argv)
     from PIL import Image
 
@@ -61,15 +64,16 @@ def main(argv=None) -> int:
     from nodulesynth.synth.pipeline import GenerationConfig, Synthesizer
 
     rows = []
-    for w, bg, body, lungs in [(w, bg, body, lg) for w in a.weights for bg in a.background for body in a.body
-                               for lg in a.lungs]:
+    for tex, w, bg, body, lungs in [(t, w, bg, body, lg) for t in a.texture for w in a.weights for bg in a.background
+                                    for body in a.body for lg in a.lungs]:
         model = TSGAN.from_pretrained(w, device="cpu")
         lungs = lungs or GenerationConfig.lungs
-        b = Synthesizer(model, GenerationConfig(seed=a.seed, block=8, background=bg, body=body, lungs=lungs)
-                        ).generate(range(a.n))
+        b = Synthesizer(model, GenerationConfig(seed=a.seed, block=8, background=bg, body=body, lungs=lungs,
+                                                texture=tex)).generate(range(a.n))
         hu, masks = b.images_hu.numpy(), b.masks.numpy()
         rows.append(np.concatenate([t for i in range(a.n) for t in tiles(hu[i], masks[i], a.tile)], 1))
-        print(f"{w} ({bg} background, {body} body, {lungs} lungs): revision {model.revision}", flush=True)
+        print(f"{w} ({bg} background, {body} body, {lungs} lungs{f', {tex} nodules' if tex else ''}): "
+              f"revision {model.revision}", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name(a.out.name + ".tmp.png")
     Image.fromarray(np.concatenate(rows, 0)).save(tmp, optimize=True)
