@@ -294,8 +294,7 @@ class NoduleInpainter(nn.Module):
             return hu
         dev = next(self.parameters()).device
         nod = masks.to(hu.device) == MaskClass.NODULE
-        sp = [float(spacing_mm or cfg.spacing_mm)] * b if spacing_mm is None or isinstance(spacing_mm, (int, float)) \
-            else [float(v) for v in spacing_mm]
+        sp = torch.as_tensor(cfg.spacing_mm if spacing_mm is None else spacing_mm, dtype=torch.float64).expand(b).tolist()
         jobs = []  # (row, y0, x0, seed, texture class, area mm²)
         for r, y0, x0, k, (by0, bx0, by1, bx1), big in (self.windows(masks.to(dev)) if wins is None else wins):
             if big:

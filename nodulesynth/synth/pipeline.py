@@ -578,7 +578,7 @@ class Synthesizer:
                 hu = self._composite_texture(hu, lm, keys, self.tsgan.lung_texture, 2, lung_alpha, cond)  # a third stream
         if redraw:
             # each nodule redrawn from the slice around it (lungs, body, vessels as drawn so far): a seventh stream
-            # (a placed LIDC nodule's density follows its texture class: models.nodule_texture.texture_band)
+            # (a placed LIDC nodule's density follows its size and texture class: NoduleInpainter.draw_density)
             hu = self.tsgan.nodule_texture.render(hu, m, self._stream_seeds(keys, 6, n)[:n],
                                                   self._nodule_textures(keys, placed), wins=wins,
                                                   spacing_mm=self.spacing_mm).clamp(HU_MIN, HU_MAX)
