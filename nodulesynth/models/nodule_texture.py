@@ -37,6 +37,10 @@ from ..masks.classes import MaskClass
 from .lung_texture import UnitRange
 
 NAME = "nodule_texture"
+# the buffers the trainer fits from its data (NoduleInpainter.fit_density), not learnt weights
+DENSITY_TABLE = ("density_quantiles", "area_edges_mm2")
+# config fields that only say how densities are drawn, not the network: a fine-tune may change them
+DRAW_FIELDS = ("area_bins", "texture_shares", "texture_ranks")
 
 
 # Deciles (11 per class: ground-glass, part-solid, solid) of the rank, in the density table of its size,
@@ -295,16 +299,16 @@ class NoduleInpainter(nn.Module):
         dev = next(self.parameters()).device
         nod = masks.to(hu.device) == MaskClass.NODULE
         sp = torch.as_tensor(cfg.spacing_mm if spacing_mm is None else spacing_mm, dtype=torch.float64).expand(b).tolist()
+        fits = [w for w in (self.windows(masks.to(dev)) if wins is None else wins) if not w[5]]
+        if not fits:
+            return hu
+        # each component's pixels in its box, read back in one transfer
+        px = torch.stack([nod[r, by0:by1, bx0:bx1].sum() for r, _, _, _, (by0, bx0, by1, bx1), _ in fits]).tolist()
         jobs = []  # (row, y0, x0, seed, texture class, area mm²)
-        for r, y0, x0, k, (by0, bx0, by1, bx1), big in (self.windows(masks.to(dev)) if wins is None else wins):
-            if big:
-                continue
+        for (r, y0, x0, k, (by0, bx0, by1, bx1), _), n in zip(fits, px):
             tex = next((t for x, y, t in (textures[r] or []) if by0 <= y < by1 and bx0 <= x < bx1), None
                        ) if textures is not None else None
-            area = float(nod[r, by0:by1, bx0:bx1].sum()) * sp[r] ** 2
-            jobs.append((r, y0, x0, (int(seeds[r]) * 1_000_003 + k) & ((1 << 63) - 1), tex, area))
-        if not jobs:
-            return hu
+            jobs.append((r, y0, x0, (int(seeds[r]) * 1_000_003 + k) & ((1 << 63) - 1), tex, n * sp[r] ** 2))
         out = hu.clone()
         for c in range(0, len(jobs), chunk):
             part = jobs[c:c + chunk]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..errors import NoduleSynthError
 from ..masks.classes import MaskClass
 from ..models.lung_texture import PatchCritic
-from ..models.nodule_texture import NAME, NoduleInpainter, NoduleTextureConfig, hole_of
+from ..models.nodule_texture import DENSITY_TABLE, DRAW_FIELDS, NAME, NoduleInpainter, NoduleTextureConfig, hole_of
 from . import engine
 from .engine import opt
 from .lung_texture import GanRunConfig, LungTextureTrainer
@@ -62,12 +62,6 @@ class NoduleTextureTrainConfig(GanRunConfig):
     init_weights: str | None = opt(None, "fine-tune: start the generator from the nodule texture of this weights "
                                          "folder (\"pretrained\": the shipped one); the critic starts fresh; with "
                                          "--steps 0 only its density table is refitted on --data")
-
-
-def draw_fields(model: NoduleTextureConfig) -> dict[str, Any]:
-    """The config fields that only say how densities are drawn (not the network): a fine-tune may
-    change them."""
-    return {"area_bins": model.area_bins, "texture_shares": model.texture_shares, "texture_ranks": model.texture_ranks}
 
 
 def nodule_cuts(hu: np.ndarray, mask: np.ndarray, side: int, max_extent: int) -> np.ndarray:
@@ -134,7 +128,7 @@ class NoduleTextureTrainer(LungTextureTrainer):
                                    "the fine band needs a blur (--l1-blur > 0)")
         if cfg.init_weights:
             init = engine.init_config(cfg.init_weights, NoduleTextureConfig, NAME)
-            if dataclasses.replace(init, **draw_fields(cfg.model)) != cfg.model:
+            if dataclasses.replace(init, **{f: getattr(cfg.model, f) for f in DRAW_FIELDS}) != cfg.model:
                 raise NoduleSynthError(f"--init-weights {cfg.init_weights}: its nodule texture ({init}) differs from "
                                        f"--model ({cfg.model}) in more than how densities are drawn")
 
@@ -173,8 +167,7 @@ class NoduleTextureTrainer(LungTextureTrainer):
         self.G = NoduleInpainter(cfg.model)
         if cfg.init_weights:  # (config checked in check(); the density table is refitted below)
             init = engine.load_init_module(cfg.init_weights, NoduleInpainter, NoduleTextureConfig, NAME)
-            table = ("density_quantiles", "area_edges_mm2")
-            self.G.load_state_dict({k: v for k, v in init.state_dict().items() if k not in table}, strict=False)
+            self.G.load_state_dict({k: v for k, v in init.state_dict().items() if k not in DENSITY_TABLE}, strict=False)
         self.G.to(self.device)
         # the bank's nodule densities by area (the cuts are at the model's spacing), which generation draws from
         area = (self.bank[:, 1] > 0).sum((1, 2)).float() * cfg.model.spacing_mm**2
